@@ -1,0 +1,172 @@
+"""The only module that reads or writes model files.
+
+Loading always uses Keras safe mode unless the user passes --unsafe; saving is atomic: the model is
+written to a temporary file in the destination folder and renamed over the destination, so a crash
+leaves either the previous file or none, never a truncated one.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import pathlib
+import tempfile
+import zipfile
+
+from .errors import ModelFileError, UsageError
+
+FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
+
+
+def model_format(path: str | os.PathLike) -> str:
+    suffix = pathlib.Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise UsageError(f"{path}: unknown model format {suffix or '(no extension)'!r}; "
+                         "use a .keras or .h5 file name")
+    return FORMATS[suffix]
+
+
+def import_modules(modules) -> None:
+    """Import modules that register custom layers (the CLI's --import)."""
+    for name in modules or ():
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # any failure inside user code is reported, not raised
+            raise UsageError(f"--import {name}: {type(exc).__name__}: {exc}") from None
+
+
+def _check_readable(path: pathlib.Path) -> None:
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelFileError(f"{path}: is a directory, not a model file")
+    if not os.access(path, os.R_OK):
+        raise ModelFileError(f"{path}: permission denied")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path}: file is empty")
+
+
+def _explain_load_error(path: pathlib.Path, exc: Exception) -> str:
+    text = str(exc)
+    if "Lambda" in text or "safe_mode" in text:
+        return (f"{path}: the model contains a Lambda layer (arbitrary Python code), which safe mode "
+                "refuses to load; if you trust this file, rerun with --unsafe")
+    if "Could not locate" in text or "Unknown layer" in text or "unknown layer" in text.lower():
+        first = text.strip().splitlines()[0]
+        return (f"{path}: the model uses a custom layer Keras does not know ({first}); "
+                "pass --import MODULE for the module that registers it")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"{path}: cannot load the model: {first}"
+
+
+def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
+    """Load a .keras or .h5 model with Keras safe mode (unless ``unsafe``), without compiling it."""
+    p = pathlib.Path(path)
+    fmt = model_format(p)
+    _check_readable(p)
+    import_modules(imports)
+    if fmt == "keras" and not zipfile.is_zipfile(p):
+        raise ModelFileError(f"{p}: not a .keras archive (a .keras file is a zip)")
+    if fmt == "keras":
+        with zipfile.ZipFile(p) as zf:
+            if "config.json" not in zf.namelist():
+                raise ModelFileError(f"{p}: the archive has no config.json; it is not a Keras model")
+    if fmt == "h5":
+        try:
+            import h5py
+            with h5py.File(p, "r") as f:
+                if "model_config" not in f.attrs:
+                    raise ModelFileError(f"{p}: this HDF5 file holds no Keras model (no model_config)")
+        except ModelFileError:
+            raise
+        except Exception as exc:
+            raise ModelFileError(f"{p}: not a readable HDF5 file ({exc})") from None
+    import keras
+    try:
+        with _quiet():
+            if fmt == "keras":
+                model = keras.saving.load_model(p, compile=False, safe_mode=not unsafe)
+            else:
+                model = keras.models.load_model(p, compile=False, safe_mode=not unsafe)
+    except ModelFileError:
+        raise
+    except Exception as exc:  # Keras raises many types here; all mean "this file cannot be loaded"
+        raise ModelFileError(_explain_load_error(p, exc)) from exc
+    return model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keras prints warnings about absent optimizer state and the like; the user did not ask."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def save_model(model, path: str | os.PathLike) -> None:
+    """Write ``model`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    dest = pathlib.Path(path)
+    fmt = model_format(dest)
+    folder = dest.parent if str(dest.parent) else pathlib.Path(".")
+    if not folder.is_dir():
+        raise ModelFileError(f"{dest}: folder {folder} does not exist")
+    if dest.is_dir():
+        raise ModelFileError(f"{dest}: is a directory")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=dest.suffix, dir=folder)
+    except OSError as exc:
+        raise ModelFileError(f"{dest}: cannot write in {folder}: {exc.strerror or exc}") from None
+    os.close(fd)
+    tmp = pathlib.Path(tmp_name)
+    try:
+        with _quiet():
+            if fmt == "keras":
+                model.save(tmp)
+            else:
+                model.save(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        mode = 0o644 & ~_umask()
+        os.chmod(tmp, mode)
+        os.replace(tmp, dest)
+        _fsync_dir(folder)
+    except ModelFileError:
+        _unlink(tmp)
+        raise
+    except OSError as exc:
+        _unlink(tmp)
+        raise ModelFileError(f"{dest}: cannot write: {exc.strerror or exc}") from None
+    except Exception as exc:
+        _unlink(tmp)
+        raise ModelFileError(f"{dest}: cannot save the model: {exc}") from exc
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _unlink(path: pathlib.Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _fsync_dir(folder: pathlib.Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

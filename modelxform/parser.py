@@ -1,0 +1,184 @@
+"""The one Lark parser of the recipe language, and syntax errors that say what was meant.
+
+The grammar lives in grammar/recipe.lark at the top of the repository; the wheel ships it inside the
+package (see pyproject.toml), so it is looked up in both places.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import lark
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from .errors import Diagnostic, RecipeError
+from .source import Source, Span
+
+_HERE = pathlib.Path(__file__).resolve().parent
+_GRAMMAR_CANDIDATES = (_HERE / "grammar" / "recipe.lark", _HERE.parent / "grammar" / "recipe.lark")
+
+MAX_RECIPE_BYTES = 1_000_000
+
+
+def grammar_path() -> pathlib.Path:
+    for candidate in _GRAMMAR_CANDIDATES:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("grammar/recipe.lark is missing from this installation")
+
+
+@functools.lru_cache(maxsize=1)
+def get_parser() -> lark.Lark:
+    return lark.Lark(
+        grammar_path().read_text(encoding="utf-8"),
+        parser="lalr",
+        propagate_positions=True,
+        maybe_placeholders=False,
+        strict=True,
+    )
+
+
+# Labelled bad examples: a syntax error is matched against these (lark's match_examples) so the
+# message says what was probably meant instead of listing terminals.
+SYNTAX_EXAMPLES: dict[str, list[str]] = {
+    "`select` needs what to select: `all`, layer names, `where <predicate>`, or `random`/`first`/`last`":
+        ["select", "select ;", "select 3"],
+    "a predicate is expected after `where`, e.g. `where type=Dense`":
+        ["select where", "select random where", "select where ;", "select first 2 where"],
+    "`scale` needs a target and a factor, e.g. `scale weights 0.8`":
+        ["scale", "scale weights", "scale 0.8", "scale weights ;"],
+    "`add noise` needs a distribution and a target, e.g. `add noise normal(stddev=0.1) to kernel`":
+        ["add", "add noise", "add noise to kernel", "add noise normal(stddev=0.1)",
+         "add noise normal(stddev=0.1) kernel", "add noise normal(stddev=0.1) to"],
+    "`clip` needs a target and two bounds, e.g. `clip kernel -1 1`":
+        ["clip", "clip kernel", "clip kernel 1", "clip kernel 1 ;"],
+    "`prune` needs a target and a percentage, e.g. `prune kernel 50%`":
+        ["prune", "prune kernel", "prune kernel 50", "prune kernel 0.5"],
+    "`reinit` needs a target, e.g. `reinit kernel` or `reinit kernel with he_normal`":
+        ["reinit", "reinit kernel with", "reinit with he_normal"],
+    "`set` needs a target and a value, e.g. `set bias to zeros`":
+        ["set", "set bias", "set bias to", "set bias zeros"],
+    "`replace` is written `replace <layer or type> with <type or Constructor(...)>`":
+        ["replace", "replace MaxPooling2D", "replace MaxPooling2D AveragePooling2D",
+         "replace MaxPooling2D with", "replace with Dense(units=3)", "replace selected"],
+    "`tap` needs at least one layer name, e.g. `tap conv2d_1`":
+        ["tap", "tap ;", "tap only"],
+    "`assert` checks `count`, `params` or `output shape`, e.g. `assert count == 3`":
+        ["assert", "assert count", "assert count 3", "assert params", "assert output",
+         "assert output shape", "assert output shape (None, 10)", "assert foo"],
+    "`param` is written `param name = value`":
+        ["param", "param x", "param x 3", "param x ="],
+    "`recipe` is written `recipe \"name\" version \"1.0.0\"`":
+        ["recipe", "recipe name", "recipe \"x\" version"],
+    "`include` needs a quoted path, e.g. `include \"common.recipe\"`":
+        ["include", "include common.recipe"],
+    "a constructor call is not closed: expected `)`":
+        ["replace dense with Dense(units=3", "replace dense with Dense(units=3;",
+         "add noise normal(stddev=0.1 to kernel"],
+    "an argument is written `name=value`, e.g. `Dense(units=10, activation=\"softmax\")`":
+        ["replace dense with Dense(units=)", "replace dense with Dense(units=,)"],
+    "two statements on one line must be separated by `;`":
+        ["freeze unfreeze", "freeze select all", "select all freeze", "tap conv2d_1 freeze"],
+    "a predicate combines `type=…`, `name=…`, `name ~ \"regex\"`, `trainable`, `params > N` and `has weights` with and/or/not":
+        ["select where type", "select where name", "select where params", "select where has",
+         "select where type=", "select where foo", "select where type=Dense and",
+         "select where (type=Dense", "select where not"],
+}
+
+STATEMENT_KEYWORDS = ("recipe", "requires", "seed", "param", "include", "select", "scale", "add noise",
+                      "reinit", "set", "clip", "prune", "freeze", "unfreeze", "replace", "tap", "assert")
+
+_TERMINAL_NAMES = {
+    "NAME": "a name", "NUMBER": "a number", "STRING": "a quoted string", "PARAM": "a $parameter",
+    "PERCENT": "a percentage", "SIZE": "a size such as 30M", "_SEP": "end of statement",
+    "LPAR": "`(`", "RPAR": "`)`", "COMMA": "`,`", "EQUAL": "`=`", "SLASH": "`/`", "EQ": "`=`",
+    "CMP": "a comparison", "$END": "end of recipe",
+}
+
+
+def _describe_expected(expected) -> str:
+    words = []
+    for term in sorted(expected):
+        if term in _TERMINAL_NAMES:
+            words.append(_TERMINAL_NAMES[term])
+        else:
+            try:
+                pattern = get_parser().get_terminal(term).pattern
+                words.append(f"`{pattern.value}`" if pattern.type == "str" else term.lower())
+            except KeyError:
+                words.append(term.lower())
+    words = sorted(set(words))
+    if len(words) > 8:
+        words = words[:8] + ["…"]
+    return ", ".join(words)
+
+
+@functools.lru_cache(maxsize=1)
+def _examples() -> dict[str, list[str]]:
+    return {label: [e + "\n" for e in examples] for label, examples in SYNTAX_EXAMPLES.items()}
+
+
+def parse(source: Source) -> lark.Tree:
+    """Parse recipe text; raise RecipeError with a position on any syntax error."""
+    text = source.text
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe is larger than {MAX_RECIPE_BYTES} bytes", source=source,
+                          span=Span(1, 1, 1, 2, source.filename))
+    try:
+        return get_parser().parse(text + "\n")
+    except UnexpectedInput as exc:
+        raise _syntax_error(exc, source) from None
+
+
+def _syntax_error(exc: UnexpectedInput, source: Source) -> RecipeError:
+    text = source.text
+    if isinstance(exc, UnexpectedCharacters):
+        pos = exc.pos_in_stream
+        char = text[pos] if pos < len(text) else ""
+        span = source.span_at(pos)
+        if char == '"':
+            message = "unterminated string: a string must close with `\"` on the same line"
+        elif char in "'":
+            message = "strings use double quotes: write \"…\" instead of '…'"
+        else:
+            message = f"unexpected character {char!r}"
+            if exc.allowed:
+                message += f"; expected {_describe_expected(exc.allowed)}"
+        return RecipeError(message, span=span, source=source)
+    if isinstance(exc, UnexpectedToken):
+        token = exc.token
+        if token.type == "$END" or token.end_pos is None:
+            span = source.span_at(max(len(text.rstrip()) , 0))
+        elif token.type == "_SEP" and token.value == "\n" and token.start_pos >= len(text):
+            span = source.span_at(len(text.rstrip()))
+        else:
+            span = Span(token.line, token.column, token.end_line or token.line,
+                        token.end_column or token.column + 1, source.filename)
+    else:  # UnexpectedEOF
+        span = source.span_at(len(text.rstrip()))
+    label = None
+    try:
+        label = exc.match_examples(get_parser().parse, _examples(), use_accepts=True)
+    except Exception:  # match_examples re-parses; a failure there must not hide the real error
+        label = None
+    expected = set(getattr(exc, "accepts", None) or getattr(exc, "expected", None) or ())
+    if isinstance(exc, UnexpectedToken) and exc.token.type == "NAME" and {"SELECT", "FREEZE"} <= expected:
+        import difflib
+        word = exc.token.value
+        guess = difflib.get_close_matches(word, STATEMENT_KEYWORDS, n=1, cutoff=0.6)
+        message = f"unknown statement `{word}`" + (f" (did you mean `{guess[0]}`?)" if guess else "")
+        return RecipeError(message, span=span, source=source,
+                           hint="statements: " + ", ".join(STATEMENT_KEYWORDS))
+    if isinstance(exc, UnexpectedToken):
+        found = exc.token
+        shown = "end of statement" if found.type in ("_SEP", "$END") else f"`{found.value}`"
+        generic = f"unexpected {shown}; expected {_describe_expected(exc.accepts or exc.expected)}"
+    else:
+        generic = "unexpected end of recipe"
+    if label:
+        return RecipeError(label, span=span, source=source,
+                           diagnostics=[Diagnostic(label, span, source, generic)])
+    return RecipeError(generic, span=span, source=source)
+
+
+__all__ = ["parse", "get_parser", "grammar_path", "SYNTAX_EXAMPLES", "UnexpectedEOF"]

@@ -1,0 +1,191 @@
+"""Weight statements: scale, add noise, reinit, set, clip, prune, freeze, unfreeze.
+
+They change variables of the selected layers in place and never rebuild the graph. Layers that no
+statement touches keep bit-identical weights.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+from .. import ir
+from ..errors import ApplyError
+from ..graph import initializer_for, seeded
+from ..rng import derive_seed
+from . import StatementReport, register
+
+
+def _variables(ctx, stmt, target: str):
+    """(layer info, variable) pairs of the selection that ``target`` names; an error when none do."""
+    pairs, missing = [], []
+    for info in ctx.selected(stmt):
+        found = [v for v in info.layer.weights
+                 if (target == "weights" and np.dtype(v.dtype).kind == "f") or v.name == target]
+        if found:
+            pairs.extend((info, v) for v in found)
+        else:
+            missing.append(info)
+    if not pairs:
+        have = sorted({v.name for i in ctx.selected(stmt) for v in i.layer.weights})
+        what = "no weights" if target == "weights" else f"no variable {target!r}"
+        raise ApplyError(f"the selected layers have {what}", span=stmt.span,
+                         hint=("they have: " + ", ".join(have)) if have else
+                         "the selection holds only layers without weights (e.g. pooling, dropout)")
+    return pairs, missing
+
+
+def _shape(v) -> str:
+    return "(" + ", ".join(str(d) for d in v.shape) + ("," if len(v.shape) == 1 else "") + ")"
+
+
+def _map_variables(ctx, stmt, target: str, fn, describe: str) -> StatementReport:
+    """Apply ``fn(info, variable, array) -> new array`` to every targeted variable."""
+    pairs, missing = _variables(ctx, stmt, target)
+    report = StatementReport(stmt)
+    for info, var in pairs:
+        if info.path not in report.layers:
+            report.layers.append(info.path)
+        report.changes.append(f"{info.path}: {var.name} {_shape(var)} {describe}")
+        if not ctx.dry_run:
+            old = np.asarray(var.numpy())
+            new = np.asarray(fn(info, var, old))
+            var.assign(new.astype(old.dtype, copy=False))
+    if missing:
+        report.notes.append(f"skipped {len(missing)} selected layer(s) without {target!r}: "
+                            + ", ".join(i.path for i in missing[:5]) + (" …" if len(missing) > 5 else ""))
+    return report
+
+
+@register(ir.Scale)
+def scale(ctx, stmt: ir.Scale):
+    """``select where type=Dense; scale kernel 0.8`` — multiply the arrays by a factor."""
+    factor = ctx.number(stmt.factor, stmt)
+    return _map_variables(ctx, stmt, stmt.target, lambda info, var, a: a * np.asarray(factor, a.dtype),
+                          f"× {factor}")
+
+
+@register(ir.AddNoise)
+def add_noise(ctx, stmt: ir.AddNoise):
+    """``select all; add noise normal(stddev=0.01) to kernel`` — seeded, per layer and variable."""
+    dist = stmt.distribution
+    args = {k: ctx.number(v, stmt) for k, v in dist.kwargs}
+    if dist.name == "normal":
+        mean, stddev = args.get("mean", 0.0), args.get("stddev", 1.0)
+        if stddev < 0:
+            raise ApplyError(f"normal(): stddev must be ≥ 0, not {stddev}", span=stmt.span)
+        draw = lambda rng, shape: rng.normal(mean, stddev, size=shape)  # noqa: E731
+    else:
+        low, high = args.get("low", -1.0), args.get("high", 1.0)
+        if low > high:
+            raise ApplyError(f"uniform(): low ({low}) is above high ({high})", span=stmt.span)
+        draw = lambda rng, shape: rng.uniform(low, high, size=shape)  # noqa: E731
+
+    def fn(info, var, a):
+        rng = ctx.rng(stmt, info.path, var.name)
+        return a + draw(rng, a.shape).astype(a.dtype)
+    return _map_variables(ctx, stmt, stmt.target, fn, f"+ {dist} noise")
+
+
+def _initializer(ctx, stmt, call: ir.Call):
+    import keras
+    try:
+        base = keras.initializers.get(call.name)
+        cls = type(base)
+        args = [ctx.value(v, stmt) for v in call.args]
+        kwargs = {k: ctx.value(v, stmt) for k, v in call.kwargs}
+        return cls(*args, **kwargs) if (args or kwargs) else base
+    except (ValueError, TypeError) as exc:
+        raise ApplyError(f"initializer {call}: {exc}", span=stmt.span) from None
+
+
+def _init_values(ctx, stmt, info, var, init, explicit_seed: bool):
+    if not explicit_seed and "seed" in inspect.signature(type(init).__init__).parameters:
+        init = seeded(init, derive_seed(ctx.seed, *ctx.rng_parts(stmt), info.path, var.name) % (2**31 - 1))
+    try:
+        return np.asarray(init(tuple(var.shape), dtype=var.dtype))
+    except Exception as exc:
+        raise ApplyError(f"{info.path}: {var.name}: initializer failed: {exc}", span=stmt.span) from None
+
+
+@register(ir.Reinit)
+def reinit(ctx, stmt: ir.Reinit):
+    """``select last 1 where type=Dense; reinit weights`` — the layer's own initializers, seeded."""
+    explicit = stmt.initializer is not None
+    chosen = _initializer(ctx, stmt, stmt.initializer) if explicit else None
+    user_seed = explicit and any(k == "seed" for k, _ in stmt.initializer.kwargs)
+
+    def fn(info, var, a):
+        init = chosen if explicit else initializer_for(info.layer, var.name)
+        if init is None:
+            raise ApplyError(f"{info.path}: its config names no initializer for {var.name!r}",
+                             span=stmt.span, hint=f"name one: reinit {stmt.target} with glorot_uniform")
+        return _init_values(ctx, stmt, info, var, init, user_seed)
+    desc = f"reinitialised with {stmt.initializer}" if explicit else "reinitialised with its own initializer"
+    return _map_variables(ctx, stmt, stmt.target, fn, desc)
+
+
+@register(ir.Fill)
+def fill(ctx, stmt: ir.Fill):
+    """``select all; set bias to zeros`` — fill with a constant initializer (or any initializer)."""
+    init = _initializer(ctx, stmt, stmt.initializer)
+    user_seed = any(k == "seed" for k, _ in stmt.initializer.kwargs)
+    return _map_variables(ctx, stmt, stmt.target,
+                          lambda info, var, a: _init_values(ctx, stmt, info, var, init, user_seed),
+                          f"set to {stmt.initializer}")
+
+
+@register(ir.Clip)
+def clip(ctx, stmt: ir.Clip):
+    """``select all; clip kernel -1 1``."""
+    low, high = ctx.number(stmt.low, stmt), ctx.number(stmt.high, stmt)
+    if low > high:
+        raise ApplyError(f"clip bounds are in the wrong order: {low} > {high}", span=stmt.span)
+    return _map_variables(ctx, stmt, stmt.target,
+                          lambda info, var, a: np.clip(a, np.asarray(low, a.dtype), np.asarray(high, a.dtype)),
+                          f"clipped to [{low}, {high}]")
+
+
+def prune_array(a: np.ndarray, percent: float) -> np.ndarray:
+    """Zero the ``percent`` % entries of smallest magnitude (ties broken by position, stably)."""
+    k = int(np.floor(a.size * percent / 100.0))
+    if k <= 0:
+        return a.copy()
+    flat = a.reshape(-1).copy()
+    order = np.argsort(np.abs(flat), kind="stable")
+    flat[order[:k]] = 0
+    return flat.reshape(a.shape)
+
+
+@register(ir.Prune)
+def prune(ctx, stmt: ir.Prune):
+    """``select where type=Dense; prune kernel 50%`` — magnitude pruning of each array."""
+    percent = ctx.number(stmt.amount.value, stmt)
+    if not 0 <= percent <= 100:
+        raise ApplyError(f"prune takes a percentage from 0% to 100%, not {percent}%", span=stmt.span)
+    return _map_variables(ctx, stmt, stmt.target, lambda info, var, a: prune_array(a, percent),
+                          f"smallest {percent}% set to zero")
+
+
+def _set_trainable(ctx, stmt, flag: bool) -> StatementReport:
+    report = StatementReport(stmt)
+    for info in ctx.selected(stmt):
+        report.layers.append(info.path)
+        if bool(info.layer.trainable) != flag:
+            report.changes.append(f"{info.path}: trainable {info.layer.trainable} -> {flag}")
+            info.layer.trainable = flag  # cheap and needed for later `trainable` predicates, even in a plan
+    if not report.changes:
+        report.notes.append(f"every selected layer was already {'trainable' if flag else 'frozen'}")
+    return report
+
+
+@register(ir.Freeze)
+def freeze(ctx, stmt):
+    """``select all; freeze`` — set trainable to False (saved with the model)."""
+    return _set_trainable(ctx, stmt, False)
+
+
+@register(ir.Unfreeze)
+def unfreeze(ctx, stmt):
+    """``select last 2 where has weights; unfreeze``."""
+    return _set_trainable(ctx, stmt, True)

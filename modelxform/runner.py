@@ -1,0 +1,287 @@
+"""Run a compiled recipe on a working copy of a model.
+
+Statements are bound to the model one after the other, because a selection made after a structural
+edit must see the edited model. Weight statements change the working copy in place; structural
+statements queue edits that are rebuilt in one go before the next statement that needs the model
+(graph.py). With ``dry_run`` (``plan``), the arrays are left alone but every selection, structural edit
+and check is still resolved, so the report is exactly what ``apply`` would do. The input model is
+never modified.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+from . import ir
+from .errors import ApplyError, ModelxformError, UsageError
+from .graph import GraphEditor, model_kind, refuse_subclassed, transfer_weights
+from .passes import PASSES, StatementReport, load_all
+from .rng import generator
+from .selectors import resolve_selector, walk
+
+
+class Params:
+    """Parameter values for one run: the recipe's defaults with command-line overrides."""
+
+    def __init__(self, values: dict):
+        self.values = values
+
+    def value(self, v):
+        if isinstance(v, ir.ParamRef):
+            if v.name not in self.values:
+                raise ApplyError(f"unknown parameter ${v.name}", span=v.span)
+            return self.values[v.name]
+        if isinstance(v, ir.Percent):
+            return ir.Percent(self.value(v.value))
+        if isinstance(v, tuple):
+            return tuple(self.value(x) for x in v)
+        if isinstance(v, list):
+            return [self.value(x) for x in v]
+        return v
+
+
+def parse_param_value(text: str):
+    """A --param value: a number, True/False/None, a quoted string, or else the text itself."""
+    from .compiler import compile_recipe
+    try:
+        program = compile_recipe(f"param _ = {text}").program
+        return program.statements[0].value
+    except ModelxformError:
+        return text
+
+
+def resolve_params(recipe, overrides: dict | None) -> dict:
+    declared = recipe.params
+    values = dict(declared)
+    used = _used_params(recipe.program)
+    for name, raw in (overrides or {}).items():
+        if name not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            raise UsageError(f"unknown parameter {name!r} (--param {name}=…); the recipe declares: {known}")
+        if name not in used:
+            raise UsageError(f"parameter {name!r} (--param {name}=…) is declared but never used by the recipe")
+        value = parse_param_value(raw) if isinstance(raw, str) else raw
+        default = declared[name]
+        if isinstance(default, bool) != isinstance(value, bool) or \
+                (isinstance(default, (int, float)) and not isinstance(value, (int, float))) or \
+                (isinstance(default, str) and not isinstance(value, str)):
+            raise UsageError(f"parameter {name!r} is {type(default).__name__} in the recipe "
+                             f"({ir.format_value(default)}), but --param gave {raw!r}")
+        values[name] = value
+    return values
+
+
+def _used_params(program: ir.Program) -> set[str]:
+    used: set[str] = set()
+
+    def visit(obj):
+        if isinstance(obj, ir.ParamRef):
+            used.add(obj.name)
+        elif isinstance(obj, (tuple, list)):
+            for x in obj:
+                visit(x)
+        elif isinstance(obj, ir.Program):
+            return
+        elif hasattr(obj, "__dataclass_fields__"):
+            for name in obj.__dataclass_fields__:
+                if name != "span":
+                    visit(getattr(obj, name))
+    for stmt in program.flat():
+        if not isinstance(stmt, ir.Param):
+            visit(stmt)
+    return used
+
+
+@dataclass
+class Report:
+    statements: list = field(default_factory=list)
+    seed: int = 0
+    params: dict = field(default_factory=dict)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "params": self.params, "dry_run": self.dry_run,
+                "statements": [s.to_dict() for s in self.statements]}
+
+    def lines(self) -> list[str]:
+        out = []
+        for s in self.statements:
+            out.append(f"{s.location}  {s.statement}")
+            for line in s.changes:
+                out.append(f"    {line}")
+            for line in s.notes:
+                out.append(f"    ({line})")
+        return out
+
+
+class Context:
+    """What the passes see: the working model, the current selection, seed, params and report."""
+
+    def __init__(self, model, seed: int, params: Params, dry_run: bool):
+        self.model = model
+        self.seed = seed
+        self.params = params
+        self.dry_run = dry_run
+        self.selection: list[str] | None = None
+        self._editor: GraphEditor | None = None
+        self._pending: list[StatementReport] = []
+        self._occurrences: collections.Counter = collections.Counter()
+        self._parts: dict[int, tuple] = {}
+
+    # -- randomness ------------------------------------------------------------------------------
+    def begin(self, stmt) -> None:
+        text = str(stmt)
+        self._parts[id(stmt)] = (text, self._occurrences[text])
+        self._occurrences[text] += 1
+
+    def rng_parts(self, stmt) -> tuple:
+        return self._parts[id(stmt)]
+
+    def rng(self, stmt, *extra):
+        return generator(self.seed, *self.rng_parts(stmt), *extra)
+
+    # -- values ----------------------------------------------------------------------------------
+    def value(self, v, stmt):
+        return self.params.value(v)
+
+    def number(self, v, stmt):
+        value = self.params.value(v)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ApplyError(f"`{stmt}`: expected a number, got {ir.format_value(value)}", span=stmt.span)
+        return value
+
+    # -- the model -------------------------------------------------------------------------------
+    def editor(self, stmt) -> GraphEditor:
+        refuse_subclassed(self.model, f"`{stmt}`", stmt.span)
+        if self._editor is None:
+            self._editor = GraphEditor(self.model, self.seed)
+        return self._editor
+
+    def flush(self) -> None:
+        """Rebuild the model from the queued structural edits, if any."""
+        if self._editor is None:
+            return
+        editor, pending = self._editor, self._pending
+        self._editor, self._pending = None, []
+        before = _layer_facts(self.model)
+        outputs_before = _output_shapes(self.model)
+        new_model = editor.build(self.model)
+        after = _layer_facts(new_model)
+        outputs_after = _output_shapes(new_model)
+        for report in pending:
+            for path in getattr(report, "rebuilt", []):
+                old_path = report.layers[report.rebuilt.index(path)] if path not in before else path
+                if old_path in before and path in after:
+                    report.changes.append(f"{path}: output {before[old_path][0]} -> {after[path][0]}, "
+                                          f"params {before[old_path][1]:,} -> {after[path][1]:,}")
+            if isinstance(report.statement, ir.Tap):
+                report.changes.append(f"model outputs: {', '.join(outputs_before)} -> {', '.join(outputs_after)}")
+        self.model = new_model
+
+    def current_model(self):
+        self.flush()
+        return self.model
+
+    def layers(self):
+        return walk(self.current_model())
+
+    def selected(self, stmt):
+        if self.selection is None:
+            raise ApplyError(f"`{stmt}` acts on the selected layers, but nothing is selected",
+                             span=stmt.span, hint="add `select …` before it")
+        by_path = {info.path: info for info in self.layers()}
+        found = [by_path[p] for p in self.selection if p in by_path]
+        if not found:
+            raise ApplyError(f"`{stmt}`: none of the selected layers is left in the model", span=stmt.span)
+        return found
+
+
+def _shape_text(shape) -> str:
+    dims = ", ".join("None" if d is None else str(d) for d in shape)
+    return f"({dims},)" if len(shape) == 1 else f"({dims})"
+
+
+def _layer_facts(model) -> dict:
+    facts = {}
+    for info in walk(model):
+        try:
+            shape = _shape_text(tuple(info.layer.output.shape))
+        except Exception:  # a shared layer has several outputs; an unbuilt one has none
+            shape = "?"
+        facts[info.path] = (shape, info.params())
+    return facts
+
+
+def _output_shapes(model) -> list[str]:
+    try:
+        return [_shape_text(tuple(t.shape)) for t in model.outputs]
+    except Exception:
+        return ["?"]
+
+
+def working_copy(model):
+    """A copy of ``model`` that passes may change freely (the caller's model is never touched)."""
+    import keras
+    kind = model_kind(model)
+    if kind != "subclassed":
+        config = keras.saving.serialize_keras_object(model)
+        clone = keras.saving.deserialize_keras_object(config, safe_mode=True)
+        transfer_weights(model, clone, {}, 0)
+        return clone
+    from .model_io import load_model, save_model
+    with tempfile.TemporaryDirectory(prefix="modelxform-") as tmp:
+        path = os.path.join(tmp, "copy.keras")
+        save_model(model, path)
+        return load_model(path)
+
+
+def effective_seed(recipe, seed: int | None, params: Params) -> int:
+    if seed is not None:
+        return int(seed)
+    declared = recipe.seed
+    if declared is None:
+        return 0
+    value = params.value(declared)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"seed must be a whole number ≥ 0, not {ir.format_value(value)}")
+    return value
+
+
+def run(recipe, model, *, seed: int | None = None, params: dict | None = None, dry_run: bool = False,
+        copy: bool = True):
+    """Run ``recipe`` on ``model``; returns ``(new_model, Report)``. With ``copy=False`` the given model
+    is the working copy (the CLI passes a model it has just loaded)."""
+    load_all()
+    values = Params(resolve_params(recipe, params))
+    seed_value = effective_seed(recipe, seed, values)
+    working = working_copy(model) if copy else model
+    ctx = Context(working, seed_value, values, dry_run)
+    report = Report(seed=seed_value, params=dict(values.values), dry_run=dry_run)
+    for stmt in recipe.program.flat():
+        if isinstance(stmt, ir.HEADER_TYPES):
+            continue
+        ctx.begin(stmt)
+        if isinstance(stmt, ir.Select):
+            infos = resolve_selector(stmt.selector, ctx.current_model(), ctx.layers(), values,
+                                     lambda: ctx.rng(stmt), stmt.span)
+            ctx.selection = [i.path for i in infos]
+            report.statements.append(StatementReport(stmt, layers=list(ctx.selection),
+                                                     notes=[f"{len(infos)} layer{'s' if len(infos) != 1 else ''}: "
+                                                            + _abbrev([i.path for i in infos])]))
+            continue
+        if not stmt.structural:
+            ctx.flush()
+        result = PASSES[type(stmt)](ctx, stmt)
+        report.statements.append(result)
+        if stmt.structural:
+            ctx._pending.append(result)
+    ctx.flush()
+    return ctx.model, report
+
+
+def _abbrev(paths: list[str], limit: int = 8) -> str:
+    if len(paths) <= limit:
+        return ", ".join(paths)
+    return ", ".join(paths[:limit]) + f", … ({len(paths) - limit} more)"

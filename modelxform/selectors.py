@@ -1,0 +1,222 @@
+"""Which layers a selection or a predicate resolves to, in a (possibly nested) Keras model.
+
+A model is seen as a list of leaf layers in graph order, each named by its path: ``conv2d_1`` at the top
+level, ``backbone/block1_conv1`` inside a nested model. Naming a nested model selects every layer in it.
+"""
+from __future__ import annotations
+
+import collections
+import difflib
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+
+from . import ir
+from .errors import ApplyError
+
+
+@dataclass(eq=False)
+class LayerInfo:
+    path: str
+    layer: object  # keras.layers.Layer
+    ancestors: tuple = field(default=())  # nested models that contain it, outermost first
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+    @property
+    def type_name(self) -> str:
+        return type(self.layer).__name__
+
+    @property
+    def ancestor_types(self) -> tuple:
+        return tuple(type(a).__name__ for a in self.ancestors)
+
+    def params(self) -> int:
+        try:
+            return int(self.layer.count_params())
+        except ValueError:  # not built yet
+            return 0
+
+
+def is_model(layer) -> bool:
+    import keras
+    return isinstance(layer, keras.Model)
+
+
+def is_input_layer(layer) -> bool:
+    return type(layer).__name__ == "InputLayer"
+
+
+def walk(model) -> list[LayerInfo]:
+    """Leaf layers of ``model`` in graph order, nested models expanded, each layer once."""
+    out: list[LayerInfo] = []
+    seen: set[int] = set()
+
+    def visit(container, prefix: str, ancestors: tuple):
+        for layer in container.layers:
+            if id(layer) in seen or is_input_layer(layer):
+                continue
+            seen.add(id(layer))
+            path = f"{prefix}{layer.name}"
+            if is_model(layer):
+                visit(layer, path + "/", ancestors + (layer,))
+            else:
+                out.append(LayerInfo(path, layer, ancestors))
+    visit(model, "", ())
+    return out
+
+
+def nested_models(model) -> dict[str, object]:
+    """Path -> nested model, for every model used as a layer (at any depth)."""
+    out = {}
+
+    def visit(container, prefix):
+        for layer in container.layers:
+            if is_model(layer):
+                path = f"{prefix}{layer.name}"
+                out.setdefault(path, layer)
+                visit(layer, path + "/")
+    visit(model, "")
+    return out
+
+
+# ---- predicates ----------------------------------------------------------------------------
+
+_CMP = {
+    "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b,
+}
+
+
+def compare(op: str, left, right) -> bool:
+    return _CMP[op](left, right)
+
+
+def matches(pred: ir.Pred, info: LayerInfo, params) -> bool:
+    if isinstance(pred, ir.PAnd):
+        return matches(pred.left, info, params) and matches(pred.right, info, params)
+    if isinstance(pred, ir.POr):
+        return matches(pred.left, info, params) or matches(pred.right, info, params)
+    if isinstance(pred, ir.PNot):
+        return not matches(pred.operand, info, params)
+    if isinstance(pred, ir.PType):
+        if info.type_name in pred.names:
+            return True
+        return any(t in pred.names for t in info.ancestor_types)
+    if isinstance(pred, ir.PName):
+        return info.name == pred.name or info.path == pred.name
+    if isinstance(pred, ir.PRegex):
+        return re.search(pred.pattern, info.name) is not None
+    if isinstance(pred, ir.PTrainable):
+        return bool(info.layer.trainable)
+    if isinstance(pred, ir.PHasWeights):
+        return len(info.layer.weights) > 0
+    if isinstance(pred, ir.PParams):
+        return compare(pred.op, info.params(), params.value(pred.value))
+    raise TypeError(f"unknown predicate {pred!r}")
+
+
+def type_counts(layers: list[LayerInfo]) -> str:
+    counts = collections.Counter(i.type_name for i in layers)
+    return ", ".join(f"{name} ×{n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _empty(what: str, layers: list[LayerInfo], span, near: str | None = None) -> ApplyError:
+    msg = f"{what} matches no layer"
+    hint = f"the model has: {type_counts(layers) or 'no layers'}"
+    if near:
+        msg += f" (did you mean {near!r}?)"
+    return ApplyError(msg, span=span, hint=hint)
+
+
+def resolve_ref(ref: ir.Ref, model, layers: list[LayerInfo]) -> list[LayerInfo]:
+    """The leaf layers a reference names; an error when it names none."""
+    if ref.kind == "type":
+        found = [i for i in layers if matches(ir.PType((ref.text,)), i, None)]
+        if not found:
+            raise _empty(f"type {ref.text}", layers, ref.span,
+                         near=_closest(ref.text, {i.type_name for i in layers}))
+        return found
+    if ref.kind == "glob":
+        found = [i for i in layers
+                 if fnmatch.fnmatchcase(i.path, ref.text) or fnmatch.fnmatchcase(i.name, ref.text)
+                 or any(fnmatch.fnmatchcase(p, ref.text) for p in _model_paths(i))]
+        if not found:
+            raise _empty(f'"{ref.text}"', layers, ref.span,
+                         near=_closest(ref.text, [i.path for i in layers]))
+        return found
+    # a name or path; a nested model's path selects everything inside it
+    text = ref.text
+    exact = [i for i in layers if i.path == text or text in _model_paths(i)]
+    if exact:
+        return exact
+    if "/" not in text:
+        by_name = [i for i in layers if i.name == text]
+        if len(by_name) == 1:
+            return by_name
+        if len(by_name) > 1:
+            raise ApplyError(f"layer name {text!r} is ambiguous: it names "
+                             + ", ".join(i.path for i in by_name), span=ref.span,
+                             hint="write its full path, e.g. " + by_name[0].path)
+    candidates = [i.path for i in layers] + [i.name for i in layers]
+    raise ApplyError(f"no layer named {text!r}"
+                     + (f" (did you mean {g!r}?)" if (g := _closest(text, candidates)) else ""),
+                     span=ref.span, hint=f"the model has: {type_counts(layers)}")
+
+
+def _model_paths(info: LayerInfo) -> list[str]:
+    parts = info.path.split("/")
+    return ["/".join(parts[:k]) for k in range(1, len(parts))]
+
+
+def _closest(word: str, candidates) -> str | None:
+    got = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
+    return got[0] if got else None
+
+
+def resolve_selector(selector, model, layers: list[LayerInfo], params, rng_factory, span) -> list[LayerInfo]:
+    """Resolve a select statement's selector to leaf layers in graph order."""
+    if isinstance(selector, ir.SelAll):
+        if not layers:
+            raise ApplyError("the model has no layers to select", span=span)
+        return list(layers)
+    if isinstance(selector, ir.SelRefs):
+        chosen: dict[int, LayerInfo] = {}
+        for ref in selector.refs:
+            for info in resolve_ref(ref, model, layers):
+                chosen.setdefault(id(info), info)
+        order = {id(i): n for n, i in enumerate(layers)}
+        return sorted(chosen.values(), key=lambda i: order[id(i)])
+    if isinstance(selector, ir.SelWhere):
+        found = [i for i in layers if matches(selector.pred, i, params)]
+        if not found:
+            raise _empty(f"where {selector.pred}", layers, span)
+        return found
+    if isinstance(selector, ir.SelSample):
+        pool = layers if selector.pred is None else [i for i in layers if matches(selector.pred, i, params)]
+        if not pool:
+            raise _empty(f"where {selector.pred}", layers, span)
+        count = params.value(selector.count) if selector.count is not None else 1
+        if isinstance(count, ir.Percent):
+            pct = params.value(count.value)
+            if not 0 < pct <= 100:
+                raise ApplyError(f"a percentage of layers must be above 0% and at most 100%, not {pct}%", span=span)
+            k = max(1, math.ceil(len(pool) * pct / 100))
+        else:
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise ApplyError(f"a count of layers must be a whole number ≥ 1, not {count!r}", span=span)
+            k = count
+            if k > len(pool):
+                raise ApplyError(f"select {selector.mode} {k} needs {k} layers but only {len(pool)} match",
+                                 span=span, hint="matching: " + ", ".join(i.path for i in pool))
+        if selector.mode == "first":
+            return pool[:k]
+        if selector.mode == "last":
+            return pool[-k:]
+        rng = rng_factory()
+        picks = sorted(rng.choice(len(pool), size=k, replace=False).tolist())
+        return [pool[n] for n in picks]
+    raise TypeError(f"unknown selector {selector!r}")

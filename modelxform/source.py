@@ -1,0 +1,58 @@
+"""Recipe text with a file name, and positions inside it.
+
+Every IR node and every error carries a Span so that messages can say ``file:line:col`` and show the
+offending line with a caret under it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Span:
+    """1-based line and column of the first character, and of the character after the last."""
+
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+    filename: str | None = None
+
+    def location(self) -> str:
+        return f"{self.filename or '<recipe>'}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True)
+class Source:
+    text: str
+    filename: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.filename or "<recipe>"
+
+    def line_text(self, line: int) -> str:
+        lines = self.text.splitlines()
+        if 1 <= line <= len(lines):
+            return lines[line - 1]
+        return ""
+
+    def excerpt(self, span: Span) -> str:
+        """The source line of ``span`` and a caret line under the spanned characters."""
+        text = self.line_text(span.line).replace("\t", " ")
+        if not text and span.line > len(self.text.splitlines()):
+            return ""
+        start = max(span.column, 1)
+        if span.end_line == span.line and span.end_column > start:
+            width = span.end_column - start
+        else:
+            width = max(len(text) - start + 1, 1)
+        width = max(1, min(width, max(len(text) - start + 1, 1)))
+        return f"    {text}\n    {' ' * (start - 1)}{'^' * width}"
+
+    def span_at(self, pos: int, length: int = 1) -> Span:
+        """A span from a 0-based character offset."""
+        pos = max(0, min(pos, len(self.text)))
+        line = self.text.count("\n", 0, pos) + 1
+        col = pos - (self.text.rfind("\n", 0, pos) + 1) + 1
+        return Span(line, col, line, col + max(length, 1), self.filename)

@@ -265,8 +265,9 @@ def sequential_to_functional(config: dict) -> dict:
         if prev is None:
             entry["inbound_nodes"] = []
         else:
-            entry["inbound_nodes"] = [{"args": [{"class_name": "__keras_tensor__", "config": {
-                "shape": None, "dtype": None, "keras_history": [prev, 0, 0]}}], "kwargs": {}}]
+            # The list form [[name, node, tensor, kwargs]] of an inbound node needs no tensor shapes;
+            # Keras still reads it (functional.deserialize_node, "legacy case").
+            entry["inbound_nodes"] = [[[prev, 0, 0, {}]]]
         prev = entry["config"]["name"]
     return {"module": "keras.src.models.functional", "class_name": "Functional", "registered_name": "Functional",
             "config": {"name": seq["name"], "trainable": seq.get("trainable", True), "layers": layers,

@@ -35,6 +35,33 @@ def import_modules(modules) -> None:
             raise UsageError(f"--import {name}: {type(exc).__name__}: {exc}") from None
 
 
+def import_keras():
+    """Import Keras (and TensorFlow) with TensorFlow's C++ start-up messages about absent GPUs kept
+    off the terminal. The messages are written straight to file descriptor 2, so Python cannot
+    filter them; they are captured and shown only if the import fails."""
+    import sys
+    if "keras" in sys.modules:
+        import keras
+        return keras
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import keras
+            import tensorflow as tf
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    return keras
+
+
 def _check_readable(path: pathlib.Path) -> None:
     if not path.exists():
         raise ModelFileError(f"{path}: no such file")
@@ -81,7 +108,7 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
             raise
         except Exception as exc:
             raise ModelFileError(f"{p}: not a readable HDF5 file ({exc})") from None
-    import keras
+    keras = import_keras()
     try:
         with _quiet():
             if fmt == "keras":

@@ -1,0 +1,74 @@
+"""modelxform apply RECIPE MODEL -o OUT — apply a recipe and save the result atomically."""
+from __future__ import annotations
+
+import json
+
+from . import add_model_options, add_run_options, parse_params
+from ..errors import ExitCode, UsageError
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "apply", help="apply a recipe to a model file and save the result",
+        description="Apply RECIPE to MODEL and write the result to OUT (.keras or .h5, by extension). "
+                    "The input is never modified; OUT is written atomically or not at all.")
+    p.add_argument("recipe", metavar="RECIPE")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("-o", "--output", metavar="OUT", help="where to write the result (.keras or .h5)")
+    add_run_options(p)
+    p.add_argument("--dry-run", action="store_true", help="resolve and report everything, write nothing")
+    p.add_argument("--in-place", action="store_true", help="allow OUT to be MODEL itself (or omit -o)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_model_options(p)
+    return p
+
+
+def run(args, console) -> int:
+    from ..compiler import load_recipe
+    from ..model_io import model_format, same_file
+
+    recipe = load_recipe(args.recipe)
+    params = parse_params(args.params)
+    output = args.output
+    if output is None:
+        if args.in_place:
+            output = args.model
+        elif not args.dry_run:
+            raise UsageError("apply needs -o OUT (or --in-place to overwrite MODEL, or --dry-run)")
+    if output is not None:
+        model_format(output)
+        if same_file(output, args.model) and not args.in_place:
+            raise UsageError(f"-o {output} is the input model; refusing to overwrite it (use --in-place)")
+    return execute(recipe, args, params, output, console, dry_run=args.dry_run)
+
+
+def execute(recipe, args, params, output, console, *, dry_run: bool) -> int:
+    from ..model_io import load_model, save_model
+    from ..runner import run as run_recipe
+
+    model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
+    layers_before, params_before = _summary(model)
+    new_model, report = run_recipe(recipe, model, seed=args.seed, params=params, dry_run=dry_run, copy=False)
+    layers_after, params_after = _summary(new_model)
+    if not dry_run and output is not None:
+        save_model(new_model, output)
+    if getattr(args, "json", False):
+        data = report.to_dict()
+        data.update({"model": args.model, "output": None if dry_run else output,
+                     "layers": [layers_before, layers_after], "params": [params_before, params_after]})
+        console.print(json.dumps(data, indent=2))
+        return ExitCode.OK
+    for line in report.lines():
+        console.print(line)
+    console.print(f"model: {layers_before} layers, {params_before:,} params -> "
+                  f"{layers_after} layers, {params_after:,} params")
+    if dry_run:
+        console.print("dry run: nothing was written")
+    else:
+        console.print(f"wrote {output}")
+    return ExitCode.OK
+
+
+def _summary(model) -> tuple[int, int]:
+    from ..selectors import walk
+    return len(walk(model)), int(model.count_params())

@@ -1,0 +1,33 @@
+"""modelxform check RECIPE… — parse and static checks, without loading any model."""
+from __future__ import annotations
+
+from ..errors import ExitCode, RecipeError
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("check", help="parse recipes and run the static checks (fast: no TensorFlow)",
+                              description="Parse recipes and run the static checks. Loads no model.")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    p.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    return p
+
+
+def run(args, console) -> int:
+    from ..compiler import load_recipe
+    status = ExitCode.OK
+    for path in args.recipes:
+        try:
+            recipe = load_recipe(path)
+        except RecipeError as exc:
+            console.error(exc.render())
+            status = ExitCode.USAGE
+            continue
+        for warning in recipe.warnings:
+            console.error(warning.render("warning"))
+        n = sum(1 for _ in recipe.program.flat())
+        if args.strict and recipe.warnings:
+            status = ExitCode.USAGE
+            console.error(f"{path}: {len(recipe.warnings)} warning(s), failing because of --strict")
+        else:
+            console.print(f"{path}: ok ({n} statement{'s' if n != 1 else ''})")
+    return status

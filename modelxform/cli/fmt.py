@@ -1,0 +1,57 @@
+"""modelxform fmt RECIPE… [--check] — canonical formatting, in place."""
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+from ..errors import ExitCode, RecipeError
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("fmt", help="rewrite recipes in canonical form (idempotent, keeps comments)",
+                              description="Rewrite recipes in canonical form: one statement per line, "
+                                          "canonical spelling, comments kept. Never changes meaning.")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file is not formatted")
+    p.add_argument("--stdout", action="store_true", help="print the formatted text instead of rewriting")
+    return p
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run(args, console) -> int:
+    from ..compiler import read_recipe_text
+    from ..fmt import format_text
+    status = ExitCode.OK
+    for name in args.recipes:
+        path = pathlib.Path(name)
+        try:
+            text = read_recipe_text(path)
+            formatted = format_text(text, name)
+        except RecipeError as exc:
+            console.error(exc.render())
+            status = ExitCode.USAGE
+            continue
+        if args.stdout:
+            console.out.write(formatted)
+        elif formatted == text:
+            continue
+        elif args.check:
+            console.print(f"{name}: not formatted")
+            status = max(status, ExitCode.ASSERT_FAILED)
+        else:
+            _write_atomic(path, formatted)
+            console.print(f"{name}: formatted")
+    return status

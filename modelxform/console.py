@@ -1,0 +1,38 @@
+"""The one object that writes to the terminal, so tests can capture everything the CLI says."""
+from __future__ import annotations
+
+import sys
+
+
+class Console:
+    def __init__(self, out=None, err=None):
+        self.out = out if out is not None else sys.stdout
+        self.err = err if err is not None else sys.stderr
+
+    def print(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def error(self, text: str) -> None:
+        self.err.write(text + "\n")
+        self.err.flush()
+
+    def table(self, columns: list[str], rows: list[list[str]], title: str | None = None,
+              right: tuple[str, ...] = ()) -> None:
+        """A table drawn by rich (imported here only: check and fmt never draw tables)."""
+        from rich import box
+        from rich.console import Console as RichConsole
+        from rich.table import Table
+
+        table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, title_justify="left")
+        for col in columns:
+            table.add_column(col, justify="right" if col in right else "left", overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        RichConsole(file=self.out, width=max(100, _terminal_width()), highlight=False,
+                    soft_wrap=False).print(table)
+
+
+def _terminal_width() -> int:
+    import shutil
+    return shutil.get_terminal_size((120, 20)).columns

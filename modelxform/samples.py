@@ -1,0 +1,46 @@
+"""Small sample models built locally (no downloads): the demo's CNN and the test suite's factories.
+
+    python -m modelxform.samples cnn cnn.keras
+"""
+from __future__ import annotations
+
+import sys
+
+
+def cnn(seed: int = 0):
+    """The design card's CNN: conv2d_1, a MaxPooling2D, conv2d_2, flatten and three Dense layers."""
+    import keras
+    init = lambda n: keras.initializers.GlorotUniform(seed=seed + n)  # noqa: E731
+    inputs = keras.Input((28, 28, 1), name="image")
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv2d_1", kernel_initializer=init(1),
+                            bias_initializer=keras.initializers.RandomNormal(seed=seed + 11))(inputs)
+    x = keras.layers.MaxPooling2D(pool_size=2, name="max_pooling2d")(x)
+    x = keras.layers.Conv2D(16, 3, activation="relu", name="conv2d_2", kernel_initializer=init(2),
+                            bias_initializer=keras.initializers.RandomNormal(seed=seed + 12))(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(32, activation="relu", name="dense_1", kernel_initializer=init(3),
+                           bias_initializer=keras.initializers.RandomNormal(seed=seed + 13))(x)
+    x = keras.layers.Dropout(0.25, name="dropout")(x)
+    x = keras.layers.Dense(16, activation="relu", name="dense_2", kernel_initializer=init(4),
+                           bias_initializer=keras.initializers.RandomNormal(seed=seed + 14))(x)
+    outputs = keras.layers.Dense(10, activation="softmax", name="dense_3", kernel_initializer=init(5),
+                                 bias_initializer=keras.initializers.RandomNormal(seed=seed + 15))(x)
+    return keras.Model(inputs, outputs, name="cnn")
+
+
+SAMPLES = {"cnn": cnn}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] not in SAMPLES:
+        print(f"usage: python -m modelxform.samples {{{','.join(SAMPLES)}}} OUT.keras", file=sys.stderr)
+        return 2
+    from .model_io import save_model
+    save_model(SAMPLES[argv[0]](), argv[1])
+    print(f"wrote {argv[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Tiny model factories and helpers shared by the tests.
+
+Models are built here, in the test process, with seeded initializers: nothing is downloaded and
+nothing large is committed.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _keras():
+    from modelxform.model_io import import_keras
+    return import_keras()
+
+
+def _init(seed):
+    keras = _keras()
+    return dict(kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+                bias_initializer=keras.initializers.RandomNormal(seed=seed + 1000))
+
+
+def make_cnn():
+    """The design card's CNN (conv2d_1, MaxPooling2D, conv2d_2, flatten, three Dense)."""
+    from modelxform.samples import cnn
+    return cnn()
+
+
+def make_sequential():
+    keras = _keras()
+    return keras.Sequential([
+        keras.Input((8,), name="features"),
+        keras.layers.Dense(16, activation="relu", name="fc1", **_init(1)),
+        keras.layers.Dropout(0.5, name="dropout_1"),
+        keras.layers.Dense(4, name="fc2", **_init(2)),
+    ], name="seq")
+
+
+def make_nested():
+    """An outer functional model using a functional 'backbone' that itself nests a Sequential 'block'."""
+    keras = _keras()
+    block = keras.Sequential([keras.Input((6, 6, 4)),
+                              keras.layers.Conv2D(4, 3, padding="same", name="conv_a", **_init(10)),
+                              keras.layers.BatchNormalization(name="bn_a")], name="block")
+    inp = keras.Input((8, 8, 3), name="img")
+    x = keras.layers.Conv2D(4, 3, name="conv1", **_init(11))(inp)
+    x = block(x)
+    x = keras.layers.MaxPooling2D(2, name="pool")(x)
+    backbone = keras.Model(inp, x, name="backbone")
+    outer_in = keras.Input((8, 8, 3), name="image")
+    y = backbone(outer_in)
+    y = keras.layers.GlobalAveragePooling2D(name="gap")(y)
+    y = keras.layers.Dense(3, name="head", **_init(12))(y)
+    return keras.Model(outer_in, y, name="outer")
+
+
+def make_shared():
+    """One Dense layer called on two inputs, merged with Add: the layer must stay shared."""
+    keras = _keras()
+    a = keras.Input((5,), name="a")
+    b = keras.Input((5,), name="b")
+    shared = keras.layers.Dense(5, name="shared", **_init(20))
+    merged = keras.layers.Add(name="add")([shared(a), shared(b)])
+    out = keras.layers.Dense(2, name="out", **_init(21))(merged)
+    return keras.Model([a, b], out, name="siamese")
+
+
+def make_multi_io():
+    keras = _keras()
+    a = keras.Input((6,), name="x1")
+    b = keras.Input((3,), name="x2")
+    h = keras.layers.Concatenate(name="concat")([keras.layers.Dense(4, name="da", **_init(30))(a), b])
+    o1 = keras.layers.Dense(2, name="out1", **_init(31))(h)
+    o2 = keras.layers.Dense(1, name="out2", **_init(32))(h)
+    return keras.Model([a, b], [o1, o2], name="multi")
+
+
+def subclassed_class():
+    keras = _keras()
+
+    @keras.saving.register_keras_serializable(package="modelxform_tests")
+    class TwoLayer(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.d1 = keras.layers.Dense(6, name="d1", **_init(40))
+            self.d2 = keras.layers.Dense(2, name="d2", **_init(41))
+
+        def call(self, x):
+            return self.d2(self.d1(x))
+
+    return TwoLayer
+
+
+def make_subclassed():
+    model = subclassed_class()(name="two_layer")
+    model(np.zeros((1, 4), dtype="float32"))
+    return model
+
+
+FACTORIES = {"cnn": make_cnn, "sequential": make_sequential, "nested": make_nested, "shared": make_shared,
+             "multi_io": make_multi_io, "subclassed": make_subclassed}
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """model_file(kind) -> path of a freshly saved .keras file of that sample model."""
+    from modelxform.model_io import save_model
+
+    def make(kind: str = "cnn", name: str | None = None, suffix: str = ".keras"):
+        path = tmp_path / ((name or kind) + suffix)
+        save_model(FACTORIES[kind](), path)
+        return path
+    return make
+
+
+def weights_by_path(model) -> dict[str, list[np.ndarray]]:
+    from modelxform.selectors import walk
+    return {info.path: [np.asarray(w) for w in info.layer.get_weights()] for info in walk(model)}
+
+
+def assert_bit_identical(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes()
+
+
+class Captured:
+    def __init__(self, status, out, err):
+        self.status, self.out, self.err = status, out, err
+
+
+def run_cli(*argv) -> Captured:
+    """Run the CLI in-process through main(argv), capturing what it prints."""
+    from modelxform.cli import main
+    from modelxform.console import Console
+    out, err = io.StringIO(), io.StringIO()
+    status = main([str(a) for a in argv], Console(out, err))
+    return Captured(status, out.getvalue(), err.getvalue())

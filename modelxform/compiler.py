@@ -555,10 +555,14 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None) -> Reci
             chain = " -> ".join(pathlib.Path(p).name for p in parent.stack + (str(target),))
             parent.error(f"include cycle: {chain}", span)
             return None
+        where = f"next to {pathlib.Path(parent.filename).name}" if parent.filename else "in the working folder"
+        if not target.is_file():
+            parent.error(f"included file {path!r} does not exist {where}", span)
+            return None
         try:
             sub_text = read_recipe_text(target)
         except RecipeError as exc:
-            parent.error(exc.message, span)
+            parent.error(f"cannot include {path!r}: {exc.message.split(': ', 1)[-1]}", span)
             return None
         rel = os.path.relpath(target) if not os.path.isabs(path) else str(target)
         sub_source = Source(sub_text, rel)

@@ -32,27 +32,30 @@ def format_text(text: str, filename: str | None = None) -> str:
     'select where type=Dense\\nscale kernel 0.5  # halve\\n'
     """
     program = compile_recipe(text, filename).program
+    lines = text.splitlines()
     comments = _comments(text)
     out: list[str] = []
-    last_line = 0
+
+    def emit(line_no: int, item: str) -> None:
+        # keep one blank line where the author left one or more
+        if out and out[-1] != "" and line_no >= 2 and line_no - 2 < len(lines) and not lines[line_no - 2].strip():
+            out.append("")
+        out.append(item)
+
     statements = list(program.statements)
     for n, stmt in enumerate(statements):
-        line = stmt.span.line if stmt.span else last_line
+        line = stmt.span.line if stmt.span else 0
         while comments and comments[0][0] < line:
-            _, comment, whole = comments.pop(0)
+            number, comment, whole = comments.pop(0)
             if whole:
-                out.append(comment)
+                emit(number, comment)
             elif out:
                 out[-1] += "  " + comment
-        if out and line > last_line + 1 and stmt.span is not None and last_line and \
-                text.splitlines()[line - 2].strip() == "":
-            out.append("")  # keep one blank line where the author left blank lines
-        out.append(str(stmt))
+        emit(line, str(stmt))
         end_line = stmt.span.end_line if stmt.span else line
         next_line = statements[n + 1].span.line if n + 1 < len(statements) and statements[n + 1].span else None
         if comments and comments[0][0] == end_line and not comments[0][2] and next_line != end_line:
             out[-1] += "  " + comments.pop(0)[1]
-        last_line = end_line
-    for _, comment, whole in comments:
-        out.append(comment)
+    for number, comment, _ in comments:
+        emit(number, comment)
     return "\n".join(out) + "\n" if out else ""

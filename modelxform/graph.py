@@ -129,7 +129,11 @@ class GraphEditor:
         return next(e for e in _layers_of(self.container_of(path)) if e["config"]["name"] == name)
 
     # -- edits ---------------------------------------------------------------------------------
+    closed: bool = False  # set once the runner has rebuilt from this editor
+
     def queue(self, statement, fn) -> None:
+        if self.closed:
+            raise RuntimeError("edit queued on an editor that was already rebuilt (a pass held it across a flush)")
         fn(self)
         self.edits.append(Edit(statement, fn))
 

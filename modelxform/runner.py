@@ -160,11 +160,13 @@ class Context:
         return self._editor
 
     def flush(self) -> None:
-        """Rebuild the model from the queued structural edits, if any."""
+        """Rebuild the model from the queued structural edits, if any. A pass must not hold on to an
+        editor across a call that flushes (selected(), layers(), current_model())."""
         if self._editor is None:
             return
         editor, pending = self._editor, self._pending
         self._editor, self._pending = None, []
+        editor.closed = True
         before = _layer_facts(self.model)
         outputs_before = _output_shapes(self.model)
         new_model = editor.build(self.model)

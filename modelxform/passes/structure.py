@@ -58,10 +58,11 @@ def carried_config(cls, old_config: dict, span, old_type: str):
 def replace(ctx, stmt: ir.Replace):
     """``replace MaxPooling2D with AveragePooling2D``; ``replace dense_2 with Dense(units=10)``."""
     import keras
+    # resolve the selection first: it may rebuild pending edits, which starts a new editor
+    wanted = {info.path for info in ctx.selected(stmt)} if stmt.source is None else None
     editor = ctx.editor(stmt)
     leaves = editor.leaves()
-    if stmt.source is None:
-        wanted = {info.path for info in ctx.selected(stmt)}
+    if wanted is not None:
         targets = [leaf for leaf in leaves if leaf.path in wanted]
     else:
         targets = resolve_ref(stmt.source, None, leaves)

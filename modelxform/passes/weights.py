@@ -89,13 +89,14 @@ def add_noise(ctx, stmt: ir.AddNoise):
 
 def _initializer(ctx, stmt, call: ir.Call):
     import keras
+    cls = getattr(keras.initializers, call.name, None)
+    if not (isinstance(cls, type) and issubclass(cls, keras.initializers.Initializer)):
+        raise ApplyError(f"unknown initializer {call.name!r}", span=stmt.span)
+    args = [ctx.value(v, stmt) for v in call.args]
+    kwargs = {k: ctx.value(v, stmt) for k, v in call.kwargs}
     try:
-        base = keras.initializers.get(call.name)
-        cls = type(base)
-        args = [ctx.value(v, stmt) for v in call.args]
-        kwargs = {k: ctx.value(v, stmt) for k, v in call.kwargs}
-        return cls(*args, **kwargs) if (args or kwargs) else base
-    except (ValueError, TypeError) as exc:
+        return cls(*args, **kwargs)
+    except Exception as exc:  # the initializer's own message names the bad argument
         raise ApplyError(f"initializer {call}: {exc}", span=stmt.span) from None
 
 

@@ -1,0 +1,222 @@
+"""The language front end: grammar, compiler, canonical text, errors with positions. No TensorFlow."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import lark
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT
+from modelxform import RecipeError, compile_recipe, ir, load_recipe
+from modelxform.compiler import _Compiler
+from modelxform.fmt import format_text
+from modelxform.parser import PARSER_OPTIONS, SYNTAX_EXAMPLES, get_parser, grammar_path
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+
+
+def ok_cases():
+    return sorted((GOLDEN / "ok").glob("*.recipe"))
+
+
+def error_cases():
+    return sorted((GOLDEN / "errors").glob("*.recipe"))
+
+
+@pytest.mark.parametrize("path", ok_cases(), ids=lambda p: p.stem)
+def test_golden_canonical_text(path, monkeypatch):
+    monkeypatch.chdir(path.parent)
+    formatted = format_text(path.read_text(), path.name)
+    assert formatted == path.with_suffix(".expected").read_text()
+    # canonical text compiles back to the same program, and fmt is idempotent
+    assert compile_recipe(formatted, path.name).program == compile_recipe(path.read_text(), path.name).program
+    assert format_text(formatted, path.name) == formatted
+
+
+@pytest.mark.parametrize("path", error_cases(), ids=lambda p: p.stem)
+def test_golden_errors(path, monkeypatch):
+    monkeypatch.chdir(path.parent)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path.name)
+    got = [d.render().splitlines()[0] for d in info.value.diagnostics]
+    assert got == path.with_suffix(".expected").read_text().splitlines()
+    # the exception exposes the first position as fields, not only as text
+    first = got[0].split(":")
+    assert (info.value.line, info.value.column) == (int(first[1]), int(first[2]))
+
+
+def test_error_shows_source_line_and_caret():
+    with pytest.raises(RecipeError) as info:
+        compile_recipe("select all\nselect where type=Dens and trainable\n", "bad.recipe")
+    text = info.value.render()
+    assert text.splitlines() == [
+        "bad.recipe:2:19: error: unknown layer type 'Dens' (did you mean 'Dense'?)",
+        "    select where type=Dens and trainable",
+        "                      ^^^^",
+    ]
+    assert (info.value.line, info.value.column, info.value.filename) == (2, 19, "bad.recipe")
+
+
+def test_all_semantic_errors_at_once_with_more_marker():
+    text = "select all\n" + "".join(f"scale kernel $p{i}\n" for i in range(8))
+    with pytest.raises(RecipeError) as info:
+        compile_recipe(text, "many.recipe")
+    assert len(info.value.diagnostics) == 8
+    assert [d.line for d in info.value.diagnostics] == list(range(2, 10))
+    assert info.value.render().splitlines()[-1] == "… and 3 more errors"
+
+
+@pytest.mark.parametrize("label,example", [(label, ex) for label, exs in SYNTAX_EXAMPLES.items() for ex in exs])
+def test_syntax_examples_get_their_label(label, example):
+    # the same mistake is recognised on the first line and further down a recipe
+    for text in (example, "select all\n" + example):
+        with pytest.raises(RecipeError) as info:
+            compile_recipe(text)
+        assert info.value.message == label
+
+
+def test_grammar_is_strict_lalr_without_collisions():
+    # strict=True makes any terminal collision or grammar conflict an error
+    lark.Lark(grammar_path().read_text(), strict=True, **PARSER_OPTIONS)
+
+
+def _statement_alternatives():
+    parser = get_parser()
+    stmt_children = {r.expansion[0].name for r in parser.rules if r.origin.name == "stmt"}
+    names = set()
+    for rule in parser.rules:
+        if rule.origin.name in stmt_children:
+            names.add(rule.alias or rule.origin.name)
+    return names
+
+
+def test_every_statement_rule_has_a_compiler_handler():
+    names = _statement_alternatives()
+    assert len(names) >= 17
+    missing = [n for n in names if not hasattr(_Compiler, f"s_{n}")]
+    assert not missing, f"grammar statements without a compiler handler: {missing}"
+
+
+def test_every_ir_statement_has_a_pass_or_is_a_header():
+    from modelxform.passes import PASSES, load_all
+    load_all()
+    missing = [c.__name__ for c in ir.STATEMENT_TYPES
+               if c not in PASSES and c not in ir.HEADER_TYPES and c is not ir.Select]
+    assert not missing, f"statement classes without a registered pass: {missing}"
+
+
+def test_pass_registry_refuses_duplicates():
+    from modelxform.passes import register
+    with pytest.raises(RuntimeError, match="already registered"):
+        register(ir.Scale)(lambda ctx, stmt: None)
+
+
+def test_keras_name_snapshot_matches_installed_keras():
+    import subprocess
+    import sys
+    code = ("import sys; sys.path.insert(0, 'tools'); import gen_keras_names as g; "
+            "import modelxform.keras_names as k; "
+            "assert g.layer_names() == k.LAYER_CLASSES, 'rerun tools/gen_keras_names.py'; "
+            "assert tuple(g.initializer_names()) == k.INITIALIZERS, 'rerun tools/gen_keras_names.py'")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_camelcase_keras_class_is_a_type_else_a_layer():
+    program = compile_recipe("select Dense, dense_1, MyBlock, layer Dense, type Conv2D, MaxPool2D").program
+    refs = program.statements[0].selector.refs
+    assert [(r.kind, r.text) for r in refs] == [
+        ("type", "Dense"), ("name", "dense_1"), ("name", "MyBlock"), ("name", "Dense"),
+        ("type", "Conv2D"), ("type", "MaxPooling2D")]
+
+
+def test_spans_are_not_part_of_equality():
+    a = compile_recipe("select all; freeze").program
+    b = compile_recipe("\n\n   select   all\n\n freeze\n").program
+    assert a == b
+    assert a.statements[1].span.line == 1 and b.statements[1].span.line == 5
+
+
+def test_include_inlines_relative_to_including_file(tmp_path, monkeypatch):
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "common.recipe").write_text('include "deeper.recipe"\nfreeze\n')
+    (tmp_path / "lib" / "deeper.recipe").write_text("select all\n")
+    main = tmp_path / "main.recipe"
+    main.write_text('include "lib/common.recipe"\nunfreeze\n')
+    monkeypatch.chdir("/")
+    recipe = load_recipe(main)
+    assert [str(s) for s in recipe.program.flat()] == ["select all", "freeze", "unfreeze"]
+    assert str(recipe.program) == 'include "lib/common.recipe"\nunfreeze\n'
+    assert recipe.program.inlined_text() == "select all\nfreeze\nunfreeze\n"
+
+
+def test_include_error_points_into_the_included_file(tmp_path):
+    (tmp_path / "inc.recipe").write_text("select all\nscale kernel\n")
+    main = tmp_path / "main.recipe"
+    main.write_text('include "inc.recipe"\n')
+    with pytest.raises(RecipeError) as info:
+        load_recipe(main)
+    assert info.value.line == 2 and info.value.filename.endswith("inc.recipe")
+    assert "scale kernel" in info.value.render()
+
+
+def test_unused_param_and_missing_version_are_warnings():
+    recipe = compile_recipe("param x = 1\nselect all\nfreeze\n", "w.recipe")
+    messages = [w.message for w in recipe.warnings]
+    assert "parameter 'x' is declared but never used" in messages
+    assert any("no version header" in m for m in messages)
+    assert compile_recipe('recipe "a" version "1.0"\nselect all\n').warnings == []
+
+
+def test_invalid_utf8_recipe_is_a_positioned_error(tmp_path):
+    path = tmp_path / "bad.recipe"
+    path.write_bytes(b"select all\nscale kernel \xff\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert (info.value.line, info.value.column) == (2, 14)
+    assert "not valid UTF-8" in info.value.message
+
+
+def test_recipe_size_limit():
+    with pytest.raises(RecipeError, match="larger than"):
+        compile_recipe("freeze\n" * 200_000)
+
+
+# ---- round trip on generated programs ----------------------------------------------------------
+
+names = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(
+    lambda s: s not in ir._KEYWORDS)
+numbers = st.one_of(st.integers(-10**6, 10**6),
+                    st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32))
+preds = st.recursive(
+    st.one_of(st.just(ir.PTrainable()), st.just(ir.PHasWeights()),
+              st.sampled_from(["Dense", "Conv2D", "BatchNormalization"]).map(lambda t: ir.PType((t,))),
+              names.map(ir.PName), st.integers(0, 10**7).map(lambda n: ir.PParams(">", n))),
+    lambda inner: st.one_of(st.tuples(inner, inner).map(lambda t: ir.PAnd(*t)),
+                            st.tuples(inner, inner).map(lambda t: ir.POr(*t)),
+                            inner.map(ir.PNot)),
+    max_leaves=8)
+statements = st.one_of(
+    preds.map(lambda p: ir.Select(ir.SelWhere(p))),
+    st.tuples(st.sampled_from(["random", "first", "last"]), st.integers(1, 20), preds).map(
+        lambda t: ir.Select(ir.SelSample(t[0], t[1], t[2]))),
+    st.tuples(names, numbers).map(lambda t: ir.Scale(t[0], t[1])),
+    st.tuples(names, numbers, numbers).map(lambda t: ir.Clip(t[0], min(t[1:]), max(t[1:]))),
+    st.tuples(names, st.integers(0, 100)).map(lambda t: ir.Prune(t[0], ir.Percent(t[1]))),
+    st.just(ir.Freeze()), st.just(ir.Unfreeze()),
+    st.lists(names, min_size=1, max_size=3, unique=True).map(
+        lambda ns: ir.Tap(tuple(ir.Ref("name", n) for n in ns))),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(statements, min_size=1, max_size=8))
+def test_canonical_text_round_trips(stmts):
+    program = ir.Program((ir.Select(ir.SelAll()),) + tuple(stmts))
+    text = str(program)
+    assert compile_recipe(text).program == program
+    assert format_text(text) == text

@@ -91,6 +91,7 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
     p = pathlib.Path(path)
     fmt = model_format(p)
     _check_readable(p)
+    keras = import_keras()  # before --import modules, which usually import keras themselves
     import_modules(imports)
     if fmt == "keras" and not zipfile.is_zipfile(p):
         raise ModelFileError(f"{p}: not a .keras archive (a .keras file is a zip)")
@@ -108,7 +109,6 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
             raise
         except Exception as exc:
             raise ModelFileError(f"{p}: not a readable HDF5 file ({exc})") from None
-    keras = import_keras()
     try:
         with _quiet():
             if fmt == "keras":
@@ -126,9 +126,16 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
 def _quiet():
     """Keras prints warnings about absent optimizer state and the like; the user did not ask."""
     import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+
+    from absl import logging as absl_logging  # Keras logs its "legacy HDF5" advice through absl
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -138,8 +145,100 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def save_model(model, path: str | os.PathLike) -> None:
-    """Write ``model`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+PROVENANCE_MEMBER = "modelxform.json"
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def build_time():
+    """The time written into outputs: SOURCE_DATE_EPOCH when set (reproducible-builds convention),
+    else a fixed date, so that the same inputs give the same bytes."""
+    import datetime
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is not None and epoch.strip().isdigit():
+        moment = datetime.datetime.fromtimestamp(int(epoch), tz=datetime.timezone.utc)
+        if moment.year >= 1980:
+            return moment
+    return datetime.datetime(1980, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def _normalise_keras_archive(path: pathlib.Path, provenance: dict | None) -> None:
+    """Rewrite a .keras zip so that it depends only on the model: Keras stamps the save time into
+    metadata.json and the weights member's zip header. Members keep their order and compression;
+    the provenance record becomes one more member, which keras.models.load_model ignores."""
+    import json
+    moment = build_time()
+    stamp = moment.strftime("%Y-%m-%d@%H:%M:%S")
+    date_time = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
+    with zipfile.ZipFile(path) as src:
+        members = [(info, src.read(info.filename)) for info in src.infolist()
+                   if info.filename != PROVENANCE_MEMBER]
+    out_path = path.with_name(path.name + ".norm")
+    try:
+        _write_members(out_path, members, date_time, stamp, provenance)
+    except BaseException:
+        _unlink(out_path)
+        raise
+    os.replace(out_path, path)
+
+
+def _write_members(out_path, members, date_time, stamp, provenance) -> None:
+    import json
+    with zipfile.ZipFile(out_path, "w") as dst:
+        def put(name, data, compress):
+            info = zipfile.ZipInfo(name, date_time=date_time)
+            info.compress_type = compress
+            info.create_system = 3
+            info.external_attr = 0o644 << 16
+            dst.writestr(info, data)
+        for info, data in members:
+            if info.filename == "metadata.json":
+                meta = json.loads(data)
+                if "date_saved" in meta:
+                    meta["date_saved"] = stamp
+                data = json.dumps(meta).encode()
+            put(info.filename, data, info.compress_type)
+        if provenance is not None:
+            put(PROVENANCE_MEMBER, json.dumps(provenance, indent=1, sort_keys=True).encode(), zipfile.ZIP_DEFLATED)
+
+
+def sidecar_path(path: str | os.PathLike) -> pathlib.Path:
+    p = pathlib.Path(path)
+    return p.with_name(p.stem + ".provenance.json")
+
+
+def read_provenance(path: str | os.PathLike) -> dict | None:
+    """The provenance record of a model file written by modelxform, or None."""
+    import json
+    p = pathlib.Path(path)
+    try:
+        if model_format(p) == "keras":
+            if not zipfile.is_zipfile(p):
+                return None
+            with zipfile.ZipFile(p) as zf:
+                if PROVENANCE_MEMBER not in zf.namelist():
+                    return None
+                return json.loads(zf.read(PROVENANCE_MEMBER))
+        side = sidecar_path(p)
+        return json.loads(side.read_text()) if side.is_file() else None
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelFileError(f"{p}: unreadable provenance record: {exc}") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_model(model, path: str | os.PathLike, provenance: dict | None = None) -> None:
+    """Write ``model`` to ``path`` atomically (temporary file in the same folder, then rename).
+
+    A .keras output is byte-reproducible (see _normalise_keras_archive) and carries ``provenance`` as
+    the member modelxform.json; an .h5 output gets it in a sidecar OUT.provenance.json.
+    """
     dest = pathlib.Path(path)
     fmt = model_format(dest)
     folder = dest.parent if str(dest.parent) else pathlib.Path(".")
@@ -155,10 +254,11 @@ def save_model(model, path: str | os.PathLike) -> None:
     tmp = pathlib.Path(tmp_name)
     try:
         with _quiet():
-            if fmt == "keras":
-                model.save(tmp)
-            else:
-                model.save(tmp)
+            model.save(tmp)
+        if fmt == "keras":
+            _normalise_keras_archive(tmp, provenance)
+        elif provenance is not None:
+            _write_sidecar(dest, provenance)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         mode = 0o644 & ~_umask()
@@ -176,6 +276,19 @@ def save_model(model, path: str | os.PathLike) -> None:
         raise ModelFileError(f"{dest}: cannot save the model: {exc}") from exc
     except BaseException:
         _unlink(tmp)
+        raise
+
+
+def _write_sidecar(dest: pathlib.Path, provenance: dict) -> None:
+    import json
+    side = sidecar_path(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{side.name}.", dir=side.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(provenance, fh, indent=1, sort_keys=True)
+        os.replace(tmp, side)
+    except BaseException:
+        _unlink(pathlib.Path(tmp))
         raise
 
 

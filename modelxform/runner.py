@@ -261,6 +261,24 @@ def run(recipe, model, *, seed: int | None = None, params: dict | None = None, d
     working = working_copy(model) if copy else model
     ctx = Context(working, seed_value, values, dry_run)
     report = Report(seed=seed_value, params=dict(values.values), dry_run=dry_run)
+    try:
+        _run_statements(recipe, ctx, report, values)
+    except ModelxformError as exc:
+        _attach_sources(exc, recipe)
+        raise
+    return ctx.model, report
+
+
+def _attach_sources(exc: ModelxformError, recipe) -> None:
+    """Errors raised while running carry a span; give them the text too, for the caret excerpt."""
+    sources = getattr(recipe, "sources", {}) or {}
+    for diagnostic in exc.diagnostics:
+        if diagnostic.source is None and diagnostic.span is not None:
+            diagnostic.source = sources.get(diagnostic.span.filename or recipe.source.name, recipe.source)
+    exc.source = exc.diagnostics[0].source
+
+
+def _run_statements(recipe, ctx: Context, report: Report, values: Params) -> None:
     for stmt in recipe.program.flat():
         if isinstance(stmt, ir.HEADER_TYPES):
             continue
@@ -280,7 +298,6 @@ def run(recipe, model, *, seed: int | None = None, params: dict | None = None, d
         if stmt.structural:
             ctx._pending.append(result)
     ctx.flush()
-    return ctx.model, report
 
 
 def _abbrev(paths: list[str], limit: int = 8) -> str:

@@ -9,7 +9,8 @@ import sys
 
 def cnn(seed: int = 0):
     """The design card's CNN: conv2d_1, a MaxPooling2D, conv2d_2, flatten and three Dense layers."""
-    import keras
+    from .model_io import import_keras
+    keras = import_keras()
     init = lambda n: keras.initializers.GlorotUniform(seed=seed + n)  # noqa: E731
     inputs = keras.Input((28, 28, 1), name="image")
     x = keras.layers.Conv2D(8, 3, activation="relu", name="conv2d_1", kernel_initializer=init(1),

@@ -15,12 +15,12 @@ from ..console import Console
 from ..errors import ExitCode, ModelxformError
 from ..version import __version__
 
-SUBCOMMANDS = ("apply", "plan", "check", "fmt", "inspect")
+SUBCOMMANDS = ("apply", "plan", "check", "fmt", "inspect", "provenance", "verify")
 
 EPILOG = """\
 exit status:
   0  ok
-  1  a recipe assert failed (fmt --check: a file is not formatted)
+  1  a recipe assert failed (fmt --check: a file is not formatted; verify: the model differs)
   2  usage error, or a recipe that does not compile
   3  a model file could not be read or written
   4  a statement could not be applied to this model

@@ -36,7 +36,12 @@ def run(args, console) -> int:
         elif not args.dry_run:
             raise UsageError("apply needs -o OUT (or --in-place to overwrite MODEL, or --dry-run)")
     if output is not None:
+        import pathlib
         model_format(output)
+        folder = pathlib.Path(output).parent
+        if not folder.is_dir():
+            from ..errors import ModelFileError
+            raise ModelFileError(f"{output}: folder {folder} does not exist")
         if same_file(output, args.model) and not args.in_place:
             raise UsageError(f"-o {output} is the input model; refusing to overwrite it (use --in-place)")
     return execute(recipe, args, params, output, console, dry_run=args.dry_run)
@@ -51,7 +56,10 @@ def execute(recipe, args, params, output, console, *, dry_run: bool) -> int:
     new_model, report = run_recipe(recipe, model, seed=args.seed, params=params, dry_run=dry_run, copy=False)
     layers_after, params_after = _summary(new_model)
     if not dry_run and output is not None:
-        save_model(new_model, output)
+        from ..model_io import read_provenance, sha256_file
+        from ..provenance import entry, extend
+        record = extend(read_provenance(args.model), entry(recipe, report, sha256_file(args.model)))
+        save_model(new_model, output, provenance=record)
     if getattr(args, "json", False):
         data = report.to_dict()
         data.update({"model": args.model, "output": None if dry_run else output,

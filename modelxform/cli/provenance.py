@@ -1,0 +1,35 @@
+"""modelxform provenance MODEL [--json] — how a model file was made."""
+from __future__ import annotations
+
+import json
+
+from ..errors import ExitCode, UsageError
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("provenance", help="show how a model file was made (recipes, seeds, versions)",
+                              description="Print the provenance record modelxform wrote into MODEL "
+                                          "(the modelxform.json member of a .keras file, or OUT.provenance.json "
+                                          "beside an .h5 file). Does not import TensorFlow.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--json", action="store_true", help="print the raw record")
+    return p
+
+
+def run(args, console) -> int:
+    import pathlib
+
+    from ..errors import ModelFileError
+    from ..model_io import read_provenance
+    from ..provenance import render
+    if not pathlib.Path(args.model).is_file():
+        raise ModelFileError(f"{args.model}: no such file")
+    record = read_provenance(args.model)
+    if record is None:
+        raise UsageError(f"{args.model}: has no modelxform provenance record")
+    if args.json:
+        console.print(json.dumps(record, indent=2, sort_keys=True))
+    else:
+        for line in render(record):
+            console.print(line)
+    return ExitCode.OK

@@ -1,0 +1,904 @@
+"""The command line: exit codes, messages, what is written and what is not.
+
+Most tests run the CLI in-process through conftest.run_cli; subprocesses are used only where a fresh
+interpreter is the point (custom layers registered by --import, "check/fmt/--help never import
+TensorFlow", `python -m modelxform --help`).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import assert_bit_identical, make_cnn, make_nested, run_cli, weights_by_path
+
+EXAMPLE = ("select random where type=Dense; scale weights 0.8; "
+           "replace MaxPooling2D with AveragePooling2D; tap conv2d_1\n")
+HEADER = 'recipe "cli-test" version "1.0.0"\n'
+SUBPROCESS_TIMEOUT = 120
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+def sha256(path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def listing(folder) -> set[str]:
+    """Every file and folder under ``folder``, relative, hidden ones included."""
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def hidden(folder) -> list[str]:
+    return sorted(p.name for p in pathlib.Path(folder).iterdir() if p.name.startswith("."))
+
+
+def write(path, text: str) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def keras():
+    from modelxform.model_io import import_keras
+    return import_keras()
+
+
+def load(path):
+    return keras().models.load_model(path, compile=False)
+
+
+def only_error_line(err: str, *needles: str) -> None:
+    """One clear message: a single line starting with `error:`, naming what it should, no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def cnn_bytes(tmp_path_factory) -> bytes:
+    """The sample CNN saved once per module (building and saving it is the slow part)."""
+    from modelxform.model_io import save_model
+    path = tmp_path_factory.mktemp("cnn") / "cnn.keras"
+    save_model(make_cnn(), path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def cnn(tmp_path, cnn_bytes) -> pathlib.Path:
+    path = tmp_path / "cnn.keras"
+    path.write_bytes(cnn_bytes)
+    return path
+
+
+@pytest.fixture
+def cnn_weights(cnn_bytes, tmp_path_factory):
+    path = tmp_path_factory.mktemp("w") / "cnn.keras"
+    path.write_bytes(cnn_bytes)
+    return weights_by_path(load(path))
+
+
+# -- apply ---------------------------------------------------------------------------------------------
+
+def test_apply_example_recipe(tmp_path, cnn, cnn_weights):
+    recipe = write(tmp_path / "example.recipe", EXAMPLE)
+    out = tmp_path / "out.keras"
+    before = sha256(cnn)
+    r = run_cli("apply", recipe, cnn, "-o", out, "--seed", "7")
+    assert r.status == 0, r.err
+    # every statement is reported at file:line:col
+    for col, text in [(1, "select random where type=Dense"), (33, "scale weights 0.8"),
+                      (52, "replace MaxPooling2D with AveragePooling2D"), (96, "tap conv2d_1")]:
+        assert f"{recipe}:1:{col}  {text}" in r.out, r.out
+    assert f"wrote {out}" in r.out
+    assert "Traceback" not in r.err
+    # the input is untouched, the output exists and loads with the tapped second output
+    assert sha256(cnn) == before
+    assert out.is_file()
+    model = load(out)
+    assert len(model.outputs) == 2
+    from modelxform.selectors import walk
+    types = {info.path: info.type_name for info in walk(model)}
+    assert types["max_pooling2d"] == "AveragePooling2D"
+    # the one randomly selected Dense layer (named in the report) is scaled by 0.8, the others are not
+    chosen = re.search(r"\(1 layer: (\w+)\)", r.out).group(1)
+    assert chosen in ("dense_1", "dense_2", "dense_3")
+    after = weights_by_path(model)
+    for name in ("dense_1", "dense_2", "dense_3"):
+        for w_old, w_new in zip(cnn_weights[name], after[name]):
+            expected = w_old * np.float32(0.8) if name == chosen else w_old
+            np.testing.assert_allclose(w_new, expected, rtol=1e-6)
+    assert hidden(tmp_path) == []
+
+
+def test_apply_seed_is_deterministic(tmp_path, cnn):
+    recipe = write(tmp_path / "r.recipe", "select random 2 where type=Dense; freeze\n")
+    outs = [run_cli("plan", recipe, cnn, "--seed", "7") for _ in range(2)]
+    assert outs[0].status == outs[1].status == 0
+    picked = [re.search(r"\(2 layers: ([\w, ]+)\)", o.out).group(1) for o in outs]
+    assert picked[0] == picked[1]
+
+
+def test_dry_run_writes_nothing(tmp_path, cnn):
+    recipe = write(tmp_path / "example.recipe", EXAMPLE)
+    out = tmp_path / "out.keras"
+    before, files = sha256(cnn), listing(tmp_path)
+    r = run_cli("apply", recipe, cnn, "-o", out, "--seed", "7", "--dry-run")
+    assert r.status == 0, r.err
+    assert "dry run: nothing was written" in r.out
+    assert "wrote" not in r.out
+    assert not out.exists()
+    assert listing(tmp_path) == files
+    assert sha256(cnn) == before
+
+
+def test_plan_prints_matched_layers_and_writes_nothing(tmp_path, cnn):
+    recipe = write(tmp_path / "p.recipe", HEADER + "select where type=Dense\nscale kernel 0.5\n")
+    before, files = sha256(cnn), listing(tmp_path)
+    r = run_cli("plan", recipe, cnn)
+    assert r.status == 0, r.err
+    assert f"{recipe}:2:1  select where type=Dense" in r.out
+    assert "(3 layers: dense_1, dense_2, dense_3)" in r.out
+    assert "dense_1: kernel (1936, 32) × 0.5" in r.out
+    assert "nothing was written" in r.out
+    assert listing(tmp_path) == files
+    assert sha256(cnn) == before
+
+
+PARAM_RECIPE = HEADER + "param f = 0.5\nselect where type=Dense\nscale kernel $f\n"
+
+
+def test_param_default_and_override(tmp_path, cnn, cnn_weights):
+    recipe = write(tmp_path / "p.recipe", PARAM_RECIPE)
+    default = run_cli("plan", recipe, cnn)
+    assert default.status == 0, default.err
+    assert "dense_2: kernel (32, 16) × 0.5" in default.out
+    out = tmp_path / "out.keras"
+    r = run_cli("apply", recipe, cnn, "-o", out, "--param", "f=0.25")
+    assert r.status == 0, r.err
+    assert "dense_2: kernel (32, 16) × 0.25" in r.out
+    after = weights_by_path(load(out))
+    np.testing.assert_allclose(after["dense_2"][0], cnn_weights["dense_2"][0] * np.float32(0.25), rtol=1e-6)
+    np.testing.assert_array_equal(after["dense_2"][1], cnn_weights["dense_2"][1])  # bias untouched
+
+
+def test_unknown_param_is_a_usage_error(tmp_path, cnn):
+    recipe = write(tmp_path / "p.recipe", PARAM_RECIPE)
+    out = tmp_path / "out.keras"
+    r = run_cli("apply", recipe, cnn, "-o", out, "--param", "factor=0.25")
+    assert r.status == 2
+    assert "'factor'" in r.err and "error:" in r.err
+    assert "declares: f" in r.err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", ["f", "=0.5", "f0.5"])
+def test_malformed_param_is_a_usage_error(tmp_path, cnn, bad):
+    recipe = write(tmp_path / "p.recipe", PARAM_RECIPE)
+    out = tmp_path / "out.keras"
+    r = run_cli("apply", recipe, cnn, "-o", out, "--param", bad)
+    assert r.status == 2
+    assert "NAME=VALUE" in r.err
+    assert not out.exists()
+
+
+def test_param_of_wrong_type_is_a_usage_error(tmp_path, cnn):
+    recipe = write(tmp_path / "p.recipe", PARAM_RECIPE)
+    r = run_cli("plan", recipe, cnn, "--param", "f=abc")
+    assert r.status == 2
+    assert "'f'" in r.err and "'abc'" in r.err
+
+
+# -- output path rules --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spelling", ["same", "dotted"])
+def test_output_equal_to_input_is_refused(tmp_path, cnn, spelling):
+    recipe = write(tmp_path / "ok.recipe", "select all; freeze\n")
+    target = cnn if spelling == "same" else f"{tmp_path}/../{tmp_path.name}/./cnn.keras"
+    before, files = sha256(cnn), listing(tmp_path)
+    r = run_cli("apply", recipe, cnn, "-o", target)
+    assert r.status == 2
+    assert "--in-place" in r.err
+    assert "is the input model" in r.err
+    assert sha256(cnn) == before
+    assert listing(tmp_path) == files
+
+
+def test_apply_without_output_is_a_usage_error(tmp_path, cnn):
+    recipe = write(tmp_path / "ok.recipe", "select all; freeze\n")
+    files = listing(tmp_path)
+    r = run_cli("apply", recipe, cnn)
+    assert r.status == 2
+    assert "-o OUT" in r.err and "--in-place" in r.err
+    assert listing(tmp_path) == files
+
+
+@pytest.mark.parametrize("with_o", [False, True])
+def test_in_place(tmp_path, cnn, with_o):
+    recipe = write(tmp_path / "ok.recipe", "select all; freeze\n")
+    before = sha256(cnn)
+    argv = ["apply", recipe, cnn, "--in-place"] + (["-o", cnn] if with_o else [])
+    r = run_cli(*argv)
+    assert r.status == 0, r.err
+    assert f"wrote {cnn}" in r.out
+    assert sha256(cnn) != before
+    model = load(cnn)
+    assert not any(layer.trainable for layer in model.layers if layer.weights)
+    assert hidden(tmp_path) == []
+
+
+def test_unknown_output_extension(tmp_path, cnn):
+    recipe = write(tmp_path / "ok.recipe", "select all; freeze\n")
+    files = listing(tmp_path)
+    r = run_cli("apply", recipe, cnn, "-o", tmp_path / "out.txt")
+    assert r.status == 2
+    assert "out.txt" in r.err and "'.txt'" in r.err and ".keras or .h5" in r.err
+    assert listing(tmp_path) == files
+
+
+def test_output_into_missing_folder(tmp_path, cnn):
+    recipe = write(tmp_path / "ok.recipe", "select all; freeze\n")
+    files = listing(tmp_path)
+    out = tmp_path / "nowhere" / "out.keras"
+    r = run_cli("apply", recipe, cnn, "-o", out)
+    assert r.status == 3
+    only_error_line(r.err, str(out), "does not exist")
+    assert not out.parent.exists()
+    assert listing(tmp_path) == files
+
+
+# -- recipe errors -------------------------------------------------------------------------------------
+
+BAD_SYNTAX = "select all\nfreeze unfreeze\n"  # error at line 2, column 8 (`unfreeze`)
+
+
+def test_syntax_error_position_excerpt_and_caret(tmp_path, cnn):
+    recipe = write(tmp_path / "bad.recipe", BAD_SYNTAX)
+    out = tmp_path / "out.keras"
+    r = run_cli("apply", recipe, cnn, "-o", out)
+    assert r.status == 2
+    assert f"{recipe}:2:8: error:" in r.err
+    lines = r.err.splitlines()
+    i = next(n for n, line in enumerate(lines) if f"{recipe}:2:8: error:" in line)
+    assert lines[i + 1].strip() == "freeze unfreeze"
+    caret = lines[i + 2]
+    assert set(caret.strip()) == {"^"}
+    # the caret sits under `unfreeze`
+    assert caret.index("^") == lines[i + 1].index("unfreeze")
+    assert len(caret.strip()) == len("unfreeze")
+    assert "Traceback" not in r.err
+    assert r.out == ""
+    assert not out.exists()
+
+
+def test_traceback_flag_shows_traceback(tmp_path, cnn):
+    recipe = write(tmp_path / "bad.recipe", BAD_SYNTAX)
+    r = run_cli("--traceback", "apply", recipe, cnn, "-o", tmp_path / "out.keras")
+    assert r.status == 2
+    assert "Traceback (most recent call last)" in r.err
+    assert "RecipeError" in r.err
+    assert f"{recipe}:2:8: error:" in r.err
+
+
+@pytest.mark.parametrize("command", ["apply", "plan", "check"])
+def test_missing_recipe_file(tmp_path, cnn, command):
+    missing = tmp_path / "nope.recipe"
+    argv = [command, missing] + ([] if command == "check" else [cnn]) + (["-o", tmp_path / "o.keras"]
+                                                                          if command == "apply" else [])
+    r = run_cli(*argv)
+    assert r.status == 2
+    assert f"{missing}: no such recipe file" in r.err
+    assert "Traceback" not in r.err
+    assert not (tmp_path / "o.keras").exists()
+
+
+def test_labelled_syntax_message_after_first_statement(tmp_path):
+    """The labelled messages of parser.SYNTAX_EXAMPLES apply below line 1 too (a regression: lark's
+    match_examples compares whole parser stacks, so they used to be found only in the first statement)."""
+    first = write(tmp_path / "first.recipe", "scale weights\n")
+    r1 = run_cli("check", first)
+    assert "`scale` needs a target and a factor" in r1.err  # holds on line 1
+    later = write(tmp_path / "later.recipe", "select all\nscale weights\n")
+    r2 = run_cli("check", later)
+    assert r2.status == 2
+    assert f"{later}:2:" in r2.err
+    assert "`scale` needs a target and a factor" in r2.err
+
+
+# -- model file errors ---------------------------------------------------------------------------------
+
+def _make_bad_model(kind: str, tmp_path: pathlib.Path, cnn_bytes: bytes) -> pathlib.Path:
+    if kind == "missing":
+        return tmp_path / "missing.keras"
+    if kind == "directory":
+        path = tmp_path / "folder.keras"
+        path.mkdir()
+        return path
+    if kind == "empty":
+        path = tmp_path / "empty.keras"
+        path.write_bytes(b"")
+        return path
+    if kind == "random":
+        path = tmp_path / "random.keras"
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+        return path
+    if kind == "zip-without-config":
+        path = tmp_path / "noconfig.keras"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("metadata.json", "{}")
+            zf.writestr("model.weights.h5", b"not really")
+        return path
+    if kind == "zip-with-bad-config":
+        path = tmp_path / "badconfig.keras"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("config.json", "{not json")
+        return path
+    if kind == "truncated":
+        path = tmp_path / "truncated.keras"
+        path.write_bytes(cnn_bytes[: len(cnn_bytes) // 2])
+        return path
+    if kind == "h5-not-a-model":
+        import h5py
+        path = tmp_path / "data.h5"
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=np.arange(10))
+        return path
+    if kind == "h5-random":
+        path = tmp_path / "random.h5"
+        path.write_bytes(np.random.default_rng(1).bytes(4096))
+        return path
+    raise AssertionError(kind)
+
+
+MODEL_ERRORS = {
+    "missing": "no such file",
+    "directory": "is a directory",
+    "empty": "file is empty",
+    "random": "not a .keras archive",
+    "zip-without-config": "no config.json",
+    "zip-with-bad-config": "cannot load the model",
+    "truncated": "not a .keras archive",
+    "h5-not-a-model": "holds no Keras model",
+    "h5-random": "not a readable HDF5 file",
+}
+
+
+@pytest.mark.parametrize("kind", list(MODEL_ERRORS))
+@pytest.mark.parametrize("command", ["apply", "inspect"])
+def test_unreadable_model_file(tmp_path, cnn_bytes, kind, command):
+    recipe = write(tmp_path / "ok.recipe", "select all; freeze\n")
+    model = _make_bad_model(kind, tmp_path, cnn_bytes)
+    out = tmp_path / "out.keras"
+    files = listing(tmp_path)
+    if command == "apply":
+        r = run_cli("apply", recipe, model, "-o", out)
+    else:
+        r = run_cli("inspect", model)
+    assert r.status == 3, r.err
+    only_error_line(r.err, str(model), MODEL_ERRORS[kind])
+    assert r.out == ""
+    assert listing(tmp_path) == files
+
+
+def _lambda_model(path: pathlib.Path) -> pathlib.Path:
+    k = keras()
+    inp = k.Input((4,), name="x")
+    hidden_ = k.layers.Dense(3, name="dense")(inp)
+    out = k.layers.Lambda(lambda x: x * 2, name="double")(hidden_)
+    k.Model(inp, out, name="with_lambda").save(path)
+    return path
+
+
+def test_lambda_layer_needs_unsafe(tmp_path):
+    model = _lambda_model(tmp_path / "lam.keras")
+    recipe = write(tmp_path / "ok.recipe", "select all; freeze\n")
+    out = tmp_path / "out.keras"
+    r = run_cli("apply", recipe, model, "-o", out)
+    assert r.status == 3
+    only_error_line(r.err, str(model), "Lambda", "--unsafe")
+    assert not out.exists()
+
+    r = run_cli("apply", recipe, model, "-o", out, "--unsafe")
+    assert r.status == 0, r.err
+    assert "(2 layers: dense, double)" in r.out
+    assert out.is_file()
+
+
+CUSTOM_MODULE = '''\
+import keras
+
+
+@keras.saving.register_keras_serializable(package="mxtest")
+class Doubler(keras.layers.Layer):
+    def call(self, x):
+        return x * 2.0
+'''
+
+
+@pytest.fixture(scope="module")
+def custom_layer_runs(tmp_path_factory):
+    """Apply a recipe to a model with a custom layer in two fresh interpreters, without and with
+    --import (started together: each pays the TensorFlow import)."""
+    folder = tmp_path_factory.mktemp("custom")
+    write(folder / "mxtest_layers.py", CUSTOM_MODULE)
+    # build the model here: the registration in this process does not reach the subprocesses
+    spec = importlib.util.spec_from_file_location("mxtest_layers", folder / "mxtest_layers.py")
+    module = importlib.util.module_from_spec(spec)
+    k = keras()
+    try:
+        sys.modules["mxtest_layers"] = module
+        spec.loader.exec_module(module)
+        inp = k.Input((4,), name="x")
+        out = module.Doubler(name="dbl")(k.layers.Dense(3, name="dense")(inp))
+        k.Model(inp, out, name="custom").save(folder / "custom.keras")
+    finally:
+        sys.modules.pop("mxtest_layers", None)
+    recipe = write(folder / "ok.recipe", "select all; freeze\n")
+    # the module is importable in both runs; only --import is missing in the first
+    env = subprocess_env(PYTHONPATH=os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    runs = {}
+    for name, extra in [("plain", []), ("import", ["--import", "mxtest_layers"])]:
+        argv = [sys.executable, "-m", "modelxform", "apply", recipe.name, "custom.keras",
+                "-o", f"out_{name}.keras", *extra]
+        runs[name] = subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+    results = {}
+    for name, proc in runs.items():
+        out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+        results[name] = (proc.returncode, out, err)
+    return folder, results
+
+
+def test_custom_layer_without_import_fails(custom_layer_runs):
+    folder, results = custom_layer_runs
+    status, out, err = results["plain"]
+    assert status == 3, err
+    assert "error: custom.keras:" in err
+    assert "--import" in err and "custom layer" in err
+    assert "Traceback" not in err
+    assert out == ""
+    assert not (folder / "out_plain.keras").exists()
+
+
+def test_custom_layer_with_import_loads(custom_layer_runs):
+    folder, results = custom_layer_runs
+    status, out, err = results["import"]
+    assert status == 0, err
+    assert "(2 layers: dense, dbl)" in out
+    assert "wrote out_import.keras" in out
+    assert (folder / "out_import.keras").is_file()
+    assert "Traceback" not in err
+
+
+def test_custom_layer_with_import_keeps_stderr_clean(custom_layer_runs):
+    _, results = custom_layer_runs
+    status, _, err = results["import"]
+    assert status == 0
+    assert err.strip() == ""
+
+
+# -- apply failures and atomicity ------------------------------------------------------------------
+
+def test_failed_assert_exits_1_and_writes_nothing(tmp_path, cnn):
+    recipe = write(tmp_path / "a.recipe", "select all; assert count == 99\n")
+    out = tmp_path / "out.keras"
+    files = listing(tmp_path)
+    r = run_cli("apply", recipe, cnn, "-o", out)
+    assert r.status == 1
+    assert f"{recipe}:1:13: error: assert failed" in r.err
+    assert "8 layers" in r.err and "99" in r.err
+    assert not out.exists()
+    assert listing(tmp_path) == files
+
+
+def test_empty_selection_exits_4(tmp_path, cnn):
+    recipe = write(tmp_path / "n.recipe", "select where type=Conv3D\nfreeze\n")
+    out = tmp_path / "out.keras"
+    files = listing(tmp_path)
+    r = run_cli("apply", recipe, cnn, "-o", out)
+    assert r.status == 4
+    assert f"{recipe}:1:1: error:" in r.err
+    assert "matches no layer" in r.err
+    assert "Traceback" not in r.err
+    assert not out.exists()
+    assert listing(tmp_path) == files
+
+
+@pytest.mark.parametrize("text,status", [("select where type=Conv3D\nfreeze\n", 4),
+                                         ("select all; assert count == 99\n", 1)])
+def test_failed_apply_keeps_previous_output(tmp_path, cnn, text, status):
+    recipe = write(tmp_path / "r.recipe", text)
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    out = outdir / "out.keras"
+    out.write_bytes(b"previous output")
+    before = sha256(out)
+    r = run_cli("apply", recipe, cnn, "-o", out)
+    assert r.status == status
+    assert sha256(out) == before
+    assert sorted(p.name for p in outdir.iterdir()) == ["out.keras"]
+
+
+@functools.lru_cache(maxsize=None)
+def _flaky_dense():
+    """A Dense layer whose saving can be made to fail, registered in this process only, so the CLI run
+    in-process can load it and then fail while saving. FAIL is an exception class (or None) and FAIL_AT
+    says where: "config" (before anything is written) or "weights" (in the middle of writing a .keras)."""
+    k = keras()
+
+    @k.saving.register_keras_serializable(package="mxtest_cli")
+    class FlakyDense(k.layers.Dense):
+        FAIL = None
+        FAIL_AT = "weights"
+
+        def _maybe_fail(self, where):
+            if type(self).FAIL is not None and type(self).FAIL_AT == where:
+                raise type(self).FAIL(f"simulated failure while writing the {where}")
+
+        def get_config(self):
+            self._maybe_fail("config")
+            return super().get_config()
+
+        def save_own_variables(self, store):
+            super().save_own_variables(store)
+            self._maybe_fail("weights")
+
+    return FlakyDense
+
+
+def _flaky_model_file(path):
+    from modelxform.model_io import save_model
+    k = keras()
+    flaky = _flaky_dense()
+    inp = k.Input((4,), name="x")
+    out = flaky(2, name="flaky")(k.layers.Dense(3, name="dense")(inp))
+    save_model(k.Model(inp, out, name="flaky_model"), path)
+    return path
+
+
+@pytest.mark.parametrize("suffix,where", [(".keras", "weights"), (".keras", "config"), (".h5", "config")])
+def test_save_failure_leaves_previous_output_and_no_temporary(tmp_path, suffix, where):
+    model = _flaky_model_file(tmp_path / "flaky.keras")
+    recipe = write(tmp_path / "ok.recipe", "select all; freeze\n")
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    out = outdir / f"out{suffix}"
+    out.write_bytes(b"previous output")
+    flaky = _flaky_dense()
+    flaky.FAIL, flaky.FAIL_AT = RuntimeError, where
+    try:
+        r = run_cli("apply", recipe, model, "-o", out)
+    finally:
+        flaky.FAIL = None
+    assert r.status == 3, r.err
+    only_error_line(r.err, str(out), "cannot save the model", f"simulated failure while writing the {where}")
+    assert out.read_bytes() == b"previous output"
+    assert sorted(p.name for p in outdir.iterdir()) == [out.name]
+
+
+def test_interrupted_save_leaves_no_temporary(tmp_path):
+    model = _flaky_model_file(tmp_path / "flaky.keras")
+    recipe = write(tmp_path / "ok.recipe", "select all; freeze\n")
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    flaky = _flaky_dense()
+    flaky.FAIL, flaky.FAIL_AT = KeyboardInterrupt, "weights"
+    try:
+        r = run_cli("apply", recipe, model, "-o", outdir / "out.keras")
+    finally:
+        flaky.FAIL = None
+    assert r.status == 130
+    assert "nothing was written" in r.err
+    assert list(outdir.iterdir()) == []
+
+
+def test_successful_apply_replaces_previous_output(tmp_path, cnn):
+    recipe = write(tmp_path / "ok.recipe", "select all; freeze\n")
+    out = tmp_path / "out.keras"
+    out.write_bytes(b"previous output")
+    r = run_cli("apply", recipe, cnn, "-o", out)
+    assert r.status == 0, r.err
+    assert zipfile.is_zipfile(out)
+    assert len(load(out).layers) > 1
+    assert hidden(tmp_path) == []
+
+
+# -- h5 ------------------------------------------------------------------------------------------------
+
+def test_h5_in_and_out(tmp_path, cnn, cnn_weights):
+    scale = write(tmp_path / "scale.recipe", "select where type=Dense\nscale kernel 0.5\n")
+    freeze = write(tmp_path / "freeze.recipe", "select all; freeze\n")
+    mid = tmp_path / "mid.h5"
+    back = tmp_path / "back.keras"
+    r1 = run_cli("apply", scale, cnn, "-o", mid)
+    assert r1.status == 0, r1.err
+    import h5py
+    with h5py.File(mid, "r") as f:
+        assert "model_config" in f.attrs
+    r2 = run_cli("apply", freeze, mid, "-o", back)
+    assert r2.status == 0, r2.err
+    assert zipfile.is_zipfile(back)
+    w_mid = weights_by_path(load(mid))
+    back_model = load(back)
+    w_back = weights_by_path(back_model)
+    assert w_mid.keys() == w_back.keys() == cnn_weights.keys()
+    for path in w_mid:
+        assert_bit_identical(w_mid[path], w_back[path])
+    np.testing.assert_allclose(w_back["dense_1"][0], cnn_weights["dense_1"][0] * np.float32(0.5), rtol=1e-6)
+    assert_bit_identical(w_back["conv2d_1"], cnn_weights["conv2d_1"])
+    assert not any(layer.trainable for layer in back_model.layers if layer.weights)
+    assert hidden(tmp_path) == []
+
+
+# -- check ---------------------------------------------------------------------------------------------
+
+def test_check_good_and_bad_files(tmp_path):
+    good = write(tmp_path / "good.recipe", HEADER + "select where type=Dense\nscale kernel 0.5\n")
+    bad = write(tmp_path / "bad.recipe", HEADER + BAD_SYNTAX)
+    r = run_cli("check", good, bad)
+    assert r.status == 2
+    assert f"{good}: ok (3 statements)" in r.out
+    assert f"{bad}: ok" not in r.out
+    assert f"{bad}:3:8: error:" in r.err
+    assert "freeze unfreeze" in r.err
+    assert "Traceback" not in r.err
+
+
+def test_check_good_file_only(tmp_path):
+    good = write(tmp_path / "good.recipe", HEADER + "select all\nfreeze\n")
+    r = run_cli("check", good)
+    assert r.status == 0
+    assert r.out == f"{good}: ok (3 statements)\n"
+    assert r.err == ""
+
+
+def test_check_static_error_has_position(tmp_path):
+    recipe = write(tmp_path / "typo.recipe", HEADER + "select where type=Dens\nfreeze\n")
+    r = run_cli("check", recipe)
+    assert r.status == 2
+    assert f"{recipe}:2:19: error: unknown layer type 'Dens' (did you mean 'Dense'?)" in r.err
+
+
+def test_check_warns_without_header_and_strict_fails(tmp_path):
+    recipe = write(tmp_path / "nohead.recipe", "select all\nfreeze\n")
+    r = run_cli("check", recipe)
+    assert r.status == 0
+    assert f"{recipe}: ok (2 statements)" in r.out
+    assert f"{recipe}:1:1: warning:" in r.err
+    assert "version header" in r.err
+
+    strict = run_cli("check", "--strict", recipe)
+    assert strict.status == 2
+    assert f"{recipe}:1:1: warning:" in strict.err
+    assert "--strict" in strict.err
+    assert "ok" not in strict.out
+
+    headed = write(tmp_path / "head.recipe", HEADER + "select all\nfreeze\n")
+    ok = run_cli("check", "--strict", headed)
+    assert ok.status == 0
+    assert ok.err == ""
+
+
+# -- fmt -----------------------------------------------------------------------------------------------
+
+UNFORMATTED = """\
+# header comment
+recipe   "demo"   version "1.0.0"
+select   where type = Dense ; scale kernel 0.50   # halve
+
+# structure
+replace MaxPool2D with AveragePooling2D
+tap conv2d_1,conv2d_2 only   # two taps
+# the end
+"""
+
+FORMATTED = """\
+# header comment
+recipe "demo" version "1.0.0"
+select where type=Dense
+scale kernel 0.5  # halve
+
+# structure
+replace MaxPooling2D with AveragePooling2D
+tap conv2d_1, conv2d_2 only  # two taps
+# the end
+"""
+
+
+def test_fmt_rewrites_to_canonical_form(tmp_path):
+    recipe = write(tmp_path / "f.recipe", UNFORMATTED)
+    r = run_cli("fmt", recipe)
+    assert r.status == 0, r.err
+    assert f"{recipe}: formatted" in r.out
+    text = recipe.read_text(encoding="utf-8")
+    assert text == FORMATTED
+    for comment in ("# header comment", "# halve", "# structure", "# two taps", "# the end"):
+        assert comment in text
+    assert hidden(tmp_path) == []
+
+
+def test_fmt_is_idempotent(tmp_path):
+    once = write(tmp_path / "once.recipe", UNFORMATTED)
+    assert run_cli("fmt", once).status == 0
+    first = once.read_bytes()
+    r = run_cli("fmt", once)
+    assert r.status == 0
+    assert once.read_bytes() == first
+    assert "formatted" not in r.out  # nothing to do the second time
+
+
+def test_fmt_check(tmp_path):
+    messy = write(tmp_path / "messy.recipe", UNFORMATTED)
+    tidy = write(tmp_path / "tidy.recipe", FORMATTED)
+    messy_before, tidy_before = messy.read_bytes(), tidy.read_bytes()
+    r = run_cli("fmt", "--check", messy)
+    assert r.status == 1
+    assert f"{messy}: not formatted" in r.out
+    assert messy.read_bytes() == messy_before
+    r = run_cli("fmt", "--check", tidy)
+    assert r.status == 0
+    assert r.out == "" and r.err == ""
+    assert tidy.read_bytes() == tidy_before
+    both = run_cli("fmt", "--check", tidy, messy)
+    assert both.status == 1
+    assert f"{tidy}: not formatted" not in both.out
+    assert hidden(tmp_path) == []
+
+
+def test_fmt_stdout_prints_and_changes_nothing(tmp_path):
+    recipe = write(tmp_path / "f.recipe", UNFORMATTED)
+    r = run_cli("fmt", "--stdout", recipe)
+    assert r.status == 0
+    assert r.out == FORMATTED
+    assert recipe.read_text(encoding="utf-8") == UNFORMATTED
+
+
+def test_fmt_syntax_error_leaves_file_alone(tmp_path):
+    recipe = write(tmp_path / "bad.recipe", BAD_SYNTAX)
+    r = run_cli("fmt", recipe)
+    assert r.status == 2
+    assert f"{recipe}:2:8: error:" in r.err
+    assert recipe.read_text(encoding="utf-8") == BAD_SYNTAX
+
+
+# -- inspect -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nested_file(tmp_path_factory):
+    from modelxform.model_io import save_model
+    path = tmp_path_factory.mktemp("nested") / "nested.keras"
+    save_model(make_nested(), path)
+    return path
+
+
+def _row(out: str, path: str) -> str:
+    rows = [line for line in out.splitlines() if line.split() and line.split()[0] == path]
+    assert len(rows) == 1, (path, out)
+    return rows[0]
+
+
+def test_inspect_lists_every_layer(nested_file):
+    from modelxform.runner import _shape_text
+    from modelxform.selectors import walk
+    r = run_cli("inspect", nested_file)
+    assert r.status == 0, r.err
+    infos = walk(load(nested_file))
+    assert any("/" in info.path for info in infos)  # nested paths are expanded
+    for info in infos:
+        row = _row(r.out, info.path)
+        assert info.type_name in row.split()
+        assert _shape_text(tuple(info.layer.output.shape)) in row
+        assert f" {info.params():,} " in f" {row} "
+    assert f"{len(infos)} layer(s), {sum(i.params() for i in infos):,} params" in r.out
+
+
+def test_inspect_where_filters(cnn):
+    r = run_cli("inspect", cnn, "--where", "type=Dense")
+    assert r.status == 0, r.err
+    for name in ("dense_1", "dense_2", "dense_3"):
+        assert "Dense" in _row(r.out, name)
+    for name in ("conv2d_1", "conv2d_2", "flatten", "dropout", "max_pooling2d"):
+        assert name not in r.out
+    assert "3 layer(s), 62,682 params" in r.out
+
+
+def test_inspect_where_typo(cnn):
+    r = run_cli("inspect", cnn, "--where", "type=Dens")
+    assert r.status == 2
+    assert "--where:1:6: error:" in r.err
+    assert "did you mean 'Dense'" in r.err
+    assert "type=Dens" in r.err
+    assert "Traceback" not in r.err
+    assert r.out == ""
+
+
+def test_inspect_json(nested_file):
+    from modelxform.selectors import walk
+    r = run_cli("inspect", nested_file, "--json")
+    assert r.status == 0, r.err
+    data = json.loads(r.out)
+    assert data["model"] == str(nested_file)
+    paths = [row["path"] for row in data["layers"]]
+    assert paths == [info.path for info in walk(load(nested_file))]
+    for row in data["layers"]:
+        assert set(row) == {"path", "type", "output_shape", "params", "trainable"}
+        assert isinstance(row["params"], int) and isinstance(row["trainable"], bool)
+    filtered = json.loads(run_cli("inspect", nested_file, "--json", "--where", "has weights").out)
+    assert {row["type"] for row in filtered["layers"]} == {"Conv2D", "BatchNormalization", "Dense"}
+
+
+def test_apply_json_report(tmp_path, cnn):
+    recipe = write(tmp_path / "ok.recipe", "select where type=Dense; freeze\n")
+    out = tmp_path / "out.keras"
+    r = run_cli("apply", recipe, cnn, "-o", out, "--json", "--seed", "3")
+    assert r.status == 0, r.err
+    data = json.loads(r.out)
+    assert data["output"] == str(out) and data["seed"] == 3
+    assert out.is_file()
+
+
+# -- fresh interpreters --------------------------------------------------------------------------------
+
+NO_TF_PROBE = """\
+import sys
+from modelxform.cli import main
+status = main(sys.argv[1:])
+print("STATUS", status)
+print("LOADED", "tensorflow" in sys.modules, "keras" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("command", ["check", "fmt --check", "--help"])
+def test_fast_commands_do_not_import_tensorflow(tmp_path, command):
+    recipe = write(tmp_path / "ok.recipe", HEADER + "select all\nfreeze\n")
+    argv = command.split() + ([] if command == "--help" else [recipe.name])
+    proc = subprocess.run([sys.executable, "-c", NO_TF_PROBE, *argv], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert "STATUS 0" in proc.stdout, proc.stdout + proc.stderr
+    if command == "check":
+        assert "ok.recipe: ok (3 statements)" in proc.stdout
+    if command == "--help":
+        assert "usage: modelxform" in proc.stdout
+    assert "LOADED False False" in proc.stdout, proc.stdout
+
+
+def test_module_help_lists_subcommands_and_exit_codes(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "modelxform", "--help"], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    for command in ("apply", "plan", "check", "fmt", "inspect"):
+        assert re.search(rf"^\s+{command}\s+\S", text, re.M), (command, text)
+    for code, meaning in [(0, "ok"), (1, "assert failed"), (2, "usage error"), (3, "model file"),
+                          (4, "could not be applied")]:
+        assert re.search(rf"^\s+{code}\s+.*{meaning}", text, re.M), (code, text)
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_command_prints_help_and_exits_2():
+    r = run_cli()
+    assert r.status == 2
+    assert "usage: modelxform" in r.out and "exit status:" in r.out
+

@@ -41,6 +41,18 @@ def suggest(word: str, candidates) -> str | None:
     return matches[0] if matches else None
 
 
+def requires_problem(spec: str) -> tuple[str, str | None] | None:
+    """(message, hint) when the running modelxform does not satisfy ``requires modelxform SPEC``."""
+    from .version import VersionSpecError, __version__, satisfies
+    try:
+        if satisfies(__version__, spec):
+            return None
+    except VersionSpecError as exc:
+        return str(exc), None
+    return (f"this recipe requires modelxform {spec}, but this is modelxform {__version__}",
+            "upgrade modelxform, or relax the `requires` line")
+
+
 def _span(meta_or_token, filename: str | None) -> Span | None:
     if isinstance(meta_or_token, Token):
         t = meta_or_token
@@ -239,16 +251,10 @@ class _Compiler:
         return ir.RecipeHeader(name, version, span=span)
 
     def s_requires_stmt(self, node, span):
-        from .version import VersionSpecError, satisfies, __version__
         spec = ir.unquote(node.children[0].value)
-        try:
-            ok = satisfies(__version__, spec)
-        except VersionSpecError as exc:
-            self.error(str(exc), node.children[0])
-        else:
-            if not ok:
-                self.error(f"this recipe requires modelxform {spec}, but this is modelxform {__version__}",
-                           node.children[0], hint="upgrade modelxform, or relax the `requires` line")
+        problem = requires_problem(spec)
+        if problem:
+            self.error(problem[0], node.children[0], hint=problem[1])
         return ir.Requires(spec, span=span)
 
     def s_seed_stmt(self, node, span):
@@ -545,7 +551,8 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None) -> Reci
     warnings: list[Diagnostic] = []
     root = pathlib.Path(name).resolve() if name else None
 
-    def loader(path: str, span: Span | None, parent: _Compiler):
+    def loader(path: str, span: Span | None, parent):
+        """Compile an included file (text or YAML); ``parent`` has .filename, .stack and .error()."""
         base = pathlib.Path(parent.filename).resolve().parent if parent.filename else pathlib.Path.cwd()
         target = (base / path).resolve()
         if len(parent.stack) >= MAX_INCLUDE_DEPTH:
@@ -567,18 +574,29 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None) -> Reci
         rel = os.path.relpath(target) if not os.path.isabs(path) else str(target)
         sub_source = Source(sub_text, rel)
         sources[rel] = sub_source
-        sub = _Compiler(sub_source, parent.stack + (str(target),), loader)
         try:
-            program = sub.compile()
+            program, sub_errors = compile_unit(sub_source, parent.stack + (str(target),))
         except RecipeError as exc:
             errors.extend(exc.diagnostics)
             return None
-        errors.extend(sub.errors)
+        errors.extend(sub_errors)
         return program
 
-    compiler = _Compiler(source, (str(root),) if root else (), loader)
-    program = compiler.compile()
-    errors[:0] = compiler.errors
+    def compile_unit(unit: Source, stack: tuple) -> tuple[ir.Program, list[Diagnostic]]:
+        if not is_yaml_name(unit.filename):
+            compiler = _Compiler(unit, stack, loader)
+            return compiler.compile(), compiler.errors
+        from .yaml_form import read_yaml
+        parent = _Compiler(unit, stack, loader)  # used only for .filename, .stack and .error()
+
+        def include(path, span, reader, node):
+            sub = loader(path, span, parent)
+            return ir.Include(path, sub, span=span) if sub is not None else None
+        program, yaml_errors = read_yaml(unit, include)
+        return program, yaml_errors + parent.errors
+
+    program, unit_errors = compile_unit(source, (str(root),) if root else ())
+    errors[:0] = unit_errors
     if not errors:
         _check_program(program, source, errors, warnings)
     if errors:
@@ -588,6 +606,23 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None) -> Reci
         errors.sort(key=lambda d: (d.span.filename or "", d.span.line, d.span.column) if d.span else ("", 0, 0))
         raise RecipeError(errors[0].message, diagnostics=errors)
     return Recipe(program, source, warnings, sources)
+
+
+def is_yaml_name(filename) -> bool:
+    return bool(filename) and str(filename).lower().endswith((".yaml", ".yml"))
+
+
+def compile_fragment(text: str):
+    """One statement of text syntax, without whole-program checks: (statement or None, errors).
+    The YAML form uses it for the pieces it writes in text syntax (predicates, comparisons)."""
+    compiler = _Compiler(Source(text, None), (), None)
+    try:
+        program = compiler.compile()
+    except RecipeError as exc:
+        return None, exc.diagnostics
+    if compiler.errors or not program.statements:
+        return None, compiler.errors
+    return program.statements[0], []
 
 
 def read_recipe_text(path: str | os.PathLike) -> str:

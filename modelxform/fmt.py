@@ -31,6 +31,10 @@ def format_text(text: str, filename: str | None = None) -> str:
     >>> format_text('select   where type=Dense ; scale kernel 0.50  # halve')
     'select where type=Dense\\nscale kernel 0.5  # halve\\n'
     """
+    from .compiler import is_yaml_name
+    if is_yaml_name(filename):
+        from .yaml_form import to_yaml
+        return to_yaml(compile_recipe(text, filename).program)
     program = compile_recipe(text, filename).program
     lines = text.splitlines()
     comments = _comments(text)
@@ -59,3 +63,11 @@ def format_text(text: str, filename: str | None = None) -> str:
     for number, comment, _ in comments:
         emit(number, comment)
     return "\n".join(out) + "\n" if out else ""
+
+
+def convert(text: str, filename: str | None, to: str) -> str:
+    """The recipe in the other form: ``to`` is "yaml" or "recipe". Both compile to equal programs.
+    Comments survive text -> text formatting only (YAML has no place for them here)."""
+    from .yaml_form import to_yaml
+    program = compile_recipe(text, filename).program
+    return to_yaml(program) if to == "yaml" else str(program)

@@ -52,7 +52,7 @@ def entry(recipe, report, input_sha256: str) -> dict:
         statements.append(line)
     return {
         "recipe": {"name": header.name if header else None, "version": header.version if header else None,
-                   "file": recipe.source.filename, "text": recipe_text(recipe), "sha256": recipe_sha256(recipe)},
+                   "text": recipe_text(recipe), "sha256": recipe_sha256(recipe)},
         "input_sha256": input_sha256,
         "seed": report.seed,
         "params": {k: _jsonable(v) for k, v in sorted(report.params.items())},
@@ -72,7 +72,7 @@ def render(record: dict) -> list[str]:
     chain = record.get("chain", [])
     for n, step in enumerate(chain, start=1):
         recipe = step.get("recipe", {})
-        title = recipe.get("name") or recipe.get("file") or "(unnamed recipe)"
+        title = recipe.get("name") or "(unnamed recipe)"
         version = f" version {recipe['version']}" if recipe.get("version") else ""
         lines.append(f"{n}. recipe {title}{version}  (sha256 {recipe.get('sha256', '?')[:16]}…)")
         lines.append(f"   input sha256 {step.get('input_sha256', '?')}")
@@ -121,7 +121,7 @@ def verify(model_path, original_path, *, unsafe: bool = False, imports=()) -> tu
     with tempfile.TemporaryDirectory(prefix="modelxform-verify-") as tmp:
         for n, step in enumerate(chain, start=1):
             recipe_info = step["recipe"]
-            recipe = compile_recipe(recipe_info["text"], recipe_info.get("file") or f"<step {n}>")
+            recipe = compile_recipe(recipe_info["text"], f"<step {n}>")
             if recipe_sha256(recipe) != recipe_info.get("sha256"):
                 differences.append(f"step {n}: the recorded recipe text does not match its recorded sha256")
             model = load_model(current, unsafe=unsafe, imports=imports)

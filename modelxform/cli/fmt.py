@@ -15,6 +15,8 @@ def add_parser(subparsers):
     p.add_argument("recipes", nargs="+", metavar="RECIPE")
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file is not formatted")
     p.add_argument("--stdout", action="store_true", help="print the formatted text instead of rewriting")
+    p.add_argument("--to", choices=("recipe", "yaml"),
+                   help="print the recipe converted to the text (recipe) or YAML form; rewrites nothing")
     return p
 
 
@@ -33,12 +35,15 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 
 def run(args, console) -> int:
     from ..compiler import read_recipe_text
-    from ..fmt import format_text
+    from ..fmt import convert, format_text
     status = ExitCode.OK
     for name in args.recipes:
         path = pathlib.Path(name)
         try:
             text = read_recipe_text(path)
+            if args.to:
+                console.out.write(convert(text, name, args.to))
+                continue
             formatted = format_text(text, name)
         except RecipeError as exc:
             console.error(exc.render())

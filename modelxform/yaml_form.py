@@ -378,6 +378,7 @@ class _Reader:
 STATEMENT_KEYS = ["recipe", "requires", "seed", "param", "include", "select", "scale", "add_noise", "reinit",
                   "set", "clip", "prune", "freeze", "unfreeze", "replace", "tap", "assert"]
 _LOADER = yaml.SafeLoader("")
+_CORE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
 
 def compose(source: Source):
@@ -389,6 +390,12 @@ def compose(source: Source):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 mark = event.start_mark
                 raise RecipeError("YAML anchors and aliases are not allowed in recipes",
+                                  span=Span(mark.line + 1, mark.column + 1, mark.line + 1, mark.column + 2,
+                                            source.filename), source=source)
+            tag = getattr(event, "tag", None)
+            if tag is not None and tag not in _CORE_TAGS and tag != "!":
+                mark = event.start_mark
+                raise RecipeError(f"YAML tag {tag!r} is not allowed in recipes (only plain data)",
                                   span=Span(mark.line + 1, mark.column + 1, mark.line + 1, mark.column + 2,
                                             source.filename), source=source)
             if count > MAX_NODES:

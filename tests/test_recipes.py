@@ -8,7 +8,23 @@ from conftest import ROOT, assert_bit_identical, make_cnn, weights_by_path
 from modelxform import compile_recipe, load_recipe
 from modelxform.fmt import format_text
 
-RECIPES = sorted((ROOT / "recipes").glob("*.recipe"))
+RECIPES = sorted(p for p in (ROOT / "recipes").iterdir() if p.suffix in (".recipe", ".yaml"))
+# which model each recipe is written for; a new recipe must be added here (and so gets tested)
+TARGETS = {"example": "cnn", "freeze-features": "cnn", "perturb-dense": "cnn", "feature-extractor": "cnn",
+           "new-head": "cnn", "resnet50-finetune": "resnet50", "resnet50-features": "resnet50"}
+
+_MODELS = {}
+
+
+def target_model(path):
+    kind = TARGETS[path.stem]
+    if kind not in _MODELS:
+        if kind == "cnn":
+            _MODELS[kind] = make_cnn()
+        else:
+            import keras
+            _MODELS[kind] = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
+    return _MODELS[kind]
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +32,12 @@ def cnn():
     return make_cnn()
 
 
+def test_every_recipe_has_a_target_model():
+    assert sorted(p.stem for p in RECIPES) == sorted(TARGETS)
+
+
 def test_there_are_recipes():
-    assert len(RECIPES) >= 4
+    assert len(RECIPES) >= 6
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -27,15 +47,19 @@ def test_recipe_is_versioned_formatted_and_round_trips(path):
     assert header is not None and header.version, f"{path.name} needs `recipe \"…\" version \"…\"`"
     assert recipe.warnings == []
     text = path.read_text()
-    assert format_text(text, str(path)) == text, "run: modelxform fmt recipes/*.recipe"
-    assert compile_recipe(str(recipe.program), str(path)).program == recipe.program
+    if path.suffix == ".recipe":  # YAML recipes keep their comments, which canonical YAML cannot hold
+        assert format_text(text, str(path)) == text, "run: modelxform fmt recipes/*.recipe"
+    else:
+        assert compile_recipe(format_text(text, str(path)), str(path)).program == recipe.program
+    assert compile_recipe(str(recipe.program), str(path.with_suffix(".recipe"))).program == recipe.program
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_recipe_applies_to_sample_cnn_deterministically(path, cnn):
+def test_recipe_applies_deterministically(path):
     recipe = load_recipe(path)
-    first, report = recipe.apply(cnn, seed=7)
-    second, _ = recipe.apply(cnn, seed=7)
+    model = target_model(path)
+    first, report = recipe.apply(model, seed=7)
+    second, _ = recipe.apply(model, seed=7)
     a, b = weights_by_path(first), weights_by_path(second)
     assert a.keys() == b.keys()
     for key in a:
@@ -95,3 +119,36 @@ def test_new_head_has_the_parameterised_number_of_classes(cnn):
     assert tuple(new3.outputs[0].shape) == (None, 3)
     assert new.get_layer("dropout").rate == 0.5
     assert_bit_identical(weights_by_path(cnn)["dense_2"], weights_by_path(new)["dense_2"])
+
+
+def test_resnet50_finetune_trains_only_the_last_stage_and_a_fresh_classifier(tmp_path):
+    from modelxform.model_io import save_model, sha256_file
+    path = ROOT / "recipes" / "resnet50-finetune.recipe"
+    model = target_model(path)
+    new, _ = load_recipe(path).apply(model, seed=11)
+    trainable = {layer.name for layer in new.layers if layer.trainable and layer.weights}
+    assert trainable == {l.name for l in model.layers if l.weights and (l.name.startswith("conv5_") or
+                                                                        l.name == "predictions")}
+    before, after = weights_by_path(model), weights_by_path(new)
+    for name in before:
+        if name != "predictions":
+            assert_bit_identical(before[name], after[name])
+    assert not np.array_equal(before["predictions"][0], after["predictions"][0])
+    # byte-stable: two runs, two saves, one sha256
+    again, _ = load_recipe(path).apply(model, seed=11)
+    save_model(new, tmp_path / "a.keras")
+    save_model(again, tmp_path / "b.keras")
+    assert sha256_file(tmp_path / "a.keras") == sha256_file(tmp_path / "b.keras")
+
+
+def test_resnet50_features_taps_three_stages():
+    path = ROOT / "recipes" / "resnet50-features.yaml"
+    model = target_model(path)
+    new, _ = load_recipe(path).apply(model)
+    assert [tuple(o.shape) for o in new.outputs] == [(None, 4, 4, 512), (None, 2, 2, 1024), (None, 1, 1, 2048)]
+    x = np.random.default_rng(1).standard_normal((1, 32, 32, 3)).astype("float32")
+    import keras
+    probe = keras.Model(model.inputs, [model.get_layer(n).output for n in
+                                       ("conv3_block4_out", "conv4_block6_out", "conv5_block3_out")])
+    for got, want in zip(new.predict(x, verbose=0), probe.predict(x, verbose=0)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

@@ -1,0 +1,169 @@
+"""Byte-identical outputs, provenance inside the model, verify, and randomness that does not drift."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_cnn, run_cli, weights_by_path, assert_bit_identical
+from modelxform import compile_recipe
+from modelxform.model_io import PROVENANCE_MEMBER, load_model, read_provenance, save_model, sha256_file
+
+EXAMPLE = ROOT / "recipes" / "example.recipe"
+PERTURB = ROOT / "recipes" / "perturb-dense.recipe"
+
+
+def test_saving_twice_seconds_apart_gives_the_same_bytes(tmp_path):
+    model = make_cnn()
+    save_model(model, tmp_path / "a.keras")
+    time.sleep(2.1)  # zip timestamps have a two-second resolution
+    save_model(model, tmp_path / "b.keras")
+    assert sha256_file(tmp_path / "a.keras") == sha256_file(tmp_path / "b.keras")
+
+
+def test_source_date_epoch_sets_the_recorded_date(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # 2023-11-14 22:13:20 UTC
+    save_model(make_cnn(), tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as zf:
+        assert json.loads(zf.read("metadata.json"))["date_saved"] == "2023-11-14@22:13:20"
+        assert {i.date_time for i in zf.infolist()} == {(2023, 11, 14, 22, 13, 20)}
+
+
+def test_apply_twice_gives_identical_files_and_a_provenance_member(tmp_path, model_file):
+    model = model_file("cnn")
+    for name in ("a", "b"):
+        assert run_cli("apply", EXAMPLE, model, "-o", tmp_path / f"{name}.keras", "--seed", 7).status == 0
+    assert sha256_file(tmp_path / "a.keras") == sha256_file(tmp_path / "b.keras")
+    with zipfile.ZipFile(tmp_path / "a.keras") as zf:
+        assert PROVENANCE_MEMBER in zf.namelist()
+    import keras
+    assert len(keras.models.load_model(tmp_path / "a.keras").outputs) == 2  # plain Keras still loads it
+    record = read_provenance(tmp_path / "a.keras")
+    (step,) = record["chain"]
+    recipe = compile_recipe(EXAMPLE.read_text(), str(EXAMPLE))
+    assert step["recipe"]["text"] == recipe.program.inlined_text()
+    import hashlib
+    assert step["recipe"]["sha256"] == hashlib.sha256(step["recipe"]["text"].encode()).hexdigest()
+    assert (step["recipe"]["name"], step["recipe"]["version"]) == ("design-card-example", "1.0.0")
+    assert step["input_sha256"] == sha256_file(model)
+    assert step["seed"] == 7 and step["params"] == {}
+    assert set(step["versions"]) >= {"modelxform", "keras", "tensorflow", "numpy"}
+    assert [s.split(" :: ")[0] for s in step["statements"]] == [
+        "select random where type=Dense", "scale weights 0.8", "replace MaxPooling2D with AveragePooling2D",
+        "tap conv2d_1"]
+
+
+def test_chain_of_three_recipes_and_verify(tmp_path, model_file):
+    original = model_file("cnn")
+    a, b, c = (tmp_path / f"{n}.keras" for n in "abc")
+    assert run_cli("apply", EXAMPLE, original, "-o", a, "--seed", 7).status == 0
+    assert run_cli("apply", PERTURB, a, "-o", b, "--param", "sparsity=25").status == 0
+    assert run_cli("apply", ROOT / "recipes" / "freeze-features.recipe", b, "-o", c).status == 0
+    record = read_provenance(c)
+    assert [s["recipe"]["name"] for s in record["chain"]] == ["design-card-example", "perturb-dense", "freeze-features"]
+    assert [s["input_sha256"] for s in record["chain"]] == [sha256_file(p) for p in (original, a, b)]
+    assert record["chain"][1]["params"] == {"sparsity": 25, "stddev": 0.01}
+
+    shown = run_cli("provenance", c)
+    assert shown.status == 0
+    assert "1. recipe design-card-example version 1.0.0" in shown.out
+    assert "3. recipe freeze-features version 1.0.0" in shown.out
+    assert "seed 42, params sparsity=25, stddev=0.01" in shown.out
+    raw = run_cli("provenance", c, "--json")
+    assert json.loads(raw.out) == record
+
+    ok = run_cli("verify", c, "--input", original)
+    assert ok.status == 0, ok.out + ok.err
+    assert "verified" in ok.out
+
+    wrong = run_cli("verify", c, "--input", a)
+    assert wrong.status == 1 and "is not the file this model was made from" in wrong.out
+
+
+def test_verify_names_a_tampered_weight(tmp_path, model_file):
+    original = model_file("cnn")
+    out = tmp_path / "out.keras"
+    assert run_cli("apply", PERTURB, original, "-o", out).status == 0
+    model = load_model(out)
+    kernel = model.get_layer("dense_2").kernel
+    kernel.assign(np.asarray(kernel.numpy()) + np.float32(1e-3))
+    save_model(model, out, provenance=read_provenance(out))
+    r = run_cli("verify", out, "--input", original)
+    assert r.status == 1
+    assert "dense_2: kernel differs (max abs difference 0.001)" in r.out
+
+
+def test_h5_output_gets_a_sidecar_record(tmp_path, model_file):
+    original = model_file("cnn")
+    out = tmp_path / "out.h5"
+    assert run_cli("apply", EXAMPLE, original, "-o", out, "--seed", 7).status == 0
+    side = tmp_path / "out.provenance.json"
+    assert side.is_file()
+    assert json.loads(side.read_text())["chain"][0]["input_sha256"] == sha256_file(original)
+    assert run_cli("verify", out, "--input", original).status == 0
+
+
+def test_provenance_command_does_not_import_tensorflow(tmp_path, model_file):
+    original = model_file("cnn")
+    out = tmp_path / "out.keras"
+    assert run_cli("apply", EXAMPLE, original, "-o", out).status == 0
+    code = ("import sys; from modelxform.cli import main; status = main(['provenance', sys.argv[1]]); "
+            "print('TF' if {'tensorflow', 'keras'} & set(sys.modules) else 'no TF', status)")
+    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+    assert result.stdout.strip().splitlines()[-1] == "no TF 0"
+
+
+def test_provenance_of_a_model_without_record(model_file):
+    r = run_cli("provenance", model_file("cnn"))
+    assert r.status == 2 and "has no modelxform provenance record" in r.err
+
+
+# ---- randomness that does not drift ------------------------------------------------------------
+
+def _apply(text, seed=5):
+    return compile_recipe(text).apply(make_cnn_cached(), seed=seed)
+
+
+_CNN = []
+
+
+def make_cnn_cached():
+    if not _CNN:
+        _CNN.append(make_cnn())
+    return _CNN[0]
+
+
+def test_an_unrelated_statement_does_not_change_the_others():
+    base = "select random where type=Dense\nadd noise normal(stddev=0.1) to kernel\n"
+    with_extra = "select where type=Conv2D\nscale kernel 2\n" + base
+    a, report_a = _apply(base)
+    b, report_b = _apply(with_extra)
+    assert report_a.statements[0].layers == report_b.statements[2].layers  # same random pick
+    picked = report_a.statements[0].layers[0]
+    assert_bit_identical(weights_by_path(a)[picked], weights_by_path(b)[picked])
+
+
+def test_identical_statements_draw_differently_and_seed_matters():
+    one, _ = _apply("select where type=Dense\nadd noise normal(stddev=0.1) to kernel\n")
+    two, _ = _apply("select where type=Dense\nadd noise normal(stddev=0.1) to kernel\n"
+                    "add noise normal(stddev=0.1) to kernel\n")
+    base = weights_by_path(make_cnn_cached())["dense_3"][0]
+    first = weights_by_path(one)["dense_3"][0] - base
+    both = weights_by_path(two)["dense_3"][0] - base
+    assert not np.allclose(both, 2 * first)  # the second draw is not a copy of the first
+    other_seed, _ = _apply("select where type=Dense\nadd noise normal(stddev=0.1) to kernel\n", seed=6)
+    assert not np.array_equal(weights_by_path(other_seed)["dense_3"][0], weights_by_path(one)["dense_3"][0])
+
+
+def test_noise_of_a_layer_does_not_depend_on_which_other_layers_are_selected():
+    # per-layer draws depend on the seed, the statement, its occurrence, the layer path and variable:
+    # not on how many other layers the selection holds or where the layer sits in it
+    a, _ = _apply("select where type=Dense\nadd noise uniform(low=-1, high=1) to kernel\n")
+    b, _ = _apply("select dense_3\nadd noise uniform(low=-1, high=1) to kernel\n")
+    assert_bit_identical(weights_by_path(a)["dense_3"], weights_by_path(b)["dense_3"])
+    assert not np.array_equal(weights_by_path(a)["dense_3"][0], weights_by_path(make_cnn_cached())["dense_3"][0])

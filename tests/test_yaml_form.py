@@ -1,0 +1,114 @@
+"""The YAML form: both forms compile to equal programs, errors carry YAML positions, the schema holds."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from modelxform import RecipeError, compile_recipe, load_recipe
+from modelxform.fmt import convert, format_text
+from modelxform.yaml_form import to_yaml
+
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "ok"
+TEXT_RECIPES = sorted(GOLDEN.glob("*.recipe")) + sorted((ROOT / "recipes").glob("*.recipe"))
+SCHEMA = json.loads((ROOT / "docs" / "recipe.schema.json").read_text())
+
+
+@pytest.mark.parametrize("path", TEXT_RECIPES, ids=lambda p: p.stem)
+def test_text_and_yaml_forms_compile_to_equal_programs(path, monkeypatch):
+    monkeypatch.chdir(path.parent)
+    program = compile_recipe(path.read_text(), path.name).program
+    yaml_text = to_yaml(program)
+    assert compile_recipe(yaml_text, path.stem + ".yaml").program == program
+    # and back again, and fmt of the YAML form is idempotent
+    assert compile_recipe(convert(yaml_text, "x.yaml", "recipe"), path.name).program == program
+    assert format_text(yaml_text, "x.yaml") == yaml_text
+    jsonschema.validate(yaml.safe_load(yaml_text), SCHEMA)
+
+
+def test_yaml_recipes_in_repo_validate_against_schema():
+    found = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert found
+    for path in found:
+        jsonschema.validate(yaml.safe_load(path.read_text()), SCHEMA)
+        load_recipe(path)
+
+
+def test_schema_rejects_what_the_reader_rejects():
+    bad = [[{"scale": {"target": "kernel"}}], [{"frobnicate": 1}], [{"select": {"where": "x", "bogus": 1}}]]
+    for doc in bad:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(doc, SCHEMA)
+        with pytest.raises(RecipeError):
+            compile_recipe(yaml.safe_dump(doc), "bad.yaml")
+
+
+def errors_of(text: str):
+    with pytest.raises(RecipeError) as info:
+        compile_recipe(text, "r.yaml")
+    return [(d.line, d.column, d.message) for d in info.value.diagnostics]
+
+
+def test_unknown_key_is_an_error_at_the_key_with_suggestion():
+    text = "- select: all\n- scale: {target: kernel, factr: 0.8}\n"
+    assert errors_of(text) == [  # reported in position order
+        (2, 10, "scale needs the key 'factor'"),
+        (2, 27, "unknown key 'factr' in scale (did you mean 'factor'?)"),
+    ]
+
+
+def test_unknown_statement_and_wrong_types():
+    text = "- selct: all\n- select: all\n- scale: {target: kernel, factor: lots}\n- tap: {layers: [a], only: 3}\n"
+    got = errors_of(text)
+    assert got[0][:2] == (1, 3) and "unknown statement 'selct' (did you mean 'select'?)" == got[0][2]
+    assert (3, 35, "factor must be a number or a \"$param\"") in got
+    assert (4, 28, "only must be true or false") in got
+
+
+def test_predicate_error_points_inside_the_yaml_string():
+    text = '- select: {where: "type=Dense and tranable"}\n'
+    (line, column, message), = errors_of(text)
+    assert line == 1 and message.startswith("predicate:")
+    # the caret sits on the bad word inside the quoted scalar
+    assert text.splitlines()[0][column - 1:].startswith("tranable")
+
+
+def test_not_a_list_and_bad_yaml():
+    assert errors_of("select: all\n")[0][2] == "a YAML recipe is a list of statements, e.g. `- select: all`"
+    (line, column, message), = errors_of("- select: [all\n- freeze\n")
+    assert message.startswith("invalid YAML") and line >= 1
+
+
+def test_aliases_are_refused_so_alias_bombs_cannot_expand():
+    bomb = "- &a {select: all}\n" + "".join(f"- &b{i} [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n" for i in range(3))
+    (line, column, message), = errors_of(bomb)
+    assert (line, column) == (1, 3) and "anchors and aliases" in message
+
+
+def test_python_tags_are_not_constructed():
+    text = "- param: {name: x, value: !!python/object/apply:os.system ['echo hi']}\n"
+    with pytest.raises(RecipeError):
+        compile_recipe(text, "evil.yaml")
+
+
+def test_yaml_and_text_forms_give_byte_identical_outputs(tmp_path, model_file):
+    model = model_file("cnn")
+    text = ROOT / "recipes" / "perturb-dense.recipe"
+    yaml_path = tmp_path / "perturb.yaml"
+    r = run_cli("fmt", "--to", "yaml", text)
+    assert r.status == 0
+    yaml_path.write_text(r.out)
+    assert run_cli("apply", text, model, "-o", tmp_path / "a.keras").status == 0
+    assert run_cli("apply", yaml_path, model, "-o", tmp_path / "b.keras").status == 0
+    assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "b.keras").read_bytes()
+
+
+def test_yaml_include_of_a_text_recipe(tmp_path):
+    (tmp_path / "common.recipe").write_text("select all\nfreeze\n")
+    main = tmp_path / "main.yaml"
+    main.write_text("- include: common.recipe\n- unfreeze\n")
+    assert [str(s) for s in load_recipe(main).program.flat()] == ["select all", "freeze", "unfreeze"]

@@ -78,3 +78,22 @@ def test_every_keyword_is_documented():
     doc = DOC.read_text()
     missing = sorted(k for k in keywords if not re.search(rf"\b{re.escape(k)}\b", doc))
     assert not missing, f"keywords missing from docs/language.md: {missing}"
+
+
+YAML_BLOCKS = re.findall(r"```yaml\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
+
+
+@pytest.mark.parametrize("text", YAML_BLOCKS, ids=[f"yaml{i}" for i in range(len(YAML_BLOCKS))])
+def test_yaml_example_runs_and_equals_its_text_form(text, tmp_path):
+    from modelxform.fmt import convert
+    recipe = compile_recipe(text, str(tmp_path / "example.yaml"))
+    new_model, report = recipe.apply(model("cnn"), seed=3)
+    assert len(report.statements) == sum(1 for s in recipe.program.flat() if not isinstance(s, ir.HEADER_TYPES))
+    text_form = convert(text, "example.yaml", "recipe")
+    assert compile_recipe(text_form, str(tmp_path / "example.recipe")).program == recipe.program
+
+
+def test_yaml_form_covers_every_statement_kind():
+    kinds = {type(s) for text in YAML_BLOCKS for s in compile_recipe(text, "x.yaml").program.statements}
+    missing = [c.__name__ for c in ir.STATEMENT_TYPES if c not in kinds and c is not ir.Include]
+    assert not missing, f"the YAML example in docs/language.md lacks: {missing}"

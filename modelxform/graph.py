@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,7 +95,10 @@ class GraphEditor:
 
     def __post_init__(self):
         import keras
-        self.base_config = keras.saving.serialize_keras_object(self.model)
+        # Keras's in-memory config mixes tuples and lists (an inbound node's args are a tuple); its JSON
+        # form, which is what a .keras file holds and loads from, has lists only and edits in place.
+        self.base_config = json.loads(json.dumps(keras.saving.serialize_keras_object(self.model),
+                                                 default=_json_default))
         self.config = copy.deepcopy(self.base_config)
 
     # -- views ---------------------------------------------------------------------------------
@@ -238,6 +242,15 @@ class GraphEditor:
         transfer_weights(old_model, new_model, fresh, self.seed)
         check_forward(new_model)
         return new_model
+
+
+def _json_default(obj):
+    """What json cannot encode on its own in a Keras config: numpy scalars and arrays."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot serialise {type(obj).__name__} in a model config")
 
 
 def _tensor_refs(refs) -> list:

@@ -172,14 +172,18 @@ class Context:
         new_model = editor.build(self.model)
         after = _layer_facts(new_model)
         outputs_after = _output_shapes(new_model)
+        # Consecutive structural statements are rebuilt together, so "after" is the state after all of
+        # them; say so rather than attribute a later statement's effect to an earlier one.
+        together = f" (after rebuilding {len(pending)} structural statements together)" if len(pending) > 1 else ""
         for report in pending:
             for path in getattr(report, "rebuilt", []):
                 old_path = report.layers[report.rebuilt.index(path)] if path not in before else path
                 if old_path in before and path in after:
                     report.changes.append(f"{path}: output {before[old_path][0]} -> {after[path][0]}, "
-                                          f"params {before[old_path][1]:,} -> {after[path][1]:,}")
+                                          f"params {before[old_path][1]:,} -> {after[path][1]:,}{together}")
             if isinstance(report.statement, ir.Tap):
-                report.changes.append(f"model outputs: {', '.join(outputs_before)} -> {', '.join(outputs_after)}")
+                report.changes.append(f"model outputs: {', '.join(outputs_before)} -> "
+                                      f"{', '.join(outputs_after)}{together}")
         self.model = new_model
 
     def current_model(self):

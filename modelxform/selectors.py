@@ -154,6 +154,13 @@ def resolve_ref(ref: ir.Ref, model, layers: list[LayerInfo]) -> list[LayerInfo]:
     if exact:
         return exact
     if "/" not in text:
+        # a bare name: a nested layer, or a nested model (all of its layers), when it names one thing
+        nested = sorted({p for i in layers for p in _model_paths(i) if p.rsplit("/", 1)[-1] == text})
+        if len(nested) == 1:
+            return [i for i in layers if nested[0] in _model_paths(i)]
+        if len(nested) > 1:
+            raise ApplyError(f"name {text!r} is ambiguous: it names the nested models " + ", ".join(nested),
+                             span=ref.span, hint="write its full path, e.g. " + nested[0])
         by_name = [i for i in layers if i.name == text]
         if len(by_name) == 1:
             return by_name

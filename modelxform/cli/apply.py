@@ -56,6 +56,15 @@ def execute(recipe, args, params, output, console, *, dry_run: bool) -> int:
     new_model, report = run_recipe(recipe, model, seed=args.seed, params=params, dry_run=dry_run, copy=False)
     layers_after, params_after = _summary(new_model)
     if not dry_run and output is not None:
+        from ..passes.weights import SUBCLASSED_TRAINABLE_NOTE
+        lost = [s for s in report.statements if SUBCLASSED_TRAINABLE_NOTE in s.notes]
+        if lost:
+            from ..errors import ApplyError
+            raise ApplyError(f"`{lost[0].statement}` changed trainable flags inside a subclassed model, and Keras "
+                             "does not save those: the written file would silently lose them; nothing was written",
+                             span=lost[0].statement.span, source=recipe.sources.get(
+                                 lost[0].statement.span.filename or "", recipe.source) if lost[0].statement.span else None,
+                             hint="set `trainable` in the model's own code, or rebuild it as a functional model")
         from ..model_io import read_provenance, sha256_file
         from ..provenance import entry, extend
         record = extend(read_provenance(args.model), entry(recipe, report, sha256_file(args.model)))

@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import ir
 from ..errors import ApplyError
-from ..graph import initializer_for, seeded
+from ..graph import initializer_for, model_kind, seeded
 from ..rng import derive_seed
 from . import StatementReport, register
 
@@ -177,7 +177,15 @@ def _set_trainable(ctx, stmt, flag: bool) -> StatementReport:
             info.layer.trainable = flag  # cheap and needed for later `trainable` predicates, even in a plan
     if not report.changes:
         report.notes.append(f"every selected layer was already {'trainable' if flag else 'frozen'}")
+    elif model_kind(ctx.model) == "subclassed":
+        report.notes.append(SUBCLASSED_TRAINABLE_NOTE)
     return report
+
+
+# Keras saves a subclassed model's weights but not its sublayers' trainable flags (they are not in its
+# config), so the flag holds in memory but not in a saved file. The CLI refuses to save such a result.
+SUBCLASSED_TRAINABLE_NOTE = ("this is a subclassed model: the new trainable flags hold in memory, but Keras "
+                             "does not save them with the model")
 
 
 @register(ir.Freeze)

@@ -392,6 +392,74 @@ class _Compiler:
             refs.append(ref)
         return ir.Tap(tuple(refs), only, span=span)
 
+    def constructor(self, node) -> ir.Call:
+        call = self.call(node)
+        self.check_type_name(call.name, node, strict=True)
+        if call.args:
+            self.error("layer constructors take keyword arguments only, e.g. Dropout(rate=0.5)", node)
+        return ir.Call(canonical_type(call.name), call.args, call.kwargs, span=call.span)
+
+    def layer_ref(self, node, what: str) -> ir.Ref:
+        ref = self.ref(node)
+        if ref.kind == "type":
+            self.error(f"{what} takes a layer name, and {ref.text!r} is a layer type", node,
+                       hint=f"write `layer {ref.text}` for a layer named so")
+        return ref
+
+    def s_insert_stmt(self, node, span):
+        call_node, pos, anchor = node.children
+        return ir.Insert(self.constructor(call_node), pos.data, self.layer_ref(anchor, "insert"), span=span)
+
+    def s_remove_selected(self, node, span):
+        return ir.Remove(selected=True, span=span)
+
+    def s_remove_where(self, node, span):
+        return ir.Remove(pred=self.pred(node.children[0]), span=span)
+
+    def s_remove_refs(self, node, span):
+        return ir.Remove(refs=tuple(self.ref(r) for r in node.children), span=span)
+
+    def s_swap_stmt(self, node, span):
+        a, b = (self.layer_ref(r, "swap") for r in node.children)
+        return ir.Swap(a, b, span=span)
+
+    def s_shuffle_stmt(self, node, span):
+        return ir.Shuffle(span=span)
+
+    def s_cut_stmt(self, node, span):
+        return ir.Cut(self.layer_ref(node.children[0], "cut"), span=span)
+
+    def s_append_stmt(self, node, span):
+        anchor = self.layer_ref(node.children[1], "append … after") if len(node.children) > 1 else None
+        return ir.Append(self.constructor(node.children[0]), anchor, span=span)
+
+    def s_config_stmt(self, node, span):
+        key = node.children[0].value
+        if key == "name":
+            self.error("a layer's name is changed with `rename to \"…\"`, not `set name = …`", node.children[0])
+        return ir.SetConfig(key, self.value(node.children[1]), span=span)
+
+    def s_rename_to(self, node, span):
+        return self._rename("to", node, span)
+
+    def s_rename_prefix(self, node, span):
+        return self._rename("prefix", node, span)
+
+    def _rename(self, mode, node, span):
+        text = ir.unquote(node.children[0].value)
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", text):
+            self.error(f"layer names use letters, digits, '_', '.' and '-', not {text!r}", node.children[0])
+        return ir.Rename(mode, text, span=span)
+
+    def s_load_stmt(self, node, span):
+        return ir.LoadWeights(ir.unquote(node.children[0].value), len(node.children) > 1, span=span)
+
+    def s_assert_equivalent(self, node, span):
+        tolerance = self.number(node.children[0]) if node.children else None
+        if isinstance(tolerance, (int, float)) and tolerance < 0:
+            self.error("a tolerance is a number ≥ 0", node.children[0])
+        return ir.AssertEquivalent(tolerance, span=span)
+
     def s_assert_count(self, node, span):
         value = self.number(node.children[1])
         if isinstance(value, float):

@@ -18,7 +18,9 @@ _KEYWORDS = {
     "where", "random", "first", "last", "layer", "type", "in", "name", "trainable", "params", "has",
     "weights", "and", "or", "not", "scale", "add", "noise", "to", "reinit", "with", "set", "clip",
     "prune", "freeze", "unfreeze", "replace", "selected", "tap", "only", "assert", "count", "output",
-    "shape", "True", "true", "False", "false", "None", "none",
+    "shape", "True", "true", "False", "false", "None", "none", "insert", "after", "before", "remove",
+    "swap", "shuffle", "cut", "append", "rename", "prefix", "load", "from", "strict", "equivalent",
+    "tolerance",
 }
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -486,6 +488,134 @@ class Tap(Statement):
 
 
 @dataclass(frozen=True)
+class Insert(Statement):
+    """``insert Dropout(rate=0.5) after fc1`` / ``insert BatchNormalization() before conv2d_2``."""
+
+    layer: Call
+    where: str  # "after" or "before"
+    anchor: Ref
+    span: Span | None = field(**_SPAN)
+    structural = True
+
+    def __str__(self) -> str:
+        return f"insert {self.layer} {self.where} {self.anchor}"
+
+
+@dataclass(frozen=True)
+class Remove(Statement):
+    """``remove dropout_1`` / ``remove selected`` / ``remove where type=Dropout``."""
+
+    refs: tuple = ()
+    pred: Pred | None = None
+    selected: bool = False
+    span: Span | None = field(**_SPAN)
+    structural = True
+
+    @property
+    def needs_selection(self) -> bool:  # type: ignore[override]
+        return self.selected
+
+    def __str__(self) -> str:
+        if self.selected:
+            return "remove selected"
+        if self.pred is not None:
+            return f"remove where {self.pred}"
+        return "remove " + ", ".join(str(r) for r in self.refs)
+
+
+@dataclass(frozen=True)
+class Swap(Statement):
+    first: Ref
+    second: Ref
+    span: Span | None = field(**_SPAN)
+    structural = True
+
+    def __str__(self) -> str:
+        return f"swap {self.first} {self.second}"
+
+
+@dataclass(frozen=True)
+class Shuffle(Statement):
+    """A seeded permutation of the positions of the selected layers."""
+
+    span: Span | None = field(**_SPAN)
+    structural = True
+    needs_selection = True
+
+    def __str__(self) -> str:
+        return "shuffle"
+
+
+@dataclass(frozen=True)
+class Cut(Statement):
+    anchor: Ref
+    span: Span | None = field(**_SPAN)
+    structural = True
+
+    def __str__(self) -> str:
+        return f"cut after {self.anchor}"
+
+
+@dataclass(frozen=True)
+class Append(Statement):
+    layer: Call
+    anchor: Ref | None = None
+    span: Span | None = field(**_SPAN)
+    structural = True
+
+    def __str__(self) -> str:
+        return f"append {self.layer}" + (f" after {self.anchor}" if self.anchor is not None else "")
+
+
+@dataclass(frozen=True)
+class SetConfig(Statement):
+    """``set activation = "relu6"`` — a config field of every selected layer."""
+
+    key: str
+    value: Value
+    span: Span | None = field(**_SPAN)
+    structural = True
+    needs_selection = True
+
+    def __str__(self) -> str:
+        return f"set {self.key} = {format_value(self.value)}"
+
+
+@dataclass(frozen=True)
+class Rename(Statement):
+    """``rename to "stem_conv"`` (one selected layer) or ``rename prefix "ft_"``."""
+
+    mode: str  # "to" or "prefix"
+    text: str
+    span: Span | None = field(**_SPAN)
+    structural = True
+    needs_selection = True
+
+    def __str__(self) -> str:
+        return f"rename {self.mode} {quote(self.text)}"
+
+
+@dataclass(frozen=True)
+class LoadWeights(Statement):
+    path: str
+    strict: bool = False
+    span: Span | None = field(**_SPAN)
+    needs_selection = True
+
+    def __str__(self) -> str:
+        return f"load weights from {quote(self.path)}" + (" strict" if self.strict else "")
+
+
+@dataclass(frozen=True)
+class AssertEquivalent(Statement):
+    tolerance: Union[int, float, ParamRef, None] = None
+    span: Span | None = field(**_SPAN)
+
+    def __str__(self) -> str:
+        return "assert equivalent" + (f" tolerance {format_value(self.tolerance)}" if self.tolerance is not None else "")
+
+
+@dataclass(frozen=True)
 class AssertCount(Statement):
     op: str
     value: Union[int, ParamRef]
@@ -549,6 +679,7 @@ class Program:
 
 
 STATEMENT_TYPES = (RecipeHeader, Requires, Seed, Param, Include, Select, Scale, AddNoise, Reinit, Fill,
-                   Clip, Prune, Freeze, Unfreeze, Replace, Tap, AssertCount, AssertParams, AssertShape)
+                   Clip, Prune, Freeze, Unfreeze, Replace, Tap, Insert, Remove, Swap, Shuffle, Cut, Append,
+                   SetConfig, Rename, LoadWeights, AssertEquivalent, AssertCount, AssertParams, AssertShape)
 # Statements that change nothing in the model: the runner handles them itself.
 HEADER_TYPES = (RecipeHeader, Requires, Seed, Param, Include)

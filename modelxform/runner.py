@@ -129,6 +129,10 @@ class Context:
         self._pending: list[StatementReport] = []
         self._occurrences: collections.Counter = collections.Counter()
         self._parts: dict[int, tuple] = {}
+        # layers whose weight shapes a `set` changed: the recipe must reinitialise them (path -> statement)
+        self.obligations: dict[str, object] = {}
+        self.reference = None  # (probe inputs, outputs) of the input model, for `assert equivalent`
+        self.loaded: dict[str, object] = {}  # models read by `load weights from`
 
     # -- randomness ------------------------------------------------------------------------------
     def begin(self, stmt) -> None:
@@ -170,6 +174,7 @@ class Context:
         before = _layer_facts(self.model)
         outputs_before = _output_shapes(self.model)
         new_model = editor.build(self.model)
+        self.obligations.update(editor.reshaped)
         after = _layer_facts(new_model)
         outputs_after = _output_shapes(new_model)
         # Consecutive structural statements are rebuilt together, so "after" is the state after all of
@@ -283,6 +288,8 @@ def _attach_sources(exc: ModelxformError, recipe) -> None:
 
 
 def _run_statements(recipe, ctx: Context, report: Report, values: Params) -> None:
+    if any(isinstance(s, ir.AssertEquivalent) for s in recipe.program.flat()):
+        ctx.reference = reference_outputs(ctx.model, ctx.seed)
     for stmt in recipe.program.flat():
         if isinstance(stmt, ir.HEADER_TYPES):
             continue
@@ -302,6 +309,23 @@ def _run_statements(recipe, ctx: Context, report: Report, values: Params) -> Non
         if stmt.structural:
             ctx._pending.append(result)
     ctx.flush()
+    if ctx.obligations:
+        paths = sorted(ctx.obligations)
+        stmt = ctx.obligations[paths[0]]
+        raise ApplyError(f"`{stmt}` changes the weight shapes of {', '.join(paths)}, so their weights cannot be "
+                         "kept", span=stmt.span,
+                         hint="reinitialise them in the same recipe, e.g. `select …; reinit weights`")
+
+
+def reference_outputs(model, seed: int):
+    """Seeded random probe inputs and the model's outputs on them, in inference mode."""
+    from .graph import probe_inputs
+    rng = generator(seed, "assert equivalent probe")
+    inputs = probe_inputs(model, batch=4, rng=rng)
+    outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    import numpy as np
+    return inputs, [np.asarray(o) for o in outputs]
 
 
 def _abbrev(paths: list[str], limit: int = 8) -> str:

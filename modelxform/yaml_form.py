@@ -19,6 +19,11 @@ from .errors import Diagnostic, RecipeError
 from .source import Source, Span
 
 MAX_NODES = 100_000
+# Deeper collections are refused while events stream in: PyYAML's composer recurses once per level
+# (10000 nested lists end in a RecursionError) and its scanner slows down quadratically with depth.
+MAX_DEPTH = 64
+# Longer numeric scalars are refused: int() of more than 4300 digits raises ValueError.
+MAX_NUMBER_LENGTH = 100
 
 
 class _Reader:
@@ -176,8 +181,8 @@ class _Reader:
 
     # -- statements -------------------------------------------------------------------------------
     def statement(self, node):
-        if isinstance(node, yaml.ScalarNode) and node.value in ("freeze", "unfreeze"):
-            return (ir.Freeze if node.value == "freeze" else ir.Unfreeze)(span=self.span(node))
+        if isinstance(node, yaml.ScalarNode) and node.value in BARE_STATEMENTS:
+            return BARE_STATEMENTS[node.value](span=self.span(node))
         if not isinstance(node, yaml.MappingNode) or len(node.value) != 1:
             self.error(node, "each statement is a one-key mapping such as `- scale: {target: kernel, factor: 0.8}`"
                              " (or the word freeze / unfreeze)")
@@ -340,14 +345,19 @@ class _Reader:
 
     def st_assert(self, body, span):
         f = self.mapping(body, "assert", {"count": False, "params": False, "output_shape": False,
-                                          "op": False, "index": False})
+                                          "op": False, "index": False, "equivalent": False, "tolerance": False})
         if f is None:
             return None
-        kinds = [k for k in ("count", "params", "output_shape") if k in f]
+        kinds = [k for k in ("count", "params", "output_shape", "equivalent") if k in f]
         if len(kinds) != 1:
-            self.error(body, "assert takes exactly one of: count, params, output_shape")
+            self.error(body, "assert takes exactly one of: count, params, output_shape, equivalent")
             return None
         kind = kinds[0]
+        if kind == "equivalent":
+            if self.value(f["equivalent"]) is not True:
+                self.error(f["equivalent"], "write `equivalent: true`")
+            tolerance = self.number(f["tolerance"], "tolerance") if "tolerance" in f else None
+            return ir.AssertEquivalent(tolerance, span=span)
         if kind in ("count", "params"):
             stmt = self.text_piece(f[kind], f"assert {kind} ", f"assert {kind}")
             if stmt is not None:
@@ -372,21 +382,128 @@ class _Reader:
             index = None
         return ir.AssertShape(op, tuple(dims), index, span=span)
 
+    def _constructor(self, node, what: str):
+        from .compiler import canonical_type
+        call = self.call(node, what)
+        if call is None:
+            return None
+        return ir.Call(canonical_type(call.name), call.args, call.kwargs, span=call.span)
+
+    def st_insert(self, body, span):
+        f = self.mapping(body, "insert", {"layer": True, "after": False, "before": False})
+        if not f or "layer" not in f:
+            return None
+        where = [w for w in ("after", "before") if w in f]
+        if len(where) != 1:
+            self.error(body, "insert takes exactly one of: after, before")
+            return None
+        layer, anchor = self._constructor(f["layer"], "a layer constructor"), self.ref(f[where[0]])
+        return ir.Insert(layer, where[0], anchor, span=span) if layer and anchor else None
+
+    def st_remove(self, body, span):
+        if isinstance(body, yaml.ScalarNode) and body.value == "selected":
+            return ir.Remove(selected=True, span=span)
+        f = self.mapping(body, "remove", {"layers": False, "where": False})
+        if f is None or len(f) != 1:
+            if f is not None:
+                self.error(body, "remove takes `selected`, or exactly one of: layers, where")
+            return None
+        if "where" in f:
+            pred = self.pred(f["where"])
+            return ir.Remove(pred=pred, span=span) if pred is not None else None
+        return ir.Remove(refs=self.refs(f["layers"]), span=span)
+
+    def st_swap(self, body, span):
+        f = self.mapping(body, "swap", {"layers": True})
+        if not f or "layers" not in f:
+            return None
+        refs = self.refs(f["layers"])
+        if len(refs) != 2:
+            self.error(f["layers"], "swap takes exactly two layers")
+            return None
+        return ir.Swap(refs[0], refs[1], span=span)
+
+    def st_shuffle(self, body, span):
+        return ir.Shuffle(span=span)
+
+    def st_cut(self, body, span):
+        f = self.mapping(body, "cut", {"after": True})
+        if not f or "after" not in f:
+            return None
+        ref = self.ref(f["after"])
+        return ir.Cut(ref, span=span) if ref else None
+
+    def st_append(self, body, span):
+        f = self.mapping(body, "append", {"layer": True, "after": False})
+        if not f or "layer" not in f:
+            return None
+        layer = self._constructor(f["layer"], "a layer constructor")
+        anchor = self.ref(f["after"]) if "after" in f else None
+        return ir.Append(layer, anchor, span=span) if layer else None
+
+    def st_set_field(self, body, span):
+        f = self.mapping(body, "set_field", {"field": True, "value": True})
+        if not f or len(f) < 2:
+            return None
+        return ir.SetConfig(self.string(f["field"], "field") or "", self.value(f["value"]), span=span)
+
+    def st_rename(self, body, span):
+        f = self.mapping(body, "rename", {"to": False, "prefix": False})
+        if f is None or len(f) != 1:
+            if f is not None:
+                self.error(body, "rename takes exactly one of: to, prefix")
+            return None
+        (mode, node), = f.items()
+        return ir.Rename(mode, self.string(node, mode) or "", span=span)
+
+    def st_load_weights(self, body, span):
+        f = self.mapping(body, "load_weights", {"from": True, "strict": False})
+        if not f or "from" not in f:
+            return None
+        strict = self.value(f["strict"]) if "strict" in f else False
+        if not isinstance(strict, bool):
+            self.error(f["strict"], "strict must be true or false")
+            strict = False
+        return ir.LoadWeights(self.string(f["from"], "from") or "", strict, span=span)
+
     include = None  # set by read_yaml: includes compile through compile_recipe's loader
 
 
 STATEMENT_KEYS = ["recipe", "requires", "seed", "param", "include", "select", "scale", "add_noise", "reinit",
-                  "set", "clip", "prune", "freeze", "unfreeze", "replace", "tap", "assert"]
+                  "set", "clip", "prune", "freeze", "unfreeze", "replace", "tap", "insert", "remove", "swap",
+                  "shuffle", "cut", "append", "set_field", "rename", "load_weights", "assert"]
+BARE_STATEMENTS = {"freeze": ir.Freeze, "unfreeze": ir.Unfreeze, "shuffle": ir.Shuffle}
 _LOADER = yaml.SafeLoader("")
 _CORE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
 
 def compose(source: Source):
     """The YAML node tree, refusing anchors/aliases and oversized documents."""
+    from .parser import MAX_RECIPE_BYTES
+
+    def refuse(message, mark):
+        return RecipeError(message, source=source, span=Span(mark.line + 1, mark.column + 1, mark.line + 1,
+                                                             mark.column + 2, source.filename))
+    if len(source.text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe is larger than {MAX_RECIPE_BYTES} bytes", source=source,
+                          span=Span(1, 1, 1, 2, source.filename))
     try:
-        count = 0
+        count = depth = 0
         for event in yaml.parse(source.text, Loader=yaml.SafeLoader):
             count += 1
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise refuse(f"YAML lists and mappings are nested more than {MAX_DEPTH} deep",
+                                 event.start_mark)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            elif isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_NUMBER_LENGTH:
+                tag = event.tag if event.tag not in (None, "!") else \
+                    _LOADER.resolve(yaml.ScalarNode, event.value, event.implicit)
+                if tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+                    raise refuse(f"number is {len(event.value)} characters long; at most {MAX_NUMBER_LENGTH}"
+                                 " are allowed", event.start_mark)
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 mark = event.start_mark
                 raise RecipeError("YAML anchors and aliases are not allowed in recipes",
@@ -525,6 +642,39 @@ def statement_to_yaml(s):
         if s.only:
             body["only"] = True
         return {"tap": body}
+    if isinstance(s, ir.Insert):
+        return {"insert": {"layer": _call(s.layer), s.where: _ref(s.anchor)}}
+    if isinstance(s, ir.Remove):
+        if s.selected:
+            return {"remove": "selected"}
+        if s.pred is not None:
+            return {"remove": {"where": str(s.pred)}}
+        return {"remove": {"layers": [_ref(r) for r in s.refs]}}
+    if isinstance(s, ir.Swap):
+        return {"swap": {"layers": [_ref(s.first), _ref(s.second)]}}
+    if isinstance(s, ir.Shuffle):
+        return "shuffle"
+    if isinstance(s, ir.Cut):
+        return {"cut": {"after": _ref(s.anchor)}}
+    if isinstance(s, ir.Append):
+        body = {"layer": _call(s.layer)}
+        if s.anchor is not None:
+            body["after"] = _ref(s.anchor)
+        return {"append": body}
+    if isinstance(s, ir.SetConfig):
+        return {"set_field": {"field": s.key, "value": _value(s.value)}}
+    if isinstance(s, ir.Rename):
+        return {"rename": {s.mode: s.text}}
+    if isinstance(s, ir.LoadWeights):
+        body = {"from": s.path}
+        if s.strict:
+            body["strict"] = True
+        return {"load_weights": body}
+    if isinstance(s, ir.AssertEquivalent):
+        body = {"equivalent": True}
+        if s.tolerance is not None:
+            body["tolerance"] = _value(s.tolerance)
+        return {"assert": body}
     if isinstance(s, ir.AssertCount):
         return {"assert": {"count": f"{s.op} {ir.format_value(s.value)}"}}
     if isinstance(s, ir.AssertParams):

@@ -34,12 +34,20 @@ def model(kind: str):
 EXAMPLES = [b for b in blocks() if directive(b, "file") is None]
 
 
+def write_example_files(folder):
+    """Files the examples name: recipe text is written as is; a .keras file is the sample CNN."""
+    from modelxform.model_io import save_model
+    for other in blocks():
+        name = directive(other, "file")
+        if name and name.endswith(".keras"):
+            save_model(model("cnn"), folder / name)
+        elif name:
+            (folder / name).write_text(other)
+
+
 @pytest.mark.parametrize("text", EXAMPLES, ids=[f"example{i}" for i in range(len(EXAMPLES))])
 def test_example_runs(text, tmp_path, monkeypatch):
-    for other in blocks():  # files that examples include
-        name = directive(other, "file")
-        if name:
-            (tmp_path / name).write_text(other)
+    write_example_files(tmp_path)
     recipe_path = tmp_path / "example.recipe"
     recipe_path.write_text(text)
     expected_error = directive(text, "expect-error")
@@ -86,6 +94,7 @@ YAML_BLOCKS = re.findall(r"```yaml\n(.*?)```", DOC.read_text(encoding="utf-8"), 
 @pytest.mark.parametrize("text", YAML_BLOCKS, ids=[f"yaml{i}" for i in range(len(YAML_BLOCKS))])
 def test_yaml_example_runs_and_equals_its_text_form(text, tmp_path):
     from modelxform.fmt import convert
+    write_example_files(tmp_path)
     recipe = compile_recipe(text, str(tmp_path / "example.yaml"))
     new_model, report = recipe.apply(model("cnn"), seed=3)
     assert len(report.statements) == sum(1 for s in recipe.program.flat() if not isinstance(s, ir.HEADER_TYPES))

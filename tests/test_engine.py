@@ -964,10 +964,19 @@ def test_tap_nested_model():
     assert isinstance(new.get_layer("backbone"), keras.Model)
 
 
-def test_tap_inside_nested_model_is_refused():
+def test_tap_inside_nested_model_adds_an_output_and_keeps_nesting():
+    # (issue 3 made this work; it used to be refused)
+    model = make_nested()
+    new, _ = apply("tap backbone/conv1", model)
+    assert isinstance(new.get_layer("backbone"), keras.Model)
+    x = random_input(model)
+    probe = keras.Model(model.get_layer("backbone").inputs, model.get_layer("backbone").get_layer("conv1").output)
+    got = outputs(new, x)
+    np.testing.assert_allclose(got[1], np.asarray(probe(x)), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got[0], outputs(model, x)[0], rtol=0, atol=1e-6)
     with pytest.raises(ApplyError) as info:
-        apply("tap backbone/conv1", make_nested())
-    assert "nested" in info.value.message
+        apply("tap backbone/conv9", model)
+    assert "did you mean" in info.value.message
 
 
 @pytest.mark.parametrize("replacement", ["Dropout", "GaussianDropout", "Dropout(rate=0.9)",

@@ -43,4 +43,4 @@ class StatementReport:
 
 def load_all() -> None:
     """Import every pass module so that their decorators run."""
-    from . import checks, structure, weights  # noqa: F401
+    from . import checks, structure, surgery, weights  # noqa: F401

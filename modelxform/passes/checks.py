@@ -50,3 +50,31 @@ def assert_shape(ctx, stmt: ir.AssertShape):
         raise AssertionFailed(f"assert failed: output {index} has shape {_fmt_shape(shape)}, expected "
                               f"shape {stmt.op} {_fmt_shape(stmt.shape)}", span=stmt.span)
     return StatementReport(stmt, notes=[f"holds: output {index} has shape {_fmt_shape(shape)}"])
+
+
+@register(ir.AssertEquivalent)
+def assert_equivalent(ctx, stmt: ir.AssertEquivalent):
+    """``remove where type=Dropout; assert equivalent`` — same outputs as the input model on seeded
+    random probe inputs, in inference mode (maximum absolute difference ≤ tolerance, default 1e-5)."""
+    import numpy as np
+    tolerance = 1e-5 if stmt.tolerance is None else ctx.number(stmt.tolerance, stmt)
+    model = ctx.current_model()
+    inputs, expected = ctx.reference
+    if len(model.inputs) != len(inputs) or any(tuple(a.shape)[1:] != tuple(np.shape(b))[1:]
+                                               for a, b in zip(model.inputs, inputs)):
+        raise AssertionFailed("assert equivalent failed: the model's inputs changed", span=stmt.span)
+    outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
+    outputs = [np.asarray(o) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+    if len(outputs) < len(expected):
+        raise AssertionFailed(f"assert equivalent failed: the model has {len(outputs)} outputs, the input model "
+                              f"had {len(expected)}", span=stmt.span)
+    worst = 0.0
+    for k, (got, want) in enumerate(zip(outputs, expected)):
+        if got.shape != want.shape:
+            raise AssertionFailed(f"assert equivalent failed: output {k} has shape {got.shape}, was {want.shape}",
+                                  span=stmt.span)
+        worst = max(worst, float(np.max(np.abs(got.astype("float64") - want.astype("float64")))) if got.size else 0.0)
+    if worst > tolerance:
+        raise AssertionFailed(f"assert equivalent failed: outputs differ by up to {worst:.3g} "
+                              f"(tolerance {tolerance:g})", span=stmt.span)
+    return StatementReport(stmt, notes=[f"holds: largest difference {worst:.3g} (tolerance {tolerance:g})"])

@@ -111,9 +111,9 @@ def _tap_paths(ctx, stmt: ir.Tap, editor) -> list[str]:
         elif ref.text in top:
             found = [ref.text]
         elif "/" in ref.text:
-            resolve_ref(ref, None, editor.leaves())  # says "no layer named …" when the path is wrong
-            raise ApplyError(f"tap {ref.text}: tapping a layer inside a nested model is not supported yet",
-                             span=ref.span, hint="tap the nested model itself, or a layer of the outer model")
+            if ref.text not in editor.entry_paths():
+                resolve_ref(ref, None, editor.leaves())  # says "no layer named …" (with a suggestion)
+            found = [ref.text]
         else:
             found = []
         if not found:

@@ -47,6 +47,8 @@ def _map_variables(ctx, stmt, target: str, fn, describe: str) -> StatementReport
         if info.path not in report.layers:
             report.layers.append(info.path)
         report.changes.append(f"{info.path}: {var.name} {_shape(var)} {describe}")
+        if isinstance(stmt, (ir.Reinit, ir.Fill)):
+            ctx.obligations.pop(info.path, None)
         if not ctx.dry_run:
             old = np.asarray(var.numpy())
             new = np.asarray(fn(info, var, old))
@@ -198,3 +200,50 @@ def freeze(ctx, stmt):
 def unfreeze(ctx, stmt):
     """``select last 2 where has weights; unfreeze``."""
     return _set_trainable(ctx, stmt, True)
+
+
+@register(ir.LoadWeights)
+def load_weights(ctx, stmt: ir.LoadWeights):
+    """``select all; load weights from "base.keras"`` — matched by layer path, then by unique name."""
+    import os
+
+    from ..model_io import load_model
+    from ..selectors import walk
+    base = os.getcwd()
+    if stmt.span is not None and stmt.span.filename and not stmt.span.filename.startswith("<"):
+        base = os.path.dirname(os.path.abspath(stmt.span.filename))
+    path = os.path.join(base, stmt.path)
+    if path not in ctx.loaded:
+        ctx.loaded[path] = load_model(path)
+    source_layers = walk(ctx.loaded[path])
+    by_path = {i.path: i for i in source_layers}
+    by_name: dict = {}
+    for i in source_layers:
+        by_name.setdefault(i.name, []).append(i)
+    report = StatementReport(stmt)
+    missing = []
+    for info in ctx.selected(stmt):
+        if not info.layer.weights:
+            continue
+        match = by_path.get(info.path)
+        how = "path"
+        if match is None and len(by_name.get(info.name, [])) == 1:
+            match, how = by_name[info.name][0], "name"
+        if match is None:
+            missing.append(info.path)
+            continue
+        have = [tuple(v.shape) for v in info.layer.weights]
+        got = [tuple(v.shape) for v in match.layer.weights]
+        if have != got:
+            raise ApplyError(f"load weights: {info.path} has weights {have} but {stmt.path}'s {match.path} has {got}",
+                             span=stmt.span)
+        report.layers.append(info.path)
+        report.changes.append(f"{info.path} <- {stmt.path}:{match.path} (by {how})")
+        if not ctx.dry_run:
+            info.layer.set_weights(match.layer.get_weights())
+    if missing:
+        if stmt.strict:
+            raise ApplyError(f"load weights … strict: no match in {stmt.path} for " + ", ".join(missing),
+                             span=stmt.span)
+        report.notes.append("no match for: " + ", ".join(missing))
+    return report

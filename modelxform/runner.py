@@ -186,6 +186,9 @@ class Context:
                 if old_path in before and path in after:
                     report.changes.append(f"{path}: output {before[old_path][0]} -> {after[path][0]}, "
                                           f"params {before[old_path][1]:,} -> {after[path][1]:,}{together}")
+                elif path in after:
+                    report.changes.append(f"{path} (new): output {after[path][0]}, params {after[path][1]:,}"
+                                          f"{together}")
             if isinstance(report.statement, ir.Tap):
                 report.changes.append(f"model outputs: {', '.join(outputs_before)} -> "
                                       f"{', '.join(outputs_after)}{together}")

@@ -11,7 +11,8 @@ from modelxform.fmt import format_text
 RECIPES = sorted(p for p in (ROOT / "recipes").iterdir() if p.suffix in (".recipe", ".yaml"))
 # which model each recipe is written for; a new recipe must be added here (and so gets tested)
 TARGETS = {"example": "cnn", "freeze-features": "cnn", "perturb-dense": "cnn", "feature-extractor": "cnn",
-           "new-head": "cnn", "resnet50-finetune": "resnet50", "resnet50-features": "resnet50"}
+           "new-head": "cnn", "resnet50-finetune": "resnet50", "resnet50-features": "resnet50",
+           "dropout-before-classifier": "cnn", "resnet50-headless": "resnet50"}
 
 _MODELS = {}
 
@@ -152,3 +153,26 @@ def test_resnet50_features_taps_three_stages():
                                        ("conv3_block4_out", "conv4_block6_out", "conv5_block3_out")])
     for got, want in zip(new.predict(x, verbose=0), probe.predict(x, verbose=0)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_dropout_before_classifier_keeps_predictions(cnn):
+    new, _ = load_recipe(ROOT / "recipes" / "dropout-before-classifier.recipe").apply(cnn)
+    layer = new.get_layer("head_dropout")
+    assert layer.rate == 0.3
+    assert new.get_layer("dense_3").input is layer.output
+    before, after = weights_by_path(cnn), weights_by_path(new)
+    for path in before:
+        assert_bit_identical(before[path], after[path])
+
+
+def test_resnet50_headless_is_a_frozen_pooled_backbone():
+    path = ROOT / "recipes" / "resnet50-headless.recipe"
+    model = target_model(path)
+    new, _ = load_recipe(path).apply(model)
+    assert "predictions" not in [l.name for l in new.layers] and "avg_pool" not in [l.name for l in new.layers]
+    assert not any(l.trainable for l in new.layers if l.weights)
+    x = np.random.default_rng(2).standard_normal((1, 32, 32, 3)).astype("float32")
+    import keras
+    probe = keras.Model(model.inputs, model.get_layer("conv5_block3_out").output)
+    want = np.asarray(probe(x)).mean(axis=(1, 2))
+    np.testing.assert_allclose(np.asarray(new(x)), want, rtol=0, atol=1e-5)

@@ -539,10 +539,10 @@ def _check_program(program: ir.Program, source: Source, errors: list, warnings: 
                                    f"{first.location() if first else '?'})", stmt.span))
             declared[stmt.name] = stmt
     for stmt in flat:
-        if isinstance(stmt, (ir.RecipeHeader, ir.Seed, ir.Requires)) and type(stmt) in headers \
-                and isinstance(stmt, (ir.RecipeHeader, ir.Seed)):
-            errors.append(diag(f"`{str(stmt).split()[0]}` is given twice", stmt.span))
-        headers.setdefault(type(stmt), stmt)
+        if isinstance(stmt, (ir.RecipeHeader, ir.Seed)):  # at most one of each (requires may repeat)
+            if type(stmt) in headers:
+                errors.append(diag(f"`{str(stmt).split()[0]}` is given twice", stmt.span))
+            headers.setdefault(type(stmt), stmt)
         if isinstance(stmt, ir.Param):
             continue
         for ref in walk_values(stmt):

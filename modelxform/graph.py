@@ -337,10 +337,16 @@ class GraphEditor:
             inputs.append(list(hists[0][:3]))
         return inputs
 
-    def insert(self, serialized: dict, where: str, path: str, parts, span=None) -> str:
+    def _new_name(self, container: dict, serialized: dict, explicit: bool, span) -> str:
+        wanted = serialized["config"]["name"]
+        if explicit and any(e["config"]["name"] == wanted for e in _layers_of(container)):
+            raise ApplyError(f"name {wanted!r} is already used by another layer of that model", span=span)
+        return self._fresh_name(container, wanted)
+
+    def insert(self, serialized: dict, where: str, path: str, parts, span=None, explicit_name=False) -> str:
         container, layers, index = self._layer_list(path)
         anchor = layers[index]
-        name = self._fresh_name(container, serialized["config"]["name"])
+        name = self._new_name(container, serialized, explicit_name, span)
         serialized = copy.deepcopy(serialized)
         serialized["config"]["name"] = name
         new_path = "/".join(path.split("/")[:-1] + [name])
@@ -405,7 +411,8 @@ class GraphEditor:
                 if len(layers[i].get("inbound_nodes") or []) != 1:
                     raise ApplyError(f"layer {layers[i]['config']['name']!r} is called several times (shared); "
                                      "it cannot change places", span=span)
-            rename = {names[order[k]]: names[k] for k in range(len(names))}
+            # a reference to position k must now name the layer that moves there
+            rename = {names[k]: names[order[k]] for k in range(len(names))}
             for hist in list(self._history_refs(container)):
                 if hist[0] in rename:
                     hist[0] = rename[hist[0]]
@@ -448,9 +455,9 @@ class GraphEditor:
         inputs = [r for r in _tensor_refs(cfg["input_layers"]) if r[0] in keep]
         cfg["input_layers"] = inputs
 
-    def append(self, serialized: dict, anchor: str | None, parts, span=None) -> str:
+    def append(self, serialized: dict, anchor: str | None, parts, span=None, explicit_name=False) -> str:
         container = self.config
-        name = self._fresh_name(container, serialized["config"]["name"])
+        name = self._new_name(container, serialized, explicit_name, span)
         serialized = copy.deepcopy(serialized)
         serialized["config"]["name"] = name
         self.fresh[name] = parts

@@ -194,6 +194,14 @@ class Context:
                                       f"{', '.join(outputs_after)}{together}")
         self.model = new_model
 
+    def forget(self, paths) -> None:
+        """Layers a statement removed: out of the selection, and no longer owed a reinitialisation."""
+        gone = set(paths)
+        if self.selection is not None:
+            self.selection = [p for p in self.selection if p not in gone]
+        for path in gone:
+            self.obligations.pop(path, None)
+
     def current_model(self):
         self.flush()
         return self.model

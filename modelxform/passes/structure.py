@@ -90,6 +90,7 @@ def replace(ctx, stmt: ir.Replace):
         new_name = serialized["config"]["name"]
         new_path = "/".join(target.path.split("/")[:-1] + [new_name])
         plans.append((target.path, new_path, serialized))
+        ctx.obligations.pop(target.path, None)  # a replaced layer gets fresh weights: nothing owed
         report.layers.append(target.path)
         report.changes.append(f"{target.path}: {target.type_name} -> {cls.__name__}{detail}")
     parts = ctx.rng_parts(stmt)

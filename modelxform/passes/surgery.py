@@ -5,6 +5,8 @@ and queues an edit on the GraphEditor; the runner rebuilds once per run of struc
 """
 from __future__ import annotations
 
+import re
+
 from .. import ir
 from ..errors import ApplyError
 from ..selectors import _closest, matches, resolve_ref, walk
@@ -32,11 +34,25 @@ def entry_path(editor, ref: ir.Ref, what: str) -> str:
                      span=ref.span)
 
 
+def snake_case(name: str) -> str:
+    """Keras's default layer name for a class (Dense -> dense, GlobalAveragePooling2D ->
+    global_average_pooling2d), without its process-wide counter, which would make names (and the
+    seeded weights derived from them) depend on what else ran in the process."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
 def _new_layer(ctx, stmt, call: ir.Call):
     import keras
     cls = layer_class(call.name, stmt.span)
     kwargs = {k: ctx.value(v, stmt) for k, v in call.kwargs}
+    kwargs.setdefault("name", snake_case(cls.__name__))
     return keras.saving.serialize_keras_object(_construct(cls, kwargs, stmt.span))
+
+
+def _named(call: ir.Call) -> bool:
+    return any(k == "name" for k, _ in call.kwargs)
 
 
 def _shape(t) -> str:
@@ -62,7 +78,7 @@ def insert(ctx, stmt: ir.Insert):
     result = {}
 
     def apply(ed):
-        result["path"] = ed.insert(serialized, stmt.where, anchor, parts, stmt.span)
+        result["path"] = ed.insert(serialized, stmt.where, anchor, parts, stmt.span, _named(stmt.layer))
     editor.queue(stmt, apply)
     report = StatementReport(stmt, layers=[result["path"]])
     report.changes.append(f"added {result['path']} ({stmt.layer.name}) {stmt.where} {anchor}")
@@ -102,8 +118,7 @@ def remove(ctx, stmt: ir.Remove):
         for path in targets:
             ed.remove(path, stmt.span)
     editor.queue(stmt, apply)
-    if ctx.selection is not None:
-        ctx.selection = [p for p in ctx.selection if p not in targets]
+    ctx.forget(targets)
     report.rebuilt = []
     return report
 
@@ -204,8 +219,7 @@ def cut(ctx, stmt: ir.Cut):
     report = StatementReport(stmt, layers=[anchor])
     report.changes.append(f"output is now {anchor}; dropped {len(dropped)} layer(s)"
                           + (": " + ", ".join(sorted(dropped)[:8]) + (" …" if len(dropped) > 8 else "") if dropped else ""))
-    if ctx.selection is not None:
-        ctx.selection = [p for p in ctx.selection if p not in dropped]
+    ctx.forget(dropped)
     report.rebuilt = []
     return report
 
@@ -220,7 +234,7 @@ def append(ctx, stmt: ir.Append):
     result = {}
 
     def apply(ed):
-        result["path"] = ed.append(serialized, anchor, parts, stmt.span)
+        result["path"] = ed.append(serialized, anchor, parts, stmt.span, _named(stmt.layer))
     editor.queue(stmt, apply)
     report = StatementReport(stmt, layers=[result["path"]])
     report.changes.append(f"added {result['path']} ({stmt.layer.name}) on the output"
@@ -275,6 +289,9 @@ def rename(ctx, stmt: ir.Rename):
             result[path] = ed.rename(path, new_names[path], stmt.span)
     editor.queue(stmt, apply)
     ctx.selection = [result.get(p, p) for p in ctx.selection]
+    for old_path, new_path in result.items():  # a `set` obligation follows the layer's new name
+        if old_path in ctx.obligations:
+            ctx.obligations[new_path] = ctx.obligations.pop(old_path)
     report = StatementReport(stmt, layers=[result[p] for p in paths])
     report.changes.extend(f"{p} -> {result[p]}" for p in paths if result[p] != p)
     report.rebuilt = []

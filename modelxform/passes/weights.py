@@ -10,7 +10,7 @@ import inspect
 import numpy as np
 
 from .. import ir
-from ..errors import ApplyError
+from ..errors import ApplyError, ModelxformError
 from ..graph import initializer_for, model_kind, seeded
 from ..rng import derive_seed
 from . import StatementReport, register
@@ -214,7 +214,10 @@ def load_weights(ctx, stmt: ir.LoadWeights):
         base = os.path.dirname(os.path.abspath(stmt.span.filename))
     path = os.path.join(base, stmt.path)
     if path not in ctx.loaded:
-        ctx.loaded[path] = load_model(path)
+        try:
+            ctx.loaded[path] = load_model(path)
+        except ModelxformError as exc:
+            raise type(exc)(f"load weights from {stmt.path!r}: {exc.message}", span=stmt.span) from None
     source_layers = walk(ctx.loaded[path])
     by_path = {i.path: i for i in source_layers}
     by_name: dict = {}

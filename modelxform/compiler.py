@@ -12,7 +12,7 @@ import re
 
 from lark import Token, Tree
 
-from . import ir
+from . import ir, safe_regex
 from .errors import Diagnostic, RecipeError
 from .keras_names import INITIALIZERS, LAYER_CLASSES
 from .parser import parse
@@ -201,7 +201,7 @@ class _Compiler:
         if kind == "p_regex":
             pattern = ir.unquote(kids[0].value)
             try:
-                re.compile(pattern)
+                safe_regex.check(pattern)  # compiles it, and refuses patterns that could hang a run
             except re.error as exc:
                 self.error(f"invalid regular expression: {exc}", kids[0])
             return ir.PRegex(pattern, span=span)

@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import os
 import pathlib
+import re
 import tempfile
 import zipfile
 
@@ -82,8 +83,44 @@ def _explain_load_error(path: pathlib.Path, exc: Exception) -> str:
         first = text.strip().splitlines()[0]
         return (f"{path}: the model uses a custom layer Keras does not know ({first}); "
                 "pass --import MODULE for the module that registers it")
+    damaged = _explain_weights_error(text) if path.suffix.lower() == ".keras" else None
+    if damaged:
+        return f"{path}: {damaged}"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return f"{path}: cannot load the model: {first}"
+
+
+# Keras reports weights that do not fit the architecture as "A total of N objects could not be
+# loaded. Example error message for object <Dense name=dense_2, built=True>:" followed, after a blank
+# line, by the cause (and for a shape mismatch, the whole array); the first line alone names no cause.
+_NOT_LOADED = re.compile(r"A total of (\d+) objects? could not be loaded\. Example error message for object "
+                         r"<(\w+) name=([^,>]+)[^>]*>:\s*(.*)", re.S)
+_SHAPES = re.compile(r"variable\.shape=(\([^)]*\)), Received: value\.shape=(\([^)]*\))")
+
+
+def _explain_weights_error(text: str) -> str | None:
+    """A one-line cause for the weights member of a .keras archive not fitting or not opening."""
+    m = _NOT_LOADED.search(text)
+    if m:
+        count, cls, name, rest = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        cause = rest.strip().split("\n\n")[0]
+        shapes = _SHAPES.search(cause)
+        if shapes:
+            var = re.search(r"Target variable: <Variable path=([^,\s>]+)", cause)
+            cause = (f"{var.group(1) if var else 'a weight'} has shape {shapes.group(2)} in the file, "
+                     f"but the model needs {shapes.group(1)}")
+        cause = re.sub(rf"^Layer '{re.escape(name)}' ", "", " ".join(cause.split()))
+        if len(cause) > 300:
+            cause = cause[:300] + "…"
+        more = f" (and {count - 1} more layer{'s' if count > 2 else ''})" if count > 1 else ""
+        return f"the weights do not fit the model: layer {name!r} ({cls}): {cause}{more}"
+    if "Expected a model.weights.h5" in text:
+        return "the archive holds no weights (no model.weights.h5)"
+    if "Unable to synchronously open file" in text or "file signature not found" in text:
+        detail = text.strip().splitlines()[0]
+        detail = detail.split("(", 1)[1].rstrip(")") if "(" in detail else detail
+        return f"the weights in the archive (model.weights.h5) are not a readable HDF5 file ({detail})"
+    return None
 
 
 def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):

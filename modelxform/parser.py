@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import re
 
 import lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
@@ -18,6 +19,12 @@ _HERE = pathlib.Path(__file__).resolve().parent
 _GRAMMAR_CANDIDATES = (_HERE / "grammar" / "recipe.lark", _HERE.parent / "grammar" / "recipe.lark")
 
 MAX_RECIPE_BYTES = 1_000_000
+# Brackets deeper than this are refused before the compiler sees the tree: the compiler walks values
+# recursively, and 1000 nested `(` would end in a RecursionError instead of a message.
+MAX_NESTING = 64
+# Longer digit runs are refused: int() of more than 4300 digits raises ValueError (CPython's guard
+# against quadratic conversion), and no recipe needs a 100-digit number.
+MAX_NUMBER_DIGITS = 100
 
 
 def grammar_path() -> pathlib.Path:
@@ -169,10 +176,37 @@ def parse(source: Source) -> lark.Tree:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
         raise RecipeError(f"recipe is larger than {MAX_RECIPE_BYTES} bytes", source=source,
                           span=Span(1, 1, 1, 2, source.filename))
+    if text.startswith("\ufeff"):  # a byte-order mark some editors write: it counts as a blank column
+        text = " " + text[1:]
     try:
-        return get_parser().parse(text + "\n")
+        tree = get_parser().parse(text + "\n")
     except UnexpectedInput as exc:
         raise _syntax_error(exc, source) from None
+    _check_limits(source)
+    return tree
+
+
+# Outside strings and comments: brackets, and digit runs that start a number (not inside a name).
+_LIMIT_SCAN = re.compile(r'"(?:[^"\\\n]|\\.)*"?|#[^\n]*|[(\[]|[)\]]|(?<![A-Za-z0-9_$])[0-9]+')
+
+
+def _check_limits(source: Source) -> None:
+    """Refuse nesting deeper than MAX_NESTING and numbers longer than MAX_NUMBER_DIGITS, at the
+    position of the first offending bracket or number (only text that parsed gets here)."""
+    depth = 0
+    for match in _LIMIT_SCAN.finditer(source.text):
+        token = match.group()
+        first = token[0]
+        if first in "([":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise RecipeError(f"brackets are nested more than {MAX_NESTING} deep",
+                                  span=source.span_at(match.start()), source=source)
+        elif first in ")]":
+            depth = max(0, depth - 1)
+        elif first.isdigit() and len(token) > MAX_NUMBER_DIGITS:
+            raise RecipeError(f"number has {len(token)} digits; at most {MAX_NUMBER_DIGITS} are allowed",
+                              span=source.span_at(match.start(), len(token)), source=source)
 
 
 def _syntax_error(exc: UnexpectedInput, source: Source) -> RecipeError:

@@ -9,7 +9,6 @@ import collections
 import difflib
 import fnmatch
 import math
-import re
 from dataclasses import dataclass, field
 
 from . import ir
@@ -109,7 +108,8 @@ def matches(pred: ir.Pred, info: LayerInfo, params) -> bool:
     if isinstance(pred, ir.PName):
         return info.name == pred.name or info.path == pred.name
     if isinstance(pred, ir.PRegex):
-        return re.search(pred.pattern, info.name) is not None
+        from .safe_regex import search  # refuses patterns and names that could make re backtrack for ever
+        return search(pred.pattern, info.name, span=pred.span) is not None
     if isinstance(pred, ir.PTrainable):
         return bool(info.layer.trainable)
     if isinstance(pred, ir.PHasWeights):

@@ -5,6 +5,7 @@ offending line with a caret under it.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -31,8 +32,15 @@ class Source:
     def name(self) -> str:
         return self.filename or "<recipe>"
 
+    def lines(self) -> list[str]:
+        """Lines as positions count them: recipe text breaks at \n only (like the lexer); YAML also
+        at \r, \x85, \u2028 and \u2029 (like PyYAML's marks). str.splitlines() breaks at more."""
+        if self.filename and str(self.filename).lower().endswith((".yaml", ".yml")):
+            return re.split(r"\r\n|[\r\n\x85\u2028\u2029]", self.text)
+        return [line.rstrip("\r") for line in self.text.split("\n")]
+
     def line_text(self, line: int) -> str:
-        lines = self.text.splitlines()
+        lines = self.lines()
         if 1 <= line <= len(lines):
             return lines[line - 1]
         return ""
@@ -40,7 +48,7 @@ class Source:
     def excerpt(self, span: Span) -> str:
         """The source line of ``span`` and a caret line under the spanned characters."""
         text = self.line_text(span.line).replace("\t", " ")
-        if not text and span.line > len(self.text.splitlines()):
+        if not text and span.line > len(self.lines()):
             return ""
         start = max(span.column, 1)
         if span.end_line == span.line and span.end_column > start:

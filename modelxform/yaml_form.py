@@ -10,6 +10,7 @@ the line and column of the YAML node. See docs/language.md ("The YAML form").
 from __future__ import annotations
 
 import difflib
+import math
 import re
 
 import yaml
@@ -94,6 +95,9 @@ class _Reader:
 
     def number(self, node, what: str):
         value = self.value(node)
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(node, f"{what}: number {node.value} is out of range")
+            return 0
         if isinstance(value, ir.ParamRef) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
             return value
         self.error(node, f"{what} must be a number or a \"$param\"")
@@ -171,10 +175,14 @@ class _Reader:
             positional = [self.value(item) for item in args_node.value]
         elif isinstance(args_node, yaml.MappingNode):
             for key_node, value_node in args_node.value:
-                if key_node.value == "*" and isinstance(value_node, yaml.SequenceNode):
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                if key == "*" and isinstance(value_node, yaml.SequenceNode):
                     positional = [self.value(item) for item in value_node.value]
+                elif not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) \
+                        or key_node.tag != "tag:yaml.org,2002:str":
+                    self.error(key_node, "an argument name is a word such as units")
                 else:
-                    keywords.append((key_node.value, self.value(value_node)))
+                    keywords.append((key, self.value(value_node)))
         elif not (isinstance(args_node, yaml.ScalarNode) and args_node.tag == "tag:yaml.org,2002:null"):
             self.error(args_node, f"the arguments of {name} are a mapping, a list or null")
         return ir.Call(name or "?", tuple(positional), tuple(keywords), span=self.span(node))
@@ -519,6 +527,10 @@ def compose(source: Source):
                 raise RecipeError(f"YAML recipe has more than {MAX_NODES} nodes", source=source,
                                   span=Span(1, 1, 1, 2, source.filename))
         return yaml.compose(source.text, Loader=yaml.SafeLoader)
+    except yaml.reader.ReaderError as exc:
+        span = source.span_at(exc.position)
+        raise RecipeError(f"invalid YAML: character {chr(exc.character)!r} is not allowed", source=source,
+                          span=span) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)

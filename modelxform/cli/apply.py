@@ -15,6 +15,9 @@ def add_parser(subparsers):
     p.add_argument("recipe", metavar="RECIPE")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", metavar="OUT", help="where to write the result (.keras or .h5)")
+    p.add_argument("--format", choices=("keras", "h5", "savedmodel"),
+                   help="what to write (default: by OUT's extension); savedmodel: a TensorFlow SavedModel "
+                        "folder OUT for serving, written with Keras's model.export")
     add_run_options(p)
     p.add_argument("--dry-run", action="store_true", help="resolve and report everything, write nothing")
     p.add_argument("--in-place", action="store_true", help="allow OUT to be MODEL itself (or omit -o)")
@@ -35,9 +38,15 @@ def run(args, console) -> int:
             output = args.model
         elif not args.dry_run:
             raise UsageError("apply needs -o OUT (or --in-place to overwrite MODEL, or --dry-run)")
+    savedmodel = args.format == "savedmodel"
+    if savedmodel and (args.in_place or output is None and not args.dry_run):
+        raise UsageError("--format savedmodel needs -o DIR (a SavedModel is a folder, not the input model file)")
     if output is not None:
         import pathlib
-        model_format(output)
+        if not savedmodel:
+            fmt = model_format(output)
+            if args.format is not None and args.format != fmt:
+                raise UsageError(f"--format {args.format} does not match -o {output} (a .{fmt} file name)")
         folder = pathlib.Path(output).parent
         if not folder.is_dir():
             from ..errors import ModelFileError
@@ -51,6 +60,7 @@ def execute(recipe, args, params, output, console, *, dry_run: bool) -> int:
     from ..model_io import load_model, save_model
     from ..runner import run as run_recipe
 
+    savedmodel = getattr(args, "format", None) == "savedmodel"  # plan and batch pass args without it
     model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     layers_before, params_before = _summary(model)
     new_model, report = run_recipe(recipe, model, seed=args.seed, params=params, dry_run=dry_run, copy=False)
@@ -68,7 +78,17 @@ def execute(recipe, args, params, output, console, *, dry_run: bool) -> int:
         from ..model_io import read_provenance, sha256_file
         from ..provenance import entry, extend
         record = extend(read_provenance(args.model), entry(recipe, report, sha256_file(args.model)))
-        save_model(new_model, output, provenance=record)
+        if savedmodel:
+            from ..export import export_savedmodel
+            export_savedmodel(new_model, output, provenance=record)
+        else:
+            save_model(new_model, output, provenance=record)
+    return _print_report(report, args, output, console, dry_run, (layers_before, params_before),
+                         (layers_after, params_after))
+
+
+def _print_report(report, args, output, console, dry_run, before, after) -> int:
+    (layers_before, params_before), (layers_after, params_after) = before, after
     if getattr(args, "json", False):
         data = report.to_dict()
         data.update({"model": args.model, "output": None if dry_run else output,

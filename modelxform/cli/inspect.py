@@ -1,4 +1,5 @@
-"""modelxform inspect MODEL [--where PRED] — a table of the model's layers."""
+"""modelxform inspect MODEL [--where PRED] [--json] — the model's layers, inputs, outputs, nesting and
+parameter totals by layer type."""
 from __future__ import annotations
 
 import json
@@ -9,12 +10,16 @@ from ..errors import ExitCode, RecipeError, UsageError
 
 def add_parser(subparsers):
     p = subparsers.add_parser(
-        "inspect", help="list a model's layers (path, type, output shape, params, trainable)",
-        description="List MODEL's layers, nested models expanded, optionally filtered with a predicate of "
-                    "the recipe language, e.g. --where 'type=Conv2D and params > 1K'.")
+        "inspect", help="list a model's layers, inputs and outputs, nested models and params by layer type",
+        description="List MODEL's layers (path, type, output shape, params, trainable; nested models expanded "
+                    "and shared layers marked with the number of times they are called), then the model's "
+                    "inputs and outputs, how its sub-models nest, and parameter totals by layer type. "
+                    "--where filters the layers with a predicate of the recipe language, e.g. "
+                    "--where 'type=Conv2D and params > 1K' (the totals then count the listed layers only).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--where", metavar="PRED", help="only layers matching this predicate")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: layers, inputs, outputs, submodels, shared and by_type")
     add_model_options(p)
     return p
 
@@ -41,11 +46,13 @@ def compile_predicate(text: str):
 
 def run(args, console) -> int:
     pred = compile_predicate(args.where) if args.where else None
+    from ..diff import by_type, snapshot
     from ..model_io import load_model
     from ..runner import Params, _shape_text
     from ..selectors import matches, walk
     model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
-    rows = []
+    snap = snapshot(model, name=str(args.model), weights=False)
+    rows, listed = [], []
     for info in walk(model):
         if pred is not None and not matches(pred, info, Params({})):
             continue
@@ -55,12 +62,65 @@ def run(args, console) -> int:
             shape = "(shared)"
         rows.append({"path": info.path, "type": info.type_name, "output_shape": shape,
                      "params": info.params(), "trainable": bool(info.layer.trainable)})
+        listed.append(info.path)
+    shared = [{"path": p, "calls": snap.layers[p].calls} for p in listed if snap.layers[p].shared]
+    shared += [{"path": s["path"], "calls": s["calls"]} for s in snap.submodels if s["calls"] > 1]
+    subset = snap if pred is None else _restrict(snap, listed)
+    types = by_type(subset)
     if args.json:
-        console.print(json.dumps({"model": args.model, "layers": rows}, indent=2))
+        console.print(json.dumps({"model": args.model, "layers": rows, "inputs": snap.inputs,
+                                  "outputs": snap.outputs, "submodels": snap.submodels, "shared": shared,
+                                  "by_type": types, "kind": snap.kind, "total_params": snap.params}, indent=2))
         return ExitCode.OK
-    console.table(["path", "type", "output shape", "params", "trainable"],
-                  [[r["path"], r["type"], r["output_shape"], f"{r['params']:,}", "yes" if r["trainable"] else "no"]
+    calls = {s["path"]: s["calls"] for s in shared}
+    console.table(["path", "type", "output shape", "params", "trainable", "shared"],
+                  [[r["path"], r["type"], r["output_shape"], f"{r['params']:,}", "yes" if r["trainable"] else "no",
+                    f"×{calls[r['path']]}" if r["path"] in calls else ""]
                    for r in rows], title=f"{args.model}: {len(rows)} layer(s)", right=("params",))
     total = sum(r["params"] for r in rows)
     console.print(f"{len(rows)} layer(s), {total:,} params")
+    if shared:
+        console.print("shared (called more than once): "
+                      + ", ".join(f"{s['path']} ×{s['calls']}" for s in shared))
+    console.print()
+    console.print(f"{snap.kind} model {model.name!r}, {snap.params:,} params")
+    for i, inp in enumerate(snap.inputs):
+        console.print(f"  input  {i}: {inp['name']} {inp['shape']} {inp['dtype']}")
+    for i, out in enumerate(snap.outputs):
+        console.print(f"  output {i}: {out['layer'] or '?'} {out['shape']}")
+    if not snap.connected:
+        console.print("  (a subclassed model: its wiring is Python code, so inputs, outputs and sharing are "
+                      "known only as far as Keras tracks them)")
+    if snap.submodels:
+        console.print()
+        console.print("nested models:")
+        console.print(f"  {model.name} ({type(model).__name__}), {len(snap.layers)} layers, {snap.params:,} params")
+        for line in _tree(snap.submodels):
+            console.print("  " + line)
+    console.print()
+    console.table(["type", "layers", "params", "trainable params"],
+                  [[t["type"], str(t["layers"]), f"{t['params']:,}", f"{t['trainable_params']:,}"] for t in types],
+                  title="params by layer type" + (" (listed layers)" if pred is not None else ""),
+                  right=("layers", "params", "trainable params"))
     return ExitCode.OK
+
+
+def _restrict(snap, paths):
+    from dataclasses import replace
+    keep = set(paths)
+    return replace(snap, layers={p: f for p, f in snap.layers.items() if p in keep})
+
+
+def _tree(submodels) -> list[str]:
+    """Nested models as an indented tree (paths are a/b/c, parents listed before children)."""
+    lines = []
+    paths = [s["path"] for s in submodels]
+    for s in submodels:
+        depth = s["path"].count("/")
+        parent = "/".join(s["path"].split("/")[:-1])
+        siblings = [p for p in paths if "/".join(p.split("/")[:-1]) == parent]
+        branch = "└─ " if siblings[-1] == s["path"] else "├─ "
+        shared = f", called ×{s['calls']}" if s["calls"] > 1 else ""
+        lines.append("   " * depth + branch + f"{s['path'].split('/')[-1]} ({s['type']}), {s['layers']} layers, "
+                     f"{s['params']:,} params{shared}")
+    return lines

@@ -1,0 +1,51 @@
+"""modelxform export MODEL DIR — write a TensorFlow SavedModel for serving."""
+from __future__ import annotations
+
+import argparse
+
+from . import add_model_options
+from ..errors import ExitCode
+
+EPILOG = """\
+The SavedModel is written with Keras's model.export(DIR, format="tf_saved_model"): its endpoint
+`serve` (signature `serving_default`) runs the model in inference mode. Load it with
+
+  import tensorflow as tf
+  served = tf.saved_model.load("DIR")
+  y = served.serve(x)
+
+DIR is written atomically (a temporary folder beside it, then a rename). MODEL's provenance record,
+if it has one, is kept in DIR/assets.extra/modelxform.json.
+
+exit status: 0 written; 2 usage error; 3 MODEL could not be read, or DIR could not be written.
+"""
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "export", help="write a model file as a TensorFlow SavedModel folder, for serving",
+        description="Export MODEL (.keras or .h5) as a TensorFlow SavedModel in the folder DIR, loadable by "
+                    "tf.saved_model.load and TensorFlow Serving.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("directory", metavar="DIR", help="the SavedModel folder to create (must not exist, or be empty)")
+    p.add_argument("--force", action="store_true", help="replace DIR if it already holds something")
+    add_model_options(p)
+    return p
+
+
+def run(args, console) -> int:
+    from ..export import export_savedmodel
+    from ..model_io import load_model, read_provenance
+    model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
+    try:
+        record = read_provenance(args.model)
+    except Exception:  # an unreadable record is no reason not to export
+        record = None
+    export_savedmodel(model, args.directory, provenance=record, overwrite=args.force)
+    ins = ", ".join(f"{getattr(t, 'name', '?')} {tuple(t.shape)}" for t in model.inputs)
+    outs = ", ".join(str(tuple(t.shape)) for t in model.outputs)
+    console.print(f"wrote {args.directory} (TensorFlow SavedModel; endpoint `serve`, signature `serving_default`)")
+    console.print(f"  inputs: {ins}")
+    console.print(f"  outputs: {outs}")
+    return ExitCode.OK

@@ -15,7 +15,7 @@ from ..console import Console
 from ..errors import ExitCode, ModelxformError
 from ..version import __version__
 
-SUBCOMMANDS = ("apply", "plan", "check", "fmt", "inspect", "provenance", "verify", "diff", "export")
+SUBCOMMANDS = ("apply", "plan", "check", "fmt", "inspect", "provenance", "verify", "batch", "diff", "export")
 
 EPILOG = """\
 exit status:

@@ -61,6 +61,11 @@ def execute(recipe, args, params, output, console, *, dry_run: bool) -> int:
     from ..runner import run as run_recipe
 
     savedmodel = getattr(args, "format", None) == "savedmodel"  # plan and batch pass args without it
+    if not args.imports and not savedmodel:  # weight-only recipes on .keras files: no TensorFlow (fastpath.py)
+        from .. import fastpath
+        report = fastpath.try_apply(recipe, args.model, output, args.seed, params, dry_run)
+        if report is not None:
+            return _print_report(report, args, output, console, dry_run, report.summary, report.summary)
     model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     layers_before, params_before = _summary(model)
     new_model, report = run_recipe(recipe, model, seed=args.seed, params=params, dry_run=dry_run, copy=False)

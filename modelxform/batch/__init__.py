@@ -1,0 +1,180 @@
+"""Batch runs: the recipes of a ZOO.yaml applied to every model of a zoo (``modelxform batch``).
+
+    zoo = load_zoo("zoo.yaml")                       # all checks, no TensorFlow; ZooError if bad
+    outcomes = run_batch(zoo, workers=4)             # local worker processes; executor="ray" for Ray
+    [o.status for o in outcomes]                     # "done", "skipped", "failed", …
+
+The main process never imports TensorFlow: it reads ZOO.yaml, compiles the recipes, decides which jobs
+are already done (their output's provenance names this input, recipe, seed and params) and hands the
+rest to an executor. Each job is what ``modelxform apply`` does, through the same function, so its
+output is byte-identical to a single ``apply`` run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .zoo import Job, Zoo, ZooError, load_zoo
+
+__all__ = ["Job", "Zoo", "ZooError", "load_zoo", "Outcome", "run_batch", "already_done", "EXECUTORS"]
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class Outcome:
+    """What became of one job. status: pending, running, done, skipped, failed, interrupted, not run
+    (and for a dry run: ok, failed)."""
+
+    job: Job
+    status: str = "pending"
+    duration: float | None = None
+    sha256: str | None = None
+    error: str | None = None
+    exit_code: int | None = None
+    statements: list | None = None
+    worker: str | None = None
+    started: float | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {"model": self.job.model_name, "recipe": self.job.recipe_name, "params": self.job.params,
+                "seed": self.job.seed, "output": self.job.output_name, "status": self.status,
+                "duration": None if self.duration is None else round(self.duration, 3),
+                "sha256": self.sha256, "error": self.error, "exit_code": self.exit_code,
+                "worker": self.worker}
+
+
+def already_done(job: Job, recipe, input_sha256: str) -> str | None:
+    """The output's sha256 when ``job.output`` exists and the last entry of its provenance chain says
+    it was made from this input (sha256), this recipe (sha256), this seed and these params; else None."""
+    from ..errors import ModelxformError
+    from ..model_io import read_provenance, sha256_file
+    from ..provenance import _jsonable, recipe_sha256
+    from ..runner import Params, effective_seed, resolve_params
+    if not os.path.isfile(job.output):
+        return None
+    try:
+        record = read_provenance(job.output)
+    except ModelxformError:
+        return None
+    chain = (record or {}).get("chain") or []
+    if not chain or not isinstance(chain[-1], dict):
+        return None
+    last = chain[-1]
+    values = resolve_params(recipe, job.params)
+    seed = effective_seed(recipe, job.seed, Params(values))
+    expected = json.dumps({k: _jsonable(v) for k, v in sorted(values.items())}, sort_keys=True)
+    if last.get("input_sha256") != input_sha256 or (last.get("recipe") or {}).get("sha256") != recipe_sha256(recipe) \
+            or last.get("seed") != seed or json.dumps(last.get("params"), sort_keys=True) != expected:
+        return None
+    try:
+        return sha256_file(job.output)
+    except OSError:
+        return None
+
+
+def _input_hashes(paths: list[str]) -> dict[str, str | None]:
+    from ..model_io import sha256_file
+
+    def one(path):
+        try:
+            return sha256_file(path)
+        except OSError:
+            return None  # the job itself will report why the file cannot be read
+    unique = list(dict.fromkeys(paths))
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(unique)))) as pool:
+        return dict(zip(unique, pool.map(one, unique)))
+
+
+def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", ray_address: str | None = None,
+              force: bool = False, dry_run: bool = False, on_event=None) -> list[Outcome]:
+    """Run every job of ``zoo``; returns one Outcome per job, in the zoo's order.
+
+    ``on_event(kind, outcome)`` is called with kind "skipped" (decided before anything runs), "start"
+    and "finish". A dry run loads each model and resolves each recipe's plan, writing nothing. On
+    Ctrl-C, KeyboardInterrupt propagates after the running jobs were stopped and recorded; the
+    outcomes list (``exc.outcomes``) says what was done.
+    """
+    workers = workers or os.cpu_count() or 1
+    on_event = on_event or (lambda kind, outcome: None)
+    outcomes = [Outcome(job) for job in zoo.jobs]
+    if not dry_run and not force:
+        hashes = _input_hashes([job.model for job in zoo.jobs])
+        for outcome in outcomes:
+            job = outcome.job
+            sha = hashes.get(job.model)
+            done = already_done(job, zoo.recipes[job.recipe], sha) if sha else None
+            if done:
+                outcome.status, outcome.sha256, outcome.duration = "skipped", done, 0.0
+                on_event("skipped", outcome)
+    todo = [o for o in outcomes if o.status == "pending"]
+    # Largest models first: the long jobs start early, and the last ones to finish are short, so no
+    # worker idles long at the end while another finishes a big model.
+    payloads = [o.job.payload("plan" if dry_run else "apply") for o in sorted(todo, key=_size, reverse=True)]
+
+    def on_start(payload):
+        outcome = outcomes[payload["index"]]
+        outcome.status, outcome.started = "running", time.perf_counter()
+        on_event("start", outcome)
+
+    def on_result(result):
+        outcome = outcomes[result["index"]]
+        outcome.status = result["status"]
+        outcome.duration = result.get("duration")
+        if outcome.duration is None and outcome.started is not None:
+            outcome.duration = time.perf_counter() - outcome.started
+        for key in ("sha256", "error", "exit_code", "statements", "worker"):
+            setattr(outcome, key, result.get(key))
+        on_event("finish", outcome)
+
+    missing = _missing_folders(o.job.output for o in todo)
+    try:
+        if executor == "local":
+            from .local import run_local
+            run_local(payloads, workers, on_start, on_result)
+        elif executor == "ray":
+            from .ray_executor import run_ray
+            run_ray(payloads, workers, ray_address, on_start, on_result)
+        else:
+            from ..errors import UsageError
+            raise UsageError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
+    except KeyboardInterrupt as exc:
+        for outcome in outcomes:
+            if outcome.status in ("pending", "running"):
+                outcome.status = "not run" if outcome.status == "pending" else "interrupted"
+        exc.outcomes = outcomes
+        raise
+    finally:
+        _remove_empty(missing)
+    return outcomes
+
+
+def _size(outcome: Outcome) -> int:
+    try:
+        return os.path.getsize(outcome.job.model)
+    except OSError:
+        return 0
+
+
+def _missing_folders(outputs) -> list[str]:
+    """Output folders that do not exist yet, deepest first: the jobs create them as they write."""
+    missing = set()
+    for output in outputs:
+        folder = os.path.dirname(output)
+        while folder and not os.path.isdir(folder) and folder not in missing:
+            missing.add(folder)
+            folder = os.path.dirname(folder)
+    return sorted(missing, key=lambda f: f.count(os.sep), reverse=True)
+
+
+def _remove_empty(folders: list[str]) -> None:
+    """Folders this batch created for jobs that all failed stay behind empty: take them away again
+    (only once every job has finished, so no job is about to write into one)."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass  # not empty (or already gone): leave it

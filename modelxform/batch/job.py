@@ -1,0 +1,148 @@
+"""One batch job, as a worker runs it: exactly what ``modelxform apply`` does, through the same code.
+
+:func:`run_job` is called in the local pool's worker processes and as a Ray task alike. It takes the
+plain-data payload of :meth:`Job.payload` and never raises: every failure comes back as a result with
+its cause, so one bad model never stops the others. The work itself is ``cli.apply.execute`` — the
+function behind ``modelxform apply`` (fast path, load, run, save with the input's provenance extended)
+— so a batch output is byte for byte the file ``apply`` writes for the same recipe, seed and params.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import time
+import types
+
+# Test-only hook: a job whose model file has this stem kills its own worker process with os._exit,
+# as a segfault or the kernel's OOM killer would. The test suite uses it to check that such a crash is
+# reported for that job and that the others still run. Nothing else reads it; never set it otherwise.
+CRASH_ENV = "MODELXFORM_TEST_CRASH_ON"
+
+_recipes: dict = {}  # a worker compiles each recipe once: (path, mtime, size) -> Recipe
+_in_job = False
+_interrupted = False
+
+
+def _recipe(path: str):
+    from ..compiler import load_recipe
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _recipes:
+        _recipes[key] = load_recipe(path)
+    return _recipes[key]
+
+
+def run_job(payload: dict) -> dict:
+    """Run one job; returns {"index", "status", "duration", "sha256", "error", "exit_code", ...}.
+
+    status is "done" (written), "ok" (a dry run whose plan resolves), "failed" or "interrupted".
+    """
+    global _in_job, _interrupted
+    from ..console import Console
+    from ..errors import ModelxformError
+    start = time.perf_counter()
+    result = {"index": payload["index"], "status": "failed", "sha256": None, "error": None, "exit_code": None,
+              "statements": None, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.update(payload.get("env") or {})
+    crash = os.environ.get(CRASH_ENV)
+    if crash and os.path.splitext(os.path.basename(payload["model"]))[0] == crash:
+        os._exit(70)
+    if _interrupted:  # Ctrl-C came while this worker was between jobs: do not start another
+        _interrupted = False
+        result.update(status="interrupted", error="interrupted before it started", duration=0.0)
+        return result
+    _in_job = True
+    try:
+        from ..cli.apply import execute
+        recipe = _recipe(payload["recipe"])
+        dry_run = payload["kind"] == "plan"
+        args = types.SimpleNamespace(model=payload["model"], unsafe=False, imports=[], seed=payload["seed"],
+                                     json=dry_run, recipe=payload["recipe"])
+        out = io.StringIO()
+        console = Console(out, io.StringIO())
+        if dry_run:
+            execute(recipe, args, payload["params"], None, console, dry_run=True)
+            report = json.loads(out.getvalue())
+            result["statements"] = [{"statement": s["statement"], "line": s.get("line"),
+                                     "layers": len(s.get("layers") or [])} for s in report.get("statements", [])]
+            result["status"] = "ok"
+        else:
+            from ..model_io import sha256_file
+            os.makedirs(os.path.dirname(payload["output"]), exist_ok=True)
+            execute(recipe, args, payload["params"], payload["output"], console, dry_run=False)
+            result["sha256"] = sha256_file(payload["output"])
+            result["status"] = "done"
+    except ModelxformError as exc:
+        result["error"] = exc.render()
+        result["exit_code"] = int(exc.exit_code)
+    except KeyboardInterrupt:
+        result["status"] = "interrupted"
+        result["error"] = "interrupted; nothing was written for this job"
+    except MemoryError:
+        result["error"] = "out of memory while running this job; nothing was written"
+    except Exception as exc:  # a bug or an unexpected Keras failure: report it with the job, go on
+        first = (str(exc).strip().splitlines() or [""])[0]
+        result["error"] = f"internal error: {type(exc).__name__}: {first}"
+    finally:
+        _in_job = _interrupted = False
+    result["duration"] = time.perf_counter() - start
+    return result
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C reaches the workers too (same process group), and the main process may send it again:
+    interrupt the running job once (its temporary file is removed on the way out); between jobs,
+    remember it so that a job handed over at that moment does not start."""
+    global _interrupted
+    already, _interrupted = _interrupted, True
+    if _in_job and not already:
+        raise KeyboardInterrupt
+
+
+def worker_main(conn, log_path: str | None, threads: int | None = None) -> None:
+    """The loop of a local worker process: take a job, run it, send the result, until told to stop.
+    TensorFlow is imported by the first job that needs it and stays imported for the next ones."""
+    signal.signal(signal.SIGINT, _on_sigint)
+    if threads:
+        # N workers on N cores: each TensorFlow sizing its thread pools for the whole machine makes them
+        # fight over the cores (Eigen's threads spin while they wait). Read by TensorFlow at start-up.
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+        os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(threads))
+    if log_path:
+        # Keras and TensorFlow write to the terminal; keep it in a file the main process shows only if
+        # this worker dies (the last words of a crash).
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    while True:
+        try:
+            payload = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            payload = None  # the main process is gone
+        if payload is None:
+            # Every result is sent and every output renamed into place: skip the interpreter's teardown,
+            # which with TensorFlow and a model loaded takes about a second the whole batch would wait for.
+            _exit_now()
+        if log_path:
+            os.ftruncate(2, 0)
+            os.lseek(2, 0, os.SEEK_SET)
+        result = run_job(payload)
+        try:
+            conn.send(result)
+        except (OSError, ValueError):
+            _exit_now()
+
+
+def _exit_now() -> None:
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)

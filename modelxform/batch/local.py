@@ -1,0 +1,182 @@
+"""The local executor: a pool of long-lived worker processes on this machine.
+
+Each worker is started with the 'spawn' method (TensorFlow is not fork-safe once imported, and the
+main process never imports it anyway), imports TensorFlow once, and takes job after job over its own
+pipe. The pool knows which job each worker holds, so when a worker dies — a crash in native code, the
+kernel's OOM killer, a kill -9 — exactly that job is reported failed (with the worker's exit signal
+and its last output), a fresh worker takes its place, and the other jobs carry on. Nothing partial is
+left behind: outputs are written to a temporary file and renamed (model_io.save_model).
+"""
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+from multiprocessing.connection import wait
+
+from .job import worker_main
+
+INTERRUPT_GRACE = 15.0  # seconds the running jobs get to stop cleanly after Ctrl-C
+
+
+class _Worker:
+    def __init__(self, ctx, log_dir: str, number: int, threads: int):
+        self.log_path = os.path.join(log_dir, f"worker-{number}.log")
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=worker_main, args=(child, self.log_path, threads), daemon=True,
+                                   name=f"modelxform-batch-{number}")
+        self.process.start()
+        child.close()
+        self.job: dict | None = None
+
+    def last_words(self, limit: int = 12) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+                lines = [line.rstrip() for line in fh.read().splitlines() if line.strip()]
+        except OSError:
+            return ""
+        return "\n".join(lines[-limit:])
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "the worker process running this job stopped answering"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        why = " (out of memory? the kernel's OOM killer sends SIGKILL)" if -code == signal.SIGKILL else ""
+        return f"the worker process running this job was killed by {name}{why}"
+    return f"the worker process running this job exited with status {code} before finishing it"
+
+
+def run_local(payloads: list[dict], workers: int, on_start, on_result) -> None:
+    """Run every payload on ``workers`` processes; ``on_start(payload)`` when a job is handed to a
+    worker, ``on_result(result)`` for each finished job (in completion order). On Ctrl-C, the running
+    jobs are interrupted and reported, and KeyboardInterrupt is raised again."""
+    queue = collections.deque(payloads)
+    if not queue:
+        return
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // max(1, min(workers, len(queue))))
+    with tempfile.TemporaryDirectory(prefix="modelxform-batch-") as log_dir:
+        pool: list[_Worker] = []
+        started = 0
+
+        def new_worker() -> _Worker:
+            nonlocal started
+            started += 1
+            return _Worker(ctx, log_dir, started, threads)
+
+        try:
+            pool = [new_worker() for _ in range(min(workers, len(queue)))]
+            while queue or any(w.job is not None for w in pool):
+                for w in pool:
+                    if w.job is None and queue and w.process.is_alive():
+                        w.job = queue.popleft()
+                        try:
+                            w.conn.send(w.job)
+                        except (OSError, ValueError):
+                            pass  # it died; its sentinel says so below
+                        on_start(w.job)
+                busy = [w for w in pool if w.job is not None]
+                ready = wait([w.conn for w in busy] + [w.process.sentinel for w in pool])
+                survivors = []
+                for w in pool:
+                    if w.job is not None and (w.conn in ready or w.process.sentinel in ready):
+                        result = _receive(w)
+                        if result is not None:
+                            w.job = None
+                            on_result(result)
+                            survivors.append(w)
+                            continue
+                    if w.process.sentinel in ready or not w.process.is_alive():
+                        w.process.join()
+                        if w.job is not None:
+                            job, w.job = w.job, None
+                            message = describe_exit(w.process.exitcode)
+                            words = w.last_words()
+                            if words:
+                                message += "; its last output:\n" + words
+                            on_result({"index": job["index"], "status": "failed", "error": message,
+                                       "exit_code": None, "sha256": None, "statements": None,
+                                       "duration": None, "worker": f"pid {w.process.pid}"})
+                        w.conn.close()
+                        if queue:  # a fresh worker takes the dead one's place
+                            survivors.append(new_worker())
+                        continue
+                    survivors.append(w)
+                pool[:] = survivors
+        except KeyboardInterrupt:
+            _interrupt(pool, on_result)
+            raise
+        finally:
+            _shutdown(pool)
+
+
+def _receive(w: _Worker) -> dict | None:
+    try:
+        if w.conn.poll():
+            return w.conn.recv()
+    except (EOFError, OSError):
+        pass
+    return None
+
+
+def _interrupt(pool: list[_Worker], on_result) -> None:
+    """Ask the running jobs to stop (they remove their temporary files) and report them."""
+    busy = [w for w in pool if w.job is not None]
+    for w in busy:
+        try:
+            os.kill(w.process.pid, signal.SIGINT)
+        except OSError:
+            pass
+    deadline = time.monotonic() + INTERRUPT_GRACE
+    try:
+        while busy and time.monotonic() < deadline:
+            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy],
+                         timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for w in list(busy):
+                if w.conn in ready or w.process.sentinel in ready:
+                    result = _receive(w)
+                    busy.remove(w)
+                    job, w.job = w.job, None
+                    on_result(result or {"index": job["index"], "status": "interrupted",
+                                         "error": "interrupted", "exit_code": None, "sha256": None,
+                                         "statements": None, "duration": None, "worker": None})
+    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
+        pass
+    for w in busy:
+        job, w.job = w.job, None
+        on_result({"index": job["index"], "status": "interrupted", "error": "interrupted",
+                   "exit_code": None, "sha256": None, "statements": None, "duration": None, "worker": None})
+
+
+def _shutdown(pool: list[_Worker]) -> None:
+    for w in pool:
+        w.stop()
+    deadline = time.monotonic() + 5.0
+    for w in pool:
+        w.process.join(timeout=max(0.1, deadline - time.monotonic()))
+        if w.process.is_alive():
+            w.process.terminate()
+            w.process.join(timeout=2.0)
+        if w.process.is_alive():
+            w.process.kill()
+            w.process.join()
+        try:
+            w.conn.close()
+        except OSError:
+            pass

@@ -1,0 +1,461 @@
+"""modelxform batch: a zoo built here (several architectures and sizes, one corrupt file, one model a
+recipe cannot apply to) run with two local workers and on a local Ray.
+
+Batch runs start worker processes that import TensorFlow, so the expensive runs happen once per module
+(fixtures) and the tests read their reports and files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_nested, make_sequential, run_cli, weights_by_path
+from modelxform.model_io import load_model, read_provenance, save_model, sha256_file
+
+pytestmark = pytest.mark.slow
+
+SCALE = """\
+recipe "scale-dense" version "1.0.0"
+param factor = 0.8
+select where type=Dense
+scale weights $factor
+"""
+# structural (TensorFlow path) and seeded; the Sequential model has no Conv2D: it cannot apply there
+CONV = """\
+recipe "conv-noise-head" version "1.0.0"
+select where type=Conv2D
+add noise normal(stddev=0.01) to kernel
+append Dense(units=3, activation="softmax", name="new_head")
+assert output shape == (None, 3)
+"""
+ZOO = """\
+# every model of the zoo; seq.keras gets its own factor
+models:
+  - "zoo/**/*.keras"
+  - {path: zoo/seq.keras, params: {factor: 0.25}}
+recipes: [recipes/scale.recipe, recipes/conv.recipe]
+output: "OUT/{model}/{recipe}-{params}.keras"
+seed: 3
+params:
+  factor: [0.5, 0.8]
+"""
+GOOD = """\
+models: [zoo/cnn.keras, zoo/mobilenet.keras, zoo/sub/nested.keras]
+recipes: [recipes/scale.recipe, recipes/conv.recipe]
+output: "out/{model}/{recipe}-{params}.keras"
+seed: 3
+params:
+  factor: [0.5, 0.8]
+"""
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def zoo_file(root, name, out="out", text=ZOO):
+    return write(root / name, text.replace("OUT/", f"{out}/"))
+
+
+def hidden_files(folder):
+    return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """zoo/cnn.keras (the sample CNN), zoo/seq.keras (a small Sequential), zoo/mobilenet.keras
+    (MobileNetV2 alpha 0.35 at 32x32, ~150 layers), zoo/sub/nested.keras (nested models), zoo/broken.keras
+    (a truncated archive); two recipes; zoo.yaml."""
+    from modelxform.model_io import import_keras
+    from modelxform.samples import cnn
+    keras = import_keras()
+    root = tmp_path_factory.mktemp("batch")
+    (root / "zoo" / "sub").mkdir(parents=True)
+    save_model(cnn(), root / "zoo" / "cnn.keras")
+    save_model(make_sequential(), root / "zoo" / "seq.keras")
+    keras.utils.set_random_seed(0)
+    save_model(keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10),
+               root / "zoo" / "mobilenet.keras")
+    save_model(make_nested(), root / "zoo" / "sub" / "nested.keras")
+    (root / "zoo" / "broken.keras").write_bytes((root / "zoo" / "cnn.keras").read_bytes()[:2000])
+    write(root / "recipes" / "scale.recipe", SCALE)
+    write(root / "recipes" / "conv.recipe", CONV)
+    zoo_file(root, "zoo.yaml")
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(zoo):
+    result = run_cli("batch", zoo / "zoo.yaml", "-j", 2, "--report", zoo / "report.json")
+    report = json.loads((zoo / "report.json").read_text())
+    return result, report
+
+
+def jobs_by_key(report):
+    return {(j["model"], j["recipe"], json.dumps(j["params"], sort_keys=True)): j for j in report["jobs"]}
+
+
+def test_the_zoo_gives_one_job_per_model_recipe_and_params(first_run):
+    _, report = first_run
+    keys = sorted((j["model"], j["recipe"], j["params"].get("factor")) for j in report["jobs"])
+    scale, conv = "recipes/scale.recipe", "recipes/conv.recipe"
+    expected = sorted([(f"zoo/{m}.keras", scale, f) for m in ("broken", "cnn", "mobilenet", "sub/nested")
+                       for f in (0.5, 0.8)] + [("zoo/seq.keras", scale, 0.25)]
+                      + [(f"zoo/{m}.keras", conv, None) for m in ("broken", "cnn", "mobilenet", "seq", "sub/nested")])
+    assert keys == expected
+    assert report["workers"] == 2 and report["executor"] == "local"
+    outputs = [j["output"] for j in report["jobs"]]
+    assert "out/cnn/scale-factor=0.5.keras" in outputs and "out/seq/scale-factor=0.25.keras" in outputs
+    assert "out/mobilenet/conv-.keras" in outputs
+
+
+def test_outputs_are_byte_identical_to_single_apply_runs(zoo, first_run, tmp_path):
+    _, report = first_run
+    done = [j for j in report["jobs"] if j["status"] == "done"]
+    assert len(done) == 10
+    for job in done:
+        output = zoo / job["output"]
+        assert sha256_file(output) == job["sha256"]
+        params = [a for k, v in job["params"].items() for a in ("--param", f"{k}={v}")]
+        single = tmp_path / "single.keras"
+        result = run_cli("apply", zoo / job["recipe"], zoo / job["model"], "-o", single, "--seed", 3, *params)
+        assert result.status == 0, result.err
+        assert sha256_file(single) == job["sha256"], job["output"]
+
+
+def test_outputs_are_correct(zoo, first_run):
+    result, report = first_run
+    original = weights_by_path(load_model(zoo / "zoo" / "cnn.keras"))
+    scaled = weights_by_path(load_model(zoo / "out" / "cnn" / "scale-factor=0.5.keras"))
+    for path in ("dense_1", "dense_2", "dense_3"):
+        for before, after in zip(original[path], scaled[path]):
+            assert after.tobytes() == (before * np.float32(0.5)).tobytes()
+    for path in ("conv2d_1", "conv2d_2"):  # untouched: bit-identical
+        for before, after in zip(original[path], scaled[path]):
+            assert after.tobytes() == before.tobytes()
+    step = read_provenance(zoo / "out" / "seq" / "scale-factor=0.25.keras")["chain"][-1]
+    assert step["params"] == {"factor": 0.25} and step["seed"] == 3  # the model's own params
+    assert step["input_sha256"] == sha256_file(zoo / "zoo" / "seq.keras")
+    head = load_model(zoo / "out" / "mobilenet" / "conv-.keras")
+    assert head.layers[-1].name == "new_head" and tuple(head.outputs[0].shape) == (None, 3)
+    step = read_provenance(zoo / "out" / "mobilenet" / "conv-.keras")["chain"][-1]
+    assert step["recipe"]["name"] == "conv-noise-head" and step["seed"] == 3 and step["params"] == {}
+
+
+def test_failures_are_reported_with_their_causes_and_the_rest_carries_on(zoo, first_run):
+    result, report = first_run
+    assert result.status == 1
+    failed = {(j["model"], j["recipe"], j["params"].get("factor")): j for j in report["jobs"]
+              if j["status"] == "failed"}
+    assert sorted(failed, key=str) == sorted([
+        ("zoo/broken.keras", "recipes/conv.recipe", None), ("zoo/broken.keras", "recipes/scale.recipe", 0.5),
+        ("zoo/broken.keras", "recipes/scale.recipe", 0.8), ("zoo/seq.keras", "recipes/conv.recipe", None)], key=str)
+    broken = [j for j in report["jobs"] if j["model"] == "zoo/broken.keras"]
+    assert len(broken) == 3 and all(j["status"] == "failed" for j in broken)
+    assert all("not a .keras archive" in j["error"] and j["exit_code"] == 3 for j in broken)
+    seq_conv = failed[("zoo/seq.keras", "recipes/conv.recipe", None)]
+    assert "conv.recipe:2:1: error: where type=Conv2D matches no layer" in seq_conv["error"]
+    assert seq_conv["exit_code"] == 4 and seq_conv["sha256"] is None
+    assert report["totals"] == {"done": 10, "failed": 4}
+    # nothing partial: no output, no temporary file, no empty folder for jobs that failed
+    assert not (zoo / "out" / "broken").exists()
+    assert not (zoo / "out" / "seq" / "conv-.keras").exists()
+    assert hidden_files(zoo / "out") == []
+    assert "failed jobs" in result.out and "not a .keras archive" in result.out
+    assert "14 jobs: 10 done, 0 skipped, 4 failed" in result.out
+
+
+def test_a_second_run_skips_what_is_done_and_retries_what_failed(zoo, first_run):
+    _, first = first_run
+    stamps = {j["output"]: os.stat(zoo / j["output"]).st_mtime_ns for j in first["jobs"] if j["status"] == "done"}
+    result = run_cli("batch", zoo / "zoo.yaml", "-j", 2, "--report", zoo / "again.json")
+    again = jobs_by_key(json.loads((zoo / "again.json").read_text()))
+    assert result.status == 1
+    for key, job in jobs_by_key(first).items():
+        if job["status"] == "done":
+            assert again[key]["status"] == "skipped" and again[key]["sha256"] == job["sha256"]
+        else:
+            assert again[key]["status"] == "failed" and again[key]["error"] == job["error"]
+    assert {o: os.stat(zoo / o).st_mtime_ns for o in stamps} == stamps
+    assert "skipped 10 jobs whose output is up to date" in result.err
+
+
+def test_a_zoo_whose_jobs_are_all_done_skips_everything(zoo, first_run):
+    write(zoo / "good.yaml", GOOD)
+    result = run_cli("batch", zoo / "good.yaml", "-j", 2, "--report", zoo / "good.json")
+    report = json.loads((zoo / "good.json").read_text())
+    assert result.status == 0, result.err
+    assert len(report["jobs"]) == 9 and {j["status"] for j in report["jobs"]} == {"skipped"}
+    assert "9 jobs: 0 done, 9 skipped, 0 failed" in result.out
+
+
+def test_force_redoes_jobs_with_the_same_bytes(zoo, first_run):
+    write(zoo / "one.yaml", GOOD.replace("models: [zoo/cnn.keras, zoo/mobilenet.keras, zoo/sub/nested.keras]",
+                                         "models: [zoo/cnn.keras]").replace(", recipes/conv.recipe", ""))
+    outputs = [zoo / "out" / "cnn" / f"scale-factor={f}.keras" for f in (0.5, 0.8)]
+    before = {p: (os.stat(p).st_ino, sha256_file(p)) for p in outputs}
+    result = run_cli("batch", zoo / "one.yaml", "-j", 2, "--force", "--report", zoo / "force.json")
+    report = json.loads((zoo / "force.json").read_text())
+    assert result.status == 0, result.err
+    assert [j["status"] for j in report["jobs"]] == ["done", "done"]
+    for p in outputs:  # rewritten (a new file renamed into place), same bytes
+        assert os.stat(p).st_ino != before[p][0] and sha256_file(p) == before[p][1]
+
+
+def test_already_done_compares_input_recipe_seed_and_params(zoo, first_run):
+    from modelxform import compile_recipe
+    from modelxform.batch import already_done, load_zoo
+    batch = load_zoo(zoo / "good.yaml") if (zoo / "good.yaml").exists() else load_zoo(write(zoo / "good.yaml", GOOD))
+    job = next(j for j in batch.jobs if j.output_name == "out/cnn/scale-factor=0.5.keras")
+    recipe = batch.recipes[job.recipe]
+    sha = sha256_file(job.model)
+    assert already_done(job, recipe, sha) == sha256_file(job.output)
+    assert already_done(job, recipe, "0" * 64) is None  # another input
+    assert already_done(dataclasses.replace(job, seed=4), recipe, sha) is None
+    assert already_done(dataclasses.replace(job, params={"factor": 0.6}), recipe, sha) is None
+    assert already_done(dataclasses.replace(job, params={"factor": 0.8}), recipe, sha) is None
+    assert already_done(job, compile_recipe(SCALE + "freeze\n", job.recipe), sha) is None  # another recipe
+    assert already_done(dataclasses.replace(job, output=job.output + ".missing.keras"), recipe, sha) is None
+
+
+def test_a_crashing_worker_fails_only_its_job(zoo, monkeypatch):
+    from modelxform.batch.job import CRASH_ENV
+    monkeypatch.setenv(CRASH_ENV, "nested")  # test-only hook: that job calls os._exit in its worker
+    write(zoo / "crash.yaml", """\
+        models: [zoo/cnn.keras, zoo/sub/nested.keras, zoo/seq.keras]
+        recipes: [recipes/scale.recipe]
+        output: "crash/{model}.keras"
+        """)
+    result = run_cli("batch", zoo / "crash.yaml", "-j", 2, "--report", zoo / "crash.json")
+    report = json.loads((zoo / "crash.json").read_text())
+    assert result.status == 1
+    status = {j["model"]: j for j in report["jobs"]}
+    assert status["zoo/sub/nested.keras"]["status"] == "failed"
+    assert "worker process running this job exited with status 70" in status["zoo/sub/nested.keras"]["error"]
+    assert status["zoo/cnn.keras"]["status"] == "done" and status["zoo/seq.keras"]["status"] == "done"
+    assert sorted(os.listdir(zoo / "crash")) == ["cnn.keras", "seq.keras"]
+
+
+def test_ctrl_c_then_rerun_finishes_only_what_is_left(zoo):
+    write(zoo / "slow.yaml", """\
+        models: [zoo/cnn.keras, zoo/mobilenet.keras, zoo/sub/nested.keras]
+        recipes: [recipes/conv.recipe]
+        output: "slow/{model}.keras"
+        seed: 1
+        """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "modelxform", "batch", str(zoo / "slow.yaml"), "-j", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stderr:  # like a terminal's Ctrl-C: SIGINT to the whole process group
+        lines.append(line)
+        if " done " in line:  # the first job is written, the next one is running
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines) + err
+    left = re.search(r"interrupted: (\d) jobs? left; run the same command again", err)
+    assert left and int(left.group(1)) >= 1, err
+    written = sorted(os.listdir(zoo / "slow"))
+    assert 1 <= len(written) == 3 - int(left.group(1))  # what was done stays done
+    assert hidden_files(zoo / "slow") == []  # the interrupted job left no temporary file
+    result = run_cli("batch", zoo / "slow.yaml", "-j", 2, "--report", zoo / "slow.json")
+    report = json.loads((zoo / "slow.json").read_text())
+    assert result.status == 0, result.err
+    status = {os.path.basename(j["output"]): j["status"] for j in report["jobs"]}
+    assert status == {name: "skipped" if name in written else "done" for name in status}
+    assert sorted(os.listdir(zoo / "slow")) == ["cnn.keras", "mobilenet.keras", "nested.keras"]
+
+
+def test_dry_run_prints_the_applicability_matrix_and_writes_nothing(zoo):
+    write(zoo / "dry.yaml", """\
+        models: [zoo/cnn.keras, zoo/seq.keras, zoo/broken.keras]
+        recipes: [recipes/scale.recipe, recipes/conv.recipe]
+        output: "dry/{model}/{recipe}.keras"
+        """)
+    result = run_cli("batch", zoo / "dry.yaml", "-j", 2, "--dry-run", "--report", zoo / "dry.json")
+    report = json.loads((zoo / "dry.json").read_text())
+    assert result.status == 1
+    assert not (zoo / "dry").exists()
+    table = result.out.split("\n\n")[0]  # the table; each failure's full message follows it
+    rows = {line.split()[0]: line for line in table.splitlines() if line.strip().startswith("zoo/")}
+    assert rows["zoo/cnn.keras"].split()[1:3] == ["ok", "ok"]
+    assert rows["zoo/seq.keras"].split()[1] == "ok"
+    assert "fails: where type=Conv2D matches no layer" in rows["zoo/seq.keras"]
+    assert "fails: zoo/broken.keras: not a .keras archive" in rows["zoo/broken.keras"]
+    assert "hint: the model has: Dense ×2, Dropout ×1" in result.out  # the full error follows the table
+    assert "3 of 6 jobs would apply; dry run: nothing was written" in result.out
+    status = {(j["model"], j["recipe"]): j["status"] for j in report["jobs"]}
+    assert status[("zoo/cnn.keras", "recipes/conv.recipe")] == "ok"
+    assert status[("zoo/seq.keras", "recipes/conv.recipe")] == "failed"
+    select = next(j for j in report["jobs"] if j["model"] == "zoo/cnn.keras" and j["recipe"] == "recipes/conv.recipe")
+    assert select["statements"][0] == {"statement": "select where type=Conv2D", "line": 2, "layers": 2}
+
+
+@pytest.fixture(scope="module")
+def ray_run(zoo, first_run):
+    """The same zoo on a local Ray with 2 CPUs (started and stopped by the batch)."""
+    zoo_file(zoo, "ray.yaml", out="ray-out")
+    result = run_cli("batch", zoo / "ray.yaml", "-j", 2, "--executor", "ray", "--report", zoo / "ray.json")
+    return result, json.loads((zoo / "ray.json").read_text())
+
+
+def test_the_ray_executor_gives_the_same_outputs_as_the_local_one(zoo, first_run, ray_run):
+    result, ray_report = ray_run
+    _, local_report = first_run
+    assert result.status == 1, result.err
+    assert ray_report["executor"] == "ray"
+    local, ray = jobs_by_key(local_report), jobs_by_key(ray_report)
+    assert sorted(local) == sorted(ray)
+    for key, job in local.items():
+        assert ray[key]["status"] == job["status"]
+        assert ray[key]["sha256"] == job["sha256"]
+        assert ray[key]["output"] == job["output"].replace("out/", "ray-out/", 1)
+        assert (ray[key]["error"] or "").splitlines()[:1] == (job["error"] or "").splitlines()[:1]
+        if job["status"] == "done":
+            assert sha256_file(zoo / ray[key]["output"]) == sha256_file(zoo / job["output"])
+
+
+RAY_HEAD = """\
+import time, ray
+context = ray.init(address="local", num_cpus=2, include_dashboard=False)
+print(context.address_info["gcs_address"], flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_the_ray_executor_joins_a_running_cluster(zoo, first_run, monkeypatch, tmp_path):
+    """--ray-address: a Ray started by another process (a one-node cluster), joined, not stopped."""
+    head = subprocess.Popen([sys.executable, "-c", RAY_HEAD], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the Ray head did not start"
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the head's token is in Ray's default token file
+        write(zoo / "join.yaml", """\
+            models: [zoo/cnn.keras, zoo/sub/nested.keras]
+            recipes: [recipes/scale.recipe]
+            output: "join/{model}-{params}.keras"
+            seed: 3
+            params: {factor: [0.5]}
+            """)
+        result = run_cli("batch", zoo / "join.yaml", "--executor", "ray", "--ray-address", address,
+                         "--report", tmp_path / "join.json")
+        assert result.status == 0, result.err
+        report = json.loads((tmp_path / "join.json").read_text())
+        assert [j["status"] for j in report["jobs"]] == ["done", "done"]
+        for name, model in (("cnn", "cnn"), ("nested", "nested")):
+            assert sha256_file(zoo / "join" / f"{name}-factor=0.5.keras") == \
+                sha256_file(zoo / "out" / model / "scale-factor=0.5.keras")
+        assert head.poll() is None  # the cluster is still up: the batch only disconnected
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+
+
+def test_the_ray_executor_without_ray_names_the_extra(zoo, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    result = run_cli("batch", zoo / "zoo.yaml", "--executor", "ray")
+    assert result.status == 2
+    assert "--executor ray needs Ray" in result.err and "pip install 'modelxform[ray]'" in result.err
+
+
+@pytest.mark.parametrize("text, line, col, message", [
+    ("modles: [zoo/cnn.keras]\nrecipes: [recipes/scale.recipe]\noutput: o/{model}.keras\n", 1, 1,
+     "unknown key 'modles' in the batch file (did you mean 'models'?)"),
+    ("models: [zoo/cnn.keras]\nrecipes: [recipes/scale.recipe]\noutput: o/{model}.keras\nseed: many\n", 4, 7,
+     "seed must be a whole number ≥ 0"),
+    ("models: zoo/cnn.keras\nrecipes: [recipes/scale.recipe]\noutput: [o.keras]\n", 3, 9,
+     "output must be a non-empty string"),
+    ("models: [zoo/cnn.keras]\nrecipes: [recipes/scale.recipe]\noutput: o/{model}.keras\nparams: {factor: 0.5}\n",
+     4, 18, "params: factor must be a non-empty list of values"),
+    ("models: [zoo/cnn.keras, zoo/seq.keras]\nrecipes: [recipes/scale.recipe]\noutput: o/{recipe}.keras\n", 3, 9,
+     "two jobs would write o/scale.keras: zoo/cnn.keras × recipes/scale.recipe and zoo/seq.keras × "
+     "recipes/scale.recipe"),
+    ("models: [zoo/cnn.keras]\nrecipes: [recipes/scale.recipe]\noutput: out/../../x/{model}.keras\n", 3, 9,
+     "output must not contain '..'"),
+    ("models: [zoo/cnn.keras]\nrecipes: [recipes/scale.recipe]\noutput: /tmp/{model}.keras\n", 3, 9,
+     "output must be a path relative to the batch file's folder"),
+    ("models: [zoo/cnn.keras]\nrecipes: [recipes/scale.recipe]\noutput: o/{name}.keras\n", 3, 9,
+     "output: unknown field {name}"),
+    ("models: [\"zoo/*.h5\"]\nrecipes: [recipes/scale.recipe]\noutput: o/{model}.keras\n", 1, 10,
+     "'zoo/*.h5' matches no .keras or .h5 file"),
+    ("models: [zoo/cnn.keras]\nrecipes: [recipes/scale.recipe]\noutput: o/{model}-{params}.keras\n"
+     "params: {factr: [0.5]}\n", 4, 10,
+     "parameter 'factr' is declared by none of the recipes (did you mean 'factor'?)"),
+    ("models: [zoo/cnn.keras]\nrecipes: [recipes/scale.recipe]\noutput: o/{model}-{params}.keras\n"
+     "params: {factor: [big]}\n", 4, 19, "recipes/scale.recipe: parameter 'factor' is float in the recipe"),
+    ("models: &m [zoo/cnn.keras]\nrecipes: *m\noutput: o/{model}.keras\n", 1, 9,
+     "YAML anchors and aliases are not allowed in batch files"),
+    ("models: [zoo/cnn.keras]\nrecipes: [recipes/scale.recipe, recipes/nope.recipe]\noutput: o/{model}.keras\n",
+     2, 33, "recipe 'recipes/nope.recipe' does not exist"),
+], ids=["unknown-key", "seed-type", "output-type", "params-type", "duplicate-outputs", "dotdot", "absolute",
+        "template-field", "glob-matches-nothing", "undeclared-param", "param-type", "alias", "missing-recipe"])
+def test_a_bad_zoo_file_gives_status_2_with_line_and_column(zoo, text, line, col, message):
+    from modelxform.batch import ZooError, load_zoo
+    path = write(zoo / "bad.yaml", text)
+    result = run_cli("batch", path, "-j", 1)
+    assert result.status == 2
+    assert f"bad.yaml:{line}:{col}: error: {message}" in result.err, result.err
+    with pytest.raises(ZooError) as info:
+        load_zoo(path)
+    assert (info.value.line, info.value.column) == (line, col)
+    assert not (zoo / "o").exists()
+
+
+def test_a_template_value_cannot_leave_the_output_folder(zoo):
+    write(zoo / "recipes" / "tag.recipe", 'param tag = "extra"\ninsert Dropout(rate=0.1, name=$tag) after dense_1\n')
+    path = write(zoo / "bad.yaml", 'models: [{path: zoo/cnn.keras, params: {tag: "../../../../etc"}}]\n'
+                                   "recipes: [recipes/tag.recipe]\noutput: \"o/{params}/{model}.keras\"\n")
+    result = run_cli("batch", path)
+    assert result.status == 2
+    assert "bad.yaml:3:9: error: output 'o/tag=../../../../etc/cnn.keras'" in result.err
+    assert "would leave the output folder o" in result.err
+
+
+def test_a_recipe_that_does_not_compile_stops_the_batch_before_it_starts(zoo):
+    write(zoo / "recipes" / "typo.recipe", "select where type=Dens\n")
+    path = write(zoo / "bad.yaml", "models: [zoo/cnn.keras]\nrecipes: [recipes/typo.recipe]\noutput: o/{model}.keras\n")
+    result = run_cli("batch", path)
+    assert result.status == 2
+    assert "typo.recipe:1:19: error: unknown layer type 'Dens' (did you mean 'Dense'?)" in result.err
+
+
+def test_bad_worker_counts_and_options_are_usage_errors(zoo):
+    assert run_cli("batch", zoo / "zoo.yaml", "-j", 0).status == 2
+    result = run_cli("batch", zoo / "zoo.yaml", "--ray-address", "auto")
+    assert result.status == 2 and "--ray-address goes with --executor ray" in result.err
+
+
+@pytest.mark.parametrize("doc", ["docs/batch.md", "README.md"])
+def test_the_documented_zoo_files_are_valid(tmp_path, doc):
+    """The ZOO.yaml examples of the docs, with the files they name (load_zoo reads no model)."""
+    from modelxform.batch import load_zoo
+    text = (ROOT / doc).read_text()
+    example = re.search(r"```yaml\n(models:.*?)```", text, re.S).group(1)
+    for name in ("zoo/a.keras", "zoo/big/resnet.keras"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"not loaded by load_zoo")
+    write(tmp_path / "recipes" / "prep.recipe", SCALE)
+    write(tmp_path / "recipes" / "head.recipe", 'append Dense(units=3, name="head")\n')
+    zoo = load_zoo(write(tmp_path / "zoo.yaml", example))
+    outputs = sorted(job.output_name for job in zoo.jobs)
+    if doc == "README.md":
+        assert outputs == ["out/a/prep-factor=0.5.keras", "out/a/prep-factor=0.8.keras",
+                           "out/resnet/prep-factor=0.5.keras", "out/resnet/prep-factor=0.8.keras"]
+    else:
+        assert outputs == ["out/a/head-.keras", "out/a/prep-factor=0.5.keras", "out/a/prep-factor=0.8.keras",
+                           "out/resnet/head-.keras", "out/resnet/prep-factor=0.3.keras"]

@@ -1,0 +1,632 @@
+"""The TensorFlow-free fast path for weight-only recipes (modelxform/fastpath.py).
+
+The engine is the reference: every weight-only statement kind runs through both on the sample CNN, a
+"zoo" model holding every layer class of fastpath.VARIABLE_TABLE that has variables, the nested and
+Sequential samples and six keras.applications architectures (weights=None, small inputs, each built once
+per module), and the two must agree on the report, config.json, every array (bit for bit), the
+provenance record and the bytes of the file.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import FACTORIES, run_cli
+from modelxform import compile_recipe, fastpath
+from modelxform.model_io import load_model, read_provenance, save_model, sha256_file
+from modelxform.provenance import entry, extend
+from modelxform.selectors import walk
+
+keras = pytest.importorskip("keras")
+
+SEED = 11
+
+
+# ---- model files, each built and saved once per module --------------------------------------------------
+
+def _randomize(model, seed):
+    """Distinct, seeded values in every variable (BatchNormalization statistics included), so that an
+    array written in the wrong place, or pruned in the wrong order, cannot go unnoticed."""
+    rng = np.random.default_rng(seed)
+    for info in walk(model):
+        arrays = info.layer.get_weights()
+        if not arrays:
+            continue
+        new = []
+        for a in arrays:
+            if a.dtype.kind == "f":
+                values = rng.uniform(0.5, 1.5, a.shape) * rng.choice([-1, 1], a.shape)
+                if info.type_name == "BatchNormalization" or info.type_name == "Normalization":
+                    values = np.abs(values)  # variances stay positive
+                new.append(values.astype(a.dtype))
+            else:
+                new.append(a)
+        info.layer.set_weights(new)
+
+
+def _zoo():
+    """One layer of every class in fastpath.VARIABLE_TABLE that owns variables, in the flag combinations
+    that change which variables exist, plus float16/float64/mixed_float16 layers and a nested block."""
+    L = keras.layers
+    image = keras.Input((12, 12, 3), name="image")
+    x = L.Conv2D(4, 3, use_bias=False, padding="same", name="conv_nobias")(image)
+    x = L.BatchNormalization(center=False, name="bn_nocenter")(x)
+    x = L.BatchNormalization(scale=False, name="bn_noscale")(x)
+    x = L.DepthwiseConv2D(3, use_bias=True, padding="same", name="depthwise_bias")(x)
+    x = L.SeparableConv2D(6, 3, padding="same", name="separable")(x)
+    x = L.SeparableConv2D(6, 3, padding="same", use_bias=False, name="separable_nobias")(x)
+    x = L.Conv2DTranspose(4, 3, name="transpose")(x)
+    x = L.PReLU(name="prelu")(x)
+    x = L.GroupNormalization(groups=2, name="groupnorm")(x)
+    x = L.GroupNormalization(groups=2, center=False, name="groupnorm_nocenter")(x)
+    x = L.Conv3D(2, 1, name="conv3d")(L.Reshape((14, 14, 4, 1), name="to_3d")(x))
+    x = L.Conv3DTranspose(2, 1, use_bias=False, name="transpose3d")(x)
+    x = L.GlobalAveragePooling3D(name="gap3d")(x)
+    tokens = keras.Input((7,), dtype="int32", name="tokens")
+    t = L.Embedding(20, 6, name="embedding")(tokens)
+    t = L.Conv1D(5, 3, name="conv1d")(t)
+    t = L.SeparableConv1D(5, 3, name="separable1d")(t)
+    t = L.DepthwiseConv1D(2, name="depthwise1d")(t)
+    t = L.Conv1DTranspose(4, 2, name="transpose1d")(t)
+    t = L.LayerNormalization(name="layernorm")(t)
+    t = L.LayerNormalization(center=False, name="layernorm_nocenter")(t)
+    t = L.RMSNormalization(name="rmsnorm")(t)
+    t = L.GlobalMaxPooling1D(name="gmp1d")(t)
+    block = keras.Sequential([keras.Input((6,)), L.Dense(6, name="block_dense"),
+                              L.BatchNormalization(name="block_bn")], name="block")
+    h = L.Concatenate(name="concat")([x, t])
+    h = L.Normalization(name="normalization")(h)
+    h = L.Dense(6, name="dense")(h)
+    h = block(h)
+    h = L.Dense(5, dtype="float64", name="dense_f64")(h)
+    h = L.Dense(5, dtype="float16", name="dense_f16")(h)
+    h = L.Dense(4, dtype="mixed_float16", name="dense_mixed")(h)
+    out = L.Dense(3, use_bias=False, name="head")(h)
+    return keras.Model([image, tokens], out, name="zoo")
+
+
+def _applications():
+    A = keras.applications
+    small = dict(input_shape=(32, 32, 3), weights=None, classes=10)
+    return {"vgg16": lambda: A.VGG16(**small), "resnet50": lambda: A.ResNet50(**small),
+            "mobilenetv2": lambda: A.MobileNetV2(**small), "densenet121": lambda: A.DenseNet121(**small),
+            "inceptionv3": lambda: A.InceptionV3(input_shape=(75, 75, 3), weights=None, classes=10),
+            "efficientnetb0": lambda: A.EfficientNetB0(**small)}
+
+
+BUILDERS = {"cnn": FACTORIES["cnn"], "sequential": FACTORIES["sequential"], "nested": FACTORIES["nested"],
+            "zoo": _zoo, **_applications()}
+
+
+class Subject:
+    """A model file and the model loaded from it (as the CLI would load it)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.model = load_model(path)
+        self.layers = walk(self.model)
+
+
+@pytest.fixture(scope="module")
+def subjects(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fast-models")
+    cache: dict[str, Subject] = {}
+
+    def get(name: str) -> Subject:
+        if name not in cache:
+            model = BUILDERS[name]()
+            _randomize(model, len(cache) + 1)
+            path = folder / f"{name}.keras"
+            save_model(model, path)  # as a user's file: fresh from Keras, no provenance
+            cache[name] = Subject(path)
+        return cache[name]
+    return get
+
+
+# ---- the engine as reference ----------------------------------------------------------------------------
+
+def engine_apply(subject, recipe, out, seed=SEED, params=None):
+    new_model, report = recipe.apply(subject.model, seed=seed, params=params)
+    record = extend(read_provenance(subject.path), entry(recipe, report, sha256_file(subject.path)))
+    save_model(new_model, out, provenance=record)
+    return report
+
+
+def h5_arrays(path) -> dict[str, np.ndarray]:
+    import h5py
+    with zipfile.ZipFile(path) as zf:
+        data = zf.read("model.weights.h5")
+    out = {}
+    with h5py.File(io.BytesIO(data), "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if hasattr(obj, "shape") else None)
+    return out
+
+
+def member(path, name) -> bytes:
+    with zipfile.ZipFile(path) as zf:
+        return zf.read(name)
+
+
+def assert_same_result(fast_out, engine_out, source):
+    """Identical config.json, every array bit-identical, identical provenance, identical bytes."""
+    assert member(fast_out, "config.json") == member(engine_out, "config.json")
+    fast, engine = h5_arrays(fast_out), h5_arrays(engine_out)
+    assert fast.keys() == engine.keys()
+    for key in engine:
+        assert fast[key].dtype == engine[key].dtype and fast[key].shape == engine[key].shape, key
+        assert fast[key].tobytes() == engine[key].tobytes(), f"{key} differs"
+    assert json.loads(member(fast_out, "modelxform.json")) == json.loads(member(engine_out, "modelxform.json"))
+    assert member(fast_out, "metadata.json") == member(engine_out, "metadata.json")
+    assert fast_out.read_bytes() == engine_out.read_bytes()
+    # and the recipe did change something, so that agreeing means something
+    before = h5_arrays(source)
+    assert any(before[k].tobytes() != engine[k].tobytes() for k in engine)
+
+
+def differential(subject, text, tmp_path, seed=SEED, params=None):
+    recipe = compile_recipe(text, "fast.recipe")
+    fast_out, engine_out = tmp_path / "fast.keras", tmp_path / "engine.keras"
+    with _declines() as reasons:
+        report = fastpath.try_apply(recipe, subject.path, fast_out, seed, params or {}, False)
+    assert report is not None, f"the fast path declined a weight-only recipe: {reasons}"
+    engine_report = engine_apply(subject, recipe, engine_out, seed, params)
+    assert report.to_dict() == engine_report.to_dict()
+    assert report.summary == (len(subject.layers), int(subject.model.count_params()))
+    assert_same_result(fast_out, engine_out, subject.path)
+    # a plan (dry run) reports the same and writes nothing
+    dry_out = tmp_path / "dry.keras"
+    plan = fastpath.try_apply(recipe, subject.path, dry_out, seed, params or {}, True)
+    assert plan is not None and not dry_out.exists()
+    assert plan.to_dict() == recipe.plan(subject.model, seed=seed, params=params).to_dict()
+    return report
+
+
+@contextlib.contextmanager
+def _declines():
+    """Collects the fast path's reasons for declining (its debug log)."""
+    import logging
+    reasons: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: reasons.append(record.getMessage())
+    logger = logging.getLogger("modelxform.fastpath")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield reasons
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def recipe_for(layers) -> str:
+    """Every weight-only statement kind, with selections that exist in this model (derived from it)."""
+    weighted = [i for i in layers if i.layer.weights]
+    has = lambda name: [i for i in weighted if any(v.name == name for v in i.layer.weights)]  # noqa: E731
+    types = collections.Counter(i.type_name for i in layers)
+    dense = [i for i in layers if i.type_name == "Dense"]
+    biased = has("bias")
+    first_name = weighted[0].name
+    params = sorted(i.params() for i in weighted)
+    median = params[len(params) // 2]
+    lines = [
+        'recipe "fast-differential" version "1.0.0"',
+        "seed 5",
+        "param factor = 0.75",
+        "param sparsity = 30",
+        "param c = 0.1",
+        "select all",
+        "freeze",
+        f'select "{first_name[:3]}*"',
+        "unfreeze",
+        "select random 25% where has weights and params > 100",
+        "scale weights $factor",
+        f"select where has weights and params >= {median}",
+        "add noise normal(stddev=0.01) to kernel",
+        "add noise normal(stddev=0.01) to kernel",
+        f"select random {min(3, len(weighted))} where has weights",
+        "add noise uniform(low=-0.01, high=0.01) to weights",
+        f"select last {min(3, len(weighted))} where has weights",
+        "clip weights -0.9 0.9",
+        "prune weights 50%",
+        "select where type=Dense",
+        f"assert count == {len(dense)}",
+        "prune kernel $sparsity%",
+        f"select layer {biased[-1].path}",
+        "set bias to zeros",
+        "set bias to ones",
+        "set bias to constant($c)",
+        f'select where name ~ "^{re.escape(biased[0].name)}$"',
+        "set bias to Constant(value=-2)",
+        "set bias to constant(3)",
+        "select first 1 where trainable and has weights",
+        "freeze",
+        "select where not trainable and type=Dense",
+        "unfreeze",
+    ]
+    if types["BatchNormalization"]:
+        lines += [f"select random {min(3, types['BatchNormalization'])} where type=BatchNormalization",
+                  "scale moving_variance 1.5", "add noise normal(mean=0.1, stddev=0.001) to moving_mean",
+                  "set beta to zeros", "clip weights 0.6 1.4"]
+    if types["DepthwiseConv2D"]:
+        lines += ["select type DepthwiseConv2D", "prune kernel 20%"]
+    return "\n".join(lines) + "\n"
+
+
+# ---- differential tests ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cnn", "nested", "sequential", "zoo"])
+def test_small_models_agree_with_the_engine(subjects, name, tmp_path):
+    subject = subjects(name)
+    differential(subject, recipe_for(subject.layers), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(_applications()))
+def test_applications_agree_with_the_engine(subjects, name, tmp_path):
+    subject = subjects(name)
+    report = differential(subject, recipe_for(subject.layers), tmp_path)
+    assert any(s.changes for s in report.statements)
+
+
+@pytest.mark.parametrize("name", ["cnn", "zoo"])
+def test_spilled_arrays_agree_with_the_engine(subjects, name, tmp_path, monkeypatch):
+    """With no memory floor, assigned arrays beyond the largest one read go to the spill file (and an
+    array assigned twice is read back from it)."""
+    monkeypatch.setattr(fastpath.Archive, "SPILL_FLOOR", 0)
+    spills = []
+    real = fastpath.tempfile.TemporaryFile
+    monkeypatch.setattr(fastpath.tempfile, "TemporaryFile", lambda *a, **k: spills.append(1) or real(*a, **k))
+    subject = subjects(name)
+    differential(subject, recipe_for(subject.layers), tmp_path)
+    assert spills
+
+
+def test_zoo_every_variable_of_every_class(subjects, tmp_path):
+    """`weights` reaches every float variable of every class (float16/64 and mixed included), explicit
+    names reach the rest, and constants narrow through float32 as keras.initializers.Constant does."""
+    subject = subjects("zoo")
+    text = ("param v = 0.3333333333333333\nselect all\nscale weights 0.5\nadd noise normal(stddev=0.1) to weights\n"
+            "select type Normalization\nscale count 2\nscale variance 3\n"
+            "select where has weights\nset weights to constant(0.1)\n"
+            "select dense_f16, dense_f64\nset bias to constant($v)\nclip kernel -0.3 0.3\n")
+    report = differential(subject, text, tmp_path)
+    touched = {line.split(":")[0] for s in report.statements[1:3] for line in s.changes}
+    assert [str(s.statement) for s in report.statements[1:3]] == ["scale weights 0.5",
+                                                                  "add noise normal(stddev=0.1) to weights"]
+    assert touched == {i.path for i in subject.layers if i.layer.weights}
+    f64 = h5_arrays(tmp_path / "fast.keras")
+    bias64 = [a for k, a in f64.items() if a.dtype == np.float64 and a.ndim == 1]
+    # keras.initializers.Constant casts a Python float to float32 first, then to the variable's dtype
+    assert bias64 and all(np.all(a == np.float64(np.float32(1 / 3))) for a in bias64)
+    assert all(np.all(a != 1 / 3) for a in bias64)
+
+
+def test_chained_fast_outputs_match_a_chained_engine(subjects, tmp_path):
+    """A fast-path output (config already normalised, provenance present) as the input of another run."""
+    subject = subjects("cnn")
+    first = compile_recipe("select where type=Dense\nscale kernel 0.5\n", "one.recipe")
+    second = compile_recipe("select all\nfreeze\nselect random where has weights\nadd noise uniform() to bias\n",
+                            "two.recipe")
+    mid_fast, mid_engine = tmp_path / "mid_fast.keras", tmp_path / "mid_engine.keras"
+    assert fastpath.try_apply(first, subject.path, mid_fast, SEED, {}, False) is not None
+    engine_apply(subject, first, mid_engine)
+    assert mid_fast.read_bytes() == mid_engine.read_bytes()
+    out_fast, out_engine = tmp_path / "out_fast.keras", tmp_path / "out_engine.keras"
+    assert fastpath.try_apply(second, mid_fast, out_fast, SEED, {}, False) is not None
+    engine_apply(Subject(mid_engine), second, out_engine)
+    assert_same_result(out_fast, out_engine, mid_engine)
+    assert len(read_provenance(out_fast)["chain"]) == 2
+
+
+def test_in_place_and_params_through_the_cli(subjects, tmp_path, monkeypatch):
+    """The CLI prints the same report either way; --in-place replaces the input atomically."""
+    subject = subjects("cnn")
+    recipe = tmp_path / "p.recipe"
+    recipe.write_text("param f = 0.5\nselect where type=Dense\nscale kernel $f\nselect all\nfreeze\n")
+    model = tmp_path / "m.keras"
+    model.write_bytes(subject.path.read_bytes())
+    fast = run_cli("apply", recipe, model, "--in-place", "--seed", "3", "--param", "f=0.25")
+    assert fast.status == 0, fast.err
+    fast_bytes = model.read_bytes()
+    model.write_bytes(subject.path.read_bytes())
+    monkeypatch.setenv(fastpath.DISABLE_ENV, "0")
+    slow = run_cli("apply", recipe, model, "--in-place", "--seed", "3", "--param", "f=0.25")
+    assert slow.status == 0, slow.err
+    assert fast.out == slow.out and "× 0.25" in fast.out
+    assert fast_bytes == model.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.keras", "p.recipe"]
+
+
+def test_cli_json_report_and_verify(subjects, tmp_path, monkeypatch):
+    subject = subjects("cnn")
+    recipe = tmp_path / "j.recipe"
+    recipe.write_text("select random 2 where has weights\nadd noise normal(stddev=0.1) to weights\n")
+    out = tmp_path / "out.keras"
+    fast = run_cli("apply", recipe, subject.path, "-o", out, "--json")
+    assert fast.status == 0, fast.err
+    verified = run_cli("verify", out, "--input", subject.path)  # re-made by the engine: identical bytes
+    assert verified.status == 0, verified.out + verified.err
+    monkeypatch.setenv(fastpath.DISABLE_ENV, "0")
+    slow = run_cli("apply", recipe, subject.path, "-o", tmp_path / "slow.keras", "--json")
+    assert json.loads(fast.out) | {"output": None} == json.loads(slow.out) | {"output": None}
+    assert out.read_bytes() == (tmp_path / "slow.keras").read_bytes()
+
+
+def test_versions_recorded_without_keras_are_keras_own():
+    from modelxform.provenance import library_versions
+    assert fastpath.library_versions() == library_versions()
+
+
+def test_entry_matches_provenance_entry(subjects):
+    subject = subjects("cnn")
+    recipe = compile_recipe('recipe "r" version "2"\nparam p = 25\nselect where type=Dense\nprune kernel $p%\n')
+    _, report = recipe.apply(subject.model, seed=1)
+    assert fastpath.entry(recipe, report, "abc", fastpath.library_versions()) == entry(recipe, report, "abc")
+
+
+# ---- the table of variable names ---------------------------------------------------------------------
+
+def _table_cases():
+    L = keras.layers
+    return [
+        (lambda: L.Dense(3), (2, 4)), (lambda: L.Dense(3, use_bias=False), (2, 4)),
+        (lambda: L.Conv1D(3, 2), (1, 5, 2)), (lambda: L.Conv2D(3, 2, use_bias=False), (1, 5, 5, 2)),
+        (lambda: L.Conv3D(3, 2), (1, 4, 4, 4, 2)), (lambda: L.Conv1DTranspose(3, 2), (1, 5, 2)),
+        (lambda: L.Conv2DTranspose(3, 2), (1, 5, 5, 2)),
+        (lambda: L.Conv3DTranspose(3, 2, use_bias=False), (1, 4, 4, 4, 2)),
+        (lambda: L.DepthwiseConv1D(2), (1, 5, 2)), (lambda: L.DepthwiseConv2D(2, use_bias=False), (1, 5, 5, 2)),
+        (lambda: L.SeparableConv1D(3, 2), (1, 5, 2)), (lambda: L.SeparableConv2D(3, 2, use_bias=False), (1, 5, 5, 2)),
+        (lambda: L.BatchNormalization(), (1, 4)), (lambda: L.BatchNormalization(center=False), (1, 4)),
+        (lambda: L.BatchNormalization(scale=False, center=False), (1, 4)),
+        (lambda: L.LayerNormalization(), (1, 4)), (lambda: L.LayerNormalization(center=False), (1, 4)),
+        (lambda: L.LayerNormalization(scale=False), (1, 4)),
+        (lambda: L.GroupNormalization(groups=2), (1, 4)), (lambda: L.GroupNormalization(groups=2, scale=False), (1, 4)),
+        (lambda: L.RMSNormalization(), (1, 4)), (lambda: L.Embedding(10, 3), (1, 5)), (lambda: L.PReLU(), (1, 4)),
+        (lambda: L.Normalization(), (1, 4)), (lambda: L.Normalization(mean=0.0, variance=1.0), (1, 4)),
+        (lambda: L.Activation("relu"), (1, 4)), (lambda: L.ActivityRegularization(), (1, 4)),
+        (lambda: L.Add(), [(1, 4), (1, 4)]), (lambda: L.AlphaDropout(0.5), (1, 4)),
+        (lambda: L.Average(), [(1, 4), (1, 4)]),
+        (lambda: L.AveragePooling1D(2), (1, 4, 2)), (lambda: L.AveragePooling2D(2), (1, 4, 4, 2)),
+        (lambda: L.AveragePooling3D(2), (1, 4, 4, 4, 2)), (lambda: L.Concatenate(), [(1, 4), (1, 4)]),
+        (lambda: L.Cropping1D(1), (1, 4, 2)), (lambda: L.Cropping2D(1), (1, 4, 4, 2)),
+        (lambda: L.Cropping3D(1), (1, 4, 4, 4, 2)), (lambda: L.Dot(axes=1), [(1, 4), (1, 4)]),
+        (lambda: L.Dropout(0.5, seed=3), (1, 4)), (lambda: L.ELU(), (1, 4)), (lambda: L.Flatten(), (1, 2, 2)),
+        (lambda: L.GaussianDropout(0.5), (1, 4)), (lambda: L.GaussianNoise(0.1), (1, 4)),
+        (lambda: L.GlobalAveragePooling1D(), (1, 4, 2)), (lambda: L.GlobalAveragePooling2D(), (1, 4, 4, 2)),
+        (lambda: L.GlobalAveragePooling3D(), (1, 4, 4, 4, 2)), (lambda: L.GlobalMaxPooling1D(), (1, 4, 2)),
+        (lambda: L.GlobalMaxPooling2D(), (1, 4, 4, 2)), (lambda: L.GlobalMaxPooling3D(), (1, 4, 4, 4, 2)),
+        (lambda: L.Identity(), (1, 4)), (lambda: L.LeakyReLU(), (1, 4)), (lambda: L.Masking(), (1, 4, 2)),
+        (lambda: L.MaxPooling1D(2), (1, 4, 2)), (lambda: L.MaxPooling2D(2), (1, 4, 4, 2)),
+        (lambda: L.MaxPooling3D(2), (1, 4, 4, 4, 2)), (lambda: L.Maximum(), [(1, 4), (1, 4)]),
+        (lambda: L.Minimum(), [(1, 4), (1, 4)]), (lambda: L.Multiply(), [(1, 4), (1, 4)]),
+        (lambda: L.Permute((2, 1)), (1, 4, 2)), (lambda: L.ReLU(), (1, 4)), (lambda: L.RepeatVector(2), (1, 4)),
+        (lambda: L.Rescaling(0.5), (1, 4)), (lambda: L.Reshape((2, 2)), (1, 4)), (lambda: L.Softmax(), (1, 4)),
+        (lambda: L.SpatialDropout1D(0.5), (1, 4, 2)), (lambda: L.SpatialDropout2D(0.5), (1, 4, 4, 2)),
+        (lambda: L.SpatialDropout3D(0.5), (1, 4, 4, 4, 2)), (lambda: L.Subtract(), [(1, 4), (1, 4)]),
+        (lambda: L.UnitNormalization(), (1, 4)), (lambda: L.UpSampling1D(), (1, 4, 2)),
+        (lambda: L.UpSampling2D(), (1, 4, 4, 2)), (lambda: L.UpSampling3D(), (1, 4, 4, 4, 2)),
+        (lambda: L.ZeroPadding1D(), (1, 4, 2)), (lambda: L.ZeroPadding2D(), (1, 4, 4, 2)),
+        (lambda: L.ZeroPadding3D(), (1, 4, 4, 4, 2)),
+    ]
+
+
+def test_variable_table_matches_keras():
+    """For every class in the table, the names it gives are the built layer's variables in order (the
+    order model.weights.h5 stores them in), and every class in the table is exercised here."""
+    seen = set()
+    for make, shape in _table_cases():
+        layer = make()
+        layer.build(shape)
+        name = type(layer).__name__
+        seen.add(name)
+        assert fastpath.variable_names(name, layer.get_config()) == [v.name for v in layer.weights], name
+        if not isinstance(shape, list):  # merge layers (several inputs) have no variables
+            assert fastpath.expected_shapes(name, layer.get_config(), shape) == \
+                [tuple(v.shape) for v in layer.weights], name
+    assert seen == fastpath.VARIABLE_TABLE
+    assert fastpath.variable_names("MultiHeadAttention", {}) is None
+    assert fastpath.variable_names("Dense", {"use_bias": True, "lora_rank": 4}) is None
+    assert fastpath.variable_names("BatchNormalization", {"scale": True, "center": True, "renorm": True}) is None
+
+
+# ---- when the fast path declines ------------------------------------------------------------------------
+
+OTHER = "statements other than weight-only ones"
+DECLINED_RECIPES = [
+    ("select all\nreinit weights\n", OTHER),
+    ("select where type=Dense\nset kernel to he_normal\n", OTHER),
+    ("select where type=Dense\nset bias to constant(True)\n", "a non-numeric constant"),
+    ("select where type=Dense\nset bias to zeros(1)\n", "takes no arguments"),
+    ("replace MaxPooling2D with AveragePooling2D\n", OTHER),
+    ("tap conv2d_1\n", OTHER),
+    ("select all\nassert params < 1M\n", OTHER),
+    ("assert output shape == (None, 10)\n", OTHER),
+    # errors: the engine reports them, in its words
+    ("select where type=Conv3D\nfreeze\n", "ApplyError"),
+    ("select all\nassert count == 99\n", "AssertionFailed"),
+    ("select where type=Flatten\nscale weights 2\n", "ApplyError"),
+]
+
+
+@pytest.mark.parametrize("text,reason", DECLINED_RECIPES)
+def test_declines_recipes_it_cannot_promise(subjects, tmp_path, text, reason):
+    recipe = compile_recipe(text, "no.recipe")
+    out = tmp_path / "out.keras"
+    with _declines() as reasons:
+        assert fastpath.try_apply(recipe, subjects("cnn").path, out, SEED, {}, False) is None
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert len(reasons) == 1 and reason in reasons[0], reasons
+
+
+def _custom_layer_file(path):
+    @keras.saving.register_keras_serializable(package="mxtest_fast")
+    class Twice(keras.layers.Layer):
+        def call(self, x):
+            return 2 * x
+    inp = keras.Input((3,))
+    save_model(keras.Model(inp, Twice(name="twice")(keras.layers.Dense(2, name="d")(inp))), path)
+
+
+def _lambda_file(path):
+    inp = keras.Input((3,))
+    keras.Model(inp, keras.layers.Lambda(lambda x: x + 1, name="plus")(inp)).save(path)
+
+
+def _compiled_file(path):
+    model = FACTORIES["sequential"]()
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(np.zeros((2, 8)), np.zeros((2, 4)), verbose=0)
+    model.save(path)
+
+
+def _shared_policy_file(path):
+    """A regularizer object shared by two layers: Keras shares it again on load (not a dtype policy)."""
+    reg = keras.regularizers.L2(0.01)
+    inp = keras.Input((3,))
+    x = keras.layers.Dense(3, kernel_regularizer=reg, name="a")(inp)
+    save_model(keras.Model(inp, keras.layers.Dense(3, kernel_regularizer=reg, name="b")(x)), path)
+
+
+def _h5_file(path):
+    save_model(FACTORIES["shared"](), path.with_suffix(".h5"))
+    return path.with_suffix(".h5")
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda p: save_model(FACTORIES["subclassed"](), p), "not a functional or Sequential model"),
+    (_h5_file, "not a .keras file"),
+    (_custom_layer_file, "layer class Twice"),
+    (_lambda_file, "layer class Lambda"),
+    (_compiled_file, "a compiled one"),
+    (_shared_policy_file, "shared objects other than dtype policies"),
+    (lambda p: p.write_bytes(b"not a zip") and None, "BadZipFile"),
+], ids=["subclassed", "h5-input", "custom-layer", "lambda", "compiled", "shared-regularizer", "not-a-zip"])
+def test_declines_files_it_cannot_promise(tmp_path, make, reason):
+    path = make(tmp_path / "model.keras") or tmp_path / "model.keras"
+    recipe = compile_recipe("select all\nfreeze\n")
+    out = tmp_path / "out.keras"
+    with _declines() as reasons:
+        assert fastpath.try_apply(recipe, path, out, SEED, {}, False) is None
+    assert not out.exists()
+    assert len(reasons) == 1 and reason in reasons[0], reasons
+
+
+def test_declines_arrays_that_do_not_fit_the_config(subjects, tmp_path):
+    """Keras refuses to load an archive whose arrays do not fit its config; the fast path must not
+    write one from it either."""
+    source = subjects("cnn").path
+    damaged = tmp_path / "damaged.keras"
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(damaged, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                layer = next(l for l in config["config"]["layers"] if l["config"]["name"] == "dense_3")
+                layer["config"]["units"] += 1
+                data = json.dumps(config).encode()
+            dst.writestr(info, data)
+    recipe = compile_recipe("select where type=Dense\nscale kernel 0.5\n")
+    with _declines() as reasons:
+        assert fastpath.try_apply(recipe, damaged, tmp_path / "out.keras", SEED, {}, False) is None
+    assert len(reasons) == 1 and "dense_3: kernel has shape (16, 10) in the file" in reasons[0], reasons
+    recipe_file = tmp_path / "s.recipe"
+    recipe_file.write_text("select where type=Dense\nscale kernel 0.5\n")
+    r = run_cli("apply", recipe_file, damaged, "-o", tmp_path / "out.keras")
+    assert r.status == 3 and "dense_3" in r.err, r.err
+    assert not (tmp_path / "out.keras").exists()
+
+
+def test_a_full_disk_while_spilling_means_the_keras_path(subjects, tmp_path, monkeypatch, caplog):
+    """A spill file that cannot be written is no defect: the Keras path takes over, and nothing (no
+    warning, no traceback) reaches the user."""
+    import errno
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fastpath.Archive, "SPILL_FLOOR", 0)
+    monkeypatch.setattr(fastpath, "_write_all", full)
+    subject = subjects("cnn")
+    recipe = compile_recipe(recipe_for(subject.layers))
+    with _declines() as reasons, caplog.at_level("DEBUG"):
+        assert fastpath.try_apply(recipe, subject.path, tmp_path / "out.keras", SEED, {}, False) is None
+    assert len(reasons) == 1 and "No space left on device" in reasons[0], reasons
+    assert [r for r in caplog.records if r.levelno >= 30] == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_writing_leaves_the_previous_output(subjects, tmp_path, monkeypatch):
+    import errno
+
+    from modelxform.errors import ModelFileError
+    real, calls = fastpath._copy_range, []
+
+    def fail_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args)
+    monkeypatch.setattr(fastpath, "_copy_range", fail_second)
+    out = tmp_path / "out.keras"
+    out.write_bytes(b"previous output")
+    recipe = compile_recipe("select where type=Dense\nscale kernel 0.5\n")
+    with pytest.raises(ModelFileError, match="out.keras: cannot write: No space left on device"):
+        fastpath.try_apply(recipe, subjects("cnn").path, out, SEED, {}, False)
+    assert out.read_bytes() == b"previous output"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.keras"]
+
+
+def test_declines_h5_output_other_backend_and_when_disabled(subjects, tmp_path, monkeypatch):
+    recipe = compile_recipe("select all\nfreeze\n")
+    path = subjects("cnn").path
+    assert fastpath.try_apply(recipe, path, tmp_path / "out.h5", SEED, {}, False) is None
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    assert fastpath.try_apply(recipe, path, tmp_path / "out.keras", SEED, {}, False) is None
+    monkeypatch.delenv("KERAS_BACKEND")
+    monkeypatch.setenv(fastpath.DISABLE_ENV, "0")
+    assert fastpath.try_apply(recipe, path, tmp_path / "out.keras", SEED, {}, False) is None
+    monkeypatch.delenv(fastpath.DISABLE_ENV)
+    assert fastpath.try_apply(recipe, path, tmp_path / "out.keras", SEED, {}, False) is not None
+    assert list(p.name for p in tmp_path.iterdir()) == ["out.keras"]
+
+
+# ---- no TensorFlow --------------------------------------------------------------------------------------
+
+NO_TF_PROBE = """\
+import sys
+from modelxform.cli import main
+status = main(sys.argv[1:])
+print("STATUS", status)
+print("LOADED", "tensorflow" in sys.modules, "keras" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("command", ["apply", "plan"])
+def test_weight_only_apply_and_plan_do_not_import_tensorflow(subjects, tmp_path, command):
+    subject = subjects("cnn")
+    recipe = tmp_path / "w.recipe"
+    recipe.write_text("select where type=Dense\nscale kernel 0.8\nselect all\nfreeze\n"
+                      "select where type=Conv2D\nset bias to constant(0.1)\nassert count == 2\n")
+    argv = ["apply", recipe.name, str(subject.path), "-o", "out.keras"] if command == "apply" else \
+        ["plan", recipe.name, str(subject.path)]
+    proc = subprocess.run([sys.executable, "-c", NO_TF_PROBE, *argv], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "STATUS 0" in proc.stdout, proc.stdout + proc.stderr
+    assert "LOADED False False" in proc.stdout, proc.stdout
+    assert "dense_1: kernel (1936, 32) × 0.8" in proc.stdout
+    if command == "apply":
+        out = tmp_path / "out.keras"
+        assert zipfile.is_zipfile(out) and "modelxform.json" in zipfile.ZipFile(out).namelist()
+        assert np.all(~np.array([l.trainable for l in load_model(out).layers if l.weights]))
+    else:
+        assert "dry run: nothing was written" in proc.stdout

@@ -50,8 +50,8 @@ from .errors import ModelFileError, ModelxformError
 from .passes import PASSES, StatementReport
 from .passes import checks as _checks  # noqa: F401  (registers assert count)
 from .passes import weights as _weights
-from .runner import Context, Params, Report, _abbrev, effective_seed, resolve_params
-from .selectors import LayerInfo, resolve_selector
+from .runner import Context, Params, Report, effective_seed, resolve_params, select
+from .selectors import LayerInfo
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ def _pass_for(stmt):
 
 
 def _run(recipe, archive: "Archive", seed, params, dry_run: bool) -> FastReport:
-    """runner.run's statement loop over the archive's layers (the select branch is the same code)."""
+    """runner.run's statement loop over the archive's layers (select is runner.select itself)."""
     values = Params(resolve_params(recipe, params))
     seed_value = effective_seed(recipe, seed, values)
     ctx = _FastContext(archive.layers, seed_value, values, dry_run)
@@ -428,12 +428,7 @@ def _run(recipe, archive: "Archive", seed, params, dry_run: bool) -> FastReport:
             continue
         ctx.begin(stmt)
         if isinstance(stmt, ir.Select):
-            infos = resolve_selector(stmt.selector, ctx.current_model(), ctx.layers(), values,
-                                     lambda: ctx.rng(stmt), stmt.span)
-            ctx.selection = [i.path for i in infos]
-            report.statements.append(StatementReport(stmt, layers=list(ctx.selection),
-                                                     notes=[f"{len(infos)} layer{'s' if len(infos) != 1 else ''}: "
-                                                            + _abbrev([i.path for i in infos])]))
+            report.statements.append(select(ctx, stmt))
             continue
         report.statements.append(_pass_for(stmt)(ctx, stmt))
     return report

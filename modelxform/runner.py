@@ -298,6 +298,16 @@ def _attach_sources(exc: ModelxformError, recipe) -> None:
     exc.source = exc.diagnostics[0].source
 
 
+def select(ctx, stmt: ir.Select) -> StatementReport:
+    """``select …``: resolve the selector against the current layers and make it the selection."""
+    infos = resolve_selector(stmt.selector, ctx.current_model(), ctx.layers(), ctx.params,
+                             lambda: ctx.rng(stmt), stmt.span)
+    ctx.selection = [i.path for i in infos]
+    return StatementReport(stmt, layers=list(ctx.selection),
+                           notes=[f"{len(infos)} layer{'s' if len(infos) != 1 else ''}: "
+                                  + _abbrev([i.path for i in infos])])
+
+
 def _run_statements(recipe, ctx: Context, report: Report, values: Params) -> None:
     if any(isinstance(s, ir.AssertEquivalent) for s in recipe.program.flat()):
         ctx.reference = reference_outputs(ctx.model, ctx.seed)
@@ -306,12 +316,7 @@ def _run_statements(recipe, ctx: Context, report: Report, values: Params) -> Non
             continue
         ctx.begin(stmt)
         if isinstance(stmt, ir.Select):
-            infos = resolve_selector(stmt.selector, ctx.current_model(), ctx.layers(), values,
-                                     lambda: ctx.rng(stmt), stmt.span)
-            ctx.selection = [i.path for i in infos]
-            report.statements.append(StatementReport(stmt, layers=list(ctx.selection),
-                                                     notes=[f"{len(infos)} layer{'s' if len(infos) != 1 else ''}: "
-                                                            + _abbrev([i.path for i in infos])]))
+            report.statements.append(select(ctx, stmt))
             continue
         if not stmt.structural:
             ctx.flush()

@@ -37,11 +37,13 @@ class Outcome:
     exit_code: int | None = None
     statements: list | None = None
     worker: str | None = None
-    started: float | None = field(default=None, repr=False)
+    started: float | None = field(default=None, repr=False)  # time.perf_counter() when handed to a worker
+    offset: float | None = None  # seconds from the start of the batch to the job's start
 
     def to_dict(self) -> dict:
         return {"model": self.job.model_name, "recipe": self.job.recipe_name, "params": self.job.params,
                 "seed": self.job.seed, "output": self.job.output_name, "status": self.status,
+                "started": None if self.offset is None else round(self.offset, 3),
                 "duration": None if self.duration is None else round(self.duration, 3),
                 "sha256": self.sha256, "error": self.error, "exit_code": self.exit_code,
                 "worker": self.worker}
@@ -100,6 +102,7 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
     """
     workers = workers or os.cpu_count() or 1
     on_event = on_event or (lambda kind, outcome: None)
+    batch_start = time.perf_counter()
     outcomes = [Outcome(job) for job in zoo.jobs]
     if not dry_run and not force:
         hashes = _input_hashes([job.model for job in zoo.jobs])
@@ -118,6 +121,7 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
     def on_start(payload):
         outcome = outcomes[payload["index"]]
         outcome.status, outcome.started = "running", time.perf_counter()
+        outcome.offset = outcome.started - batch_start
         on_event("start", outcome)
 
     def on_result(result):

@@ -181,9 +181,9 @@ def _print_summary(console, zoo, outcomes, elapsed: float) -> int:
         if len(failed) > MAX_FAILED_ROWS:
             console.print(f"… and {len(failed) - MAX_FAILED_ROWS} more failed jobs (--report has them all)")
     totals = collections.Counter(o.status for o in outcomes)
-    console.print(f"{len(outcomes)} jobs: " + ", ".join(f"{totals[s]} {s}" for s in STATUS_ORDER if totals[s] or
-                                                         s in ("done", "skipped", "failed"))
-                  + f" in {elapsed:.1f} s")
+    shown = [s for s in STATUS_ORDER if totals[s] or s in ("done", "skipped", "failed")]
+    console.print(f"{len(outcomes)} job{'s' if len(outcomes) != 1 else ''}: "
+                  + ", ".join(f"{totals[s]} {s}" for s in shown) + f" in {elapsed:.1f} s")
     return ExitCode.OK if not failed and not totals["not run"] else ExitCode.ASSERT_FAILED
 
 

@@ -764,34 +764,7 @@ class Archive:
         the record once the input's digest is known."""
         from . import model_io
 
-        dest = pathlib.Path(output)
-        folder = dest.parent if str(dest.parent) else pathlib.Path(".")
-        if not folder.is_dir():
-            raise ModelFileError(f"{dest}: folder {folder} does not exist")
-        if dest.is_dir():
-            raise ModelFileError(f"{dest}: is a directory")
-        try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=dest.suffix, dir=folder)
-        except OSError as exc:
-            raise ModelFileError(f"{dest}: cannot write in {folder}: {exc.strerror or exc}") from None
-        os.close(fd)
-        tmp = pathlib.Path(tmp_name)
-        try:
-            self._write_zip(tmp, provenance)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644 & ~model_io._umask())
-            os.replace(tmp, dest)
-            model_io._fsync_dir(folder)
-        except ModelFileError:
-            model_io._unlink(tmp)
-            raise
-        except OSError as exc:
-            model_io._unlink(tmp)
-            raise ModelFileError(f"{dest}: cannot write: {exc.strerror or exc}") from None
-        except BaseException:
-            model_io._unlink(tmp)
-            raise
+        model_io.write_atomically(pathlib.Path(output), lambda tmp: self._write_zip(tmp, provenance))
 
     def _write_zip(self, tmp: pathlib.Path, provenance) -> None:
         from . import model_io

@@ -202,7 +202,6 @@ def _normalise_keras_archive(path: pathlib.Path, provenance: dict | None) -> Non
     """Rewrite a .keras zip so that it depends only on the model: Keras stamps the save time into
     metadata.json and the weights member's zip header. Members keep their order and compression;
     the provenance record becomes one more member, which keras.models.load_model ignores."""
-    import json
     moment = build_time()
     stamp = moment.strftime("%Y-%m-%d@%H:%M:%S")
     date_time = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
@@ -278,6 +277,24 @@ def save_model(model, path: str | os.PathLike, provenance: dict | None = None) -
     """
     dest = pathlib.Path(path)
     fmt = model_format(dest)
+
+    def write(tmp: pathlib.Path) -> None:
+        with _quiet():
+            model.save(tmp)
+        if fmt == "keras":
+            _normalise_keras_archive(tmp, provenance)
+        elif provenance is not None:
+            _write_sidecar(dest, provenance)
+    write_atomically(dest, write, failure="cannot save the model")
+
+
+def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``dest``, then sync and rename it over ``dest``.
+
+    A crash leaves the previous ``dest`` or none, never a truncated one; any failure removes the
+    temporary file. OSErrors become ModelFileError; other exceptions do too when ``failure`` names what
+    was being done, else they propagate (the fast path falls back to Keras on them).
+    """
     folder = dest.parent if str(dest.parent) else pathlib.Path(".")
     if not folder.is_dir():
         raise ModelFileError(f"{dest}: folder {folder} does not exist")
@@ -290,16 +307,10 @@ def save_model(model, path: str | os.PathLike, provenance: dict | None = None) -
     os.close(fd)
     tmp = pathlib.Path(tmp_name)
     try:
-        with _quiet():
-            model.save(tmp)
-        if fmt == "keras":
-            _normalise_keras_archive(tmp, provenance)
-        elif provenance is not None:
-            _write_sidecar(dest, provenance)
+        write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        mode = 0o644 & ~_umask()
-        os.chmod(tmp, mode)
+        os.chmod(tmp, 0o644 & ~_umask())
         os.replace(tmp, dest)
         _fsync_dir(folder)
     except ModelFileError:
@@ -310,7 +321,9 @@ def save_model(model, path: str | os.PathLike, provenance: dict | None = None) -
         raise ModelFileError(f"{dest}: cannot write: {exc.strerror or exc}") from None
     except Exception as exc:
         _unlink(tmp)
-        raise ModelFileError(f"{dest}: cannot save the model: {exc}") from exc
+        if failure is None:
+            raise
+        raise ModelFileError(f"{dest}: {failure}: {exc}") from exc
     except BaseException:
         _unlink(tmp)
         raise

@@ -240,6 +240,8 @@ def try_apply(recipe, model_path, output, seed, params, dry_run: bool) -> FastRe
         return _declined("the output is not a .keras file")
     if _keras_backend() != "tensorflow":
         return _declined("Keras is set to another backend")
+    from .model_io import check_readable
+    check_readable(pathlib.Path(model_path))  # model_io.load_model's first check, and its message
     try:
         archive = Archive(model_path)
     except Exception as exc:  # not a file this module can read: Keras reads it, or says what is wrong with it
@@ -324,6 +326,10 @@ class ArchiveLayer:
     def count_params(self) -> int:
         return sum(v.size for v in self.weights)
 
+    def get_weights(self) -> list:
+        """The arrays, as Keras's ``layer.get_weights()`` (graph.transfer_weights reads them so)."""
+        return [v.numpy() for v in self.weights]
+
 
 class ArchiveVariable:
     """A stand-in for a Keras variable whose array lives in the archive: ``numpy()`` reads it,
@@ -342,6 +348,11 @@ class ArchiveVariable:
 
     def numpy(self) -> np.ndarray:
         return self.archive.read(self)
+
+    def take_array(self) -> np.ndarray:
+        """The values, in an array handed over to the caller, who assigns it back (passes/weights.py
+        changes it in place): a pending new array is not copied."""
+        return self.archive.read(self, take=True)
 
     def assign(self, value) -> None:
         self.archive.write(self, value)
@@ -623,6 +634,19 @@ class Archive:
             self._digest = _FileDigest(self._fh.fileno())
             self._digest.start()
 
+    def input_sha256(self) -> str:
+        """The input file's sha256 (started by hash_input, or now)."""
+        self.hash_input()
+        return self._digest.result()
+
+    def current_config(self) -> dict:
+        """The config as it stands: output_config with the trainable flags freeze/unfreeze set."""
+        for layer_info in self.layers:  # the entries belong to output_config
+            config = layer_info.layer.entry["config"]
+            if bool(layer_info.layer.trainable) != config["trainable"]:
+                config["trainable"] = bool(layer_info.layer.trainable)
+        return self.output_config
+
     def close(self) -> None:
         if self._digest is not None:
             self._digest.stop()
@@ -726,10 +750,16 @@ class Archive:
     # adds at most half to the peak; beyond that they go to a spill file, which costs a write and a read.
     SPILL_FLOOR = 64 << 20
 
-    def read(self, var: ArchiveVariable) -> np.ndarray:
+    def read(self, var: ArchiveVariable, take: bool = False) -> np.ndarray:
+        """The variable's current values, in a new array; with ``take``, a new array assigned before is
+        handed over rather than copied (the caller assigns its result back)."""
         pending = self._patches.get(var.key)
         if isinstance(pending, np.ndarray):
-            return pending.copy()
+            if not take:
+                return pending.copy()
+            del self._patches[var.key]
+            self._in_memory -= pending.nbytes
+            return pending
         buffer = np.empty(var.nbytes, np.uint8)  # not bytearray(): that would write every page twice
         if pending is not None:
             _read_exact(self._spill.fileno(), buffer, pending[0])
@@ -772,27 +802,20 @@ class Archive:
         stamp = moment.strftime("%Y-%m-%d@%H:%M:%S")
         date_time = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
 
-        def info(name, compress):  # as model_io._write_members's put()
-            zinfo = zipfile.ZipInfo(name, date_time=date_time)
-            zinfo.compress_type = compress
-            zinfo.create_system = 3
-            zinfo.external_attr = 0o644 << 16
-            return zinfo
+        def info(name, compress):
+            return model_io._member_info(name, date_time, compress)
 
-        for layer_info in self.layers:  # freeze/unfreeze; the entries belong to output_config
-            config = layer_info.layer.entry["config"]
-            if bool(layer_info.layer.trainable) != config["trainable"]:
-                config["trainable"] = bool(layer_info.layer.trainable)
+        config = self.current_config()
         metadata_json = json.dumps({"keras_version": self.keras_version, "date_saved": stamp})
         self.hash_input()
         with zipfile.ZipFile(tmp, "w") as dst:
             dst.writestr(info(METADATA_MEMBER, zipfile.ZIP_STORED), metadata_json.encode())
-            dst.writestr(info(CONFIG_MEMBER, zipfile.ZIP_STORED), json.dumps(self.output_config).encode())
+            dst.writestr(info(CONFIG_MEMBER, zipfile.ZIP_STORED), json.dumps(config).encode())
             zinfo = info(WEIGHTS_MEMBER, zipfile.ZIP_STORED)
             zinfo.file_size = self.h5_size  # what writestr sets before it writes
             with dst.open(zinfo, "w") as out:
                 self._copy_weights(out)
-            record = provenance(self._digest.result())
+            record = provenance(self.input_sha256())
             dst.writestr(info(model_io.PROVENANCE_MEMBER, zipfile.ZIP_DEFLATED),
                          json.dumps(record, indent=1, sort_keys=True).encode())
 

@@ -63,7 +63,8 @@ def import_keras():
     return keras
 
 
-def _check_readable(path: pathlib.Path) -> None:
+def check_readable(path: pathlib.Path) -> None:
+    """The file exists, is a readable, non-empty file; else a ModelFileError saying which."""
     if not path.exists():
         raise ModelFileError(f"{path}: no such file")
     if path.is_dir():
@@ -127,7 +128,7 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
     """Load a .keras or .h5 model with Keras safe mode (unless ``unsafe``), without compiling it."""
     p = pathlib.Path(path)
     fmt = model_format(p)
-    _check_readable(p)
+    check_readable(p)
     keras = import_keras()  # before --import modules, which usually import keras themselves
     import_modules(imports)
     if fmt == "keras" and not zipfile.is_zipfile(p):
@@ -217,15 +218,92 @@ def _normalise_keras_archive(path: pathlib.Path, provenance: dict | None) -> Non
     os.replace(out_path, path)
 
 
+def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None) -> bool:
+    """Write ``model`` to ``path`` as a .keras archive in the normalised form at once, without writing
+    the archive twice (model.save, then _normalise_keras_archive) and without holding the weights file
+    in memory (model.save does, for a model it thinks fits). It takes the steps of
+    keras.src.saving.saving_lib.save_model, with one difference: the weights file is written through a
+    Python file object on disk beside ``path`` (h5py's fileobj driver, as model.save does into memory),
+    then streamed into the zip. So its bytes are the same whatever the machine's free memory, and they
+    are those of model.save for a model that fits in memory (model.save writes a larger model through a
+    temporary file, with h5py's default driver, which lays the file out differently; so does its
+    choice depend on psutil being installed). Returns False, having written nothing, where those steps
+    are not available (another Keras version) or the model saves assets (lookup tables and the like):
+    the caller then saves with model.save and normalises. tests/test_engine.py compares both ways."""
+    import io
+    import json
+    import shutil
+    try:
+        import h5py
+        from keras.src.saving import saving_lib
+        serialize, save_state = saving_lib._serialize_model_as_json, saving_lib._save_state
+        h5_store, disk_store = saving_lib.H5IOStore, saving_lib.DiskIOStore
+    except (ImportError, AttributeError):
+        return False
+
+    class FileStore(h5_store):
+        def __init__(self, fileobj):
+            self._fileobj = fileobj
+            super().__init__(io.BytesIO(), mode="w")  # (the type it accepts for a file object)
+
+        def _get_h5_file(self, path_or_io, mode=None):
+            return h5py.File(self._fileobj, mode=mode or self.mode)
+
+    moment = build_time()
+    stamp = moment.strftime("%Y-%m-%d@%H:%M:%S")
+    date_time = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
+    with tempfile.TemporaryFile(prefix=f".{path.name}.", dir=path.parent) as weights_file:
+        with _quiet():
+            config_json, metadata_json = serialize(model)
+            weights = FileStore(weights_file)
+            assets = disk_store("assets", mode="w")
+            try:
+                save_state(model, weights_store=weights, assets_store=assets, inner_path="",
+                           visited_saveables=set())
+                has_assets = any(files for _, _, files in os.walk(assets.working_dir))
+            finally:
+                weights.close()
+                assets.close()
+        if has_assets:
+            return False
+        weights_size = weights_file.seek(0, os.SEEK_END)
+        weights_file.seek(0)
+        meta = json.loads(metadata_json)
+        if "date_saved" in meta:
+            meta["date_saved"] = stamp
+        with zipfile.ZipFile(path, "w") as dst:
+            put = _member_writer(dst, date_time)
+            put("metadata.json", json.dumps(meta).encode(), zipfile.ZIP_STORED)
+            put("config.json", config_json.encode(), zipfile.ZIP_STORED)
+            info = _member_info("model.weights.h5", date_time, zipfile.ZIP_STORED)
+            info.file_size = weights_size  # what writestr sets before it writes
+            with dst.open(info, "w") as out:
+                shutil.copyfileobj(weights_file, out, 8 << 20)
+            if provenance is not None:
+                put(PROVENANCE_MEMBER, json.dumps(provenance, indent=1, sort_keys=True).encode(),
+                    zipfile.ZIP_DEFLATED)
+    return True
+
+
+def _member_info(name: str, date_time, compress) -> zipfile.ZipInfo:
+    """The zip header of a member of a normalised archive: fixed time, owner-writable file."""
+    info = zipfile.ZipInfo(name, date_time=date_time)
+    info.compress_type = compress
+    info.create_system = 3
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def _member_writer(dst: zipfile.ZipFile, date_time):
+    def put(name, data, compress):
+        dst.writestr(_member_info(name, date_time, compress), data)
+    return put
+
+
 def _write_members(out_path, members, date_time, stamp, provenance) -> None:
     import json
     with zipfile.ZipFile(out_path, "w") as dst:
-        def put(name, data, compress):
-            info = zipfile.ZipInfo(name, date_time=date_time)
-            info.compress_type = compress
-            info.create_system = 3
-            info.external_attr = 0o644 << 16
-            dst.writestr(info, data)
+        put = _member_writer(dst, date_time)
         for info, data in members:
             if info.filename == "metadata.json":
                 meta = json.loads(data)
@@ -279,6 +357,8 @@ def save_model(model, path: str | os.PathLike, provenance: dict | None = None) -
     fmt = model_format(dest)
 
     def write(tmp: pathlib.Path) -> None:
+        if fmt == "keras" and _write_keras_archive(model, tmp, provenance):
+            return
         with _quiet():
             model.save(tmp)
         if fmt == "keras":

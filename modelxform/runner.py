@@ -158,10 +158,19 @@ class Context:
 
     # -- the model -------------------------------------------------------------------------------
     def editor(self, stmt) -> GraphEditor:
-        refuse_subclassed(self.model, f"`{stmt}`", stmt.span)
         if self._editor is None:
+            refuse_subclassed(self.model, f"`{stmt}`", stmt.span)
             self._editor = GraphEditor(self.model, self.seed)
         return self._editor
+
+    def pass_for(self, stmt):
+        """The pass that runs ``stmt`` here (archive_run.ArchiveContext runs some differently)."""
+        return PASSES[type(stmt)]
+
+    def before_rebuild(self):
+        """What a rebuild needs of the model before it: (layer facts by path, output shapes, the
+        LayerInfos holding the weights to carry across)."""
+        return _layer_facts(self.model), _output_shapes(self.model), walk(self.model)
 
     def flush(self) -> None:
         """Rebuild the model from the queued structural edits, if any. A pass must not hold on to an
@@ -171,9 +180,8 @@ class Context:
         editor, pending = self._editor, self._pending
         self._editor, self._pending = None, []
         editor.closed = True
-        before = _layer_facts(self.model)
-        outputs_before = _output_shapes(self.model)
-        new_model = editor.build(self.model)
+        before, outputs_before, old_layers = self.before_rebuild()
+        new_model = editor.build(old_layers)
         self.obligations.update(editor.reshaped)
         after = _layer_facts(new_model)
         outputs_after = _output_shapes(new_model)
@@ -250,7 +258,7 @@ def working_copy(model):
     if kind != "subclassed":
         config = keras.saving.serialize_keras_object(model)
         clone = keras.saving.deserialize_keras_object(config, safe_mode=True)
-        transfer_weights(model, clone, {}, 0)
+        transfer_weights(walk(model), clone, {}, 0)
         return clone
     from .model_io import load_model, save_model
     with tempfile.TemporaryDirectory(prefix="modelxform-") as tmp:
@@ -320,7 +328,7 @@ def _run_statements(recipe, ctx: Context, report: Report, values: Params) -> Non
             continue
         if not stmt.structural:
             ctx.flush()
-        result = PASSES[type(stmt)](ctx, stmt)
+        result = ctx.pass_for(stmt)(ctx, stmt)
         report.statements.append(result)
         if stmt.structural:
             ctx._pending.append(result)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -248,8 +249,12 @@ def test_a_crashing_worker_fails_only_its_job(zoo, monkeypatch):
 
 
 def test_ctrl_c_then_rerun_finishes_only_what_is_left(zoo):
+    # three jobs of a second or more each, so that when the first is written the next is still running
+    (zoo / "slowzoo").mkdir(exist_ok=True)
+    for name in ("m1", "m2", "m3"):
+        shutil.copyfile(zoo / "zoo" / "mobilenet.keras", zoo / "slowzoo" / f"{name}.keras")
     write(zoo / "slow.yaml", """\
-        models: [zoo/cnn.keras, zoo/mobilenet.keras, zoo/sub/nested.keras]
+        models: [slowzoo/m1.keras, slowzoo/m2.keras, slowzoo/m3.keras]
         recipes: [recipes/conv.recipe]
         output: "slow/{model}.keras"
         seed: 1
@@ -257,7 +262,10 @@ def test_ctrl_c_then_rerun_finishes_only_what_is_left(zoo):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "modelxform", "batch", str(zoo / "slow.yaml"), "-j", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True,
+                            # as a terminal's shell would: a test run started in the background (`cmd &`)
+                            # ignores SIGINT, and Python would then never raise KeyboardInterrupt
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stderr:  # like a terminal's Ctrl-C: SIGINT to the whole process group
         lines.append(line)
@@ -276,7 +284,7 @@ def test_ctrl_c_then_rerun_finishes_only_what_is_left(zoo):
     assert result.status == 0, result.err
     status = {os.path.basename(j["output"]): j["status"] for j in report["jobs"]}
     assert status == {name: "skipped" if name in written else "done" for name in status}
-    assert sorted(os.listdir(zoo / "slow")) == ["cnn.keras", "mobilenet.keras", "nested.keras"]
+    assert sorted(os.listdir(zoo / "slow")) == ["m1.keras", "m2.keras", "m3.keras"]
 
 
 def test_dry_run_prints_the_applicability_matrix_and_writes_nothing(zoo):

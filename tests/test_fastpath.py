@@ -191,13 +191,13 @@ def differential(subject, text, tmp_path, seed=SEED, params=None):
 
 
 @contextlib.contextmanager
-def _declines():
-    """Collects the fast path's reasons for declining (its debug log)."""
+def _declines(module: str = "modelxform.fastpath"):
+    """Collects the fast path's (or archive_run's) reasons for declining (its debug log)."""
     import logging
     reasons: list[str] = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = lambda record: reasons.append(record.getMessage())
-    logger = logging.getLogger("modelxform.fastpath")
+    logger = logging.getLogger(module)
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)

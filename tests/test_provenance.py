@@ -167,3 +167,65 @@ def test_noise_of_a_layer_does_not_depend_on_which_other_layers_are_selected():
     b, _ = _apply("select dense_3\nadd noise uniform(low=-1, high=1) to kernel\n")
     assert_bit_identical(weights_by_path(a)["dense_3"], weights_by_path(b)["dense_3"])
     assert not np.array_equal(weights_by_path(a)["dense_3"][0], weights_by_path(make_cnn_cached())["dense_3"][0])
+
+
+# ---- the archive writer: the normalised form written at once -------------------------------------------
+
+@pytest.mark.parametrize("kind", ["cnn", "sequential", "nested", "shared", "multi_io"])
+def test_the_archive_is_written_at_once_as_keras_save_then_normalising_would(tmp_path, kind, monkeypatch):
+    from conftest import FACTORIES
+    from modelxform import model_io
+    model = FACTORIES[kind]()
+    record = {"format": "test", "chain": []}
+    save_model(model, tmp_path / "direct.keras", provenance=record)
+    # the way it was written before: model.save (which, for a model that fits in memory, writes the
+    # weights file into memory with h5py's file-object driver), then the archive rewritten
+    monkeypatch.setattr(model_io, "_write_keras_archive", lambda *args: False)
+    save_model(model, tmp_path / "two-step.keras", provenance=record)
+    assert (tmp_path / "direct.keras").read_bytes() == (tmp_path / "two-step.keras").read_bytes()
+    loaded = load_model(tmp_path / "direct.keras")
+    for path, arrays in weights_by_path(model).items():
+        assert_bit_identical(arrays, weights_by_path(loaded)[path])
+
+
+def test_a_model_with_assets_is_saved_by_keras_and_loads_back(tmp_path):
+    from modelxform import model_io
+    keras = model_io.import_keras()
+    lookup = keras.layers.StringLookup(name="lookup")
+    lookup.adapt(np.array(["a", "b", "c", "a"]))  # an adapted vocabulary is saved as an asset file
+    words = keras.Input((1,), dtype="string", name="words")
+    model = keras.Model(words, lookup(words), name="lookup_model")
+    assert model_io._write_keras_archive(model, tmp_path / "probe.keras", None) is False  # assets: Keras's way
+    assert not (tmp_path / "probe.keras").exists()
+    save_model(model, tmp_path / "m.keras", provenance={"format": "test", "chain": []})
+    with zipfile.ZipFile(tmp_path / "m.keras") as zf:
+        names = zf.namelist()
+    assert names[:3] == ["metadata.json", "config.json", "model.weights.h5"] and names[-1] == PROVENANCE_MEMBER
+    assert any(n.startswith("assets/") for n in names)
+    loaded = load_model(tmp_path / "m.keras")
+    assert loaded.get_layer("lookup").get_vocabulary() == lookup.get_vocabulary()
+    assert sorted(lookup.get_vocabulary()) == ["[UNK]", "a", "b", "c"]
+
+
+def test_noise_drawn_in_blocks_is_the_noise_drawn_at_once(monkeypatch):
+    from modelxform.passes import weights
+    text = "select where type=Dense\nadd noise normal(mean=0.5, stddev=0.1) to kernel\n" \
+           "add noise uniform(low=-1, high=2) to bias\n"
+    whole, _ = _apply(text)
+    monkeypatch.setattr(weights, "NOISE_BLOCK", 7)  # blocks that do not divide any array's size
+    blocks, _ = _apply(text)
+    for path, arrays in weights_by_path(whole).items():
+        assert_bit_identical(arrays, weights_by_path(blocks)[path])
+    # and the noise is there: kernels and biases moved
+    base = weights_by_path(make_cnn_cached())
+    assert not np.array_equal(weights_by_path(whole)["dense_3"][1], base["dense_3"][1])
+
+
+def test_weight_passes_leave_the_input_model_alone():
+    model = make_cnn_cached()
+    before = weights_by_path(model)
+    new, _ = compile_recipe("select all\nscale weights 0.5\nclip weights -0.01 0.01\nprune weights 50%\n"
+                            "add noise normal(stddev=1) to weights\n").apply(model, seed=1)
+    for path, arrays in weights_by_path(model).items():
+        assert_bit_identical(arrays, before[path])
+    assert not np.array_equal(weights_by_path(new)["dense_3"][0], before["dense_3"][0])

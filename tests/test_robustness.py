@@ -972,15 +972,31 @@ def test_unwritable_output_folder_simulated(tmp_path, cnn, monkeypatch, recipe_k
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.keras"]
 
 
-def test_disk_full_while_keras_writes(tmp_path, cnn, monkeypatch, capfd):
-    """ENOSPC half-way through Keras's write: the partial temporary file goes, the old output stays."""
+@pytest.mark.parametrize("writer", ["archive", "keras"])
+def test_disk_full_while_the_model_is_written(tmp_path, cnn, monkeypatch, capfd, writer):
+    """ENOSPC half-way through writing the model — in model_io's archive writer, streaming the weights
+    into the zip, or in Keras's model.save (which writes models that save assets) — the partial temporary
+    file goes, the old output stays."""
+    import shutil
+
     import keras
 
-    def save(self, filepath, *args, **kwargs):
-        with open(filepath, "wb") as fh:
-            fh.write(b"PK\x03\x04 half a zip")
+    from modelxform import model_io
+
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(keras.Model, "save", save)
+    if writer == "archive":
+        def copy_half(src, dst, length=0):
+            dst.write(src.read(1000))  # some of the weights, then the disk is full
+            full()
+        monkeypatch.setattr(shutil, "copyfileobj", copy_half)
+    else:
+        def save(self, filepath, *args, **kwargs):
+            with open(filepath, "wb") as fh:
+                fh.write(b"PK\x03\x04 half a zip")
+            full()
+        monkeypatch.setattr(model_io, "_write_keras_archive", lambda *args: False)
+        monkeypatch.setattr(keras.Model, "save", save)
     recipe = tmp_path / "r.recipe"
     recipe.write_text(STRUCTURAL)
     out = _previous_output(tmp_path)

@@ -66,9 +66,18 @@ def execute(recipe, args, params, output, console, *, dry_run: bool) -> int:
         report = fastpath.try_apply(recipe, args.model, output, args.seed, params, dry_run)
         if report is not None:
             return _print_report(report, args, output, console, dry_run, report.summary, report.summary)
-    model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
-    layers_before, params_before = _summary(model)
-    new_model, report = run_recipe(recipe, model, seed=args.seed, params=params, dry_run=dry_run, copy=False)
+    done = None
+    if not args.imports:  # structural recipes on .keras files: the input model is never built (archive_run.py)
+        from .. import archive_run
+        done = archive_run.try_run(recipe, args.model, args.seed, params, dry_run)
+    if done is not None:
+        new_model, report, (layers_before, params_before), input_sha256 = done
+    else:
+        model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
+        layers_before, params_before = _summary(model)
+        new_model, report = run_recipe(recipe, model, seed=args.seed, params=params, dry_run=dry_run, copy=False)
+        del model  # the working copy became new_model; nothing else needs the input's variables
+        input_sha256 = None
     layers_after, params_after = _summary(new_model)
     if not dry_run and output is not None:
         from ..passes.weights import SUBCLASSED_TRAINABLE_NOTE
@@ -82,7 +91,8 @@ def execute(recipe, args, params, output, console, *, dry_run: bool) -> int:
                              hint="set `trainable` in the model's own code, or rebuild it as a functional model")
         from ..model_io import read_provenance, sha256_file
         from ..provenance import entry, extend
-        record = extend(read_provenance(args.model), entry(recipe, report, sha256_file(args.model)))
+        record = extend(read_provenance(args.model),
+                        entry(recipe, report, input_sha256 or sha256_file(args.model)))
         if savedmodel:
             from ..export import export_savedmodel
             export_savedmodel(new_model, output, provenance=record)

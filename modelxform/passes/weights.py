@@ -39,8 +39,26 @@ def _shape(v) -> str:
     return "(" + ", ".join(str(d) for d in v.shape) + ("," if len(v.shape) == 1 else "") + ")"
 
 
+def _private_array(var) -> np.ndarray:
+    """The variable's values in an array nobody else holds, which a pass may change in place: a Keras
+    variable's ``numpy()`` may share memory with the variable, so it is copied; a fast-path stand-in
+    (fastpath.ArchiveVariable) hands over its own array."""
+    take = getattr(var, "take_array", None)
+    a = take() if take is not None else np.array(var.numpy(), copy=True)
+    if not (a.flags.c_contiguous and a.flags.writeable):  # the passes write through reshape(-1) views
+        a = np.array(a, order="C", copy=True)
+    return a
+
+
+# Arrays are changed in place, and noise is drawn a block at a time, so that a pass holds one array at
+# a time, not two (VGG16's fc1 kernel alone is 392 MiB). numpy's Generator draws the same stream in
+# blocks as at once, so the values do not depend on the block size.
+NOISE_BLOCK = 1 << 20
+
+
 def _map_variables(ctx, stmt, target: str, fn, describe: str) -> StatementReport:
-    """Apply ``fn(info, variable, array) -> new array`` to every targeted variable."""
+    """Apply ``fn(info, variable, array) -> new array`` to every targeted variable; ``array`` is private
+    to the pass, and ``fn`` may change it in place and return it."""
     pairs, missing = _variables(ctx, stmt, target)
     report = StatementReport(stmt)
     for info, var in pairs:
@@ -50,9 +68,10 @@ def _map_variables(ctx, stmt, target: str, fn, describe: str) -> StatementReport
         if isinstance(stmt, (ir.Reinit, ir.Fill)):
             ctx.obligations.pop(info.path, None)
         if not ctx.dry_run:
-            old = np.asarray(var.numpy())
+            old = _private_array(var)
+            dtype = old.dtype
             new = np.asarray(fn(info, var, old))
-            var.assign(new.astype(old.dtype, copy=False))
+            var.assign(new.astype(dtype, copy=False))
     if missing:
         report.notes.append(f"skipped {len(missing)} selected layer(s) without {target!r}: "
                             + ", ".join(i.path for i in missing[:5]) + (" …" if len(missing) > 5 else ""))
@@ -63,8 +82,8 @@ def _map_variables(ctx, stmt, target: str, fn, describe: str) -> StatementReport
 def scale(ctx, stmt: ir.Scale):
     """``select where type=Dense; scale kernel 0.8`` — multiply the arrays by a factor."""
     factor = ctx.number(stmt.factor, stmt)
-    return _map_variables(ctx, stmt, stmt.target, lambda info, var, a: a * np.asarray(factor, a.dtype),
-                          f"× {factor}")
+    return _map_variables(ctx, stmt, stmt.target,
+                          lambda info, var, a: np.multiply(a, np.asarray(factor, a.dtype), out=a), f"× {factor}")
 
 
 @register(ir.AddNoise)
@@ -85,7 +104,11 @@ def add_noise(ctx, stmt: ir.AddNoise):
 
     def fn(info, var, a):
         rng = ctx.rng(stmt, info.path, var.name)
-        return a + draw(rng, a.shape).astype(a.dtype)
+        flat = a.reshape(-1)  # a view: the array is contiguous
+        for start in range(0, flat.size, NOISE_BLOCK):
+            block = flat[start:start + NOISE_BLOCK]
+            block += draw(rng, block.size).astype(a.dtype)
+        return a
     return _map_variables(ctx, stmt, stmt.target, fn, f"+ {dist} noise")
 
 
@@ -145,19 +168,19 @@ def clip(ctx, stmt: ir.Clip):
     if low > high:
         raise ApplyError(f"clip bounds are in the wrong order: {low} > {high}", span=stmt.span)
     return _map_variables(ctx, stmt, stmt.target,
-                          lambda info, var, a: np.clip(a, np.asarray(low, a.dtype), np.asarray(high, a.dtype)),
+                          lambda info, var, a: np.clip(a, np.asarray(low, a.dtype), np.asarray(high, a.dtype), out=a),
                           f"clipped to [{low}, {high}]")
 
 
 def prune_array(a: np.ndarray, percent: float) -> np.ndarray:
-    """Zero the ``percent`` % entries of smallest magnitude (ties broken by position, stably)."""
+    """Zero, in place, the ``percent`` % entries of ``a`` of smallest magnitude (ties broken by position,
+    stably); returns ``a``."""
     k = int(np.floor(a.size * percent / 100.0))
-    if k <= 0:
-        return a.copy()
-    flat = a.reshape(-1).copy()
-    order = np.argsort(np.abs(flat), kind="stable")
-    flat[order[:k]] = 0
-    return flat.reshape(a.shape)
+    if k > 0:
+        flat = a.reshape(-1)  # a view of a contiguous array
+        order = np.argsort(np.abs(flat), kind="stable")
+        flat[order[:k]] = 0
+    return a
 
 
 @register(ir.Prune)

@@ -1,0 +1,176 @@
+"""Structural recipes run from the archive, without building the input model (modelxform/archive_run.py).
+
+The engine on a loaded model is the reference: the same recipes run both ways on the sample models and
+on keras.applications architectures, and must agree on the report (its shape and parameter lines
+included), the model summary, and the bytes of the written file.
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from modelxform import archive_run, compile_recipe, model_io
+from modelxform.errors import ExitCode
+from modelxform.model_io import read_provenance, save_model, sha256_file
+from modelxform.provenance import entry, extend
+from modelxform.runner import run
+from modelxform.selectors import walk
+from test_fastpath import _declines, member, subjects  # noqa: F401  (subjects is a fixture)
+
+keras = pytest.importorskip("keras")
+
+SEED = 5
+
+
+def structural_recipe(subject) -> str:
+    """Weight statements on the archive, then every structural statement archive_run runs on the
+    config, then statements on the rebuilt model; layer names taken from the model."""
+    layers = subject.layers
+    types = collections.Counter(i.type_name for i in layers)
+    top = [layer for layer in subject.model.layers if type(layer).__name__ != "InputLayer"]
+    outputs = {t._keras_history[0].name for t in subject.model.outputs}
+    weighted = [i for i in layers if i.layer.weights]
+    lines = ["seed 3",
+             f"select random {min(2, len(weighted))} where has weights", "scale weights 0.5",
+             "select all", "freeze", "select last 1 where has weights", "unfreeze"]
+    if types["MaxPooling2D"]:
+        lines.append("replace MaxPooling2D with AveragePooling2D")
+    elif types["ReLU"]:
+        relu = next(i.path for i in layers if i.type_name == "ReLU")
+        lines.append(f"replace {relu} with ReLU(max_value=4.0)")
+    elif types["Dropout"]:
+        lines.append("replace Dropout with Dropout(rate=0.125)")
+    tap = next((layer.name for layer in top if layer.name not in outputs and not hasattr(layer, "layers")), None)
+    if tap is not None:
+        lines.append(f"tap {tap}")
+    anchor = next(layer.name for layer in top if not hasattr(layer, "layers"))
+    lines.append(f"insert Dropout(rate=0.25) after {anchor}")
+    if types["Dense"]:
+        lines += ["select where type=Dense", 'set activation = "relu6"']
+    lines += [f"select {weighted[0].path}", 'rename to "renamed_first"']
+    lines += ["select where has weights", "scale weights 1.5", "assert params > 0"]
+    return "\n".join(lines) + "\n"
+
+
+def archive_log():
+    """archive_run's reasons for declining (its debug log)."""
+    return _declines("modelxform.archive_run")
+
+
+def both_ways(subject, text, tmp_path, dry_run=False):
+    """(archive run's result, the engine's result), each as (report dict, summary, written file)."""
+    recipe = compile_recipe(text, "structural.recipe")
+    with archive_log() as reasons, _declines() as fast_reasons:
+        done = archive_run.try_run(recipe, subject.path, None, {}, dry_run)
+    assert done is not None, f"the archive run declined: {reasons} {fast_reasons}"
+    model, report, summary, digest = done
+    assert digest == (None if dry_run else sha256_file(subject.path))
+    engine_model, engine_report = run(recipe, subject.model, dry_run=dry_run)
+    files = []
+    for name, (m, r) in {"archive": (model, report), "engine": (engine_model, engine_report)}.items():
+        out = tmp_path / f"{name}.keras"
+        save_model(m, out, provenance=extend(read_provenance(subject.path),
+                                             entry(recipe, r, sha256_file(subject.path))))
+        files.append(out)
+    engine_summary = (len(subject.layers), int(subject.model.count_params()))
+    return (report.to_dict(), summary, files[0]), (engine_report.to_dict(), engine_summary, files[1])
+
+
+@pytest.mark.parametrize("name", ["cnn", "nested", "sequential", "zoo"])
+def test_small_models_agree_with_the_engine(subjects, name, tmp_path):  # noqa: F811
+    subject = subjects(name)
+    (report, summary, out), (engine_report, engine_summary, engine_out) = both_ways(
+        subject, structural_recipe(subject), tmp_path)
+    assert report == engine_report
+    assert "?" not in str(report["statements"]), "every shape in the report is known"
+    assert summary == engine_summary
+    assert member(out, "config.json") == member(engine_out, "config.json")
+    assert out.read_bytes() == engine_out.read_bytes()
+    # the recipe changed the model, so that agreeing means something
+    assert member(out, "config.json") != member(subject.path, "config.json")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "mobilenetv2", "densenet121"])
+def test_applications_agree_with_the_engine(subjects, name, tmp_path):  # noqa: F811
+    subject = subjects(name)
+    (report, summary, out), (engine_report, engine_summary, engine_out) = both_ways(
+        subject, structural_recipe(subject), tmp_path)
+    assert report == engine_report
+    assert summary == engine_summary
+    assert out.read_bytes() == engine_out.read_bytes()
+
+
+def test_the_untouched_layers_keep_their_arrays(subjects, tmp_path):  # noqa: F811
+    subject = subjects("cnn")
+    recipe = compile_recipe("replace MaxPooling2D with AveragePooling2D\ntap conv2d_1\n")
+    model, report, _, _ = archive_run.try_run(recipe, subject.path, None, {}, False)
+    before = {i.path: i.layer.get_weights() for i in subject.layers}
+    after = {i.path: i.layer.get_weights() for i in walk(model)}
+    assert before.keys() == after.keys()
+    for path in before:
+        assert [a.tobytes() for a in before[path]] == [a.tobytes() for a in after[path]], path
+    probe = np.random.default_rng(0).standard_normal((3, 28, 28, 1)).astype("float32")
+    tapped = model([probe])
+    assert len(tapped) == 2
+    # MaxPooling2D -> AveragePooling2D changes the logits; the tapped conv2d_1 output is the input model's
+    conv = keras.Model(subject.model.inputs, subject.model.get_layer("conv2d_1").output)
+    np.testing.assert_array_equal(np.asarray(tapped[1]), np.asarray(conv([probe])))
+
+
+def test_plan_agrees_and_reads_no_digest(subjects, tmp_path):  # noqa: F811
+    subject = subjects("nested")
+    (report, summary, _), (engine_report, engine_summary, _) = both_ways(
+        subject, "replace MaxPooling2D with AveragePooling2D\ntap gap\n", tmp_path, dry_run=True)
+    assert report == engine_report and report["dry_run"] is True
+    assert summary == engine_summary
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("remove dropout", "`remove dropout` needs the input model built"),
+    ("swap dense_2 dense_3", "`swap dense_2 dense_3` needs the input model built"),
+    ("select all\nreinit weights\nreplace Dropout with Dropout(rate=0.1)", "`reinit weights`"),
+    ("assert params > 1\nreplace Dropout with Dropout(rate=0.1)", "`assert params > 1`"),
+    ("select all\nscale weights 0.5", "a weight-only recipe"),
+    ('replace Dropout with Dropout(rate=0.1)\nassert equivalent', "compares with or reads other models"),
+])
+def test_declines_what_needs_the_model_and_the_engine_gives_the_result(subjects, tmp_path, text, reason):  # noqa: F811
+    subject = subjects("cnn")
+    recipe = compile_recipe(text + "\n")
+    with archive_log() as seen:
+        assert archive_run.try_run(recipe, subject.path, None, {}, False) is None
+    assert any(reason in line for line in seen), seen
+
+
+def test_cli_structural_apply_does_not_load_the_input(subjects, tmp_path, monkeypatch):  # noqa: F811
+    subject = subjects("cnn")
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text("select random where type=Dense\nscale weights 0.8\n"
+                      "replace MaxPooling2D with AveragePooling2D\ntap conv2d_1\n")
+    keras_way = tmp_path / "keras.keras"
+    monkeypatch.setenv("MODELXFORM_FASTPATH", "0")
+    assert run_cli("apply", recipe, subject.path, "-o", keras_way, "--seed", 7).status == 0
+    monkeypatch.delenv("MODELXFORM_FASTPATH")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the input model was loaded")
+    monkeypatch.setattr(model_io, "load_model", refuse)
+    out = tmp_path / "out.keras"
+    result = run_cli("apply", recipe, subject.path, "-o", out, "--seed", 7)
+    assert result.status == 0, result.err
+    assert "max_pooling2d: output (None, 13, 13, 8) -> (None, 13, 13, 8)" in result.out
+    assert out.read_bytes() == keras_way.read_bytes()
+    assert read_provenance(out)["chain"][-1]["input_sha256"] == sha256_file(subject.path)
+
+
+def test_cli_errors_are_the_engines(subjects, tmp_path):  # noqa: F811
+    subject = subjects("cnn")
+    recipe = tmp_path / "bad.recipe"
+    recipe.write_text("replace MaxPooling2D with AveragePooling2D\ninsert Dropout(rate=0.5) after nosuch\n")
+    result = run_cli("apply", recipe, subject.path, "-o", tmp_path / "out.keras")
+    assert result.status == ExitCode.APPLY
+    assert f"{recipe}:2:32: error: insert … after: no layer named 'nosuch'" in result.err
+    assert not (tmp_path / "out.keras").exists()

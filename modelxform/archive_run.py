@@ -32,7 +32,7 @@ from . import ir
 from .errors import ModelxformError
 from .fastpath import DISABLE_ENV, Archive, NotApplicable, _keras_backend, _pass_for, applicable_statements
 from .graph import GraphEditor
-from .model_io import check_readable
+from .model_io import check_readable, import_keras
 from .passes import PASSES, load_all
 from .runner import Context, Params, Report, _attach_sources, _run_statements, effective_seed, resolve_params
 
@@ -234,6 +234,7 @@ def try_run(recipe, model_path, seed, params, dry_run: bool):
     with archive:
         if not dry_run:
             archive.hash_input()  # in a thread, alongside the rebuild
+        import_keras()  # (TensorFlow's start-up messages kept off the terminal)
         load_all()
         values = Params(resolve_params(recipe, params))
         seed_value = effective_seed(recipe, seed, values)

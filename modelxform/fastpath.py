@@ -28,6 +28,9 @@ of passes/weights.py and passes/checks.py, run unchanged on stand-ins for Keras 
 mirrored here because the engine's versions need Keras: ``set … to`` (which builds a
 keras.initializers object) and freeze/unfreeze (whose subclassed-model note asks Keras what the model
 is). The differential tests in tests/test_fastpath.py hold them to the engine's results.
+
+Structural recipes use :class:`Archive` too (archive_run.py): the model is built once, from the edited
+config, and filled from the archive, instead of being loaded first.
 """
 from __future__ import annotations
 

@@ -744,14 +744,11 @@ def init_fresh(info: LayerInfo, parts, seed: int) -> None:
         info.layer.set_weights(values)
 
 
-def probe_inputs(model, batch: int = 1, fill=0.0, rng=None):
-    """Inputs of the model's input shapes (None dimensions become ``batch`` or 32)."""
+def probe_inputs(model, rng, batch: int = 1):
+    """Seeded random inputs of the model's input shapes (None dimensions become ``batch`` or 32)."""
     arrays = []
     for tensor in model.inputs:
         shape = [batch] + [32 if d is None else int(d) for d in tuple(tensor.shape)[1:]]
         dtype = np.dtype(str(tensor.dtype)) if str(tensor.dtype) != "string" else np.float32
-        if rng is None:
-            arrays.append(np.full(shape, fill, dtype=dtype))
-        else:
-            arrays.append(rng.standard_normal(shape).astype(dtype))
+        arrays.append(rng.standard_normal(shape).astype(dtype))
     return arrays

@@ -345,7 +345,7 @@ def reference_outputs(model, seed: int):
     """Seeded random probe inputs and the model's outputs on them, in inference mode."""
     from .graph import probe_inputs
     rng = generator(seed, "assert equivalent probe")
-    inputs = probe_inputs(model, batch=4, rng=rng)
+    inputs = probe_inputs(model, rng, batch=4)
     outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     import numpy as np

@@ -174,3 +174,20 @@ def test_cli_errors_are_the_engines(subjects, tmp_path):  # noqa: F811
     assert result.status == ExitCode.APPLY
     assert f"{recipe}:2:32: error: insert … after: no layer named 'nosuch'" in result.err
     assert not (tmp_path / "out.keras").exists()
+
+
+def test_a_whole_process_prints_the_report_and_nothing_else(subjects, tmp_path):  # noqa: F811
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    subject = subjects("cnn")
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text("replace MaxPooling2D with AveragePooling2D\ntap conv2d_1\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # TensorFlow's chatter on
+    proc = subprocess.run([sys.executable, "-m", "modelxform", "apply", str(recipe), str(subject.path),
+                           "-o", str(tmp_path / "out.keras")], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no TensorFlow start-up messages, no warnings
+    assert proc.stdout.splitlines()[-1] == f"wrote {tmp_path / 'out.keras'}"

@@ -566,14 +566,75 @@ class GraphEditor:
         import keras
         config = copy.deepcopy(config)
         _restore_single_refs(config, self.base_config)
+        # Building a functional model calls every layer on symbolic tensors, which checks every shape
+        # and argument; no forward pass on real data is needed to know the graph holds.
         try:
-            # Building a functional model calls every layer on symbolic tensors, which checks every
-            # shape and argument; no forward pass on real data is needed to know the graph holds.
-            new_model = keras.saving.deserialize_keras_object(config, safe_mode=True)
-        except Exception as exc:  # Keras reports shape and argument problems as many exception types
-            raise ApplyError(f"the edited model does not build: {_first_line(exc)}") from exc
-        self.reshaped = transfer_weights(old_layers, new_model, fresh, self.seed, self.origin, self.reshape)
+            with _LazyVariables() as lazy:
+                new_model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+        except Exception:  # noqa: BLE001 - built the ordinary way below, which says what is wrong
+            lazy = None
+            try:
+                new_model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+            except Exception as exc:  # Keras reports shape and argument problems as many exception types
+                raise ApplyError(f"the edited model does not build: {_first_line(exc)}") from exc
+        try:
+            self.reshaped = transfer_weights(old_layers, new_model, fresh, self.seed, self.origin, self.reshape)
+        finally:
+            if lazy is not None:
+                lazy.initialise_the_rest()
         return new_model
+
+
+class _LazyVariables:
+    """Build a model without giving its variables initial values: they are about to be overwritten
+    (with the kept layers' arrays, or seeded values for new layers), and Keras's random initial values
+    cost time and, for a large array, a few transient copies of it (VGG16: 1 s and 1.2 GB). Inside,
+    Keras creates variables as it does in a stateless scope — deferred, with their initializer kept;
+    set_variables() gives them their values; initialise_the_rest() runs the initializers of any left
+    (a Dropout's seed state). Uses Keras internals (keras.src.backend.common): where they are missing,
+    __enter__ raises and the caller builds the ordinary way."""
+
+    def __enter__(self):
+        from keras.src.backend.common import global_state
+        from keras.src.backend.common.stateless_scope import StatelessScope
+        self._state = global_state
+        self._before = list(global_state.get_global_attribute("uninitialized_variables") or [])
+        self._scope = StatelessScope(initialize_variables=False)
+        self._scope.__enter__()
+        self.created: list = []
+        return self
+
+    def __exit__(self, *exc):
+        self._scope.__exit__(*exc)
+        after = self._state.get_global_attribute("uninitialized_variables") or []
+        known = {id(v) for v in self._before}
+        self.created = [v for v in after if id(v) not in known]
+        self._state.set_global_attribute("uninitialized_variables", self._before)
+        return False
+
+    def initialise_the_rest(self) -> None:
+        for var in self.created:
+            if var._value is None:
+                var._deferred_initialize()
+
+
+def set_variables(layer, arrays) -> None:
+    """``layer.set_weights(arrays)``, also for a layer built by _LazyVariables whose variables hold no
+    value yet (they are created with it, with no copy beyond Keras's own)."""
+    weights = layer.weights
+    if len(weights) != len(arrays):
+        raise ApplyError(f"layer {layer.name}: {len(arrays)} arrays for {len(weights)} variables")
+    for var, value in zip(weights, arrays):
+        if tuple(var.shape) != tuple(value.shape):
+            raise ApplyError(f"layer {layer.name}: {var.name} has shape {tuple(var.shape)}, "
+                             f"the array {tuple(value.shape)}")
+        if getattr(var, "_value", True) is None and getattr(var, "_initializer", None) is not None:
+            import tensorflow as tf
+            with tf.init_scope():
+                var._initialize(value)
+            var._initializer = None
+        else:
+            var.assign(value)
 
 
 def _restore_single_refs(config: dict, base: dict) -> None:
@@ -703,7 +764,7 @@ def transfer_weights(old_layers, new_model, fresh: dict, seed: int, origin: dict
             raise ApplyError(f"layer {info.path} would change shape ({detail}), so its weights cannot be kept",
                              hint="its input changed; replace or reinitialise it in the same recipe")
         if old_shapes:
-            info.layer.set_weights(before.layer.get_weights())
+            set_variables(info.layer, before.layer.get_weights())
     return reshaped
 
 
@@ -741,7 +802,7 @@ def init_fresh(info: LayerInfo, parts, seed: int) -> None:
         init = seeded(init, derive_seed(seed, *parts, info.path, var.name) % (2**31 - 1))
         values.append(np.asarray(init(tuple(var.shape), dtype=var.dtype)))
     if values:
-        info.layer.set_weights(values)
+        set_variables(info.layer, values)
 
 
 def probe_inputs(model, rng, batch: int = 1):

@@ -191,3 +191,63 @@ def test_a_whole_process_prints_the_report_and_nothing_else(subjects, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no TensorFlow start-up messages, no warnings
     assert proc.stdout.splitlines()[-1] == f"wrote {tmp_path / 'out.keras'}"
+
+
+# ---- the rebuild's variables: created without initial values, then filled (graph._LazyVariables) ---------
+
+LAZY_RECIPE = """\
+seed 9
+insert Dropout(rate=0.3, name="extra_drop") after dense_1
+append Dense(units=4, name="extra")
+select dense_2
+set units = 12
+reinit weights
+select dense_3
+reinit weights
+replace MaxPooling2D with AveragePooling2D
+"""
+
+
+def test_lazily_built_variables_get_the_values_an_ordinary_build_gives(subjects, tmp_path, monkeypatch):  # noqa: F811
+    from keras.src.backend.common import global_state
+
+    from modelxform import graph
+    subject = subjects("cnn")
+    recipe = compile_recipe(LAZY_RECIPE)
+    before = list(global_state.get_global_attribute("uninitialized_variables") or [])
+    deferred = []
+    real_exit = graph._LazyVariables.__exit__
+
+    def exit_and_count(self, *exc):
+        result = real_exit(self, *exc)
+        deferred.append(len(self.created))
+        return result
+    monkeypatch.setattr(graph._LazyVariables, "__exit__", exit_and_count)
+    lazy_model, lazy_report = run(recipe, subject.model)
+    assert deferred and deferred[-1] >= len(lazy_model.weights) > 0  # the build did defer the values
+    assert (global_state.get_global_attribute("uninitialized_variables") or []) == before  # left as found
+    assert all(v._value is not None for v in lazy_model.variables)  # every variable holds a value
+
+    def unavailable(self):
+        raise ImportError("as if Keras had no stateless scope")
+    monkeypatch.setattr(graph._LazyVariables, "__enter__", unavailable)
+    eager_model, eager_report = run(recipe, subject.model)
+    assert lazy_report.to_dict() == eager_report.to_dict()
+    save_model(lazy_model, tmp_path / "lazy.keras")
+    save_model(eager_model, tmp_path / "eager.keras")
+    assert (tmp_path / "lazy.keras").read_bytes() == (tmp_path / "eager.keras").read_bytes()
+    # and the model runs, the Dropout's seed state included
+    probe = np.random.default_rng(1).standard_normal((2, 28, 28, 1)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(lazy_model([probe], training=False)),
+                                  np.asarray(eager_model([probe], training=False)))
+    assert np.asarray(lazy_model([probe], training=True)).shape == (2, 4)
+
+
+def test_a_build_that_fails_lazily_is_reported_as_keras_reports_it(subjects, tmp_path):  # noqa: F811
+    subject = subjects("cnn")
+    recipe = tmp_path / "bad.recipe"
+    recipe.write_text('select conv2d_2\nset kernel_size = [30, 30]\nreinit weights\n')
+    result = run_cli("apply", recipe, subject.path, "-o", tmp_path / "out.keras")
+    assert result.status == ExitCode.APPLY
+    assert f"{recipe}:2:1: error: `set kernel_size = [30, 30]`: the edited model does not build" in result.err
+    assert not (tmp_path / "out.keras").exists()

@@ -166,14 +166,20 @@ def test_cli_structural_apply_does_not_load_the_input(subjects, tmp_path, monkey
     assert read_provenance(out)["chain"][-1]["input_sha256"] == sha256_file(subject.path)
 
 
-def test_cli_errors_are_the_engines(subjects, tmp_path):  # noqa: F811
-    subject = subjects("cnn")
+def assert_apply_fails(subject, tmp_path, text: str, message: str) -> None:
+    """``apply`` of ``text`` exits APPLY with ``bad.recipe:message`` and writes nothing."""
     recipe = tmp_path / "bad.recipe"
-    recipe.write_text("replace MaxPooling2D with AveragePooling2D\ninsert Dropout(rate=0.5) after nosuch\n")
+    recipe.write_text(text)
     result = run_cli("apply", recipe, subject.path, "-o", tmp_path / "out.keras")
     assert result.status == ExitCode.APPLY
-    assert f"{recipe}:2:32: error: insert … after: no layer named 'nosuch'" in result.err
+    assert f"{recipe}:{message}" in result.err
     assert not (tmp_path / "out.keras").exists()
+
+
+def test_cli_errors_are_the_engines(subjects, tmp_path):  # noqa: F811
+    assert_apply_fails(subjects("cnn"), tmp_path,
+                       "replace MaxPooling2D with AveragePooling2D\ninsert Dropout(rate=0.5) after nosuch\n",
+                       "2:32: error: insert … after: no layer named 'nosuch'")
 
 
 def test_a_whole_process_prints_the_report_and_nothing_else(subjects, tmp_path):  # noqa: F811
@@ -244,10 +250,5 @@ def test_lazily_built_variables_get_the_values_an_ordinary_build_gives(subjects,
 
 
 def test_a_build_that_fails_lazily_is_reported_as_keras_reports_it(subjects, tmp_path):  # noqa: F811
-    subject = subjects("cnn")
-    recipe = tmp_path / "bad.recipe"
-    recipe.write_text('select conv2d_2\nset kernel_size = [30, 30]\nreinit weights\n')
-    result = run_cli("apply", recipe, subject.path, "-o", tmp_path / "out.keras")
-    assert result.status == ExitCode.APPLY
-    assert f"{recipe}:2:1: error: `set kernel_size = [30, 30]`: the edited model does not build" in result.err
-    assert not (tmp_path / "out.keras").exists()
+    assert_apply_fails(subjects("cnn"), tmp_path, "select conv2d_2\nset kernel_size = [30, 30]\nreinit weights\n",
+                       "2:1: error: `set kernel_size = [30, 30]`: the edited model does not build")

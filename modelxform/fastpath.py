@@ -352,6 +352,10 @@ class ArchiveVariable:
     def numpy(self) -> np.ndarray:
         return self.archive.read(self)
 
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the values (along the first axis), read on their own."""
+        return self.archive.read(self, rows=(start, stop))
+
     def take_array(self) -> np.ndarray:
         """The values, in an array handed over to the caller, who assigns it back (passes/weights.py
         changes it in place): a pending new array is not copied."""
@@ -753,23 +757,31 @@ class Archive:
     # adds at most half to the peak; beyond that they go to a spill file, which costs a write and a read.
     SPILL_FLOOR = 64 << 20
 
-    def read(self, var: ArchiveVariable, take: bool = False) -> np.ndarray:
+    def read(self, var: ArchiveVariable, take: bool = False, rows: tuple | None = None) -> np.ndarray:
         """The variable's current values, in a new array; with ``take``, a new array assigned before is
-        handed over rather than copied (the caller assigns its result back)."""
+        handed over rather than copied (the caller assigns its result back); with ``rows=(start,
+        stop)``, only those rows along the first axis."""
         pending = self._patches.get(var.key)
+        shape, skip, nbytes = var.shape, 0, var.nbytes
+        if rows is not None:
+            start, stop = rows
+            row_bytes = var.nbytes // var.shape[0] if var.shape and var.shape[0] else 0
+            shape, skip, nbytes = (stop - start,) + var.shape[1:], start * row_bytes, (stop - start) * row_bytes
         if isinstance(pending, np.ndarray):
+            if rows is not None:
+                return pending[rows[0]:rows[1]].copy()
             if not take:
                 return pending.copy()
             del self._patches[var.key]
             self._in_memory -= pending.nbytes
             return pending
-        buffer = np.empty(var.nbytes, np.uint8)  # not bytearray(): that would write every page twice
+        buffer = np.empty(nbytes, np.uint8)  # not bytearray(): that would write every page twice
         if pending is not None:
-            _read_exact(self._spill.fileno(), buffer, pending[0])
-        elif var.nbytes:
-            _read_exact(self._fh.fileno(), buffer, self.h5_start + var.offset)
-        self._largest = max(self._largest, var.nbytes)
-        return buffer.view(var.np_dtype).reshape(var.shape)
+            _read_exact(self._spill.fileno(), buffer, pending[0] + skip)
+        elif nbytes:
+            _read_exact(self._fh.fileno(), buffer, self.h5_start + var.offset + skip)
+        self._largest = max(self._largest, nbytes)
+        return buffer.view(var.np_dtype).reshape(shape)
 
     def write(self, var: ArchiveVariable, value) -> None:
         value = np.asarray(value)

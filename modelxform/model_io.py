@@ -239,7 +239,10 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None) -> 
     import shutil
     try:
         import h5py
+        import keras
+        import numpy as np
         from keras.src.saving import saving_lib
+        keras_variable = keras.Variable
         serialize, save_state = saving_lib._serialize_model_as_json, saving_lib._save_state
         h5_store, disk_store = saving_lib.H5IOStore, saving_lib.DiskIOStore
     except (ImportError, AttributeError):
@@ -252,6 +255,21 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None) -> 
 
         def _get_h5_file(self, path_or_io, mode=None):
             return h5py.File(self._fileobj, mode=mode or self.mode)
+
+        def __setitem__(self, key, value):
+            # A large variable is written a block of rows at a time (H5IOStore would make a NumPy copy of
+            # the whole array first), into a dataset made and linked as h5py does for a whole array.
+            from .graph import is_large, read_variable_rows, row_blocks
+            shape, dtype = tuple(getattr(value, "shape", ())), getattr(value, "dtype", None)
+            if not (isinstance(value, keras_variable) and is_large(shape, dtype) and str(dtype) != "bfloat16"):
+                return super().__setitem__(key, value)
+            if not self._h5_entry_initialized:
+                self._create_h5_group(self._h5_entry_path)
+            np_dtype = np.dtype(str(dtype))
+            dataset = self._h5_entry_group.create_dataset(None, shape=shape, dtype=np_dtype)
+            for start, stop in row_blocks(shape, np_dtype.itemsize):
+                dataset[start:stop] = read_variable_rows(value, start, stop)
+            self._h5_entry_group[key] = dataset
 
     moment = build_time()
     stamp = moment.strftime("%Y-%m-%d@%H:%M:%S")

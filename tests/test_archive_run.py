@@ -252,3 +252,28 @@ def test_lazily_built_variables_get_the_values_an_ordinary_build_gives(subjects,
 def test_a_build_that_fails_lazily_is_reported_as_keras_reports_it(subjects, tmp_path):  # noqa: F811
     assert_apply_fails(subjects("cnn"), tmp_path, "select conv2d_2\nset kernel_size = [30, 30]\nreinit weights\n",
                        "2:1: error: `set kernel_size = [30, 30]`: the edited model does not build")
+
+
+@pytest.mark.parametrize("way", ["archive", "keras"])
+def test_large_arrays_moved_in_blocks_give_the_same_file(subjects, tmp_path, monkeypatch, way):  # noqa: F811
+    """Arrays above graph.LARGE_ARRAY go into the rebuilt model's variables, and from them into the
+    file, a block of rows at a time: with the thresholds lowered so that every array of the CNN is
+    large and moved in blocks of a few rows, the file is the one whole arrays give."""
+    from modelxform import graph
+    subject = subjects("cnn")
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text("select random where type=Dense\nscale weights 0.8\n"
+                      "replace MaxPooling2D with AveragePooling2D\ntap conv2d_1\n")
+    if way == "keras":
+        monkeypatch.setenv("MODELXFORM_FASTPATH", "0")
+    assert run_cli("apply", recipe, subject.path, "-o", tmp_path / "whole.keras", "--seed", 3).status == 0
+    calls = []
+    real = graph.row_blocks
+    monkeypatch.setattr(graph, "LARGE_ARRAY", 64)
+    monkeypatch.setattr(graph, "BLOCK_BYTES", 100)
+    monkeypatch.setattr(graph, "row_blocks", lambda *a: calls.append(a) or real(*a))
+    result = run_cli("apply", recipe, subject.path, "-o", tmp_path / "blocks.keras", "--seed", 3)
+    assert result.status == 0, result.err
+    assert len(calls) >= 2 * 6  # every kernel and bias: into the model, then into the file
+    assert any(len(real(*a)) > 10 for a in calls)  # in many blocks
+    assert (tmp_path / "blocks.keras").read_bytes() == (tmp_path / "whole.keras").read_bytes()

@@ -145,3 +145,25 @@ def run_cli(*argv) -> Captured:
     out, err = io.StringIO(), io.StringIO()
     status = main([str(a) for a in argv], Console(out, err))
     return Captured(status, out.getvalue(), err.getvalue())
+
+
+def custom_layer_module(folder, module: str, package: str, cls: str, factor: float):
+    """Write FOLDER/MODULE.py, which registers a Keras layer class CLS (``x * factor``) under PACKAGE,
+    and load it in this process to build models with (the registration does not reach subprocesses,
+    which need ``--import MODULE``). Returns the module; it is not left in sys.modules."""
+    import importlib.util
+    import sys
+    (folder / f"{module}.py").write_text(
+        "import keras\n\n\n"
+        f"@keras.saving.register_keras_serializable(package={package!r})\n"
+        f"class {cls}(keras.layers.Layer):\n"
+        "    def call(self, x):\n"
+        f"        return x * {float(factor)!r}\n")
+    spec = importlib.util.spec_from_file_location(module, folder / f"{module}.py")
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[module] = loaded
+    try:
+        spec.loader.exec_module(loaded)
+    finally:
+        sys.modules.pop(module, None)
+    return loaded

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
@@ -467,3 +468,61 @@ def test_the_documented_zoo_files_are_valid(tmp_path, doc):
     else:
         assert outputs == ["out/a/head-.keras", "out/a/prep-factor=0.5.keras", "out/a/prep-factor=0.8.keras",
                            "out/resnet/head-.keras", "out/resnet/prep-factor=0.3.keras"]
+
+
+@pytest.fixture(scope="module")
+def special_zoo(tmp_path_factory):
+    """A zoo whose models need `imports` (a custom layer class from a module beside ZOO.yaml) and
+    `unsafe` (a Lambda layer)."""
+    from conftest import custom_layer_module
+    from modelxform.model_io import import_keras
+    keras = import_keras()
+    root = tmp_path_factory.mktemp("special")
+    module = custom_layer_module(root, "mxzoo_layers", "mxzoo", "Tripler", 3.0)  # the workers must import it
+    inp = keras.Input((4,), name="x")
+    out = module.Tripler(name="triple")(keras.layers.Dense(3, name="dense")(inp))
+    (root / "zoo").mkdir()
+    keras.Model(inp, out, name="custom").save(root / "zoo" / "custom.keras")
+    inp = keras.Input((4,), name="x")
+    out = keras.layers.Lambda(lambda x: x * 2, name="double")(keras.layers.Dense(3, name="dense")(inp))
+    keras.Model(inp, out, name="with_lambda").save(root / "zoo" / "lambda.keras")
+    write(root / "recipes" / "freeze.recipe", "select all\nfreeze\n")
+    return root
+
+
+def test_imports_and_unsafe_let_a_zoo_load_custom_and_lambda_layers(special_zoo):
+    root = special_zoo
+    body = "models: [zoo/custom.keras, zoo/lambda.keras]\nrecipes: [recipes/freeze.recipe]\n"
+    write(root / "plain.yaml", body + 'output: "plain/{model}.keras"\n')
+    result = run_cli("batch", root / "plain.yaml", "-j", 2, "--report", root / "plain.json")
+    assert result.status == 1
+    jobs = {j["model"]: j for j in json.loads((root / "plain.json").read_text())["jobs"]}
+    assert jobs["zoo/custom.keras"]["status"] == "failed" and "--import" in jobs["zoo/custom.keras"]["error"]
+    assert jobs["zoo/lambda.keras"]["status"] == "failed" and "Lambda" in jobs["zoo/lambda.keras"]["error"]
+
+    write(root / "special.yaml", body + 'output: "special/{model}.keras"\nimports: [mxzoo_layers]\nunsafe: true\n')
+    result = run_cli("batch", root / "special.yaml", "-j", 2, "--report", root / "special.json")
+    assert result.status == 0, result.out + result.err
+    jobs = {j["model"]: j for j in json.loads((root / "special.json").read_text())["jobs"]}
+    assert {m: j["status"] for m, j in jobs.items()} == {"zoo/custom.keras": "done", "zoo/lambda.keras": "done"}
+    with zipfile.ZipFile(root / "special" / "custom.keras") as zf:
+        layers = json.loads(zf.read("config.json"))["config"]["layers"]
+    assert {e["config"]["name"]: e["config"]["trainable"] for e in layers if e["class_name"] != "InputLayer"} \
+        == {"dense": False, "triple": False}
+
+
+def test_imports_and_unsafe_are_checked_with_their_positions(special_zoo):
+    root = special_zoo
+    path = write(root / "bad-keys.yaml", """\
+        models: [zoo/custom.keras]
+        recipes: [recipes/freeze.recipe]
+        output: "bad/{model}.keras"
+        unsafe: "yes"
+        imports: [mxzoo_layers, 3, "not a module"]
+        """)
+    result = run_cli("batch", path)
+    assert result.status == 2
+    assert f"{path}:4:9: error: unsafe must be true or false" in result.err
+    assert f"{path}:5:25: error: an entry of imports must be a non-empty string" in result.err
+    assert f"{path}:5:28: error: imports: 'not a module' is not a module name" in result.err
+    assert not (root / "bad").exists()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,7 +19,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import assert_bit_identical, make_cnn, make_nested, run_cli, weights_by_path
+from conftest import assert_bit_identical, custom_layer_module, make_cnn, make_nested, run_cli, weights_by_path
 
 EXAMPLE = ("select random where type=Dense; scale weights 0.8; "
            "replace MaxPooling2D with AveragePooling2D; tap conv2d_1\n")
@@ -425,35 +424,17 @@ def test_lambda_layer_needs_unsafe(tmp_path):
     assert out.is_file()
 
 
-CUSTOM_MODULE = '''\
-import keras
-
-
-@keras.saving.register_keras_serializable(package="mxtest")
-class Doubler(keras.layers.Layer):
-    def call(self, x):
-        return x * 2.0
-'''
-
-
 @pytest.fixture(scope="module")
 def custom_layer_runs(tmp_path_factory):
     """Apply a recipe to a model with a custom layer in two fresh interpreters, without and with
     --import (started together: each pays the TensorFlow import)."""
     folder = tmp_path_factory.mktemp("custom")
-    write(folder / "mxtest_layers.py", CUSTOM_MODULE)
     # build the model here: the registration in this process does not reach the subprocesses
-    spec = importlib.util.spec_from_file_location("mxtest_layers", folder / "mxtest_layers.py")
-    module = importlib.util.module_from_spec(spec)
+    module = custom_layer_module(folder, "mxtest_layers", "mxtest", "Doubler", 2.0)
     k = keras()
-    try:
-        sys.modules["mxtest_layers"] = module
-        spec.loader.exec_module(module)
-        inp = k.Input((4,), name="x")
-        out = module.Doubler(name="dbl")(k.layers.Dense(3, name="dense")(inp))
-        k.Model(inp, out, name="custom").save(folder / "custom.keras")
-    finally:
-        sys.modules.pop("mxtest_layers", None)
+    inp = k.Input((4,), name="x")
+    out = module.Doubler(name="dbl")(k.layers.Dense(3, name="dense")(inp))
+    k.Model(inp, out, name="custom").save(folder / "custom.keras")
     recipe = write(folder / "ok.recipe", "select all; freeze\n")
     # the module is importable in both runs; only --import is missing in the first
     env = subprocess_env(PYTHONPATH=os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 import types
 
@@ -60,8 +61,12 @@ def run_job(payload: dict) -> dict:
         from ..cli.apply import execute
         recipe = _recipe(payload["recipe"])
         dry_run = payload["kind"] == "plan"
-        args = types.SimpleNamespace(model=payload["model"], unsafe=False, imports=[], seed=payload["seed"],
-                                     json=dry_run, recipe=payload["recipe"])
+        imports = list(payload.get("imports") or [])
+        root = payload.get("import_root")
+        if imports and root and root not in sys.path:  # ZOO.yaml's folder first (docs/batch.md)
+            sys.path.insert(0, root)
+        args = types.SimpleNamespace(model=payload["model"], unsafe=bool(payload.get("unsafe")), imports=imports,
+                                     seed=payload["seed"], json=dry_run, recipe=payload["recipe"])
         out = io.StringIO()
         console = Console(out, io.StringIO())
         if dry_run:

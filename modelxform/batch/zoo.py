@@ -5,6 +5,8 @@
     output: "out/{model}/{recipe}-{params}.keras"
     seed: 0
     params: {factor: [0.5, 0.8]}
+    imports: [mylayers]      # modules that register custom layers (as apply's --import)
+    unsafe: false            # true: models with Lambda layers may load (as apply's --unsafe)
 
 Everything is checked before any job runs, without TensorFlow: the file's shape (unknown keys, wrong
 types), that every model path exists and every glob matches, that the recipes compile, that every
@@ -13,6 +15,7 @@ own path inside the output folder. All problems are reported at once, each with 
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import glob
 import itertools
@@ -25,7 +28,8 @@ import yaml
 from ..errors import Diagnostic, ModelxformError, UsageError
 from ..source import Source, Span
 
-TOP_KEYS = {"models": True, "recipes": True, "output": True, "seed": False, "params": False}
+TOP_KEYS = {"models": True, "recipes": True, "output": True, "seed": False, "params": False, "imports": False,
+            "unsafe": False}
 MODEL_KEYS = {"path": True, "params": False}
 TEMPLATE_FIELDS = ("model", "recipe", "params")
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -50,12 +54,16 @@ class Job:
     model_name: str  # paths as shown to the user (relative to ZOO.yaml's folder when inside it)
     recipe_name: str
     output_name: str
+    imports: tuple = ()  # modules registering custom layers, imported before the model is loaded
+    unsafe: bool = False  # load with Keras safe mode off (Lambda layers)
+    import_root: str = ""  # ZOO.yaml's folder: where `imports` are looked for first
 
     def payload(self, kind: str = "apply") -> dict:
         """What a worker needs to run the job: plain data, so it pickles for processes and Ray."""
         env = {k: os.environ[k] for k in ("SOURCE_DATE_EPOCH",) if k in os.environ}
         return {"index": self.index, "kind": kind, "model": self.model, "recipe": self.recipe,
-                "params": dict(self.params), "seed": self.seed, "output": self.output, "env": env}
+                "params": dict(self.params), "seed": self.seed, "output": self.output, "env": env,
+                "imports": list(self.imports), "unsafe": self.unsafe, "import_root": self.import_root}
 
 
 @dataclass
@@ -210,6 +218,23 @@ def load_zoo(path: str | os.PathLike) -> Zoo:
         else:
             reader.error(node, "seed must be a whole number ≥ 0")
 
+    unsafe = False
+    if "unsafe" in top:
+        node = top["unsafe"][1]
+        if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
+            unsafe = bool(reader._loader.construct_object(node))
+        else:
+            reader.error(node, "unsafe must be true or false")
+    imports: list[str] = []
+    if "imports" in top:
+        for item in reader.sequence(top["imports"][1], "imports", "[mylayers]"):
+            name = reader.string(item, "an entry of imports")
+            if name is not None and not all(part.isidentifier() for part in name.split(".")):
+                reader.error(item, f"imports: {name!r} is not a module name (a dotted name such as "
+                                   "mypackage.layers)")
+            elif name is not None:
+                imports.append(name)
+
     matrix = {}  # name -> [(value, text, node)]
     matrix_keys = {}
     if "params" in top:
@@ -250,6 +275,9 @@ def load_zoo(path: str | os.PathLike) -> Zoo:
     _expand(reader, zoo, models, recipes, matrix, seed, template, template_node)
     if reader.errors:
         raise ZooError(reader.errors[0].message, diagnostics=reader.errors)
+    if imports or unsafe:
+        zoo.jobs = [dataclasses.replace(job, imports=tuple(imports), unsafe=unsafe, import_root=root)
+                    for job in zoo.jobs]
     return zoo
 
 

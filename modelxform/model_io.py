@@ -133,8 +133,7 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
     p = pathlib.Path(path)
     fmt = model_format(p)
     check_readable(p)
-    keras = import_keras()  # before --import modules, which usually import keras themselves
-    import_modules(imports)
+    # the cheap checks first: a file that is not a model is refused without importing TensorFlow
     if fmt == "keras" and not zipfile.is_zipfile(p):
         raise ModelFileError(f"{p}: not a .keras archive (a .keras file is a zip)")
     if fmt == "keras":
@@ -151,6 +150,8 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
             raise
         except Exception as exc:
             raise ModelFileError(f"{p}: not a readable HDF5 file ({exc})") from None
+    keras = import_keras()  # before --import modules, which usually import keras themselves
+    import_modules(imports)
     try:
         with _quiet():
             if fmt == "keras":

@@ -829,14 +829,20 @@ def test_inspect_json(nested_file):
     assert {row["type"] for row in filtered["layers"]} == {"Conv2D", "BatchNormalization", "Dense"}
 
 
-def test_apply_json_report(tmp_path, cnn):
-    recipe = write(tmp_path / "ok.recipe", "select where type=Dense; freeze\n")
+@pytest.mark.parametrize("command", ["apply", "plan"])
+def test_json_report_keeps_the_params_apart_from_the_counts(tmp_path, cnn, command):
+    recipe = write(tmp_path / "ok.recipe", "param factor = 0.5\nselect where type=Dense; freeze\n"
+                                           "append Dense(units=2, name=\"extra\")\nselect all; scale weights $factor\n")
     out = tmp_path / "out.keras"
-    r = run_cli("apply", recipe, cnn, "-o", out, "--json", "--seed", "3")
+    argv = ["-o", out] if command == "apply" else []
+    r = run_cli(command, recipe, cnn, *argv, "--json", "--seed", "3", "--param", "factor=0.25")
     assert r.status == 0, r.err
     data = json.loads(r.out)
-    assert data["output"] == str(out) and data["seed"] == 3
-    assert out.is_file()
+    assert data["seed"] == 3 and data["params"] == {"factor": 0.25}  # the recipe's parameters
+    assert data["layer_count"] == [8, 9]
+    assert data["param_count"] == [63930, 63930 + 10 * 2 + 2]  # the model's, before and after
+    assert data["output"] == (str(out) if command == "apply" else None)
+    assert out.is_file() == (command == "apply")
 
 
 # -- fresh interpreters --------------------------------------------------------------------------------
@@ -863,6 +869,22 @@ def test_fast_commands_do_not_import_tensorflow(tmp_path, command):
     if command == "--help":
         assert "usage: modelxform" in proc.stdout
     assert "LOADED False False" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("notzip.keras", b"not a zip at all", "notzip.keras: not a .keras archive (a .keras file is a zip)"),
+    ("notmodel.h5", b"\x89HDF\r\n\x1a\n but not really", "notmodel.h5: not a readable HDF5 file"),
+])
+def test_a_file_that_is_no_model_is_refused_without_tensorflow(tmp_path, name, content, message):
+    recipe = write(tmp_path / "r.recipe", "replace MaxPooling2D with AveragePooling2D\n")
+    (tmp_path / name).write_bytes(content)
+    proc = subprocess.run([sys.executable, "-c", NO_TF_PROBE, "apply", recipe.name, name, "-o", "out.keras"],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
+    assert "STATUS 3" in proc.stdout, proc.stdout + proc.stderr
+    assert f"error: {message}" in proc.stderr
+    assert "LOADED False False" in proc.stdout  # the refusal did not wait for TensorFlow's import
+    assert not (tmp_path / "out.keras").exists()
 
 
 def test_module_help_lists_subcommands_and_exit_codes(tmp_path):

@@ -107,7 +107,7 @@ def _print_report(report, args, output, console, dry_run, before, after) -> int:
     if getattr(args, "json", False):
         data = report.to_dict()
         data.update({"model": args.model, "output": None if dry_run else output,
-                     "layers": [layers_before, layers_after], "params": [params_before, params_after]})
+                     "layer_count": [layers_before, layers_after], "param_count": [params_before, params_after]})
         console.print(json.dumps(data, indent=2))
         return ExitCode.OK
     for line in report.lines():

@@ -56,8 +56,8 @@ def _plan_with_report(recipe, args, params, console) -> int:
     layers_after, params_after = len(after.layers), after.params
     if args.json:
         data = report.to_dict()
-        data.update({"model": args.model, "output": None, "layers": [layers_before, layers_after],
-                     "params": [params_before, params_after], "html": args.html})
+        data.update({"model": args.model, "output": None, "layer_count": [layers_before, layers_after],
+                     "param_count": [params_before, params_after], "html": args.html})
         console.print(json.dumps(data, indent=2))
         return ExitCode.OK
     for line in report.lines():

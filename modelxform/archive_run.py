@@ -12,7 +12,8 @@ from a loaded copy of the model. This module does that:
   arrays are held as patches and read back by the rebuild);
 - the structural statements that work on the config alone (replace, tap, insert, append, cut, set,
   rename) queue their edits on an editor made from config.json, and the first rebuild builds the edited
-  model and fills it from the archive (graph.transfer_weights reads ArchiveLayer.get_weights());
+  model and fills it from the archive (graph.copy_variables reads the ArchiveVariables, large arrays a
+  block of rows at a time);
 - from then on the run is the ordinary one on a Keras model.
 
 Whenever the archive cannot stand in for the model — a statement needs the built input model (remove,
@@ -87,7 +88,8 @@ class ArchiveContext(Context):
     def before_rebuild(self):
         if self._model is not None:
             return super().before_rebuild()
-        return _ArchiveFacts(self.archive), _archive_output_shapes(self.archive), self.archive.layers
+        facts = _ArchiveFacts(self.archive)
+        return facts, [_text(shape) for shape in facts.shapes.model_outputs()], self.archive.layers
 
 
 class _ArchiveFacts(Mapping):
@@ -96,10 +98,10 @@ class _ArchiveFacts(Mapping):
 
     def __init__(self, archive: Archive):
         self._infos = {info.path: info for info in archive.layers}
-        self._shapes = _ShapeFinder(archive.current_config())
+        self.shapes = _ShapeFinder(archive.current_config())
 
     def __getitem__(self, path):
-        return _text(self._shapes.output(path)), self._infos[path].params()
+        return _text(self.shapes.output(path)), self._infos[path].params()
 
     def __iter__(self):
         return iter(self._infos)
@@ -205,10 +207,6 @@ def _shape_tuple(shape):
 def _text(shape) -> str:
     from .runner import _shape_text
     return "?" if shape is None else _shape_text(shape)
-
-
-def _archive_output_shapes(archive: Archive) -> list[str]:
-    return [_text(shape) for shape in _ShapeFinder(archive.current_config()).model_outputs()]
 
 
 def try_run(recipe, model_path, seed, params, dry_run: bool):

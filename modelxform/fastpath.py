@@ -329,10 +329,6 @@ class ArchiveLayer:
     def count_params(self) -> int:
         return sum(v.size for v in self.weights)
 
-    def get_weights(self) -> list:
-        """The arrays, as Keras's ``layer.get_weights()`` (graph.transfer_weights reads them so)."""
-        return [v.numpy() for v in self.weights]
-
 
 class ArchiveVariable:
     """A stand-in for a Keras variable whose array lives in the archive: ``numpy()`` reads it,

@@ -591,7 +591,7 @@ class _LazyVariables:
     (with the kept layers' arrays, or seeded values for new layers), and Keras's random initial values
     cost time and, for a large array, a few transient copies of it (VGG16: 1 s and 1.2 GB). Inside,
     Keras creates variables as it does in a stateless scope — deferred, with their initializer kept;
-    set_variables() gives them their values; initialise_the_rest() runs the initializers of any left
+    copy_variables() gives them their values; initialise_the_rest() runs the initializers of any left
     (a Dropout's seed state). Uses Keras internals (keras.src.backend.common): where they are missing,
     __enter__ raises and the caller builds the ordinary way."""
 
@@ -681,17 +681,24 @@ def _set_variable(var, value) -> None:
         var.assign(value)
 
 
+class _Array:
+    """An array as a source for copy_variables."""
+
+    def __init__(self, array):
+        self.array = np.asarray(array)
+        self.shape = self.array.shape
+
+    def numpy(self):
+        return self.array
+
+    def read_rows(self, start: int, stop: int):
+        return self.array[start:stop]
+
+
 def set_variables(layer, arrays) -> None:
     """``layer.set_weights(arrays)``, also for a layer built by _LazyVariables whose variables hold no
-    value yet (they are created with it, with no copy beyond Keras's own)."""
-    weights = layer.weights
-    if len(weights) != len(arrays):
-        raise ApplyError(f"layer {layer.name}: {len(arrays)} arrays for {len(weights)} variables")
-    for var, value in zip(weights, arrays):
-        if tuple(var.shape) != tuple(value.shape):
-            raise ApplyError(f"layer {layer.name}: {var.name} has shape {tuple(var.shape)}, "
-                             f"the array {tuple(value.shape)}")
-        _set_variable(var, value)
+    value yet."""
+    copy_variables(layer, [_Array(a) for a in arrays])
 
 
 def _restore_single_refs(config: dict, base: dict) -> None:

@@ -262,7 +262,7 @@ def try_apply(recipe, model_path, output, seed, params, dry_run: bool) -> FastRe
             return None
         if not dry_run:
             from .model_io import read_provenance
-            from .provenance import extend
+            from .provenance import entry, extend
             versions = library_versions()
             if versions is None:
                 return _declined("keras or tensorflow is not an installed distribution")
@@ -464,28 +464,6 @@ def library_versions() -> dict | None:
         return None
     return {"modelxform": __version__, "keras": keras_version, "tensorflow": tf_version,
             "numpy": np.__version__, "python": ".".join(map(str, sys.version_info[:3]))}
-
-
-def entry(recipe, report, input_sha256: str, versions: dict) -> dict:
-    """provenance.entry() with the versions given (it calls library_versions(), which imports Keras)."""
-    from . import provenance
-    header = recipe.program.header()
-    statements = []
-    for s in report.statements:
-        line = f"{s.statement}"
-        details = s.changes or s.notes
-        if details:
-            line += " :: " + "; ".join(details[:20]) + (f"; … ({len(details) - 20} more)" if len(details) > 20 else "")
-        statements.append(line)
-    return {
-        "recipe": {"name": header.name if header else None, "version": header.version if header else None,
-                   "text": provenance.recipe_text(recipe), "sha256": provenance.recipe_sha256(recipe)},
-        "input_sha256": input_sha256,
-        "seed": report.seed,
-        "params": {k: provenance._jsonable(v) for k, v in sorted(report.params.items())},
-        "versions": versions,
-        "statements": statements,
-    }
 
 
 # ---- the archive ------------------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ def _jsonable(value):
     return value
 
 
-def entry(recipe, report, input_sha256: str) -> dict:
+def entry(recipe, report, input_sha256: str, versions: dict | None = None) -> dict:
+    """One link of the chain. ``versions`` defaults to library_versions(), which imports Keras; the
+    fast path passes the same versions read from the installed distributions instead."""
     header = recipe.program.header()
     statements = []
     for s in report.statements:
@@ -56,7 +58,7 @@ def entry(recipe, report, input_sha256: str) -> dict:
         "input_sha256": input_sha256,
         "seed": report.seed,
         "params": {k: _jsonable(v) for k, v in sorted(report.params.items())},
-        "versions": library_versions(),
+        "versions": versions if versions is not None else library_versions(),
         "statements": statements,
     }
 

@@ -367,11 +367,11 @@ def test_versions_recorded_without_keras_are_keras_own():
     assert fastpath.library_versions() == library_versions()
 
 
-def test_entry_matches_provenance_entry(subjects):
+def test_an_entry_with_the_fast_paths_versions_is_the_engines(subjects):
     subject = subjects("cnn")
     recipe = compile_recipe('recipe "r" version "2"\nparam p = 25\nselect where type=Dense\nprune kernel $p%\n')
     _, report = recipe.apply(subject.model, seed=1)
-    assert fastpath.entry(recipe, report, "abc", fastpath.library_versions()) == entry(recipe, report, "abc")
+    assert entry(recipe, report, "abc", fastpath.library_versions()) == entry(recipe, report, "abc")
 
 
 # ---- the table of variable names ---------------------------------------------------------------------

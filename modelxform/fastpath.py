@@ -53,7 +53,7 @@ from .errors import ModelFileError, ModelxformError
 from .passes import PASSES, StatementReport
 from .passes import checks as _checks  # noqa: F401  (registers assert count)
 from .passes import weights as _weights
-from .runner import Context, Params, Report, effective_seed, resolve_params, select
+from .runner import Context, Params, Report, _run_statements, effective_seed, resolve_params
 from .selectors import LayerInfo
 
 log = logging.getLogger(__name__)
@@ -374,6 +374,9 @@ class _FastContext(Context):
     def editor(self, stmt):
         raise NotApplicable(f"`{stmt}` is structural")
 
+    def pass_for(self, stmt):
+        return _pass_for(stmt)
+
 
 def _fill(ctx, stmt: ir.Fill) -> StatementReport:
     """``set … to zeros/ones/constant(v)`` with the values keras.initializers would give: Constant is
@@ -431,20 +434,13 @@ def _pass_for(stmt):
 
 
 def _run(recipe, archive: "Archive", seed, params, dry_run: bool) -> FastReport:
-    """runner.run's statement loop over the archive's layers (select is runner.select itself)."""
+    """runner's statement loop over the archive's layers (_FastContext.pass_for picks the passes)."""
     values = Params(resolve_params(recipe, params))
     seed_value = effective_seed(recipe, seed, values)
     ctx = _FastContext(archive.layers, seed_value, values, dry_run)
     summary = (len(archive.layers), archive.param_count)
     report = FastReport(seed=seed_value, params=dict(values.values), dry_run=dry_run, summary=summary)
-    for stmt in recipe.program.flat():
-        if isinstance(stmt, ir.HEADER_TYPES):
-            continue
-        ctx.begin(stmt)
-        if isinstance(stmt, ir.Select):
-            report.statements.append(select(ctx, stmt))
-            continue
-        report.statements.append(_pass_for(stmt)(ctx, stmt))
+    _run_statements(recipe, ctx, report, values)
     return report
 
 

@@ -102,12 +102,15 @@ def execute(recipe, args, params, output, console, *, dry_run: bool) -> int:
                          (layers_after, params_after))
 
 
-def _print_report(report, args, output, console, dry_run, before, after) -> int:
+def _print_report(report, args, output, console, dry_run, before, after, html: str | None = None) -> int:
+    """The report as text or (--json) as data; ``html``: the HTML report plan --html wrote."""
     (layers_before, params_before), (layers_after, params_after) = before, after
     if getattr(args, "json", False):
         data = report.to_dict()
         data.update({"model": args.model, "output": None if dry_run else output,
                      "layer_count": [layers_before, layers_after], "param_count": [params_before, params_after]})
+        if html is not None:
+            data["html"] = html
         console.print(json.dumps(data, indent=2))
         return ExitCode.OK
     for line in report.lines():
@@ -118,6 +121,8 @@ def _print_report(report, args, output, console, dry_run, before, after) -> int:
         console.print("dry run: nothing was written")
     else:
         console.print(f"wrote {output}")
+    if html is not None:
+        console.print(f"wrote the report {html}")
     return ExitCode.OK
 
 

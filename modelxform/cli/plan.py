@@ -1,11 +1,8 @@
 """modelxform plan RECIPE MODEL — what each statement would do, without writing anything."""
 from __future__ import annotations
 
-import json
-
 from . import add_model_options, add_run_options, parse_params
-from .apply import execute
-from ..errors import ExitCode
+from .apply import _print_report, execute
 
 
 def add_parser(subparsers):
@@ -52,18 +49,5 @@ def _plan_with_report(recipe, args, params, console) -> int:
     subtitle = f"seed {report.seed}" + (", params " + ", ".join(f"{k}={v}" for k, v in report.params.items())
                                         if report.params else "") + " — a plan: no arrays were changed"
     write_report(args.html, d, title=title, subtitle=subtitle, statements=statements_from_report(report))
-    layers_before, params_before = len(before.layers), before.params
-    layers_after, params_after = len(after.layers), after.params
-    if args.json:
-        data = report.to_dict()
-        data.update({"model": args.model, "output": None, "layer_count": [layers_before, layers_after],
-                     "param_count": [params_before, params_after], "html": args.html})
-        console.print(json.dumps(data, indent=2))
-        return ExitCode.OK
-    for line in report.lines():
-        console.print(line)
-    console.print(f"model: {layers_before} layers, {params_before:,} params -> "
-                  f"{layers_after} layers, {params_after:,} params")
-    console.print("dry run: nothing was written")
-    console.print(f"wrote the report {args.html}")
-    return ExitCode.OK
+    return _print_report(report, args, None, console, True, (len(before.layers), before.params),
+                         (len(after.layers), after.params), html=args.html)

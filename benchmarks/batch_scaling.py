@@ -60,7 +60,7 @@ def build() -> None:
     code = f"""
 import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-from modelxform.model_io import import_keras, save_model
+from modelxform.keras_io.files import import_keras, save_model
 keras = import_keras()
 zoo = {str(zoo)!r}
 for i, (alpha, size) in enumerate((a, s) for a in (0.35, 0.5, 0.75, 1.0) for s in (32, 64, 96)):

@@ -31,9 +31,12 @@ from collections.abc import Mapping
 
 from . import ir
 from .errors import ModelxformError
-from .fastpath import DISABLE_ENV, Archive, NotApplicable, _keras_backend, _pass_for, applicable_statements
-from .graph import GraphEditor
-from .model_io import check_readable, import_keras
+from .fastpath import DISABLE_ENV, _pass_for, applicable_statements
+from .keras_io.archive import Archive, NotApplicable
+from .keras_io.backend import keras_backend as _keras_backend
+from .keras_io.graph import GraphEditor
+from .keras_io.shapes import ShapeFinder
+from .keras_io.files import check_readable, import_keras
 from .passes import PASSES, load_all
 from .runner import Context, Params, Report, _attach_sources, _run_statements, effective_seed, resolve_params
 
@@ -98,7 +101,7 @@ class _ArchiveFacts(Mapping):
 
     def __init__(self, archive: Archive):
         self._infos = {info.path: info for info in archive.layers}
-        self.shapes = _ShapeFinder(archive.current_config())
+        self.shapes = ShapeFinder(archive.current_config())
 
     def __getitem__(self, path):
         return _text(self.shapes.output(path)), self._infos[path].params()
@@ -108,100 +111,6 @@ class _ArchiveFacts(Mapping):
 
     def __len__(self):
         return len(self._infos)
-
-
-class _ShapeFinder:
-    """Output shapes of the layers in a model config, from each layer's class and the input shape the
-    config records (``build_config``, the tensors of its inbound node, or in a Sequential stack the
-    previous layer's output), as runner._layer_facts reads them off a built model. None where there is
-    no single answer (a shared layer, a nested model's output) or the class cannot say unbuilt."""
-
-    def __init__(self, config: dict):
-        self._where: dict[str, tuple] = {}  # path -> (entry, its model entry, its index there)
-        self._cache: dict[str, object] = {}
-
-        def visit(model_entry, prefix):
-            for n, entry in enumerate(model_entry["config"]["layers"]):
-                path = prefix + entry["config"]["name"]
-                self._where[path] = (entry, model_entry, n)
-                if isinstance(entry["config"].get("layers"), list):
-                    visit(entry, path + "/")
-        visit(config, "")
-        self.top = config
-
-    def output(self, path: str):
-        if path not in self._cache:
-            self._cache[path] = None  # (a cycle cannot occur in a valid config; this stops one anyway)
-            self._cache[path] = self._output(path)
-        return self._cache[path]
-
-    def _output(self, path: str):
-        entry, container, index = self._where[path]
-        if entry["class_name"] == "InputLayer":
-            shape = entry["config"].get("batch_shape")
-            return tuple(shape) if shape else None
-        if isinstance(entry["config"].get("layers"), list) or len(entry.get("inbound_nodes") or [None]) != 1:
-            return None
-        input_shape = (entry.get("build_config") or {}).get("input_shape")
-        if input_shape is None and entry.get("inbound_nodes"):
-            shapes = [t["config"]["shape"] for t in _tensors(entry["inbound_nodes"][0])]
-            input_shape = shapes[0] if len(shapes) == 1 else shapes or None
-        if input_shape is None and container["class_name"] == "Sequential":
-            prefix = path[: len(path) - len(entry["config"]["name"])]
-            earlier = container["config"]["layers"][:index]
-            if earlier:
-                input_shape = self.output(prefix + earlier[-1]["config"]["name"])
-            else:
-                input_shape = container["config"].get("build_input_shape")
-        if input_shape is None:
-            return None
-        try:
-            import keras
-            # the class and its arguments only: build_config would build (and fill) its variables
-            bare = {k: entry[k] for k in ("module", "class_name", "config", "registered_name") if k in entry}
-            layer = keras.saving.deserialize_keras_object(bare, safe_mode=True)
-            shape = layer.compute_output_shape(_shape_tuple(input_shape))
-        except Exception:  # noqa: BLE001 - the report says "?" where the class cannot tell
-            return None
-        if isinstance(shape, tuple) and all(d is None or isinstance(d, int) for d in shape):
-            return shape
-        return None
-
-    def model_outputs(self) -> list:
-        """The shapes of the top model's outputs (runner._output_shapes)."""
-        config = self.top["config"]
-        if self.top["class_name"] == "Sequential":
-            layers = config["layers"]
-            return [self.output(layers[-1]["config"]["name"]) if layers else None]
-        refs = config.get("output_layers") or []
-        if refs and isinstance(refs[0], str):
-            refs = [refs]
-        return [self.output(name) if name in self._where and node == 0 and index == 0 else None
-                for name, node, index in refs]
-
-
-def _tensors(node):
-    """The tensors (``__keras_tensor__`` entries) an inbound node passes, in order."""
-    found = []
-
-    def walk(obj):
-        if isinstance(obj, dict):
-            if obj.get("class_name") == "__keras_tensor__":
-                found.append(obj)
-                return
-            for value in obj.values():
-                walk(value)
-        elif isinstance(obj, list):
-            for value in obj:
-                walk(value)
-    walk(node.get("args", []) if isinstance(node, dict) else node)
-    return found
-
-
-def _shape_tuple(shape):
-    if isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple)):
-        return [tuple(s) for s in shape]
-    return tuple(shape)
 
 
 def _text(shape) -> str:

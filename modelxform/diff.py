@@ -2,7 +2,7 @@
 HTML report.
 
 ``snapshot(model)`` reads a model once into plain data: every leaf layer (nested models expanded, as
-``selectors.walk`` names them) with its type, config, weights, trainable flag and shapes, plus the
+``keras_io.layers.walk`` names them) with its type, config, weights, trainable flag and shapes, plus the
 connectivity read from the functional config (which layer feeds which, how often a layer is called, the
 nested models and the model's inputs and outputs). ``diff(a, b)`` compares two snapshots::
 
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .selectors import walk
+from .keras_io.config import histories, is_model_entry, tensor_refs
+from .keras_io.layers import is_model, walk
 
 MODEL_CLASSES = ("Functional", "Sequential", "Model")
 
@@ -110,7 +111,7 @@ def _canonical(config) -> str:
 def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapshot:
     """Read ``model`` into a Snapshot (copies of its weights included unless ``weights`` is False, as
     ``inspect`` needs none; the model is not changed)."""
-    from .graph import model_kind
+    from .keras_io.layers import model_kind
     kind = model_kind(model)
     conn = _Connectivity()
     connected = kind != "subclassed"
@@ -165,7 +166,6 @@ def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapsho
 
 
 def _nested(model) -> dict:
-    from .selectors import is_model
     out = {}
 
     def visit(container, prefix):
@@ -176,29 +176,6 @@ def _nested(model) -> dict:
                     out[path] = (type(layer).__name__, layer)
                     visit(layer, path + "/")
     visit(model, "")
-    return out
-
-
-def _refs(obj) -> list[list]:
-    """Every [layer name, node index, tensor index] in a config structure (either of Keras's forms)."""
-    out = []
-
-    def visit(o):
-        if isinstance(o, dict):
-            if o.get("class_name") == "__keras_tensor__":
-                hist = o.get("config", {}).get("keras_history")
-                if isinstance(hist, list):
-                    out.append(hist)
-                return
-            for value in o.values():
-                visit(value)
-        elif isinstance(o, (list, tuple)):
-            if o and isinstance(o[0], str) and len(o) >= 3 and all(isinstance(x, int) for x in o[1:3]):
-                out.append(list(o))
-                return
-            for value in o:
-                visit(value)
-    visit(obj)
     return out
 
 
@@ -225,7 +202,7 @@ class _Connectivity:
         if class_name == "Sequential" or "input_layers" not in config:
             return self._sequential(config, prefix, feeds)
         top = feeds is None
-        input_refs = _refs(config.get("input_layers", []))
+        input_refs = tensor_refs(config.get("input_layers", []))
         input_order = [r[0] for r in input_refs]
         producers: dict[str, list[list[str]]] = {}
 
@@ -254,11 +231,11 @@ class _Connectivity:
                 continue
             path = prefix + name
             nodes = entry.get("inbound_nodes", []) or []
-            if _is_model_entry(entry):
+            if is_model_entry(entry):
                 merged: list[list[str]] = []
                 for node in nodes:
                     self.calls[path] += 1
-                    outs = self._container(entry["config"], cls, path + "/", [lookup(r) for r in _refs(node)])
+                    outs = self._container(entry["config"], cls, path + "/", [lookup(r) for r in histories(node)])
                     for k, out in enumerate(outs):
                         if k >= len(merged):
                             merged.append([])
@@ -267,10 +244,10 @@ class _Connectivity:
             else:
                 for node in nodes:
                     self.calls[path] += 1
-                    for ref in _refs(node):
+                    for ref in histories(node):
                         self._link(path, lookup(ref))
                 producers[name] = [[path]]
-        return [lookup(r) for r in _refs(config.get("output_layers", []))]
+        return [lookup(r) for r in tensor_refs(config.get("output_layers", []))]
 
     def _sequential(self, config: dict, prefix: str, feeds) -> list[list[str]]:
         entries = config.get("layers", [])
@@ -289,18 +266,13 @@ class _Connectivity:
             name = entry.get("name") or entry["config"]["name"]
             path = prefix + name
             self.calls[path] += 1
-            if _is_model_entry(entry):
+            if is_model_entry(entry):
                 outs = self._container(entry["config"], entry["class_name"], path + "/", [current])
                 current = sorted({p for o in outs for p in o})
             else:
                 self._link(path, current)
                 current = [path]
         return [current]
-
-
-def _is_model_entry(entry: dict) -> bool:
-    config = entry.get("config", {})
-    return isinstance(config, dict) and isinstance(config.get("layers"), list)
 
 
 # ---- diffs ---------------------------------------------------------------------------------------
@@ -544,7 +516,7 @@ def diff(a: Snapshot, b: Snapshot) -> ModelDiff:
 
 def diff_files(path_a, path_b, *, unsafe: bool = False, imports=()) -> ModelDiff:
     """Load two model files (safe mode unless ``unsafe``) and diff them."""
-    from .model_io import load_model
+    from .keras_io.files import load_model
     model_a = load_model(path_a, unsafe=unsafe, imports=imports)
     model_b = load_model(path_b, unsafe=unsafe, imports=imports)
     return diff(snapshot(model_a, name=str(path_a)), snapshot(model_b, name=str(path_b)))

@@ -93,7 +93,7 @@ def _make_readable(folder: pathlib.Path) -> None:
 @contextlib.contextmanager
 def _quiet():
     """TensorFlow logs each traced function and asset while saving; the user did not ask."""
-    from .model_io import _quiet as keras_quiet
+    from .keras_io.files import _quiet as keras_quiet
     import logging
     tf_logger = logging.getLogger("tensorflow")
     level = tf_logger.level

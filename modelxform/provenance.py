@@ -100,7 +100,7 @@ def verify(model_path, original_path, *, unsafe: bool = False, imports=()) -> tu
 
     from .compiler import compile_recipe
     from .errors import UsageError
-    from .model_io import load_model, model_format, read_provenance, save_model, sha256_file
+    from .keras_io.files import load_model, model_format, read_provenance, save_model, sha256_file
     from .runner import run
 
     record = read_provenance(model_path)
@@ -156,8 +156,8 @@ def _content_differences(remade, model_path, unsafe, imports) -> list[str]:
 
     import keras
 
-    from .model_io import load_model
-    from .selectors import walk
+    from .keras_io.files import load_model
+    from .keras_io.layers import walk
     a = load_model(remade, unsafe=unsafe, imports=imports)
     b = load_model(model_path, unsafe=unsafe, imports=imports)
     out = []

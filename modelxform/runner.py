@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 
 from . import ir
 from .errors import ApplyError, ModelxformError, UsageError
-from .graph import GraphEditor, model_kind, refuse_subclassed, transfer_weights
+from .keras_io.graph import GraphEditor, transfer_weights
+from .keras_io.layers import model_kind, refuse_subclassed
 from .passes import PASSES, StatementReport, load_all
 from .rng import generator
-from .selectors import resolve_selector, walk
+from .keras_io.layers import walk
+from .selectors import resolve_selector
 
 
 class Params:
@@ -260,7 +262,7 @@ def working_copy(model):
         clone = keras.saving.deserialize_keras_object(config, safe_mode=True)
         transfer_weights(walk(model), clone, {}, 0)
         return clone
-    from .model_io import load_model, save_model
+    from .keras_io.files import load_model, save_model
     with tempfile.TemporaryDirectory(prefix="modelxform-") as tmp:
         path = os.path.join(tmp, "copy.keras")
         save_model(model, path)
@@ -343,7 +345,7 @@ def _run_statements(recipe, ctx: Context, report: Report, values: Params) -> Non
 
 def reference_outputs(model, seed: int):
     """Seeded random probe inputs and the model's outputs on them, in inference mode."""
-    from .graph import probe_inputs
+    from .keras_io.graph import probe_inputs
     rng = generator(seed, "assert equivalent probe")
     inputs = probe_inputs(model, rng, batch=4)
     outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)

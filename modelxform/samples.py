@@ -9,7 +9,7 @@ import sys
 
 def cnn(seed: int = 0):
     """The design card's CNN: conv2d_1, a MaxPooling2D, conv2d_2, flatten and three Dense layers."""
-    from .model_io import import_keras
+    from .keras_io.files import import_keras
     keras = import_keras()
     init = lambda n: keras.initializers.GlorotUniform(seed=seed + n)  # noqa: E731
     inputs = keras.Input((28, 28, 1), name="image")
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     if len(argv) != 2 or argv[0] not in SAMPLES:
         print(f"usage: python -m modelxform.samples {{{','.join(SAMPLES)}}} OUT.keras", file=sys.stderr)
         return 2
-    from .model_io import save_model
+    from .keras_io.files import save_model
     save_model(SAMPLES[argv[0]](), argv[1])
     print(f"wrote {argv[1]}")
     return 0

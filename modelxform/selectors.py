@@ -13,73 +13,7 @@ from dataclasses import dataclass, field
 
 from . import ir
 from .errors import ApplyError
-
-
-@dataclass(eq=False)
-class LayerInfo:
-    path: str
-    layer: object  # keras.layers.Layer
-    ancestors: tuple = field(default=())  # nested models that contain it, outermost first
-
-    @property
-    def name(self) -> str:
-        return self.layer.name
-
-    @property
-    def type_name(self) -> str:
-        return type(self.layer).__name__
-
-    @property
-    def ancestor_types(self) -> tuple:
-        return tuple(type(a).__name__ for a in self.ancestors)
-
-    def params(self) -> int:
-        try:
-            return int(self.layer.count_params())
-        except ValueError:  # not built yet
-            return 0
-
-
-def is_model(layer) -> bool:
-    import keras
-    return isinstance(layer, keras.Model)
-
-
-def is_input_layer(layer) -> bool:
-    return type(layer).__name__ == "InputLayer"
-
-
-def walk(model) -> list[LayerInfo]:
-    """Leaf layers of ``model`` in graph order, nested models expanded, each layer once."""
-    out: list[LayerInfo] = []
-    seen: set[int] = set()
-
-    def visit(container, prefix: str, ancestors: tuple):
-        for layer in container.layers:
-            if id(layer) in seen or is_input_layer(layer):
-                continue
-            seen.add(id(layer))
-            path = f"{prefix}{layer.name}"
-            if is_model(layer):
-                visit(layer, path + "/", ancestors + (layer,))
-            else:
-                out.append(LayerInfo(path, layer, ancestors))
-    visit(model, "", ())
-    return out
-
-
-def nested_models(model) -> dict[str, object]:
-    """Path -> nested model, for every model used as a layer (at any depth)."""
-    out = {}
-
-    def visit(container, prefix):
-        for layer in container.layers:
-            if is_model(layer):
-                path = f"{prefix}{layer.name}"
-                out.setdefault(path, layer)
-                visit(layer, path + "/")
-    visit(model, "")
-    return out
+from .keras_io.layers import LayerInfo  # noqa: F401  (the selectors take LayerInfos)
 
 
 # ---- predicates ----------------------------------------------------------------------------

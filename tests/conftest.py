@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _keras():
-    from modelxform.model_io import import_keras
+    from modelxform.keras_io.files import import_keras
     return import_keras()
 
 
@@ -112,7 +112,7 @@ FACTORIES = {"cnn": make_cnn, "sequential": make_sequential, "nested": make_nest
 @pytest.fixture
 def model_file(tmp_path):
     """model_file(kind) -> path of a freshly saved .keras file of that sample model."""
-    from modelxform.model_io import save_model
+    from modelxform.keras_io.files import save_model
 
     def make(kind: str = "cnn", name: str | None = None, suffix: str = ".keras"):
         path = tmp_path / ((name or kind) + suffix)
@@ -122,7 +122,7 @@ def model_file(tmp_path):
 
 
 def weights_by_path(model) -> dict[str, list[np.ndarray]]:
-    from modelxform.selectors import walk
+    from modelxform.keras_io.layers import walk
     return {info.path: [np.asarray(w) for w in info.layer.get_weights()] for info in walk(model)}
 
 

@@ -18,7 +18,7 @@ from modelxform import compile_recipe
 
 keras = pytest.importorskip("keras")
 
-from modelxform.selectors import walk  # noqa: E402
+from modelxform.keras_io.layers import walk  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from modelxform import archive_run, compile_recipe, model_io
+from modelxform import archive_run, compile_recipe
+from modelxform.keras_io import files as model_io
 from modelxform.errors import ExitCode
-from modelxform.model_io import read_provenance, save_model, sha256_file
+from modelxform.keras_io.files import read_provenance, save_model, sha256_file
 from modelxform.provenance import entry, extend
 from modelxform.runner import run
-from modelxform.selectors import walk
+from modelxform.keras_io.layers import walk
 from test_fastpath import _declines, member, subjects  # noqa: F401  (subjects is a fixture)
 
 keras = pytest.importorskip("keras")
@@ -199,7 +200,7 @@ def test_a_whole_process_prints_the_report_and_nothing_else(subjects, tmp_path):
     assert proc.stdout.splitlines()[-1] == f"wrote {tmp_path / 'out.keras'}"
 
 
-# ---- the rebuild's variables: created without initial values, then filled (graph._LazyVariables) ---------
+# ---- the rebuild's variables: created without initial values, then filled (graph.LazyVariables) ---------
 
 LAZY_RECIPE = """\
 seed 9
@@ -217,18 +218,18 @@ replace MaxPooling2D with AveragePooling2D
 def test_lazily_built_variables_get_the_values_an_ordinary_build_gives(subjects, tmp_path, monkeypatch):  # noqa: F811
     from keras.src.backend.common import global_state
 
-    from modelxform import graph
+    from modelxform.keras_io import variables as graph
     subject = subjects("cnn")
     recipe = compile_recipe(LAZY_RECIPE)
     before = list(global_state.get_global_attribute("uninitialized_variables") or [])
     deferred = []
-    real_exit = graph._LazyVariables.__exit__
+    real_exit = graph.LazyVariables.__exit__
 
     def exit_and_count(self, *exc):
         result = real_exit(self, *exc)
         deferred.append(len(self.created))
         return result
-    monkeypatch.setattr(graph._LazyVariables, "__exit__", exit_and_count)
+    monkeypatch.setattr(graph.LazyVariables, "__exit__", exit_and_count)
     lazy_model, lazy_report = run(recipe, subject.model)
     assert deferred and deferred[-1] >= len(lazy_model.weights) > 0  # the build did defer the values
     assert (global_state.get_global_attribute("uninitialized_variables") or []) == before  # left as found
@@ -236,7 +237,7 @@ def test_lazily_built_variables_get_the_values_an_ordinary_build_gives(subjects,
 
     def unavailable(self):
         raise ImportError("as if Keras had no stateless scope")
-    monkeypatch.setattr(graph._LazyVariables, "__enter__", unavailable)
+    monkeypatch.setattr(graph.LazyVariables, "__enter__", unavailable)
     eager_model, eager_report = run(recipe, subject.model)
     assert lazy_report.to_dict() == eager_report.to_dict()
     save_model(lazy_model, tmp_path / "lazy.keras")
@@ -259,7 +260,7 @@ def test_large_arrays_moved_in_blocks_give_the_same_file(subjects, tmp_path, mon
     """Arrays above graph.LARGE_ARRAY go into the rebuilt model's variables, and from them into the
     file, a block of rows at a time: with the thresholds lowered so that every array of the CNN is
     large and moved in blocks of a few rows, the file is the one whole arrays give."""
-    from modelxform import graph
+    from modelxform.keras_io import variables as graph
     subject = subjects("cnn")
     recipe = tmp_path / "r.recipe"
     recipe.write_text("select random where type=Dense\nscale weights 0.8\n"

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_nested, make_sequential, run_cli, weights_by_path
-from modelxform.model_io import load_model, read_provenance, save_model, sha256_file
+from modelxform.keras_io.files import load_model, read_provenance, save_model, sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def zoo(tmp_path_factory):
     """zoo/cnn.keras (the sample CNN), zoo/seq.keras (a small Sequential), zoo/mobilenet.keras
     (MobileNetV2 alpha 0.35 at 32x32, ~150 layers), zoo/sub/nested.keras (nested models), zoo/broken.keras
     (a truncated archive); two recipes; zoo.yaml."""
-    from modelxform.model_io import import_keras
+    from modelxform.keras_io.files import import_keras
     from modelxform.samples import cnn
     keras = import_keras()
     root = tmp_path_factory.mktemp("batch")
@@ -475,7 +475,7 @@ def special_zoo(tmp_path_factory):
     """A zoo whose models need `imports` (a custom layer class from a module beside ZOO.yaml) and
     `unsafe` (a Lambda layer)."""
     from conftest import custom_layer_module
-    from modelxform.model_io import import_keras
+    from modelxform.keras_io.files import import_keras
     keras = import_keras()
     root = tmp_path_factory.mktemp("special")
     module = custom_layer_module(root, "mxzoo_layers", "mxzoo", "Tripler", 3.0)  # the workers must import it

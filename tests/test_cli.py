@@ -50,7 +50,7 @@ def write(path, text: str) -> pathlib.Path:
 
 
 def keras():
-    from modelxform.model_io import import_keras
+    from modelxform.keras_io.files import import_keras
     return import_keras()
 
 
@@ -78,7 +78,7 @@ def subprocess_env(**extra) -> dict:
 @pytest.fixture(scope="module")
 def cnn_bytes(tmp_path_factory) -> bytes:
     """The sample CNN saved once per module (building and saving it is the slow part)."""
-    from modelxform.model_io import save_model
+    from modelxform.keras_io.files import save_model
     path = tmp_path_factory.mktemp("cnn") / "cnn.keras"
     save_model(make_cnn(), path)
     return path.read_bytes()
@@ -117,7 +117,7 @@ def test_apply_example_recipe(tmp_path, cnn, cnn_weights):
     assert out.is_file()
     model = load(out)
     assert len(model.outputs) == 2
-    from modelxform.selectors import walk
+    from modelxform.keras_io.layers import walk
     types = {info.path: info.type_name for info in walk(model)}
     assert types["max_pooling2d"] == "AveragePooling2D"
     # the one randomly selected Dense layer (named in the report) is scaled by 0.8, the others are not
@@ -549,7 +549,7 @@ def _flaky_dense():
 
 
 def _flaky_model_file(path):
-    from modelxform.model_io import save_model
+    from modelxform.keras_io.files import save_model
     k = keras()
     flaky = _flaky_dense()
     inp = k.Input((4,), name="x")
@@ -767,7 +767,7 @@ def test_fmt_syntax_error_leaves_file_alone(tmp_path):
 
 @pytest.fixture(scope="module")
 def nested_file(tmp_path_factory):
-    from modelxform.model_io import save_model
+    from modelxform.keras_io.files import save_model
     path = tmp_path_factory.mktemp("nested") / "nested.keras"
     save_model(make_nested(), path)
     return path
@@ -781,7 +781,7 @@ def _row(out: str, path: str) -> str:
 
 def test_inspect_lists_every_layer(nested_file):
     from modelxform.runner import _shape_text
-    from modelxform.selectors import walk
+    from modelxform.keras_io.layers import walk
     r = run_cli("inspect", nested_file)
     assert r.status == 0, r.err
     infos = walk(load(nested_file))
@@ -815,7 +815,7 @@ def test_inspect_where_typo(cnn):
 
 
 def test_inspect_json(nested_file):
-    from modelxform.selectors import walk
+    from modelxform.keras_io.layers import walk
     r = run_cli("inspect", nested_file, "--json")
     assert r.status == 0, r.err
     data = json.loads(r.out)

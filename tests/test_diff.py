@@ -16,7 +16,7 @@ from conftest import FACTORIES, make_cnn, make_nested, make_shared, run_cli
 keras = pytest.importorskip("keras")
 
 from modelxform.diff import compare_weights, diff, snapshot  # noqa: E402
-from modelxform.model_io import load_model, save_model  # noqa: E402
+from modelxform.keras_io.files import load_model, save_model  # noqa: E402
 
 
 def write(path, text):

@@ -36,7 +36,7 @@ EXAMPLES = [b for b in blocks() if directive(b, "file") is None]
 
 def write_example_files(folder):
     """Files the examples name: recipe text is written as is; a .keras file is the sample CNN."""
-    from modelxform.model_io import save_model
+    from modelxform.keras_io.files import save_model
     for other in blocks():
         name = directive(other, "file")
         if name and name.endswith(".keras"):

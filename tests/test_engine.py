@@ -19,7 +19,7 @@ from modelxform import AssertionFailed, ApplyError, ModelxformError, UsageError,
 
 keras = pytest.importorskip("keras")
 
-from modelxform.selectors import walk  # noqa: E402  (after keras, which conftest imports lazily)
+from modelxform.keras_io.layers import walk  # noqa: E402  (after keras, which conftest imports lazily)
 
 SEED = 7
 
@@ -1030,7 +1030,7 @@ def test_subclassed_freeze_survives_save_load(tmp_path):
 
 def test_subclassed_freeze_is_flagged_and_not_saved(tmp_path):
     from conftest import run_cli
-    from modelxform.model_io import save_model
+    from modelxform.keras_io.files import save_model
     new, report = apply("select d1; freeze", make_subclassed())
     assert layer_at(new, "d1").trainable is False  # holds in memory (Python API)
     assert any("does not save them" in note for note in report.statements[1].notes)

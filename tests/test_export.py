@@ -15,7 +15,7 @@ tf = pytest.importorskip("tensorflow")
 
 from modelxform.errors import ModelFileError  # noqa: E402
 from modelxform.export import PROVENANCE_PATH, export_savedmodel, read_export_provenance  # noqa: E402
-from modelxform.model_io import save_model  # noqa: E402
+from modelxform.keras_io.files import save_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """The TensorFlow-free fast path for weight-only recipes (modelxform/fastpath.py).
 
 The engine is the reference: every weight-only statement kind runs through both on the sample CNN, a
-"zoo" model holding every layer class of fastpath.VARIABLE_TABLE that has variables, the nested and
+"zoo" model holding every layer class of archive_module.VARIABLE_TABLE that has variables, the nested and
 Sequential samples and six keras.applications architectures (weights=None, small inputs, each built once
 per module), and the two must agree on the report, config.json, every array (bit for bit), the
 provenance record and the bytes of the file.
@@ -22,9 +22,10 @@ import pytest
 
 from conftest import FACTORIES, run_cli
 from modelxform import compile_recipe, fastpath
-from modelxform.model_io import load_model, read_provenance, save_model, sha256_file
+from modelxform.keras_io import archive as archive_module
+from modelxform.keras_io.files import load_model, read_provenance, save_model, sha256_file
 from modelxform.provenance import entry, extend
-from modelxform.selectors import walk
+from modelxform.keras_io.layers import walk
 
 keras = pytest.importorskip("keras")
 
@@ -54,7 +55,7 @@ def _randomize(model, seed):
 
 
 def _zoo():
-    """One layer of every class in fastpath.VARIABLE_TABLE that owns variables, in the flag combinations
+    """One layer of every class in archive_module.VARIABLE_TABLE that owns variables, in the flag combinations
     that change which variables exist, plus float16/float64/mixed_float16 layers and a nested block."""
     L = keras.layers
     image = keras.Input((12, 12, 3), name="image")
@@ -284,8 +285,8 @@ def test_spilled_arrays_agree_with_the_engine(subjects, name, tmp_path, monkeypa
     array assigned twice is read back from it)."""
     monkeypatch.setattr(fastpath.Archive, "SPILL_FLOOR", 0)
     spills = []
-    real = fastpath.tempfile.TemporaryFile
-    monkeypatch.setattr(fastpath.tempfile, "TemporaryFile", lambda *a, **k: spills.append(1) or real(*a, **k))
+    real = archive_module.tempfile.TemporaryFile
+    monkeypatch.setattr(archive_module.tempfile, "TemporaryFile", lambda *a, **k: spills.append(1) or real(*a, **k))
     subject = subjects(name)
     differential(subject, recipe_for(subject.layers), tmp_path)
     assert spills
@@ -429,14 +430,14 @@ def test_variable_table_matches_keras():
         layer.build(shape)
         name = type(layer).__name__
         seen.add(name)
-        assert fastpath.variable_names(name, layer.get_config()) == [v.name for v in layer.weights], name
+        assert archive_module.variable_names(name, layer.get_config()) == [v.name for v in layer.weights], name
         if not isinstance(shape, list):  # merge layers (several inputs) have no variables
-            assert fastpath.expected_shapes(name, layer.get_config(), shape) == \
+            assert archive_module.expected_shapes(name, layer.get_config(), shape) == \
                 [tuple(v.shape) for v in layer.weights], name
-    assert seen == fastpath.VARIABLE_TABLE
-    assert fastpath.variable_names("MultiHeadAttention", {}) is None
-    assert fastpath.variable_names("Dense", {"use_bias": True, "lora_rank": 4}) is None
-    assert fastpath.variable_names("BatchNormalization", {"scale": True, "center": True, "renorm": True}) is None
+    assert seen == archive_module.VARIABLE_TABLE
+    assert archive_module.variable_names("MultiHeadAttention", {}) is None
+    assert archive_module.variable_names("Dense", {"use_bias": True, "lora_rank": 4}) is None
+    assert archive_module.variable_names("BatchNormalization", {"scale": True, "center": True, "renorm": True}) is None
 
 
 # ---- when the fast path declines ------------------------------------------------------------------------
@@ -554,7 +555,7 @@ def test_a_full_disk_while_spilling_means_the_keras_path(subjects, tmp_path, mon
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(fastpath.Archive, "SPILL_FLOOR", 0)
-    monkeypatch.setattr(fastpath, "_write_all", full)
+    monkeypatch.setattr(archive_module, "_write_all", full)
     subject = subjects("cnn")
     recipe = compile_recipe(recipe_for(subject.layers))
     with _declines() as reasons, caplog.at_level("DEBUG"):
@@ -568,14 +569,14 @@ def test_a_full_disk_while_writing_leaves_the_previous_output(subjects, tmp_path
     import errno
 
     from modelxform.errors import ModelFileError
-    real, calls = fastpath._copy_range, []
+    real, calls = archive_module._copy_range, []
 
     def fail_second(*args):
         calls.append(1)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args)
-    monkeypatch.setattr(fastpath, "_copy_range", fail_second)
+    monkeypatch.setattr(archive_module, "_copy_range", fail_second)
     out = tmp_path / "out.keras"
     out.write_bytes(b"previous output")
     recipe = compile_recipe("select where type=Dense\nscale kernel 0.5\n")

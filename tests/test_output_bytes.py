@@ -19,7 +19,7 @@ import os
 import pytest
 
 from conftest import ROOT, make_cnn, run_cli
-from modelxform.model_io import load_model, save_model, sha256_file
+from modelxform.keras_io.files import load_model, save_model, sha256_file
 
 PINS = ROOT / "tests" / "golden" / "output_sha256.json"
 UPDATE = os.environ.get("MODELXFORM_UPDATE_PINS") == "1"
@@ -52,9 +52,11 @@ def _build(kind: str):
     keras.utils.set_random_seed(1234)  # keras.applications draws unseeded initial values
     if kind == "cnn":
         return make_cnn()
+    # a named input: an unnamed one is called input_layer_N, N counting the inputs made in this process
+    image = keras.Input((32, 32, 3), name="image")
     if kind == "vgg16":
-        return keras.applications.VGG16(weights=None, input_shape=(32, 32, 3), classes=10)
-    return keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
+        return keras.applications.VGG16(weights=None, input_tensor=image, classes=10)
+    return keras.applications.ResNet50(weights=None, input_tensor=image, classes=10)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, make_cnn, run_cli, weights_by_path, assert_bit_identical
 from modelxform import compile_recipe
-from modelxform.model_io import PROVENANCE_MEMBER, load_model, read_provenance, save_model, sha256_file
+from modelxform.keras_io.files import PROVENANCE_MEMBER, load_model, read_provenance, save_model, sha256_file
 
 EXAMPLE = ROOT / "recipes" / "example.recipe"
 PERTURB = ROOT / "recipes" / "perturb-dense.recipe"
@@ -174,7 +174,7 @@ def test_noise_of_a_layer_does_not_depend_on_which_other_layers_are_selected():
 @pytest.mark.parametrize("kind", ["cnn", "sequential", "nested", "shared", "multi_io"])
 def test_the_archive_is_written_at_once_as_keras_save_then_normalising_would(tmp_path, kind, monkeypatch):
     from conftest import FACTORIES
-    from modelxform import model_io
+    from modelxform.keras_io import files as model_io
     model = FACTORIES[kind]()
     record = {"format": "test", "chain": []}
     save_model(model, tmp_path / "direct.keras", provenance=record)
@@ -189,7 +189,7 @@ def test_the_archive_is_written_at_once_as_keras_save_then_normalising_would(tmp
 
 
 def test_a_model_with_assets_is_saved_by_keras_and_loads_back(tmp_path):
-    from modelxform import model_io
+    from modelxform.keras_io import files as model_io
     keras = model_io.import_keras()
     lookup = keras.layers.StringLookup(name="lookup")
     lookup.adapt(np.array(["a", "b", "c", "a"]))  # an adapted vocabulary is saved as an asset file

@@ -123,7 +123,7 @@ def test_new_head_has_the_parameterised_number_of_classes(cnn):
 
 
 def test_resnet50_finetune_trains_only_the_last_stage_and_a_fresh_classifier(tmp_path):
-    from modelxform.model_io import save_model, sha256_file
+    from modelxform.keras_io.files import save_model, sha256_file
     path = ROOT / "recipes" / "resnet50-finetune.recipe"
     model = target_model(path)
     new, _ = load_recipe(path).apply(model, seed=11)

@@ -25,7 +25,7 @@ keras = pytest.importorskip("keras")
 
 from modelxform import compile_recipe  # noqa: E402
 from modelxform.diff import diff, snapshot  # noqa: E402
-from modelxform.model_io import save_model  # noqa: E402
+from modelxform.keras_io.files import save_model  # noqa: E402
 from modelxform.report_html import STATUS_COLORS, write_report  # noqa: E402
 
 pytestmark = pytest.mark.slow

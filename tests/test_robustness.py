@@ -660,7 +660,7 @@ def test_accepted_patterns_match_fast_and_the_checker_only_raises_re_errors(patt
 
 
 def _info(name: str):
-    from modelxform.selectors import LayerInfo
+    from modelxform.keras_io.layers import LayerInfo
     return LayerInfo(name, types.SimpleNamespace(name=name, trainable=True, weights=[]))
 
 
@@ -745,7 +745,7 @@ RECIPES = {"weight-only": WEIGHT_ONLY, "structural": STRUCTURAL}
 
 @pytest.fixture(scope="module")
 def cnn_bytes(tmp_path_factory) -> bytes:
-    from modelxform.model_io import save_model
+    from modelxform.keras_io.files import save_model
     path = tmp_path_factory.mktemp("cnn") / "cnn.keras"
     save_model(make_cnn(), path)
     return path.read_bytes()
@@ -981,7 +981,7 @@ def test_disk_full_while_the_model_is_written(tmp_path, cnn, monkeypatch, capfd,
 
     import keras
 
-    from modelxform import model_io
+    from modelxform.keras_io import files as model_io
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -1051,7 +1051,7 @@ def test_write_fails_for_real_half_way(tmp_path, cnn, capfd, caplog, recipe_kind
 SAVER = r"""
 import os, pathlib, sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-from modelxform.model_io import import_keras, save_model
+from modelxform.keras_io.files import import_keras, save_model
 keras = import_keras()
 folder = pathlib.Path(sys.argv[1])
 init = keras.initializers.GlorotUniform(seed=1)
@@ -1111,7 +1111,7 @@ def test_sigkill_during_saves_never_leaves_a_truncated_output(tmp_path):
                 proc.wait(timeout=10)
             proc.stdout.close()
 
-    from modelxform.model_io import load_model
+    from modelxform.keras_io.files import load_model
     outputs = 0
     for folder, _ in procs:
         refs = {p.read_bytes() for p in (folder / "refs").iterdir()}

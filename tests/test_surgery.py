@@ -20,8 +20,8 @@ from modelxform import ApplyError, AssertionFailed, compile_recipe, load_recipe
 
 keras = pytest.importorskip("keras")
 
-from modelxform import graph as graph_module  # noqa: E402  (after keras)
-from modelxform.selectors import walk  # noqa: E402
+from modelxform.keras_io import graph as graph_module  # noqa: E402  (after keras)
+from modelxform.keras_io.layers import walk  # noqa: E402
 
 SEED = 7
 
@@ -838,7 +838,7 @@ def _recipe_file(tmp_path, text, name="r.recipe"):
 
 
 def test_load_weights_from_a_file_next_to_the_recipe(tmp_path, monkeypatch):
-    from modelxform.model_io import save_model
+    from modelxform.keras_io.files import save_model
     from modelxform.samples import cnn
     (tmp_path / "recipes").mkdir()
     source = cnn(seed=5)
@@ -872,7 +872,7 @@ def _source_for_nested(head_units=3):
 
 
 def test_load_weights_matches_by_path_then_name_and_reports_the_rest(tmp_path):
-    from modelxform.model_io import save_model
+    from modelxform.keras_io.files import save_model
     (tmp_path / "recipes").mkdir()
     source = _source_for_nested()
     save_model(source, tmp_path / "recipes" / "src.keras")
@@ -898,7 +898,7 @@ def test_load_weights_matches_by_path_then_name_and_reports_the_rest(tmp_path):
 
 
 def test_load_weights_with_a_shape_mismatch_is_an_error_naming_the_layer(tmp_path):
-    from modelxform.model_io import save_model
+    from modelxform.keras_io.files import save_model
     (tmp_path / "recipes").mkdir()
     save_model(_source_for_nested(head_units=5), tmp_path / "recipes" / "src.keras")
     recipe = _recipe_file(tmp_path, 'select head\nload weights from "src.keras"\n')
@@ -1111,7 +1111,7 @@ def test_surgery_results_survive_save_and_load(factory, text, tmp_path):
 # ---- the command line ----------------------------------------------------------------------------------------
 
 def test_cli_apply_with_surgery_and_load_weights(tmp_path, monkeypatch):
-    from modelxform.model_io import load_model, save_model
+    from modelxform.keras_io.files import load_model, save_model
     from modelxform.samples import cnn
     save_model(cnn(), tmp_path / "m.keras")
     (tmp_path / "recipes").mkdir()

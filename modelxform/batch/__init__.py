@@ -53,7 +53,7 @@ def already_done(job: Job, recipe, input_sha256: str) -> str | None:
     """The output's sha256 when ``job.output`` exists and the last entry of its provenance chain says
     it was made from this input (sha256), this recipe (sha256), this seed and these params; else None."""
     from ..errors import ModelxformError
-    from ..model_io import read_provenance, sha256_file
+    from ..keras_io.files import read_provenance, sha256_file
     from ..provenance import _jsonable, recipe_sha256
     from ..runner import Params, effective_seed, resolve_params
     if not os.path.isfile(job.output):
@@ -79,7 +79,7 @@ def already_done(job: Job, recipe, input_sha256: str) -> str | None:
 
 
 def _input_hashes(paths: list[str]) -> dict[str, str | None]:
-    from ..model_io import sha256_file
+    from ..keras_io.files import sha256_file
 
     def one(path):
         try:

@@ -76,7 +76,7 @@ def run_job(payload: dict) -> dict:
                                      "layers": len(s.get("layers") or [])} for s in report.get("statements", [])]
             result["status"] = "ok"
         else:
-            from ..model_io import sha256_file
+            from ..keras_io.files import sha256_file
             os.makedirs(os.path.dirname(payload["output"]), exist_ok=True)
             execute(recipe, args, payload["params"], payload["output"], console, dry_run=False)
             result["sha256"] = sha256_file(payload["output"])

@@ -5,7 +5,7 @@ main process never imports it anyway), imports TensorFlow once, and takes job af
 pipe. The pool knows which job each worker holds, so when a worker dies — a crash in native code, the
 kernel's OOM killer, a kill -9 — exactly that job is reported failed (with the worker's exit signal
 and its last output), a fresh worker takes its place, and the other jobs carry on. Nothing partial is
-left behind: outputs are written to a temporary file and renamed (model_io.save_model).
+left behind: outputs are written to a temporary file and renamed (keras_io.files.save_model).
 """
 from __future__ import annotations
 

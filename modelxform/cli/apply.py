@@ -28,7 +28,7 @@ def add_parser(subparsers):
 
 def run(args, console) -> int:
     from ..compiler import load_recipe
-    from ..model_io import model_format, same_file
+    from ..keras_io.files import model_format, same_file
 
     recipe = load_recipe(args.recipe)
     params = parse_params(args.params)
@@ -57,7 +57,7 @@ def run(args, console) -> int:
 
 
 def execute(recipe, args, params, output, console, *, dry_run: bool) -> int:
-    from ..model_io import load_model, save_model
+    from ..keras_io.files import load_model, save_model
     from ..runner import run as run_recipe
 
     savedmodel = getattr(args, "format", None) == "savedmodel"  # plan and batch pass args without it
@@ -89,7 +89,7 @@ def execute(recipe, args, params, output, console, *, dry_run: bool) -> int:
                              span=lost[0].statement.span, source=recipe.sources.get(
                                  lost[0].statement.span.filename or "", recipe.source) if lost[0].statement.span else None,
                              hint="set `trainable` in the model's own code, or rebuild it as a functional model")
-        from ..model_io import read_provenance, sha256_file
+        from ..keras_io.files import read_provenance, sha256_file
         from ..provenance import entry, extend
         record = extend(read_provenance(args.model),
                         entry(recipe, report, input_sha256 or sha256_file(args.model)))
@@ -127,5 +127,5 @@ def _print_report(report, args, output, console, dry_run, before, after, html: s
 
 
 def _summary(model) -> tuple[int, int]:
-    from ..selectors import walk
+    from ..keras_io.layers import walk
     return len(walk(model)), int(model.count_params())

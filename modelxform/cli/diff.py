@@ -53,7 +53,7 @@ def run(args, console) -> int:
     import pathlib
 
     from ..diff import diff, snapshot
-    from ..model_io import load_model, model_format
+    from ..keras_io.files import load_model, model_format
     model_format(args.a)
     model_format(args.b)
     if args.html:
@@ -63,7 +63,7 @@ def run(args, console) -> int:
     model_b = load_model(args.b, unsafe=args.unsafe, imports=args.imports)
     d = diff(snapshot(model_a, name=str(args.a)), snapshot(model_b, name=str(args.b)))
     if args.html:
-        from ..model_io import read_provenance, sha256_file
+        from ..keras_io.files import read_provenance, sha256_file
         from ..report_html import statements_from_provenance, write_report
         try:
             record = read_provenance(args.b)

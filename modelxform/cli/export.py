@@ -36,7 +36,7 @@ def add_parser(subparsers):
 
 def run(args, console) -> int:
     from ..export import export_savedmodel
-    from ..model_io import load_model, read_provenance
+    from ..keras_io.files import load_model, read_provenance
     model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     try:
         record = read_provenance(args.model)

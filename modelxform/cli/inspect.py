@@ -47,9 +47,10 @@ def compile_predicate(text: str):
 def run(args, console) -> int:
     pred = compile_predicate(args.where) if args.where else None
     from ..diff import by_type, snapshot
-    from ..model_io import load_model
+    from ..keras_io.files import load_model
     from ..runner import Params, _shape_text
-    from ..selectors import matches, walk
+    from ..keras_io.layers import walk
+    from ..selectors import matches
     model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     snap = snapshot(model, name=str(args.model), weights=False)
     rows, listed = [], []

@@ -36,7 +36,7 @@ def _plan_with_report(recipe, args, params, console) -> int:
     import pathlib
 
     from ..diff import diff, snapshot
-    from ..model_io import load_model
+    from ..keras_io.files import load_model
     from ..report_html import require_dot, statements_from_report, write_report
     from ..runner import run as run_recipe
     require_dot()  # before the slow part

@@ -20,7 +20,7 @@ def run(args, console) -> int:
     import pathlib
 
     from ..errors import ModelFileError
-    from ..model_io import read_provenance
+    from ..keras_io.files import read_provenance
     from ..provenance import render
     if not pathlib.Path(args.model).is_file():
         raise ModelFileError(f"{args.model}: no such file")

@@ -17,7 +17,7 @@ def add_parser(subparsers):
 
 
 def run(args, console) -> int:
-    from ..model_io import load_model
+    from ..keras_io.files import load_model
     from ..provenance import verify
     load_model(args.input, unsafe=args.unsafe, imports=args.imports)  # a clear error for a bad ORIGINAL first
     differences, notes = verify(args.model, args.input, unsafe=args.unsafe, imports=args.imports)

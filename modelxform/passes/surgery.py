@@ -9,7 +9,8 @@ import re
 
 from .. import ir
 from ..errors import ApplyError
-from ..selectors import _closest, matches, resolve_ref, walk
+from ..keras_io.layers import walk
+from ..selectors import _closest, matches, resolve_ref
 from . import StatementReport, register
 from .structure import _construct, layer_class
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from .. import ir
 from ..errors import ApplyError, ModelxformError
-from ..graph import initializer_for, model_kind, seeded
+from ..keras_io.graph import initializer_for, seeded
+from ..keras_io.layers import model_kind
 from ..rng import derive_seed
 from . import StatementReport, register
 
@@ -42,7 +43,7 @@ def _shape(v) -> str:
 def _private_array(var) -> np.ndarray:
     """The variable's values in an array nobody else holds, which a pass may change in place: a Keras
     variable's ``numpy()`` may share memory with the variable, so it is copied; a fast-path stand-in
-    (fastpath.ArchiveVariable) hands over its own array."""
+    (keras_io.archive.ArchiveVariable) hands over its own array."""
     take = getattr(var, "take_array", None)
     a = take() if take is not None else np.array(var.numpy(), copy=True)
     if not (a.flags.c_contiguous and a.flags.writeable):  # the passes write through reshape(-1) views
@@ -230,8 +231,8 @@ def load_weights(ctx, stmt: ir.LoadWeights):
     """``select all; load weights from "base.keras"`` — matched by layer path, then by unique name."""
     import os
 
-    from ..model_io import load_model
-    from ..selectors import walk
+    from ..keras_io.files import load_model
+    from ..keras_io.layers import walk
     base = os.getcwd()
     if stmt.span is not None and stmt.span.filename and not stmt.span.filename.startswith("<"):
         base = os.path.dirname(os.path.abspath(stmt.span.filename))

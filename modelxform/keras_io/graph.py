@@ -1,15 +1,12 @@
-"""The functional-graph rebuild used by every structural pass.
+"""The functional-graph rebuild used by every structural statement.
 
 Structural statements do not touch a live model. They edit a copy of the model's serialized config
 (the same JSON that a .keras file stores) and the model is rebuilt from it once per run of consecutive
 structural statements. Weights then move across by layer path; layers a statement created get fresh
 weights from their own configured initializers, seeded from the recipe's seed. Because the config is
 Keras's own serialization, shared layers stay shared (one layer entry, several inbound nodes) and nested
-models stay nested models.
-
-This is also the one place that knows about Keras internals: the shape of the functional config
-(``layers``/``inbound_nodes``/``keras_history``/``output_layers``) and the class name ``Functional``.
-tests/test_graph.py fails loudly when a Keras release changes them.
+models stay nested models. The config format itself is read through config.py; variables are filled
+through variables.py.
 """
 from __future__ import annotations
 
@@ -21,60 +18,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import ApplyError
-from .rng import derive_seed
-from .selectors import LayerInfo, walk
-
-MODEL_CLASS_NAMES = ("Functional", "Sequential")
-
-
-def model_kind(model) -> str:
-    """``functional``, ``sequential`` or ``subclassed``."""
-    import keras
-    if isinstance(model, keras.Sequential):
-        return "sequential"
-    # keras.Model(inputs, outputs) returns an instance of the private class Functional.
-    if type(model).__name__ == "Functional":
-        return "functional"
-    return "subclassed"
-
-
-def refuse_subclassed(model, what: str, span=None) -> None:
-    if model_kind(model) == "subclassed":
-        raise ApplyError(
-            f"{what} needs a functional or Sequential model, but {type(model).__name__!r} is a "
-            "subclassed model: its forward pass is Python code, not a graph modelxform can edit",
-            span=span,
-            hint="selection, weight statements, freeze and unfreeze work on it; for structural edits, "
-                 "rebuild it as a functional model (keras.Model(inputs, outputs)) and save that")
-
-
-@dataclass(eq=False)
-class SpecLayer:
-    """A leaf layer as the config describes it (before the model is rebuilt)."""
-
-    path: str
-    entry: dict
-    ancestor_types: tuple = ()
-    layer: object = None
-
-    @property
-    def name(self) -> str:
-        return self.entry["config"]["name"]
-
-    @property
-    def type_name(self) -> str:
-        return self.entry["class_name"]
-
-
-def _layers_of(model_entry: dict) -> list[dict]:
-    return model_entry["config"]["layers"]
-
-
-def _is_model_entry(entry: dict) -> bool:
-    cfg = entry.get("config")
-    return isinstance(cfg, dict) and isinstance(cfg.get("layers"), list) and \
-        entry.get("class_name") in MODEL_CLASS_NAMES
+from ..errors import ApplyError
+from ..rng import derive_seed
+from .config import (ConfigLayer, container_of, entry_at, histories, is_model_entry, layers_of, model_entries,
+                     tensor_refs, walk as walk_config)
+from .layers import LayerInfo, model_kind, walk
+from .variables import LazyVariables, copy_variables, set_variables
 
 
 @dataclass
@@ -110,35 +59,15 @@ class GraphEditor:
         self.config = copy.deepcopy(self.base_config)
 
     # -- views ---------------------------------------------------------------------------------
-    def leaves(self) -> list[SpecLayer]:
-        out: list[SpecLayer] = []
-        seen: set[str] = set()
-
-        def visit(model_entry, prefix, ancestors):
-            for entry in _layers_of(model_entry):
-                if entry.get("class_name") == "InputLayer":
-                    continue
-                path = prefix + entry["config"]["name"]
-                if path in seen:
-                    continue
-                seen.add(path)
-                if _is_model_entry(entry):
-                    visit(entry, path + "/", ancestors + (entry["class_name"],))
-                else:
-                    out.append(SpecLayer(path, entry, ancestors))
-        visit(self.config, "", ())
-        return out
+    def leaves(self) -> list[ConfigLayer]:
+        return list(walk_config(self.config))
 
     def container_of(self, path: str) -> dict:
         """The model entry that holds the layer at ``path``."""
-        node = self.config
-        for part in path.split("/")[:-1]:
-            node = next(e for e in _layers_of(node) if e["config"]["name"] == part)
-        return node
+        return container_of(self.config, path)
 
     def entry(self, path: str) -> dict:
-        name = path.split("/")[-1]
-        return next(e for e in _layers_of(self.container_of(path)) if e["config"]["name"] == name)
+        return entry_at(self.config, path)
 
     # -- edits ---------------------------------------------------------------------------------
     closed: bool = False  # set once the runner has rebuilt from this editor
@@ -151,21 +80,10 @@ class GraphEditor:
 
     def entry_paths(self) -> list[str]:
         """Every layer path, nested models included (not their inputs)."""
-        out = []
-
-        def visit(model_entry, prefix):
-            for entry in _layers_of(model_entry):
-                if entry.get("class_name") == "InputLayer":
-                    continue
-                path = prefix + entry["config"]["name"]
-                out.append(path)
-                if _is_model_entry(entry):
-                    visit(entry, path + "/")
-        visit(self.config, "")
-        return out
+        return [c.path for c in walk_config(self.config, models=True)]
 
     def top_entries(self) -> list[dict]:
-        return [e for e in _layers_of(self.config) if e.get("class_name") != "InputLayer"]
+        return [e for e in layers_of(self.config) if e.get("class_name") != "InputLayer"]
 
     def replace(self, path: str, serialized: dict, fresh_parts) -> None:
         """Put a new layer (Keras's serialization of it) where the layer at ``path`` was."""
@@ -196,7 +114,7 @@ class GraphEditor:
             elif isinstance(obj, list):
                 for value in obj:
                     fix(value)
-        for entry in _layers_of(container):
+        for entry in layers_of(container):
             fix(entry.get("inbound_nodes", []))
         cfg = container["config"]
         for key in ("input_layers", "output_layers"):
@@ -209,7 +127,7 @@ class GraphEditor:
         if self.config["class_name"] == "Sequential":
             self.config = sequential_to_functional(self.config)
         cfg = self.config["config"]
-        outputs = [] if only else _tensor_refs(cfg["output_layers"])
+        outputs = [] if only else tensor_refs(cfg["output_layers"])
         for path in paths:
             if "/" in path:
                 refs = [self._expose(path, span)]
@@ -235,12 +153,12 @@ class GraphEditor:
             converted = sequential_to_functional({"config": model_entry["config"]})
             for key in ("module", "class_name", "registered_name", "config"):
                 model_entry[key] = converted[key]
-        entry = next(e for e in _layers_of(model_entry) if e["config"]["name"] == name)
+        entry = next(e for e in layers_of(model_entry) if e["config"]["name"] == name)
         if len(entry.get("inbound_nodes") or []) != 1:
             raise ApplyError(f"tap {path}: the layer is called {len(entry.get('inbound_nodes') or [])} times "
                              "inside its model; tap a layer called once", span=span)
         cfg = model_entry["config"]
-        outputs = _tensor_refs(cfg["output_layers"])
+        outputs = tensor_refs(cfg["output_layers"])
         ref = [name, 0, 0]
         if ref not in outputs:
             outputs.append(ref)
@@ -259,7 +177,7 @@ class GraphEditor:
             raise ApplyError(f"tap: {parent_path} is a Sequential holding a nested model; tap the nested model",
                              span=span)
         cfg = parent["config"]
-        outputs = _tensor_refs(cfg["output_layers"])
+        outputs = tensor_refs(cfg["output_layers"])
         ref = [parts[-1], 0, index]
         if ref not in outputs:
             outputs.append(ref)
@@ -276,7 +194,7 @@ class GraphEditor:
 
     def _layer_list(self, path: str) -> tuple[dict, list, int]:
         container = self.container_of(path)
-        layers = _layers_of(container)
+        layers = layers_of(container)
         name = path.split("/")[-1]
         index = next(i for i, e in enumerate(layers) if e["config"]["name"] == name)
         return container, layers, index
@@ -289,7 +207,7 @@ class GraphEditor:
         return entry
 
     def _fresh_name(self, container: dict, wanted: str) -> str:
-        taken = {e["config"]["name"] for e in _layers_of(container)}
+        taken = {e["config"]["name"] for e in layers_of(container)}
         if wanted not in taken:
             return wanted
         n = 1
@@ -299,9 +217,9 @@ class GraphEditor:
 
     def _history_refs(self, container: dict):
         """Every [layer, node, tensor] reference in the container: inbound nodes and outputs."""
-        for entry in _layers_of(container):
+        for entry in layers_of(container):
             for node in entry.get("inbound_nodes") or []:
-                yield from _histories(node)
+                yield from histories(node)
         cfg = container["config"]
         outs = cfg.get("output_layers")
         if outs:
@@ -312,11 +230,11 @@ class GraphEditor:
 
     def _retarget(self, container: dict, old: list, new: list, skip_entry: dict | None = None) -> int:
         count = 0
-        for entry in _layers_of(container):
+        for entry in layers_of(container):
             if entry is skip_entry:
                 continue
             for node in entry.get("inbound_nodes") or []:
-                for hist in _histories(node):
+                for hist in histories(node):
                     if list(hist[:3]) == list(old):
                         hist[0], hist[1], hist[2] = new
                         count += 1
@@ -335,7 +253,7 @@ class GraphEditor:
         """Per inbound node, the one tensor it reads; an error for merge layers."""
         inputs = []
         for node in entry.get("inbound_nodes") or []:
-            hists = list(_histories(node))
+            hists = list(histories(node))
             if len(hists) != 1:
                 raise ApplyError(f"{what}: layer {entry['config']['name']!r} takes {len(hists)} inputs (a merge "
                                  "layer); this needs a layer with exactly one input", span=span)
@@ -344,7 +262,7 @@ class GraphEditor:
 
     def _new_name(self, container: dict, serialized: dict, explicit: bool, span) -> str:
         wanted = serialized["config"]["name"]
-        if explicit and any(e["config"]["name"] == wanted for e in _layers_of(container)):
+        if explicit and any(e["config"]["name"] == wanted for e in layers_of(container)):
             raise ApplyError(f"name {wanted!r} is already used by another layer of that model", span=span)
         return self._fresh_name(container, wanted)
 
@@ -377,7 +295,7 @@ class GraphEditor:
                                  span=span)
             entry = self._new_entry(serialized, [[inputs[0] + [{}]]])
             for node in anchor["inbound_nodes"]:
-                for hist in _histories(node):
+                for hist in histories(node):
                     hist[0], hist[1], hist[2] = name, 0, 0
             layers.insert(index, entry)
         return new_path
@@ -404,7 +322,7 @@ class GraphEditor:
             raise ApplyError("swap and shuffle move layers within one model; these are in different nested models",
                              span=span)
         container = self.container_of(paths[0])
-        layers = _layers_of(container)
+        layers = layers_of(container)
         names = [p.split("/")[-1] for p in paths]
         indices = [next(i for i, e in enumerate(layers) if e["config"]["name"] == n) for n in names]
         payloads = [{k: copy.deepcopy(layers[i].get(k)) for k in ("module", "class_name", "config",
@@ -436,7 +354,7 @@ class GraphEditor:
         if "/" in path:
             raise ApplyError(f"cut after {path}: cut applies to the outer model's layers", span=span,
                              hint="cut after the nested model itself, or tap the inner layer")
-        layers = _layers_of(self.config)
+        layers = layers_of(self.config)
         name = path
         if self._is_sequential(self.config):
             index = next(i for i, e in enumerate(layers) if e["config"]["name"] == name)
@@ -455,9 +373,9 @@ class GraphEditor:
                 continue
             keep.add(current)
             for node in by_name[current].get("inbound_nodes") or []:
-                todo.extend(h[0] for h in _histories(node))
+                todo.extend(h[0] for h in histories(node))
         self.config["config"]["layers"] = [e for e in layers if e["config"]["name"] in keep]
-        inputs = [r for r in _tensor_refs(cfg["input_layers"]) if r[0] in keep]
+        inputs = [r for r in tensor_refs(cfg["input_layers"]) if r[0] in keep]
         cfg["input_layers"] = inputs
 
     def append(self, serialized: dict, anchor: str | None, parts, span=None, explicit_name=False) -> str:
@@ -466,13 +384,13 @@ class GraphEditor:
         serialized = copy.deepcopy(serialized)
         serialized["config"]["name"] = name
         self.fresh[name] = parts
-        layers = _layers_of(container)
+        layers = layers_of(container)
         if self._is_sequential(container):
             if anchor is not None and anchor != layers[-1]["config"]["name"]:
                 raise ApplyError(f"append … after {anchor}: {anchor} is not the model's output", span=span)
             layers.append(self._new_entry(serialized, None))
             return name
-        outputs = _tensor_refs(container["config"]["output_layers"])
+        outputs = tensor_refs(container["config"]["output_layers"])
         if anchor is None:
             if len(outputs) != 1:
                 names = ", ".join(r[0] for r in outputs)
@@ -503,9 +421,9 @@ class GraphEditor:
         # Keras rebuilds a layer from its recorded input shape before calling it; a field such as `units`
         # changes what the next layers receive, so let every layer build from what it now receives.
         def strip(model_entry):
-            for e in _layers_of(model_entry):
+            for e in layers_of(model_entry):
                 e.pop("build_config", None)
-                if _is_model_entry(e):
+                if is_model_entry(e):
                     strip(e)
         strip(self.config)
 
@@ -531,7 +449,7 @@ class GraphEditor:
     # -- rebuild -------------------------------------------------------------------------------
     def build(self, old_layers):
         """Rebuild the edited model and move weights across from ``old_layers`` (the LayerInfos of the
-        model before the edits: selectors.walk of a Keras model, or an archive's layers); on failure,
+        model before the edits: layers.walk of a Keras model, or an archive's layers); on failure,
         blame one statement."""
         try:
             return self._build(self.config, old_layers, self.fresh)
@@ -570,7 +488,7 @@ class GraphEditor:
         # Building a functional model calls every layer on symbolic tensors, which checks every shape
         # and argument; no forward pass on real data is needed to know the graph holds.
         try:
-            with _LazyVariables() as lazy:
+            with LazyVariables() as lazy:
                 new_model = keras.saving.deserialize_keras_object(config, safe_mode=True)
         except Exception:  # noqa: BLE001 - built the ordinary way below, which says what is wrong
             lazy = None
@@ -586,130 +504,10 @@ class GraphEditor:
         return new_model
 
 
-class _LazyVariables:
-    """Build a model without giving its variables initial values: they are about to be overwritten
-    (with the kept layers' arrays, or seeded values for new layers), and Keras's random initial values
-    cost time and, for a large array, a few transient copies of it (VGG16: 1 s and 1.2 GB). Inside,
-    Keras creates variables as it does in a stateless scope — deferred, with their initializer kept;
-    copy_variables() gives them their values; initialise_the_rest() runs the initializers of any left
-    (a Dropout's seed state). Uses Keras internals (keras.src.backend.common): where they are missing,
-    __enter__ raises and the caller builds the ordinary way."""
-
-    def __enter__(self):
-        from keras.src.backend.common import global_state
-        from keras.src.backend.common.stateless_scope import StatelessScope
-        self._state = global_state
-        self._before = list(global_state.get_global_attribute("uninitialized_variables") or [])
-        self._scope = StatelessScope(initialize_variables=False)
-        self._scope.__enter__()
-        self.created: list = []
-        return self
-
-    def __exit__(self, *exc):
-        self._scope.__exit__(*exc)
-        after = self._state.get_global_attribute("uninitialized_variables") or []
-        known = {id(v) for v in self._before}
-        self.created = [v for v in after if id(v) not in known]
-        self._state.set_global_attribute("uninitialized_variables", self._before)
-        return False
-
-    def initialise_the_rest(self) -> None:
-        for var in self.created:
-            if var._value is None:
-                var._deferred_initialize()
-
-
-# Arrays larger than this are moved a block of rows at a time (into a rebuilt model's variables, and
-# from them into the saved file), so that no second full copy of, say, VGG16's 392 MiB fc1 kernel is made.
-LARGE_ARRAY = 64 << 20
-BLOCK_BYTES = 16 << 20
-
-
-def row_blocks(shape: tuple, itemsize: int):
-    """(start, stop) row ranges of about BLOCK_BYTES each over the first axis of ``shape``."""
-    row = itemsize * math.prod(shape[1:])
-    step = max(1, BLOCK_BYTES // max(1, row))
-    return [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
-
-
-def is_large(shape: tuple, dtype) -> bool:
-    return len(shape) >= 1 and math.prod(shape) * np.dtype(dtype).itemsize > LARGE_ARRAY
-
-
-def copy_variables(layer, sources) -> None:
-    """Give ``layer``'s variables the values of ``sources`` (the variables of the layer before the edit:
-    Keras variables, or fastpath.ArchiveVariable), a block of rows at a time for large arrays."""
-    weights = layer.weights
-    if len(weights) != len(sources):
-        raise ApplyError(f"layer {layer.name}: {len(sources)} arrays for {len(weights)} variables")
-    for var, source in zip(weights, sources):
-        shape = tuple(var.shape)
-        if tuple(source.shape) != shape:
-            raise ApplyError(f"layer {layer.name}: {var.name} has shape {shape}, the array {tuple(source.shape)}")
-        if not is_large(shape, var.dtype):
-            _set_variable(var, np.asarray(source.numpy()))
-            continue
-        import tensorflow as tf
-        if _deferred(var):
-            with tf.init_scope():
-                var._initialize(tf.zeros(shape, dtype=var.dtype))
-            var._initializer = None
-        read_rows = getattr(source, "read_rows", None) or (lambda a, b: read_variable_rows(source, a, b))
-        for start, stop in row_blocks(shape, np.dtype(var.dtype).itemsize):
-            # scatter_update writes those rows in place (a slice assignment would copy the whole array)
-            var._value.scatter_update(tf.IndexedSlices(read_rows(start, stop), tf.range(start, stop)))
-
-
-def read_variable_rows(var, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of a Keras variable, read on their own (a gather of those rows; slicing the
-    variable would read all of it first)."""
-    import tensorflow as tf
-    return np.asarray(var._value.sparse_read(tf.range(start, stop)))
-
-
-def _deferred(var) -> bool:
-    return getattr(var, "_value", True) is None and getattr(var, "_initializer", None) is not None
-
-
-def _set_variable(var, value) -> None:
-    if _deferred(var):
-        import tensorflow as tf
-        with tf.init_scope():
-            var._initialize(value)
-        var._initializer = None
-    else:
-        var.assign(value)
-
-
-class _Array:
-    """An array as a source for copy_variables."""
-
-    def __init__(self, array):
-        self.array = np.asarray(array)
-        self.shape = self.array.shape
-
-    def numpy(self):
-        return self.array
-
-    def read_rows(self, start: int, stop: int):
-        return self.array[start:stop]
-
-
-def set_variables(layer, arrays) -> None:
-    """``layer.set_weights(arrays)``, also for a layer built by _LazyVariables whose variables hold no
-    value yet."""
-    copy_variables(layer, [_Array(a) for a in arrays])
-
-
 def _restore_single_refs(config: dict, base: dict) -> None:
     """Edits keep inputs and outputs as lists of references; where the model had a single input or
     output (Keras writes [name, node, index] then, and the model takes and returns a bare tensor), and
     still has one, write it back that way so callers see the same structure as before."""
-    def model_entries(entry, path=""):
-        yield path, entry
-        for e in _layers_of(entry):
-            if _is_model_entry(e):
-                yield from model_entries(e, path + "/" + e["config"]["name"])
     base_forms = {}
     for path, entry in model_entries(base):
         cfg = entry["config"]
@@ -726,29 +524,6 @@ def _restore_single_refs(config: dict, base: dict) -> None:
                 cfg[key] = list(refs[0])
 
 
-def _histories(node):
-    """The [layer, node, tensor] lists in one inbound node, in either of Keras's two forms."""
-    if isinstance(node, list):  # the list form: [[name, node, tensor, kwargs], …]
-        for item in node:
-            if isinstance(item, list) and item and isinstance(item[0], str):
-                yield item
-        return
-
-    def walk_obj(obj):
-        if isinstance(obj, dict):
-            hist = obj.get("config", {}).get("keras_history") if obj.get("class_name") == "__keras_tensor__" else None
-            if isinstance(hist, list):
-                yield hist
-                return
-            for value in obj.values():
-                yield from walk_obj(value)
-        elif isinstance(obj, list):
-            for value in obj:
-                yield from walk_obj(value)
-    yield from walk_obj(node.get("args", []))
-    yield from walk_obj(node.get("kwargs", {}))
-
-
 def _json_default(obj):
     """What json cannot encode on its own in a Keras config: numpy scalars and arrays."""
     if isinstance(obj, np.generic):
@@ -756,13 +531,6 @@ def _json_default(obj):
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"cannot serialise {type(obj).__name__} in a model config")
-
-
-def _tensor_refs(refs) -> list:
-    """Keras writes a single input/output as ``[name, node, index]`` and several as a list of those."""
-    if refs and isinstance(refs[0], str):
-        return [list(refs)]
-    return [list(r) for r in refs]
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,4 +1,4 @@
-"""The only module that reads or writes model files.
+"""Reading and writing model files: loading with safe mode, atomic and reproducible saving.
 
 Loading always uses Keras safe mode unless the user passes --unsafe; saving is atomic: the model is
 written to a temporary file in the destination folder and renamed over the destination, so a crash
@@ -14,7 +14,7 @@ import re
 import tempfile
 import zipfile
 
-from .errors import ModelFileError, UsageError
+from ..errors import ModelFileError, UsageError
 
 FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
 
@@ -260,7 +260,7 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None) -> 
         def __setitem__(self, key, value):
             # A large variable is written a block of rows at a time (H5IOStore would make a NumPy copy of
             # the whole array first), into a dataset made and linked as h5py does for a whole array.
-            from .graph import is_large, read_variable_rows, row_blocks
+            from .variables import is_large, read_variable_rows, row_blocks
             shape, dtype = tuple(getattr(value, "shape", ())), getattr(value, "dtype", None)
             if not (isinstance(value, keras_variable) and is_large(shape, dtype) and str(dtype) != "bfloat16"):
                 return super().__setitem__(key, value)
@@ -298,7 +298,7 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None) -> 
             put = _member_writer(dst, date_time)
             put("metadata.json", json.dumps(meta).encode(), zipfile.ZIP_STORED)
             put("config.json", config_json.encode(), zipfile.ZIP_STORED)
-            info = _member_info("model.weights.h5", date_time, zipfile.ZIP_STORED)
+            info = member_info("model.weights.h5", date_time, zipfile.ZIP_STORED)
             info.file_size = weights_size  # what writestr sets before it writes
             with dst.open(info, "w") as out:
                 shutil.copyfileobj(weights_file, out, 8 << 20)
@@ -308,7 +308,7 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None) -> 
     return True
 
 
-def _member_info(name: str, date_time, compress) -> zipfile.ZipInfo:
+def member_info(name: str, date_time, compress) -> zipfile.ZipInfo:
     """The zip header of a member of a normalised archive: fixed time, owner-writable file."""
     info = zipfile.ZipInfo(name, date_time=date_time)
     info.compress_type = compress
@@ -319,7 +319,7 @@ def _member_info(name: str, date_time, compress) -> zipfile.ZipInfo:
 
 def _member_writer(dst: zipfile.ZipFile, date_time):
     def put(name, data, compress):
-        dst.writestr(_member_info(name, date_time, compress), data)
+        dst.writestr(member_info(name, date_time, compress), data)
     return put
 
 

@@ -1,0 +1,648 @@
+"""A .keras archive opened without Keras: its layers, the places of their arrays, and writing it back.
+
+A .keras file is a zip holding metadata.json, config.json and model.weights.h5 (stored uncompressed).
+:class:`Archive` reads config.json and maps every layer's variables to their byte ranges in
+model.weights.h5, so that statements can read and change arrays without building the model (and
+without importing TensorFlow), and :meth:`Archive.save` writes the edited archive by copying the input
+with the changed byte ranges replaced — the bytes Keras would write for the same model.
+
+It may only stand in for the model where it can promise exactly that. Whenever the promise could
+break, opening the archive raises :class:`NotApplicable` and the caller loads the model with Keras:
+
+- an archive not written by the installed Keras version (other members, compressed or sharded
+  weights, optimizer state, assets);
+- a layer class missing from :data:`VARIABLE_TABLE`, a quantized, LoRA or renorm layer, a dtype policy
+  other than plain float ones, shared objects other than dtype policies, a frozen nested model, a
+  subclassed model, arrays whose shapes do not fit the config (Keras would refuse to load them).
+
+tests/test_fastpath.py holds the archive's results to those of the loaded model, bit for bit.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pathlib
+import struct
+import tempfile
+import threading
+import zipfile
+
+import numpy as np
+
+from ..errors import ModelFileError
+from .config import MODEL_CLASS_NAMES as MODEL_CLASSES
+from .config import layers_of, name_of
+from .layers import LayerInfo
+
+CONFIG_MEMBER = "config.json"
+METADATA_MEMBER = "metadata.json"
+WEIGHTS_MEMBER = "model.weights.h5"
+
+
+WEIGHTLESS = frozenset({
+    "Activation", "ActivityRegularization", "Add", "AlphaDropout", "Average", "AveragePooling1D",
+    "AveragePooling2D", "AveragePooling3D", "Concatenate", "Cropping1D", "Cropping2D", "Cropping3D", "Dot",
+    "Dropout", "ELU", "Flatten", "GaussianDropout", "GaussianNoise", "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
+    "GlobalMaxPooling3D", "Identity", "LeakyReLU", "Masking", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
+    "Maximum", "Minimum", "Multiply", "Permute", "ReLU", "RepeatVector", "Rescaling", "Reshape", "Softmax",
+    "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "Subtract", "UnitNormalization",
+    "UpSampling1D", "UpSampling2D", "UpSampling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D",
+})
+_KERNEL_BIAS = frozenset({"Dense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
+                          "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D"})
+
+
+def _flag(config: dict, key: str) -> bool:
+    value = config[key]
+    if not isinstance(value, bool):
+        raise KeyError(key)
+    return value
+
+
+def variable_names(class_name: str, config: dict) -> list[str] | None:
+    """The names of a layer's variables in the order model.weights.h5 stores them (``vars/0``, ``vars/1``,
+    …; that is ``layer.weights`` order), from its class and config; None for a layer this module does
+    not know (the caller then takes the Keras path). Keras 3.15 names: a DepthwiseConv2D's array is
+    ``kernel``, not ``depthwise_kernel``."""
+    c = config
+    if c.get("lora_rank") or c.get("quantization_config") is not None:
+        return None
+    try:
+        if class_name in WEIGHTLESS:
+            return []
+        if class_name in _KERNEL_BIAS:
+            return ["kernel", "bias"] if _flag(c, "use_bias") else ["kernel"]
+        if class_name in ("SeparableConv1D", "SeparableConv2D"):
+            return ["depthwise_kernel", "pointwise_kernel"] + (["bias"] if _flag(c, "use_bias") else [])
+        if class_name == "BatchNormalization":
+            if c.get("renorm") or c.get("synchronized"):
+                return None
+            return ((["gamma"] if _flag(c, "scale") else []) + (["beta"] if _flag(c, "center") else [])
+                    + ["moving_mean", "moving_variance"])
+        if class_name == "LayerNormalization":
+            rms = bool(c.get("rms_scaling", False))
+            return ((["gamma"] if _flag(c, "scale") or rms else [])
+                    + (["beta"] if _flag(c, "center") and not rms else []))
+        if class_name == "GroupNormalization":
+            return (["gamma"] if _flag(c, "scale") else []) + (["beta"] if _flag(c, "center") else [])
+        if class_name == "RMSNormalization":
+            return ["scale"]
+        if class_name == "Embedding":
+            return ["embeddings"]
+        if class_name == "PReLU":
+            return ["alpha"]
+        if class_name == "Normalization":
+            # Given mean and variance, it creates no variables; otherwise the adapt state.
+            if c.get("mean") is None and c.get("variance") is None:
+                return ["mean", "variance", "count"]
+            return []
+    except KeyError:
+        return None
+    return None
+
+
+def _axis_dim(shape: tuple, axis: int) -> int:
+    dim = shape[axis]
+    if not isinstance(dim, int):
+        raise KeyError("unknown dimension")
+    return dim
+
+
+def expected_shapes(class_name: str, config: dict, input_shape) -> list[tuple] | None:
+    """The shapes Keras's ``build(input_shape)`` gives the variables of :func:`variable_names`, or None when
+    this module cannot tell. Loading checks every array against them, so an archive whose arrays do not
+    fit its config is refused by Keras; the fast path declines it rather than write what Keras would not
+    load."""
+    names = variable_names(class_name, config)
+    if names is None:
+        return None
+    if not names:
+        return []
+    c = config
+    try:
+        shape = tuple(input_shape)
+        if class_name == "Embedding":
+            return [(c["input_dim"], c["output_dim"])]
+        if class_name == "Dense":
+            units = c["units"]
+            return [(_axis_dim(shape, -1), units), (units,)][:len(names)]
+        if class_name in _KERNEL_BIAS or class_name in ("SeparableConv1D", "SeparableConv2D"):
+            kernel = tuple(c["kernel_size"])
+            channels = _axis_dim(shape, -1 if c.get("data_format", "channels_last") == "channels_last" else 1)
+            if class_name.startswith("Depthwise"):
+                m = c["depth_multiplier"]
+                return [kernel + (channels, m), (channels * m,)][:len(names)]
+            if class_name.startswith("Separable"):
+                m, f = c["depth_multiplier"], c["filters"]
+                return [kernel + (channels, m), (1,) * len(kernel) + (channels * m, f), (f,)][:len(names)]
+            f = c["filters"]
+            if class_name.endswith("Transpose"):
+                return [kernel + (f, channels), (f,)][:len(names)]
+            return [kernel + (channels // c.get("groups", 1), f), (f,)][:len(names)]
+        if class_name in ("BatchNormalization", "GroupNormalization"):
+            return [(_axis_dim(shape, c["axis"]),)] * len(names)
+        if class_name in ("LayerNormalization", "RMSNormalization"):
+            axis = c["axis"]
+            axes = sorted(axis) if isinstance(axis, (list, tuple)) else [axis]
+            return [tuple(_axis_dim(shape, a) for a in axes)] * len(names)
+        if class_name == "PReLU":
+            param = list(shape[1:])
+            for a in c.get("shared_axes") or ():
+                param[a - 1] = 1
+            if not all(isinstance(d, int) for d in param):
+                return None
+            return [tuple(param)]
+        if class_name == "Normalization":
+            axis = c["axis"]
+            keep = () if axis is None else tuple(axis) if isinstance(axis, (list, tuple)) else (axis,)
+            keep = sorted(a % len(shape) for a in keep)
+            mean = tuple(_axis_dim(shape, a) for a in keep)
+            return [mean, mean, ()]
+    except (KeyError, TypeError, IndexError, ZeroDivisionError):
+        return None
+    return None
+
+
+VARIABLE_TABLE = WEIGHTLESS | _KERNEL_BIAS | {
+    "SeparableConv1D", "SeparableConv2D", "BatchNormalization", "LayerNormalization", "GroupNormalization",
+    "RMSNormalization", "Embedding", "PReLU", "Normalization"}
+
+
+_ALLOWED_POLICIES = frozenset({"float16", "float32", "float64", "mixed_float16", "mixed_bfloat16"})
+
+
+class NotApplicable(Exception):
+    """The fast path cannot promise the engine's result here; take the Keras path."""
+
+
+class ArchiveLayerInfo(LayerInfo):
+    """selectors.LayerInfo for a layer described by config.json (no Keras object behind it): the type
+    is the config's class name, the ancestors are the classes of the nested models around it."""
+
+    def __init__(self, path: str, layer: "ArchiveLayer", ancestor_types: tuple):
+        super().__init__(path, layer, ())
+        self._ancestor_types = ancestor_types
+
+    @property
+    def type_name(self) -> str:
+        return self.layer.class_name
+
+    @property
+    def ancestor_types(self) -> tuple:
+        return self._ancestor_types
+
+
+class ArchiveLayer:
+    """What the selectors and passes read of a Keras layer: name, trainable, weights, count_params()."""
+
+    def __init__(self, entry: dict, weights: list):
+        self.entry = entry
+        self.class_name = entry["class_name"]
+        self.name = entry["config"]["name"]
+        self.trainable = entry["config"]["trainable"]
+        self.weights = weights
+
+    def count_params(self) -> int:
+        return sum(v.size for v in self.weights)
+
+
+class ArchiveVariable:
+    """A stand-in for a Keras variable whose array lives in the archive: ``numpy()`` reads it,
+    ``assign()`` records the new array (see Archive.write)."""
+
+    def __init__(self, archive: "Archive", name: str, key: str, shape: tuple, dtype: np.dtype, offset: int):
+        self.archive = archive
+        self.name = name
+        self.key = key  # the dataset's path in model.weights.h5
+        self.shape = shape
+        self.np_dtype = dtype
+        self.dtype = dtype.name
+        self.offset = offset  # of its data in model.weights.h5
+        self.size = math.prod(shape)
+        self.nbytes = self.size * dtype.itemsize
+
+    def numpy(self) -> np.ndarray:
+        return self.archive.read(self)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of the values (along the first axis), read on their own."""
+        return self.archive.read(self, rows=(start, stop))
+
+    def take_array(self) -> np.ndarray:
+        """The values, in an array handed over to the caller, who assigns it back (passes/weights.py
+        changes it in place): a pending new array is not copied."""
+        return self.archive.read(self, take=True)
+
+    def assign(self, value) -> None:
+        self.archive.write(self, value)
+
+
+class _Window(io.RawIOBase):
+    """A read-only file over one byte range of another (the stored h5 member inside the zip), for h5py."""
+
+    def __init__(self, fd: int, start: int, size: int):
+        super().__init__()
+        self._fd, self._start, self._size, self._pos = fd, start, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=0):
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer):
+        n = max(0, min(len(buffer), self._size - self._pos))
+        if n == 0:
+            return 0
+        got = os.preadv(self._fd, [memoryview(buffer)[:n]], self._start + self._pos)
+        self._pos += got
+        return got
+
+
+def _read_exact(fd: int, buffer, offset: int) -> None:
+    view = memoryview(buffer).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise ModelFileError("unexpected end of file while reading the weights")
+        done += got
+
+
+def _write_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _data_offset(fh, info: zipfile.ZipInfo) -> int:
+    """Where a member's bytes start in the zip file (after its local header)."""
+    fh.seek(info.header_offset)
+    header = fh.read(zipfile.sizeFileHeader)
+    fields = struct.unpack(zipfile.structFileHeader, header)
+    if fields[zipfile._FH_SIGNATURE] != zipfile.stringFileHeader:
+        raise NotApplicable("bad local header")
+    return (info.header_offset + zipfile.sizeFileHeader + fields[zipfile._FH_FILENAME_LENGTH]
+            + fields[zipfile._FH_EXTRA_FIELD_LENGTH])
+
+
+def _snake_case(name: str) -> str:
+    """keras.src.utils.naming.to_snake_case: how model.weights.h5 names a layer's group."""
+    import re
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _normalised_config(config):
+    """The config Keras writes after loading this one: loading does not share dtype policy objects, so
+    their ``shared_object_id`` disappears. Any other shared object is a case for the Keras path."""
+    if isinstance(config, dict):
+        if "shared_object_id" in config:
+            if config.get("class_name") != "DTypePolicy":
+                raise NotApplicable("shared objects other than dtype policies")
+            config = {k: v for k, v in config.items() if k != "shared_object_id"}
+        return {k: _normalised_config(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_normalised_config(v) for v in config]
+    return config
+
+
+def _check_policy(config: dict) -> None:
+    policy = config.get("dtype")
+    if policy is None:
+        return
+    if not (isinstance(policy, dict) and policy.get("class_name") == "DTypePolicy"
+            and policy.get("module") == "keras" and policy.get("config", {}).get("name") in _ALLOWED_POLICIES):
+        raise NotApplicable(f"dtype policy {policy!r}")
+
+
+class Archive:
+    """A .keras file opened for the fast path: its layers as ArchiveLayerInfo, its arrays by offset.
+
+    Raises NotApplicable for anything the Keras path must handle (see the module docstring)."""
+
+    def __init__(self, path):
+        import h5py
+        from importlib import metadata
+
+        self.path = pathlib.Path(path)
+        self._fh = open(self.path, "rb")
+        self._spill = None
+        self._patches: dict = {}  # dataset key -> the new array, or (spill offset, nbytes)
+        self._in_memory = 0  # bytes of the arrays held in _patches
+        self._largest = 0  # bytes of the largest array read
+        self._digest = None  # the input's sha256, computed by a thread (see hash_input)
+        try:
+            with zipfile.ZipFile(self._fh) as zf:
+                infos = zf.infolist()
+                names = [i.filename for i in infos]
+                if names not in ([METADATA_MEMBER, CONFIG_MEMBER, WEIGHTS_MEMBER],
+                                 [METADATA_MEMBER, CONFIG_MEMBER, WEIGHTS_MEMBER, "modelxform.json"]):
+                    raise NotApplicable(f"archive members {names}")
+                metadata_json = json.loads(zf.read(METADATA_MEMBER))
+                self.config_text = zf.read(CONFIG_MEMBER).decode("utf-8")
+            if list(metadata_json) != ["keras_version", "date_saved"] or \
+                    metadata_json["keras_version"] != metadata.version("keras"):
+                raise NotApplicable("written by another Keras version")
+            self.keras_version = metadata_json["keras_version"]
+            weights = infos[2]
+            if weights.compress_type != zipfile.ZIP_STORED or weights.flag_bits & 0x1:
+                raise NotApplicable("compressed or encrypted weights")
+            self.h5_start = _data_offset(self._fh, weights)
+            self.h5_size = weights.file_size
+            self.config = json.loads(self.config_text)
+            self.output_config = _normalised_config(self.config)
+            with h5py.File(_Window(self._fh.fileno(), self.h5_start, self.h5_size), "r") as h5:
+                if h5.userblock_size:
+                    raise NotApplicable("an HDF5 user block")
+                self.layers = self._map_layers(h5)
+        except BaseException:
+            self._fh.close()
+            raise
+        self.param_count = sum(info.layer.count_params() for info in self.layers)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def hash_input(self) -> None:
+        """Start computing the input file's sha256 (for the provenance record) in a thread, alongside
+        the work on the arrays: hashlib and os.pread release the GIL."""
+        if self._digest is None:
+            self._digest = _FileDigest(self._fh.fileno())
+            self._digest.start()
+
+    def input_sha256(self) -> str:
+        """The input file's sha256 (started by hash_input, or now)."""
+        self.hash_input()
+        return self._digest.result()
+
+    def current_config(self) -> dict:
+        """The config as it stands: output_config with the trainable flags freeze/unfreeze set."""
+        for layer_info in self.layers:  # the entries belong to output_config
+            config = layer_info.layer.entry["config"]
+            if bool(layer_info.layer.trainable) != config["trainable"]:
+                config["trainable"] = bool(layer_info.layer.trainable)
+        return self.output_config
+
+    def close(self) -> None:
+        if self._digest is not None:
+            self._digest.stop()
+        self._fh.close()
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+
+    # -- the layer tree (layers.walk's order) and model.weights.h5's layout --------------------
+    def _map_layers(self, h5) -> list[ArchiveLayerInfo]:
+        top = self.output_config
+        if top.get("class_name") not in MODEL_CLASSES or top.get("compile_config") not in (None, {}):
+            raise NotApplicable("not a functional or Sequential model, or a compiled one")
+        layers: list[ArchiveLayerInfo] = []
+        expected: set[str] = set()
+        self._visit(h5, top, "", "", (), layers, expected)
+        found: set[str] = set()
+        h5.visititems(lambda name, obj: found.add(name) if hasattr(obj, "shape") else None)
+        if found != expected:
+            raise NotApplicable("model.weights.h5 holds arrays no layer accounts for")
+        return layers
+
+    def _visit(self, h5, model_entry, group, prefix, ancestors, out, expected) -> None:
+        config = model_entry["config"]
+        if config.get("trainable") is not True:
+            raise NotApplicable("a frozen model (its flag overrides its layers')")
+        _check_policy(config)
+        self._check_group(h5, group, {"layers", "vars"}, 0, config["name"])
+        entries = layers_of(model_entry)
+        if model_entry["class_name"] == "Sequential" and entries and entries[0]["class_name"] == "InputLayer":
+            entries = entries[1:]  # Sequential.layers leaves out its InputLayer, and so does the h5 file
+        used: dict[str, int] = {}
+        for entry in entries:
+            cls = entry["class_name"]
+            base = _snake_case(cls)
+            key = base if base not in used else f"{base}_{used[base] + 1}"
+            used[base] = used.get(base, -1) + 1
+            sub = f"{group}/layers/{key}" if group else f"layers/{key}"
+            cfg = entry["config"]
+            name = cfg["name"]
+            if cls in MODEL_CLASSES and isinstance(cfg.get("layers"), list):
+                if entry.get("module") not in ("keras", "keras.src.models.functional", "keras.models"):
+                    raise NotApplicable(f"model class from {entry.get('module')}")
+                self._visit(h5, entry, sub, f"{prefix}{name}/", ancestors + (cls,), out, expected)
+                continue
+            if entry.get("module") != "keras.layers" or entry.get("registered_name") is not None:
+                raise NotApplicable(f"layer class {cls} from {entry.get('module')}")
+            if cls == "InputLayer":
+                if model_entry["class_name"] == "Sequential":
+                    raise NotApplicable("an InputLayer inside a Sequential stack")
+                self._check_group(h5, sub, {"vars"}, 0, name)
+                continue
+            names = variable_names(cls, cfg)
+            if names is None:
+                raise NotApplicable(f"layer class {cls}")
+            _check_policy(cfg)
+            if not isinstance(cfg.get("trainable"), bool):
+                raise NotApplicable("a layer without a trainable flag")
+            vars_group = self._check_group(h5, sub, {"vars"}, len(names), name)
+            shapes = expected_shapes(cls, cfg, (entry.get("build_config") or {}).get("input_shape")) \
+                if names else []
+            if shapes is None:
+                raise NotApplicable(f"{name}: cannot tell the shapes of its variables from its config")
+            variables = []
+            for n, (var_name, want) in enumerate(zip(names, shapes)):
+                var = self._variable(vars_group[str(n)], var_name, f"{sub}/vars/{n}")
+                if var.shape != want:
+                    raise NotApplicable(f"{name}: {var_name} has shape {var.shape} in the file, the config "
+                                        f"makes it {want} (Keras refuses to load it)")
+                variables.append(var)
+                expected.add(f"{sub}/vars/{n}")
+            out.append(ArchiveLayerInfo(f"{prefix}{name}", ArchiveLayer(entry, variables), ancestors))
+
+    @staticmethod
+    def _check_group(h5, group: str, members: set, count: int, name: str):
+        node = h5[group] if group else h5
+        if set(node.keys()) != members:
+            raise NotApplicable(f"h5 group {group or '/'} holds {sorted(node.keys())}")
+        vars_group = node["vars"]
+        if vars_group.attrs.get("name") != name or sorted(vars_group.keys()) != sorted(str(i) for i in range(count)):
+            raise NotApplicable(f"h5 group {group or '/'} does not match layer {name!r}")
+        return vars_group
+
+    def _variable(self, ds, name: str, key: str) -> ArchiveVariable:
+        import h5py
+        dtype = ds.dtype
+        if dtype.kind not in "fiu" or not dtype.isnative or len(ds.attrs):
+            raise NotApplicable(f"{key}: dtype {dtype}")
+        plist = ds.id.get_create_plist()
+        if plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters() or plist.get_external_count():
+            raise NotApplicable(f"{key}: chunked, filtered or external storage")
+        offset = ds.id.get_offset()
+        var = ArchiveVariable(self, name, key, tuple(int(d) for d in ds.shape), dtype, offset)
+        if var.nbytes and (offset is None or ds.id.get_storage_size() != var.nbytes):
+            raise NotApplicable(f"{key}: storage not allocated as expected")
+        return var
+
+    # -- arrays ---------------------------------------------------------------------------------
+    # An assigned array stays in memory while the arrays held there add up to no more than the largest
+    # array read so far (computing that one already needed it twice over, old and new), so holding them
+    # adds at most half to the peak; beyond that they go to a spill file, which costs a write and a read.
+    SPILL_FLOOR = 64 << 20
+
+    def read(self, var: ArchiveVariable, take: bool = False, rows: tuple | None = None) -> np.ndarray:
+        """The variable's current values, in a new array; with ``take``, a new array assigned before is
+        handed over rather than copied (the caller assigns its result back); with ``rows=(start,
+        stop)``, only those rows along the first axis."""
+        pending = self._patches.get(var.key)
+        shape, skip, nbytes = var.shape, 0, var.nbytes
+        if rows is not None:
+            start, stop = rows
+            row_bytes = var.nbytes // var.shape[0] if var.shape and var.shape[0] else 0
+            shape, skip, nbytes = (stop - start,) + var.shape[1:], start * row_bytes, (stop - start) * row_bytes
+        if isinstance(pending, np.ndarray):
+            if rows is not None:
+                return pending[rows[0]:rows[1]].copy()
+            if not take:
+                return pending.copy()
+            del self._patches[var.key]
+            self._in_memory -= pending.nbytes
+            return pending
+        buffer = np.empty(nbytes, np.uint8)  # not bytearray(): that would write every page twice
+        if pending is not None:
+            _read_exact(self._spill.fileno(), buffer, pending[0] + skip)
+        elif nbytes:
+            _read_exact(self._fh.fileno(), buffer, self.h5_start + var.offset + skip)
+        self._largest = max(self._largest, nbytes)
+        return buffer.view(var.np_dtype).reshape(shape)
+
+    def write(self, var: ArchiveVariable, value) -> None:
+        value = np.asarray(value)
+        if not value.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
+            value = value.copy(order="C")
+        if value.dtype != var.np_dtype or value.shape != var.shape:
+            raise NotApplicable(f"{var.key}: a {value.dtype} array of shape {value.shape}")
+        previous = self._patches.pop(var.key, None)
+        if isinstance(previous, np.ndarray):
+            self._in_memory -= previous.nbytes
+        if self._in_memory + var.nbytes <= max(self._largest, self.SPILL_FLOOR):
+            self._patches[var.key] = value
+            self._in_memory += var.nbytes
+            return
+        if self._spill is None:
+            self._spill = tempfile.TemporaryFile(prefix="modelxform-fast-")
+        spill_offset = os.fstat(self._spill.fileno()).st_size
+        _write_all(self._spill.fileno(), value, spill_offset)
+        self._patches[var.key] = (spill_offset, var.nbytes)
+
+    # -- writing ----------------------------------------------------------------------------------
+    def save(self, output, provenance) -> None:
+        """Write the edited archive to ``output`` atomically, as files.save_model would write the
+        edited model: same members, same normalisation, provenance last. ``provenance(sha256)`` makes
+        the record once the input's digest is known."""
+        from . import files
+
+        files.write_atomically(pathlib.Path(output), lambda tmp: self._write_zip(tmp, provenance))
+
+    def _write_zip(self, tmp: pathlib.Path, provenance) -> None:
+        from . import files
+        moment = files.build_time()
+        stamp = moment.strftime("%Y-%m-%d@%H:%M:%S")
+        date_time = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
+
+        def info(name, compress):
+            return files.member_info(name, date_time, compress)
+
+        config = self.current_config()
+        metadata_json = json.dumps({"keras_version": self.keras_version, "date_saved": stamp})
+        self.hash_input()
+        with zipfile.ZipFile(tmp, "w") as dst:
+            dst.writestr(info(METADATA_MEMBER, zipfile.ZIP_STORED), metadata_json.encode())
+            dst.writestr(info(CONFIG_MEMBER, zipfile.ZIP_STORED), json.dumps(config).encode())
+            zinfo = info(WEIGHTS_MEMBER, zipfile.ZIP_STORED)
+            zinfo.file_size = self.h5_size  # what writestr sets before it writes
+            with dst.open(zinfo, "w") as out:
+                self._copy_weights(out)
+            record = provenance(self.input_sha256())
+            dst.writestr(info(files.PROVENANCE_MEMBER, zipfile.ZIP_DEFLATED),
+                         json.dumps(record, indent=1, sort_keys=True).encode())
+
+    def _copy_weights(self, out) -> None:
+        """Copy model.weights.h5 from the input into ``out`` with the assigned arrays' bytes replaced."""
+        by_key = {v.key: v for info in self.layers for v in info.layer.weights}
+        patches = sorted((by_key[key].offset, key) for key, patch in self._patches.items() if by_key[key].nbytes)
+        fd = self._fh.fileno()
+        position = 0
+        for offset, key in patches:
+            _copy_range(fd, self.h5_start + position, offset - position, out)
+            patch = self._patches[key]
+            if isinstance(patch, np.ndarray):
+                out.write(memoryview(patch).cast("B"))
+            else:
+                _copy_range(self._spill.fileno(), patch[0], patch[1], out)
+            position = offset + by_key[key].nbytes
+        _copy_range(fd, self.h5_start + position, self.h5_size - position, out)
+
+
+class _FileDigest(threading.Thread):
+    """sha256 of a whole file (by descriptor, so that the file hashed is the one being copied)."""
+
+    def __init__(self, fd: int):
+        super().__init__(name="modelxform-sha256", daemon=True)
+        self._fd = fd
+        self._stopped = False
+        self._hexdigest = None
+        self._error = None
+
+    def run(self) -> None:
+        import hashlib
+        try:
+            digest = hashlib.sha256()
+            buffer = bytearray(_CHUNK)
+            offset = 0
+            while not self._stopped:
+                got = os.preadv(self._fd, [buffer], offset)
+                if got <= 0:
+                    break
+                digest.update(memoryview(buffer)[:got])
+                offset += got
+            self._hexdigest = digest.hexdigest()
+        except BaseException as exc:  # handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> str:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._hexdigest
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.join()
+
+
+_CHUNK = 8 << 20
+
+
+def _copy_range(fd: int, start: int, size: int, out) -> None:
+    buffer = bytearray(min(_CHUNK, max(size, 1)))
+    done = 0
+    while done < size:
+        n = min(len(buffer), size - done)
+        view = memoryview(buffer)[:n]
+        _read_exact(fd, view, start + done)
+        out.write(view)
+        done += n

@@ -6,7 +6,7 @@
 
 Importing this package does not import TensorFlow; applying a recipe does.
 """
-from .compiler import Recipe, compile_recipe, load_recipe
+from .session import Recipe, compile_recipe, load_recipe
 from .errors import (
     ApplyError, AssertionFailed, ExitCode, ModelFileError, ModelxformError, RecipeError, UsageError,
 )

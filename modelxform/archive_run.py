@@ -29,7 +29,7 @@ import os
 import pathlib
 from collections.abc import Mapping
 
-from . import ir
+from . import statements as st
 from .errors import ModelxformError
 from .fastpath import DISABLE_ENV, _pass_for, applicable_statements
 from .keras_io.archive import Archive, NotApplicable
@@ -43,7 +43,7 @@ from .runner import Context, Params, Report, _attach_sources, _run_statements, e
 log = logging.getLogger(__name__)
 
 # Structural statements whose passes read only the config (through the editor) and the selection's paths.
-ON_ARCHIVE = (ir.Replace, ir.Tap, ir.Insert, ir.Append, ir.Cut, ir.SetConfig, ir.Rename)
+ON_ARCHIVE = (st.Replace, st.Tap, st.Insert, st.Append, st.Cut, st.SetConfig, st.Rename)
 
 
 class ArchiveContext(Context):
@@ -129,7 +129,7 @@ def try_run(recipe, model_path, seed, params, dry_run: bool):
     statements = recipe.program.flat()
     if applicable_statements(recipe):
         return _declined("a weight-only recipe (the fast path's)")
-    if any(isinstance(s, (ir.AssertEquivalent, ir.LoadWeights)) for s in statements):
+    if any(isinstance(s, (st.AssertEquivalent, st.LoadWeights)) for s in statements):
         return _declined("the recipe compares with or reads other models")
     if pathlib.Path(model_path).suffix.lower() != ".keras" or _keras_backend() != "tensorflow":
         return _declined("not a .keras input, or another Keras backend")

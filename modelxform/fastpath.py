@@ -41,7 +41,7 @@ import pathlib
 
 import numpy as np
 
-from . import ir
+from . import statements as st
 from .errors import ModelxformError
 from .keras_io.archive import Archive, NotApplicable
 from .keras_io.backend import keras_backend as _keras_backend
@@ -58,7 +58,7 @@ DISABLE_ENV = "MODELXFORM_FASTPATH"  # set to 0 to always take the Keras path (b
 
 _CONSTANT_FILLS = {"zeros": "zeros", "Zeros": "zeros", "ones": "ones", "Ones": "ones",
                    "constant": "constant", "Constant": "constant"}
-_WEIGHT_STATEMENTS = (ir.Scale, ir.AddNoise, ir.Clip, ir.Prune, ir.Freeze, ir.Unfreeze, ir.AssertCount)
+_WEIGHT_STATEMENTS = (st.Scale, st.AddNoise, st.Clip, st.Prune, st.Freeze, st.Unfreeze, st.AssertCount)
 
 
 @dataclasses.dataclass
@@ -72,9 +72,9 @@ class FastReport(Report):
 def applicable_statements(recipe) -> bool:
     """Whether every statement of ``recipe`` is one the fast path runs (before looking at a model)."""
     for stmt in recipe.program.flat():
-        if isinstance(stmt, ir.HEADER_TYPES + (ir.Select,) + _WEIGHT_STATEMENTS):
+        if isinstance(stmt, st.HEADER_TYPES + (st.Select,) + _WEIGHT_STATEMENTS):
             continue
-        if isinstance(stmt, ir.Fill) and stmt.initializer.name in _CONSTANT_FILLS:
+        if isinstance(stmt, st.Fill) and stmt.initializer.name in _CONSTANT_FILLS:
             continue
         return False
     return True
@@ -150,7 +150,7 @@ class _FastContext(Context):
         return _pass_for(stmt)
 
 
-def _fill(ctx, stmt: ir.Fill) -> StatementReport:
+def _fill(ctx, stmt: st.Fill) -> StatementReport:
     """``set … to zeros/ones/constant(v)`` with the values keras.initializers would give: Constant is
     ``ops.cast(value, dtype) * ops.ones(shape, dtype)``, and TensorFlow first makes a Python float a
     float32 tensor (an int an int32 one), so a float64 array gets float32(v) widened."""
@@ -196,10 +196,10 @@ def _set_trainable(ctx, stmt, flag: bool) -> StatementReport:
 
 
 def _pass_for(stmt):
-    if isinstance(stmt, ir.Fill):
+    if isinstance(stmt, st.Fill):
         return _fill
-    if isinstance(stmt, (ir.Freeze, ir.Unfreeze)):
-        return lambda ctx, s: _set_trainable(ctx, s, isinstance(s, ir.Unfreeze))
+    if isinstance(stmt, (st.Freeze, st.Unfreeze)):
+        return lambda ctx, s: _set_trainable(ctx, s, isinstance(s, st.Unfreeze))
     if isinstance(stmt, _WEIGHT_STATEMENTS):
         return PASSES[type(stmt)]
     raise NotApplicable(f"`{stmt}`")

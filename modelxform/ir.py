@@ -1,10 +1,13 @@
-"""The compiled form of a recipe: one frozen dataclass per statement kind.
+"""The compiled form of a recipe: values, layer references, predicates, and the Program.
 
-``str(node)`` is the node's canonical recipe text (what ``fmt`` prints), and compiling that text gives an
+The statement kinds themselves are frozen dataclasses declared in modelxform/statements/ (each with
+its syntax, YAML form and pass); this module holds what they are made of and their common base.
+``str(node)`` is a node's canonical recipe text (what ``fmt`` prints), and compiling that text gives an
 equal node: spans are excluded from equality, so positions never make two programs differ.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -12,17 +15,22 @@ from typing import Union
 
 from .source import Span
 
-_SPAN = dict(default=None, compare=False, repr=False, kw_only=True)
-_KEYWORDS = {
-    "recipe", "version", "requires", "modelxform", "seed", "param", "include", "select", "all",
-    "where", "random", "first", "last", "layer", "type", "in", "name", "trainable", "params", "has",
-    "weights", "and", "or", "not", "scale", "add", "noise", "to", "reinit", "with", "set", "clip",
-    "prune", "freeze", "unfreeze", "replace", "selected", "tap", "only", "assert", "count", "output",
-    "shape", "True", "true", "False", "false", "None", "none", "insert", "after", "before", "remove",
-    "swap", "shuffle", "cut", "append", "rename", "prefix", "load", "from", "strict", "equivalent",
-    "tolerance",
-}
+SPAN = dict(default=None, compare=False, repr=False, kw_only=True)  # a statement's ``span`` field
+_SPAN = SPAN
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def keywords() -> frozenset:
+    """The grammar's keywords (every quoted word in grammar/recipe.lark): a layer named like one is
+    written ``layer NAME`` in canonical text."""
+    return _keywords()
+
+
+@functools.lru_cache(maxsize=1)
+def _keywords() -> frozenset:
+    from .grammar_file import grammar_text
+    text = re.sub(r"//[^\n]*", "", grammar_text())
+    return frozenset(re.findall(r'"([A-Za-z_]+)"', text))
 
 
 # ---- values ----------------------------------------------------------------------------------
@@ -161,7 +169,7 @@ class Ref:
             return quote(self.text)
         if self.kind == "type":
             return f"type {self.text}" if self.explicit else self.text
-        if self.explicit or any(part in _KEYWORDS for part in self.text.split("/")):
+        if self.explicit or any(part in keywords() for part in self.text.split("/")):
             return f"layer {self.text}"
         return self.text
 
@@ -263,392 +271,48 @@ Pred = Union[PType, PName, PRegex, PTrainable, PHasWeights, PParams, PNot, PAnd,
 # ---- statements ------------------------------------------------------------------------------
 
 class Statement:
-    """Marker base class; every statement has a ``span`` and a canonical ``__str__``."""
+    """The base of every statement kind. A kind is declared once, in a module of
+    modelxform/statements/, as a frozen dataclass (with a ``span`` field and a canonical ``__str__``)
+    that also says:
 
+    - ``keyword``: how a user starts it (``"add noise"``); ``rules``: the grammar rules it compiles,
+      with the classmethod ``compile(c, node, span)`` (``c``: the compiler, whose helpers read values,
+      references and predicates);
+    - ``yaml_key`` (and ``yaml_bare`` for a bare word such as ``freeze``), with the classmethod
+      ``read_yaml(r, body, span)`` and the method ``yaml(w)`` for the YAML form;
+    - ``run(ctx)``: its pass, which resolves it against the model through the run context and returns a
+      StatementReport (with any array work deferred, so that a plan runs the same pass);
+    - ``needs``: what the pass needs of the model: ``"archive"`` (the arrays and config of a .keras
+      archive will do: no TensorFlow), ``"config"`` (a structural edit of the config), ``"model"`` (a
+      built Keras model);
+    - ``role`` (header, select, weights, structure, check) and ``plan_tag`` (how the HTML report marks
+      the layers it names).
+    """
+
+    keyword = ""
+    rules: tuple = ()
+    yaml_key: str | None = None
+    yaml_bare = False
+    role = "edit"
     structural = False  # changes the graph (queued and rebuilt in one go)
     needs_selection = False
-
-
-@dataclass(frozen=True)
-class RecipeHeader(Statement):
-    name: str
-    version: str | None = None
-    span: Span | None = field(**_SPAN)
-
-    def __str__(self) -> str:
-        text = f"recipe {quote(self.name)}"
-        return text + (f" version {quote(self.version)}" if self.version is not None else "")
-
-
-@dataclass(frozen=True)
-class Requires(Statement):
-    spec: str
-    span: Span | None = field(**_SPAN)
-
-    def __str__(self) -> str:
-        return f"requires modelxform {quote(self.spec)}"
-
-
-@dataclass(frozen=True)
-class Seed(Statement):
-    value: Union[int, ParamRef]
-    span: Span | None = field(**_SPAN)
-
-    def __str__(self) -> str:
-        return f"seed {format_value(self.value)}"
-
-
-@dataclass(frozen=True)
-class Param(Statement):
-    name: str
-    value: Value
-    span: Span | None = field(**_SPAN)
-
-    def __str__(self) -> str:
-        return f"param {self.name} = {format_value(self.value)}"
-
-
-@dataclass(frozen=True)
-class Include(Statement):
-    path: str
-    program: "Program"
-    span: Span | None = field(**_SPAN)
-
-    def __str__(self) -> str:
-        return f"include {quote(self.path)}"
-
-
-@dataclass(frozen=True)
-class SelAll:
-    def __str__(self) -> str:
-        return "all"
-
-
-@dataclass(frozen=True)
-class SelRefs:
-    refs: tuple[Ref, ...]
-
-    def __str__(self) -> str:
-        return ", ".join(str(r) for r in self.refs)
-
-
-@dataclass(frozen=True)
-class SelWhere:
-    pred: Pred
-
-    def __str__(self) -> str:
-        return f"where {self.pred}"
-
-
-@dataclass(frozen=True)
-class SelSample:
-    """``random``/``first``/``last`` [count] [where pred]; count None means one layer."""
-
-    mode: str
-    count: Union[int, Percent, ParamRef, None] = None
-    pred: Pred | None = None
-
-    def __str__(self) -> str:
-        text = self.mode
-        if self.count is not None:
-            text += f" {format_value(self.count)}"
-        if self.pred is not None:
-            text += f" where {self.pred}"
-        return text
-
-
-Selector = Union[SelAll, SelRefs, SelWhere, SelSample]
-
-
-@dataclass(frozen=True)
-class Select(Statement):
-    selector: Selector
-    span: Span | None = field(**_SPAN)
-
-    def __str__(self) -> str:
-        return f"select {self.selector}"
-
-
-@dataclass(frozen=True)
-class Scale(Statement):
-    target: str
-    factor: Union[int, float, ParamRef]
-    span: Span | None = field(**_SPAN)
-    needs_selection = True
-
-    def __str__(self) -> str:
-        return f"scale {self.target} {format_value(self.factor)}"
-
-
-@dataclass(frozen=True)
-class AddNoise(Statement):
-    distribution: Call
-    target: str
-    span: Span | None = field(**_SPAN)
-    needs_selection = True
-
-    def __str__(self) -> str:
-        return f"add noise {self.distribution} to {self.target}"
-
-
-@dataclass(frozen=True)
-class Reinit(Statement):
-    target: str
-    initializer: Call | None = None
-    span: Span | None = field(**_SPAN)
-    needs_selection = True
-
-    def __str__(self) -> str:
-        text = f"reinit {self.target}"
-        return text + (f" with {self.initializer}" if self.initializer is not None else "")
-
-
-@dataclass(frozen=True)
-class Fill(Statement):
-    target: str
-    initializer: Call
-    span: Span | None = field(**_SPAN)
-    needs_selection = True
-
-    def __str__(self) -> str:
-        return f"set {self.target} to {self.initializer}"
-
-
-@dataclass(frozen=True)
-class Clip(Statement):
-    target: str
-    low: Union[int, float, ParamRef]
-    high: Union[int, float, ParamRef]
-    span: Span | None = field(**_SPAN)
-    needs_selection = True
-
-    def __str__(self) -> str:
-        return f"clip {self.target} {format_value(self.low)} {format_value(self.high)}"
-
-
-@dataclass(frozen=True)
-class Prune(Statement):
-    target: str
-    amount: Percent
-    span: Span | None = field(**_SPAN)
-    needs_selection = True
-
-    def __str__(self) -> str:
-        return f"prune {self.target} {self.amount}"
-
-
-@dataclass(frozen=True)
-class Freeze(Statement):
-    span: Span | None = field(**_SPAN)
-    needs_selection = True
-
-    def __str__(self) -> str:
-        return "freeze"
-
-
-@dataclass(frozen=True)
-class Unfreeze(Statement):
-    span: Span | None = field(**_SPAN)
-    needs_selection = True
-
-    def __str__(self) -> str:
-        return "unfreeze"
-
-
-@dataclass(frozen=True)
-class Replace(Statement):
-    """``source`` is a Ref (a layer, or every layer of a type) or None for ``selected``."""
-
-    source: Ref | None
-    replacement: Call
-    span: Span | None = field(**_SPAN)
-    structural = True
-
-    @property
-    def needs_selection(self) -> bool:  # type: ignore[override]
-        return self.source is None
-
-    def __str__(self) -> str:
-        source = "selected" if self.source is None else str(self.source)
-        repl = str(self.replacement)
-        if self.replacement.bare and self.replacement.name in _KEYWORDS:
-            repl = f"type {repl}"
-        return f"replace {source} with {repl}"
-
-
-@dataclass(frozen=True)
-class Tap(Statement):
-    refs: tuple[Ref, ...]
-    only: bool = False
-    span: Span | None = field(**_SPAN)
-    structural = True
-
-    def __str__(self) -> str:
-        return "tap " + ", ".join(str(r) for r in self.refs) + (" only" if self.only else "")
-
-
-@dataclass(frozen=True)
-class Insert(Statement):
-    """``insert Dropout(rate=0.5) after fc1`` / ``insert BatchNormalization() before conv2d_2``."""
-
-    layer: Call
-    where: str  # "after" or "before"
-    anchor: Ref
-    span: Span | None = field(**_SPAN)
-    structural = True
-
-    def __str__(self) -> str:
-        return f"insert {self.layer} {self.where} {self.anchor}"
-
-
-@dataclass(frozen=True)
-class Remove(Statement):
-    """``remove dropout_1`` / ``remove selected`` / ``remove where type=Dropout``."""
-
-    refs: tuple = ()
-    pred: Pred | None = None
-    selected: bool = False
-    span: Span | None = field(**_SPAN)
-    structural = True
-
-    @property
-    def needs_selection(self) -> bool:  # type: ignore[override]
-        return self.selected
-
-    def __str__(self) -> str:
-        if self.selected:
-            return "remove selected"
-        if self.pred is not None:
-            return f"remove where {self.pred}"
-        return "remove " + ", ".join(str(r) for r in self.refs)
-
-
-@dataclass(frozen=True)
-class Swap(Statement):
-    first: Ref
-    second: Ref
-    span: Span | None = field(**_SPAN)
-    structural = True
-
-    def __str__(self) -> str:
-        return f"swap {self.first} {self.second}"
-
-
-@dataclass(frozen=True)
-class Shuffle(Statement):
-    """A seeded permutation of the positions of the selected layers."""
-
-    span: Span | None = field(**_SPAN)
-    structural = True
-    needs_selection = True
-
-    def __str__(self) -> str:
-        return "shuffle"
-
-
-@dataclass(frozen=True)
-class Cut(Statement):
-    anchor: Ref
-    span: Span | None = field(**_SPAN)
-    structural = True
-
-    def __str__(self) -> str:
-        return f"cut after {self.anchor}"
-
-
-@dataclass(frozen=True)
-class Append(Statement):
-    layer: Call
-    anchor: Ref | None = None
-    span: Span | None = field(**_SPAN)
-    structural = True
-
-    def __str__(self) -> str:
-        return f"append {self.layer}" + (f" after {self.anchor}" if self.anchor is not None else "")
-
-
-@dataclass(frozen=True)
-class SetConfig(Statement):
-    """``set activation = "relu6"`` — a config field of every selected layer."""
-
-    key: str
-    value: Value
-    span: Span | None = field(**_SPAN)
-    structural = True
-    needs_selection = True
-
-    def __str__(self) -> str:
-        return f"set {self.key} = {format_value(self.value)}"
-
-
-@dataclass(frozen=True)
-class Rename(Statement):
-    """``rename to "stem_conv"`` (one selected layer) or ``rename prefix "ft_"``."""
-
-    mode: str  # "to" or "prefix"
-    text: str
-    span: Span | None = field(**_SPAN)
-    structural = True
-    needs_selection = True
-
-    def __str__(self) -> str:
-        return f"rename {self.mode} {quote(self.text)}"
-
-
-@dataclass(frozen=True)
-class LoadWeights(Statement):
-    path: str
-    strict: bool = False
-    span: Span | None = field(**_SPAN)
-    needs_selection = True
-
-    def __str__(self) -> str:
-        return f"load weights from {quote(self.path)}" + (" strict" if self.strict else "")
-
-
-@dataclass(frozen=True)
-class AssertEquivalent(Statement):
-    tolerance: Union[int, float, ParamRef, None] = None
-    span: Span | None = field(**_SPAN)
-
-    def __str__(self) -> str:
-        return "assert equivalent" + (f" tolerance {format_value(self.tolerance)}" if self.tolerance is not None else "")
-
-
-@dataclass(frozen=True)
-class AssertCount(Statement):
-    op: str
-    value: Union[int, ParamRef]
-    span: Span | None = field(**_SPAN)
-    needs_selection = True
-
-    def __str__(self) -> str:
-        return f"assert count {self.op} {format_value(self.value)}"
-
-
-@dataclass(frozen=True)
-class AssertParams(Statement):
-    op: str
-    value: Union[int, float, ParamRef]
-    span: Span | None = field(**_SPAN)
-
-    def __str__(self) -> str:
-        return f"assert params {self.op} {format_size(self.value)}"
-
-
-@dataclass(frozen=True)
-class AssertShape(Statement):
-    op: str
-    shape: tuple
-    index: int | None = None
-    span: Span | None = field(**_SPAN)
-
-    def __str__(self) -> str:
-        dims = ", ".join("None" if d is None else str(d) for d in self.shape)
-        if len(self.shape) == 1:
-            dims += ","
-        where = "output" if self.index is None else f"output {self.index}"
-        return f"assert {where} shape {self.op} ({dims})"
+    needs = "model"
+    wants_reference = False  # needs the input model's outputs before anything runs (assert equivalent)
+    plan_tag: str | None = None
+
+    @classmethod
+    def compile(cls, c, node, span):
+        raise NotImplementedError(cls.__name__)
+
+    @classmethod
+    def read_yaml(cls, r, body, span):
+        raise NotImplementedError(cls.__name__)
+
+    def yaml(self, w):
+        raise NotImplementedError(type(self).__name__)
+
+    def run(self, ctx):
+        raise NotImplementedError(type(self).__name__)
 
 
 @dataclass(frozen=True)
@@ -662,14 +326,16 @@ class Program:
     def flat(self):
         """Statements with includes expanded in place (what actually runs)."""
         for stmt in self.statements:
-            if isinstance(stmt, Include):
-                yield from stmt.program.flat()
+            inner = getattr(stmt, "program", None)
+            if isinstance(inner, Program):
+                yield from inner.flat()
             else:
                 yield stmt
 
-    def header(self) -> RecipeHeader | None:
+    def header(self):
+        """The ``recipe "name" version "…"`` statement, if any."""
         for stmt in self.statements:
-            if isinstance(stmt, RecipeHeader):
+            if stmt.keyword == "recipe":
                 return stmt
         return None
 
@@ -678,8 +344,12 @@ class Program:
         return "".join(f"{s}\n" for s in self.flat())
 
 
-STATEMENT_TYPES = (RecipeHeader, Requires, Seed, Param, Include, Select, Scale, AddNoise, Reinit, Fill,
-                   Clip, Prune, Freeze, Unfreeze, Replace, Tap, Insert, Remove, Swap, Shuffle, Cut, Append,
-                   SetConfig, Rename, LoadWeights, AssertEquivalent, AssertCount, AssertParams, AssertShape)
-# Statements that change nothing in the model: the runner handles them itself.
-HEADER_TYPES = (RecipeHeader, Requires, Seed, Param, Include)
+_CMP = {
+    "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b,
+}
+
+
+def compare(op: str, left, right) -> bool:
+    """``left OP right`` for a comparison operator of the language."""
+    return _CMP[op](left, right)

@@ -98,7 +98,7 @@ def verify(model_path, original_path, *, unsafe: bool = False, imports=()) -> tu
     import pathlib
     import tempfile
 
-    from .compiler import compile_recipe
+    from .lang.compiler import compile_recipe
     from .errors import UsageError
     from .keras_io.files import load_model, model_format, read_provenance, save_model, sha256_file
     from .runner import run

@@ -44,8 +44,6 @@ UNCHANGED_FILL = "#ffffff"
 INPUT_FILL = "#e8e8e8"
 OUTPUT_FILL = "#f2f2f2"
 
-WEIGHT_STATEMENTS = ("Scale", "AddNoise", "Reinit", "Fill", "Clip", "Prune", "LoadWeights")
-
 
 def dot_executable() -> str | None:
     return shutil.which("dot")
@@ -98,9 +96,9 @@ def _tokens_of(text: str) -> set[str]:
 def build_view(d, *, title: str, subtitle: str = "", statements=None) -> View:
     """The graph to draw for a ModelDiff ``d``: B's layers, plus A's removed layers drawn where they were.
 
-    ``statements`` (optional): [{"text", "location", "kind", "layers", "changes"}], the recipe statements
-    that made B from A; each layer lists the statements that name it, and statement kinds add tags that
-    a plan cannot show in the weights (a plan changes no arrays).
+    ``statements`` (optional): [{"text", "location", "tag", "layers", "changes"}], the recipe statements
+    that made B from A; each layer lists the statements that name it, and a statement's tag (its kind's
+    plan_tag) marks what a plan cannot show in the weights (a plan changes no arrays).
     """
     a, b = d.a, d.b
     ids: dict[str, str] = {}
@@ -155,10 +153,10 @@ def build_view(d, *, title: str, subtitle: str = "", statements=None) -> View:
             mine = [line for line in s.get("changes", []) if p in _tokens_of(line) or f"{p}:" in line]
             touched.setdefault(p, []).append({"index": index, "text": s["text"], "location": s.get("location", ""),
                                               "changes": (mine or list(s.get("changes", [])))[:8]})
-            kind = s.get("kind")
-            if kind in WEIGHT_STATEMENTS and p in b.layers and b.layers[p].weights:
+            plan_tag = s.get("tag")  # the statement kind's plan_tag (modelxform/statements/)
+            if plan_tag == "weights" and p in b.layers and b.layers[p].weights:
                 tag(p, "weights")
-            elif kind == "Replace" and p in b.layers:
+            elif plan_tag == "replaced" and p in b.layers:
                 tag(p, "replaced")
 
     order = [key for key, _, _, _ in STATUSES]
@@ -236,13 +234,12 @@ def build_view(d, *, title: str, subtitle: str = "", statements=None) -> View:
 
 
 def statements_from_report(report) -> list[dict]:
-    """The recipe statements of a runner Report, for build_view (selections left out: they change nothing)."""
+    """The recipe statements of a Plan, for build_view (selections left out: they change nothing)."""
     out = []
     for s in report.statements:
-        kind = type(s.statement).__name__
-        if kind == "Select":
+        if s.statement.role == "select":
             continue
-        out.append({"text": str(s.statement), "location": s.location, "kind": kind,
+        out.append({"text": str(s.statement), "location": s.location, "tag": s.statement.plan_tag,
                     "layers": list(s.layers), "changes": list(s.changes) + [f"({n})" for n in s.notes]})
     return out
 
@@ -259,7 +256,7 @@ def statements_from_provenance(record: dict | None, input_sha256: str) -> list[d
         text, _, details = line.partition(" :: ")
         if text.startswith("select"):
             continue
-        out.append({"text": text, "location": "", "kind": None, "layers": [],
+        out.append({"text": text, "location": "", "tag": None, "layers": [],
                     "changes": [x.strip() for x in details.split("; ") if x.strip()] if details else []})
     return out
 

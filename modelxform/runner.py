@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import dataclass, field
 
 from . import ir
+from . import statements as st
+from .lang.compiler import parse_value
 from .errors import ApplyError, ModelxformError, UsageError
 from .keras_io.graph import GraphEditor, transfer_weights
 from .keras_io.layers import model_kind, refuse_subclassed
@@ -44,16 +46,6 @@ class Params:
         return v
 
 
-def parse_param_value(text: str):
-    """A --param value: a number, True/False/None, a quoted string, or else the text itself."""
-    from .compiler import compile_recipe
-    try:
-        program = compile_recipe(f"param _ = {text}").program
-        return program.statements[0].value
-    except ModelxformError:
-        return text
-
-
 def resolve_params(recipe, overrides: dict | None) -> dict:
     declared = recipe.params
     values = dict(declared)
@@ -64,7 +56,7 @@ def resolve_params(recipe, overrides: dict | None) -> dict:
             raise UsageError(f"unknown parameter {name!r} (--param {name}=…); the recipe declares: {known}")
         if name not in used:
             raise UsageError(f"parameter {name!r} (--param {name}=…) is declared but never used by the recipe")
-        value = parse_param_value(raw) if isinstance(raw, str) else raw
+        value = parse_value(raw) if isinstance(raw, str) else raw
         default = declared[name]
         if isinstance(default, bool) != isinstance(value, bool) or \
                 (isinstance(default, (int, float)) and not isinstance(value, (int, float))) or \
@@ -91,7 +83,7 @@ def _used_params(program: ir.Program) -> set[str]:
                 if name != "span":
                     visit(getattr(obj, name))
     for stmt in program.flat():
-        if not isinstance(stmt, ir.Param):
+        if not isinstance(stmt, st.Param):
             visit(stmt)
     return used
 
@@ -199,7 +191,7 @@ class Context:
                 elif path in after:
                     report.changes.append(f"{path} (new): output {after[path][0]}, params {after[path][1]:,}"
                                           f"{together}")
-            if isinstance(report.statement, ir.Tap):
+            if isinstance(report.statement, st.Tap):
                 report.changes.append(f"model outputs: {', '.join(outputs_before)} -> "
                                       f"{', '.join(outputs_after)}{together}")
         self.model = new_model
@@ -308,7 +300,7 @@ def _attach_sources(exc: ModelxformError, recipe) -> None:
     exc.source = exc.diagnostics[0].source
 
 
-def select(ctx, stmt: ir.Select) -> StatementReport:
+def select(ctx, stmt: st.Select) -> StatementReport:
     """``select …``: resolve the selector against the current layers and make it the selection."""
     infos = resolve_selector(stmt.selector, ctx.current_model(), ctx.layers(), ctx.params,
                              lambda: ctx.rng(stmt), stmt.span)
@@ -319,13 +311,13 @@ def select(ctx, stmt: ir.Select) -> StatementReport:
 
 
 def _run_statements(recipe, ctx: Context, report: Report, values: Params) -> None:
-    if any(isinstance(s, ir.AssertEquivalent) for s in recipe.program.flat()):
+    if any(isinstance(s, st.AssertEquivalent) for s in recipe.program.flat()):
         ctx.reference = reference_outputs(ctx.model, ctx.seed)
     for stmt in recipe.program.flat():
-        if isinstance(stmt, ir.HEADER_TYPES):
+        if isinstance(stmt, st.HEADER_TYPES):
             continue
         ctx.begin(stmt)
-        if isinstance(stmt, ir.Select):
+        if isinstance(stmt, st.Select):
             report.statements.append(select(ctx, stmt))
             continue
         if not stmt.structural:

@@ -9,9 +9,9 @@ import collections
 import difflib
 import fnmatch
 import math
-from dataclasses import dataclass, field
 
 from . import ir
+from . import statements as st
 from .errors import ApplyError
 from .keras_io.layers import LayerInfo  # noqa: F401  (the selectors take LayerInfos)
 
@@ -42,7 +42,7 @@ def matches(pred: ir.Pred, info: LayerInfo, params) -> bool:
     if isinstance(pred, ir.PName):
         return info.name == pred.name or info.path == pred.name
     if isinstance(pred, ir.PRegex):
-        from .safe_regex import search  # refuses patterns and names that could make re backtrack for ever
+        from .lang.safe_regex import search  # refuses patterns and names that could make re backtrack for ever
         return search(pred.pattern, info.name, span=pred.span) is not None
     if isinstance(pred, ir.PTrainable):
         return bool(info.layer.trainable)
@@ -120,23 +120,23 @@ def _closest(word: str, candidates) -> str | None:
 
 def resolve_selector(selector, model, layers: list[LayerInfo], params, rng_factory, span) -> list[LayerInfo]:
     """Resolve a select statement's selector to leaf layers in graph order."""
-    if isinstance(selector, ir.SelAll):
+    if isinstance(selector, st.SelAll):
         if not layers:
             raise ApplyError("the model has no layers to select", span=span)
         return list(layers)
-    if isinstance(selector, ir.SelRefs):
+    if isinstance(selector, st.SelRefs):
         chosen: dict[int, LayerInfo] = {}
         for ref in selector.refs:
             for info in resolve_ref(ref, model, layers):
                 chosen.setdefault(id(info), info)
         order = {id(i): n for n, i in enumerate(layers)}
         return sorted(chosen.values(), key=lambda i: order[id(i)])
-    if isinstance(selector, ir.SelWhere):
+    if isinstance(selector, st.SelWhere):
         found = [i for i in layers if matches(selector.pred, i, params)]
         if not found:
             raise _empty(f"where {selector.pred}", layers, span)
         return found
-    if isinstance(selector, ir.SelSample):
+    if isinstance(selector, st.SelSample):
         pool = layers if selector.pred is None else [i for i in layers if matches(selector.pred, i, params)]
         if not pool:
             raise _empty(f"where {selector.pred}", layers, span)

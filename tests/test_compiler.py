@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from conftest import ROOT
 from modelxform import RecipeError, compile_recipe, ir, load_recipe
-from modelxform.compiler import _Compiler
-from modelxform.fmt import format_text
-from modelxform.parser import PARSER_OPTIONS, SYNTAX_EXAMPLES, get_parser, grammar_path
+from modelxform import statements as stmts
+from modelxform.lang.fmt import format_text
+from modelxform.lang.parser import PARSER_OPTIONS, SYNTAX_EXAMPLES, get_parser, grammar_path
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 
@@ -93,32 +93,34 @@ def _statement_alternatives():
     return names
 
 
-def test_every_statement_rule_has_a_compiler_handler():
+def test_every_statement_rule_has_a_statement_kind():
     names = _statement_alternatives()
     assert len(names) >= 17
-    missing = [n for n in names if not hasattr(_Compiler, f"s_{n}")]
-    assert not missing, f"grammar statements without a compiler handler: {missing}"
+    missing = [n for n in names if n not in stmts.BY_RULE]
+    assert not missing, f"grammar statements without a statement kind (modelxform/statements/): {missing}"
+    # and no kind claims a rule the grammar does not have
+    assert set(stmts.BY_RULE) == names
 
 
 def test_every_ir_statement_has_a_pass_or_is_a_header():
     from modelxform.passes import PASSES, load_all
     load_all()
-    missing = [c.__name__ for c in ir.STATEMENT_TYPES
-               if c not in PASSES and c not in ir.HEADER_TYPES and c is not ir.Select]
+    missing = [c.__name__ for c in stmts.KINDS
+               if c not in PASSES and c not in stmts.HEADER_TYPES and c is not stmts.Select]
     assert not missing, f"statement classes without a registered pass: {missing}"
 
 
 def test_pass_registry_refuses_duplicates():
     from modelxform.passes import register
     with pytest.raises(RuntimeError, match="already registered"):
-        register(ir.Scale)(lambda ctx, stmt: None)
+        register(stmts.Scale)(lambda ctx, stmt: None)
 
 
 def test_keras_name_snapshot_matches_installed_keras():
     import subprocess
     import sys
     code = ("import sys; sys.path.insert(0, 'tools'); import gen_keras_names as g; "
-            "import modelxform.keras_names as k; "
+            "import modelxform.lang.keras_names as k; "
             "assert g.layer_names() == k.LAYER_CLASSES, 'rerun tools/gen_keras_names.py'; "
             "assert tuple(g.initializer_names()) == k.INITIALIZERS, 'rerun tools/gen_keras_names.py'")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -189,7 +191,7 @@ def test_recipe_size_limit():
 # ---- round trip on generated programs ----------------------------------------------------------
 
 names = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(
-    lambda s: s not in ir._KEYWORDS)
+    lambda s: s not in ir.keywords())
 numbers = st.one_of(st.integers(-10**6, 10**6),
                     st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32))
 preds = st.recursive(
@@ -201,22 +203,22 @@ preds = st.recursive(
                             inner.map(ir.PNot)),
     max_leaves=8)
 statements = st.one_of(
-    preds.map(lambda p: ir.Select(ir.SelWhere(p))),
+    preds.map(lambda p: stmts.Select(stmts.SelWhere(p))),
     st.tuples(st.sampled_from(["random", "first", "last"]), st.integers(1, 20), preds).map(
-        lambda t: ir.Select(ir.SelSample(t[0], t[1], t[2]))),
-    st.tuples(names, numbers).map(lambda t: ir.Scale(t[0], t[1])),
-    st.tuples(names, numbers, numbers).map(lambda t: ir.Clip(t[0], min(t[1:]), max(t[1:]))),
-    st.tuples(names, st.integers(0, 100)).map(lambda t: ir.Prune(t[0], ir.Percent(t[1]))),
-    st.just(ir.Freeze()), st.just(ir.Unfreeze()),
+        lambda t: stmts.Select(stmts.SelSample(t[0], t[1], t[2]))),
+    st.tuples(names, numbers).map(lambda t: stmts.Scale(t[0], t[1])),
+    st.tuples(names, numbers, numbers).map(lambda t: stmts.Clip(t[0], min(t[1:]), max(t[1:]))),
+    st.tuples(names, st.integers(0, 100)).map(lambda t: stmts.Prune(t[0], ir.Percent(t[1]))),
+    st.just(stmts.Freeze()), st.just(stmts.Unfreeze()),
     st.lists(names, min_size=1, max_size=3, unique=True).map(
-        lambda ns: ir.Tap(tuple(ir.Ref("name", n) for n in ns))),
+        lambda ns: stmts.Tap(tuple(ir.Ref("name", n) for n in ns))),
 )
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(statements, min_size=1, max_size=8))
-def test_canonical_text_round_trips(stmts):
-    program = ir.Program((ir.Select(ir.SelAll()),) + tuple(stmts))
+def test_canonical_text_round_trips(generated):
+    program = ir.Program((stmts.Select(stmts.SelAll()),) + tuple(generated))
     text = str(program)
     assert compile_recipe(text).program == program
     assert format_text(text) == text

@@ -6,7 +6,8 @@ import re
 import pytest
 
 from conftest import ROOT, make_cnn, make_nested
-from modelxform import ModelxformError, compile_recipe, ir
+from modelxform import ModelxformError, compile_recipe
+from modelxform import statements as stmts
 
 DOC = ROOT / "docs" / "language.md"
 BLOCK = re.compile(r"```recipe\n(.*?)```", re.S)
@@ -61,7 +62,7 @@ def test_example_runs(text, tmp_path, monkeypatch):
         return
     recipe = compile_recipe(text, str(recipe_path))
     new_model, report = recipe.apply(model(kind), seed=3)
-    ran = [s for s in recipe.program.flat() if not isinstance(s, ir.HEADER_TYPES)]
+    ran = [s for s in recipe.program.flat() if not isinstance(s, stmts.HEADER_TYPES)]
     assert len(report.statements) == len(ran)
     # the canonical text of every example compiles back to the same program
     assert compile_recipe(str(recipe.program), str(recipe_path)).program == recipe.program
@@ -75,8 +76,8 @@ def test_every_statement_kind_has_an_example():
         except ModelxformError:
             continue  # includes resolve in the test above; error examples are counted by their kind below
         seen.update(type(s) for s in program.statements)
-    seen.add(ir.Include)  # exercised by test_example_runs (needs the included file on disk)
-    missing = [cls.__name__ for cls in ir.STATEMENT_TYPES if cls not in seen]
+    seen.add(stmts.Include)  # exercised by test_example_runs (needs the included file on disk)
+    missing = [cls.__name__ for cls in stmts.KINDS if cls not in seen]
     assert not missing, f"docs/language.md has no runnable example of: {missing}"
 
 
@@ -93,16 +94,16 @@ YAML_BLOCKS = re.findall(r"```yaml\n(.*?)```", DOC.read_text(encoding="utf-8"), 
 
 @pytest.mark.parametrize("text", YAML_BLOCKS, ids=[f"yaml{i}" for i in range(len(YAML_BLOCKS))])
 def test_yaml_example_runs_and_equals_its_text_form(text, tmp_path):
-    from modelxform.fmt import convert
+    from modelxform.lang.fmt import convert
     write_example_files(tmp_path)
     recipe = compile_recipe(text, str(tmp_path / "example.yaml"))
     new_model, report = recipe.apply(model("cnn"), seed=3)
-    assert len(report.statements) == sum(1 for s in recipe.program.flat() if not isinstance(s, ir.HEADER_TYPES))
+    assert len(report.statements) == sum(1 for s in recipe.program.flat() if not isinstance(s, stmts.HEADER_TYPES))
     text_form = convert(text, "example.yaml", "recipe")
     assert compile_recipe(text_form, str(tmp_path / "example.recipe")).program == recipe.program
 
 
 def test_yaml_form_covers_every_statement_kind():
     kinds = {type(s) for text in YAML_BLOCKS for s in compile_recipe(text, "x.yaml").program.statements}
-    missing = [c.__name__ for c in ir.STATEMENT_TYPES if c not in kinds and c is not ir.Include]
+    missing = [c.__name__ for c in stmts.KINDS if c not in kinds and c is not stmts.Include]
     assert not missing, f"the YAML example in docs/language.md lacks: {missing}"

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ROOT, assert_bit_identical, make_cnn, weights_by_path
 from modelxform import compile_recipe, load_recipe
-from modelxform.fmt import format_text
+from modelxform.lang.fmt import format_text
 
 RECIPES = sorted(p for p in (ROOT / "recipes").iterdir() if p.suffix in (".recipe", ".yaml"))
 # which model each recipe is written for; a new recipe must be added here (and so gets tested)

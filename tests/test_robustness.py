@@ -34,10 +34,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, make_cnn, run_cli
-from modelxform import ModelxformError, RecipeError, compile_recipe, ir, load_recipe, safe_regex
+from modelxform import ModelxformError, RecipeError, compile_recipe, ir, load_recipe
+from modelxform.lang import safe_regex
 from modelxform.errors import ApplyError
-from modelxform.parser import MAX_NESTING, MAX_NUMBER_DIGITS, MAX_RECIPE_BYTES, grammar_path
-from modelxform.yaml_form import MAX_DEPTH, to_yaml
+from modelxform.lang.parser import MAX_NESTING, MAX_NUMBER_DIGITS, MAX_RECIPE_BYTES, grammar_path
+from modelxform.lang.yaml_form import MAX_DEPTH, to_yaml
 
 # Seconds per example, compile included. Measured as CPU time, so that other work on a shared machine
 # cannot fail a test; wall time gets a looser bound that still catches a compile blocked on I/O.

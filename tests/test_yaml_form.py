@@ -10,8 +10,8 @@ import yaml
 
 from conftest import ROOT, run_cli
 from modelxform import RecipeError, compile_recipe, load_recipe
-from modelxform.fmt import convert, format_text
-from modelxform.yaml_form import to_yaml
+from modelxform.lang.fmt import convert, format_text
+from modelxform.lang.yaml_form import to_yaml
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "ok"
 TEXT_RECIPES = sorted(GOLDEN.glob("*.recipe")) + sorted((ROOT / "recipes").glob("*.recipe"))

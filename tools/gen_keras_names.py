@@ -1,8 +1,8 @@
-"""Regenerate modelxform/keras_names.py from the installed Keras.
+"""Regenerate modelxform/lang/keras_names.py from the installed Keras.
 
 The compiler must not import Keras (check/fmt start in a fraction of a second), yet it has to know
 which CamelCase words name Keras layer classes. This script snapshots that list; the test
-tests/test_keras_names.py fails when the installed Keras disagrees, telling you to rerun it.
+tests/test_compiler.py fails when the installed Keras disagrees, telling you to rerun it.
 """
 import inspect
 import pathlib
@@ -47,6 +47,6 @@ def render(names: dict[str, str], inits: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    out = pathlib.Path(__file__).resolve().parent.parent / "modelxform" / "keras_names.py"
+    out = pathlib.Path(__file__).resolve().parent.parent / "modelxform" / "lang" / "keras_names.py"
     out.write_text(render(layer_names(), initializer_names()))
     print(f"wrote {out}")

@@ -28,7 +28,7 @@ _interrupted = False
 
 
 def _recipe(path: str):
-    from ..compiler import load_recipe
+    from ..lang.compiler import load_recipe
     st = os.stat(path)
     key = (path, st.st_mtime_ns, st.st_size)
     if key not in _recipes:

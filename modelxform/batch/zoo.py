@@ -160,7 +160,7 @@ def _compose(source: Source):
     """The YAML node tree, read with the safe loader's composer: no anchors, aliases or tags (the
     recipe reader's rules and limits, yaml_form.compose), with its messages speaking of batch files."""
     from ..errors import RecipeError
-    from ..yaml_form import compose
+    from ..lang.yaml_form import compose
     try:
         return compose(source)
     except RecipeError as exc:
@@ -406,7 +406,7 @@ def _plain(params: dict) -> dict:
 
 def _read_recipes(reader: _Reader, node) -> dict:
     """absolute path -> (Recipe or None, node)"""
-    from ..compiler import load_recipe
+    from ..lang.compiler import load_recipe
     from ..errors import RecipeError
     out: dict = {}
     for item in reader.sequence(node, "recipes", '["recipes/prep.recipe"]'):

@@ -27,7 +27,7 @@ def add_parser(subparsers):
 
 
 def run(args, console) -> int:
-    from ..compiler import load_recipe
+    from ..lang.compiler import load_recipe
     from ..keras_io.files import model_format, same_file
 
     recipe = load_recipe(args.recipe)

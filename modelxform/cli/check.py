@@ -13,7 +13,7 @@ def add_parser(subparsers):
 
 
 def run(args, console) -> int:
-    from ..compiler import load_recipe
+    from ..lang.compiler import load_recipe
     status = ExitCode.OK
     for path in args.recipes:
         try:

@@ -34,8 +34,8 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def run(args, console) -> int:
-    from ..compiler import read_recipe_text
-    from ..fmt import convert, format_text
+    from ..lang.compiler import read_recipe_text
+    from ..lang.fmt import convert, format_text
     status = ExitCode.OK
     for name in args.recipes:
         path = pathlib.Path(name)

@@ -26,7 +26,7 @@ def add_parser(subparsers):
 
 def compile_predicate(text: str):
     """A predicate from the command line, with errors pointing into the option's text."""
-    from ..compiler import compile_recipe
+    from ..lang.compiler import compile_recipe
     from ..errors import Diagnostic
     from ..source import Source, Span
     prefix = "select where "

@@ -24,7 +24,7 @@ def add_parser(subparsers):
 
 
 def run(args, console) -> int:
-    from ..compiler import load_recipe
+    from ..lang.compiler import load_recipe
     recipe = load_recipe(args.recipe)
     if getattr(args, "html", None):
         return _plan_with_report(recipe, args, parse_params(args.params), console)

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import ModelFileError
 from .config import MODEL_CLASS_NAMES as MODEL_CLASSES
-from .config import layers_of, name_of
+from .config import layers_of
 from .layers import LayerInfo
 
 CONFIG_MEMBER = "config.json"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +21,7 @@ from ..errors import ApplyError
 from ..rng import derive_seed
 from .config import (ConfigLayer, container_of, entry_at, histories, is_model_entry, layers_of, model_entries,
                      tensor_refs, walk as walk_config)
-from .layers import LayerInfo, model_kind, walk
+from .layers import LayerInfo, walk
 from .variables import LazyVariables, copy_variables, set_variables
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .. import ir
+from .. import statements as st
 from ..errors import ApplyError, AssertionFailed
 from ..selectors import compare
 from . import StatementReport, register
@@ -12,8 +13,8 @@ def _fmt_shape(shape) -> str:
     return f"({dims},)" if len(shape) == 1 else f"({dims})"
 
 
-@register(ir.AssertCount)
-def assert_count(ctx, stmt: ir.AssertCount):
+@register(st.AssertCount)
+def assert_count(ctx, stmt: st.AssertCount):
     """``select where type=Dense; assert count == 3``."""
     n = len(ctx.selected(stmt))
     want = ctx.number(stmt.value, stmt)
@@ -23,8 +24,8 @@ def assert_count(ctx, stmt: ir.AssertCount):
     return StatementReport(stmt, notes=[f"holds: count is {n}"])
 
 
-@register(ir.AssertParams)
-def assert_params(ctx, stmt: ir.AssertParams):
+@register(st.AssertParams)
+def assert_params(ctx, stmt: st.AssertParams):
     """``assert params < 30M`` — all parameters of the model, trainable or not."""
     model = ctx.current_model()
     n = int(model.count_params())
@@ -35,8 +36,8 @@ def assert_params(ctx, stmt: ir.AssertParams):
     return StatementReport(stmt, notes=[f"holds: {n:,} parameters"])
 
 
-@register(ir.AssertShape)
-def assert_shape(ctx, stmt: ir.AssertShape):
+@register(st.AssertShape)
+def assert_shape(ctx, stmt: st.AssertShape):
     """``assert output shape == (None, 10)``; ``assert output 1 shape == (None, 26, 26, 8)``."""
     model = ctx.current_model()
     outputs = list(model.outputs or [])
@@ -52,8 +53,8 @@ def assert_shape(ctx, stmt: ir.AssertShape):
     return StatementReport(stmt, notes=[f"holds: output {index} has shape {_fmt_shape(shape)}"])
 
 
-@register(ir.AssertEquivalent)
-def assert_equivalent(ctx, stmt: ir.AssertEquivalent):
+@register(st.AssertEquivalent)
+def assert_equivalent(ctx, stmt: st.AssertEquivalent):
     """``remove where type=Dropout; assert equivalent`` — same outputs as the input model on seeded
     random probe inputs, in inference mode (maximum absolute difference ≤ tolerance, default 1e-5)."""
     import numpy as np

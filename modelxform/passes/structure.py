@@ -8,7 +8,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 
-from .. import ir
+from .. import statements as st
 from ..errors import ApplyError
 from ..selectors import _closest, resolve_ref
 from . import StatementReport, register
@@ -54,8 +54,8 @@ def carried_config(cls, old_config: dict, span, old_type: str):
     return layer, sorted(k for k in keep if k not in BASE_LAYER_ARGS)
 
 
-@register(ir.Replace)
-def replace(ctx, stmt: ir.Replace):
+@register(st.Replace)
+def replace(ctx, stmt: st.Replace):
     """``replace MaxPooling2D with AveragePooling2D``; ``replace dense_2 with Dense(units=10)``."""
     import keras
     # resolve the selection first: it may rebuild pending edits, which starts a new editor
@@ -103,7 +103,7 @@ def replace(ctx, stmt: ir.Replace):
     return report
 
 
-def _tap_paths(ctx, stmt: ir.Tap, editor) -> list[str]:
+def _tap_paths(ctx, stmt: st.Tap, editor) -> list[str]:
     top = [e["config"]["name"] for e in editor.top_entries()]
     paths: list[str] = []
     for ref in stmt.refs:
@@ -125,8 +125,8 @@ def _tap_paths(ctx, stmt: ir.Tap, editor) -> list[str]:
     return paths
 
 
-@register(ir.Tap)
-def tap(ctx, stmt: ir.Tap):
+@register(st.Tap)
+def tap(ctx, stmt: st.Tap):
     """``tap conv2d_1`` adds conv2d_1's output after the model's outputs; ``… only`` keeps just the taps."""
     editor = ctx.editor(stmt)
     paths = _tap_paths(ctx, stmt, editor)

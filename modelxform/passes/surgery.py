@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from .. import ir
+from .. import statements as st
 from ..errors import ApplyError
 from ..keras_io.layers import walk
 from ..selectors import _closest, matches, resolve_ref
@@ -69,8 +70,8 @@ def _io_shapes(layer):
         return None
 
 
-@register(ir.Insert)
-def insert(ctx, stmt: ir.Insert):
+@register(st.Insert)
+def insert(ctx, stmt: st.Insert):
     """``insert Dropout(rate=0.5) after fc1``; ``insert BatchNormalization() before conv2d_2``."""
     serialized = _new_layer(ctx, stmt, stmt.layer)
     editor = ctx.editor(stmt)
@@ -87,8 +88,8 @@ def insert(ctx, stmt: ir.Insert):
     return report
 
 
-@register(ir.Remove)
-def remove(ctx, stmt: ir.Remove):
+@register(st.Remove)
+def remove(ctx, stmt: st.Remove):
     """``remove dropout_1``; ``remove selected``; ``remove where type=Dropout``."""
     if stmt.selected:
         targets = [i.path for i in ctx.selected(stmt)]
@@ -185,8 +186,8 @@ def _move(ctx, stmt, paths: list[str], order: list[int]) -> StatementReport:
     return report
 
 
-@register(ir.Swap)
-def swap(ctx, stmt: ir.Swap):
+@register(st.Swap)
+def swap(ctx, stmt: st.Swap):
     """``swap dense_1 dense_2`` — the two layers change places (their weights go with them)."""
     layers = ctx.layers()
     a = resolve_ref(stmt.first, None, layers)
@@ -198,8 +199,8 @@ def swap(ctx, stmt: ir.Swap):
     return _move(ctx, stmt, [a[0].path, b[0].path], [1, 0])
 
 
-@register(ir.Shuffle)
-def shuffle(ctx, stmt: ir.Shuffle):
+@register(st.Shuffle)
+def shuffle(ctx, stmt: st.Shuffle):
     """``select where type=Dense; shuffle`` — a seeded permutation of the selected layers' places."""
     paths = [i.path for i in ctx.selected(stmt)]
     if len(paths) < 2:
@@ -209,8 +210,8 @@ def shuffle(ctx, stmt: ir.Shuffle):
     return _move(ctx, stmt, paths, order)
 
 
-@register(ir.Cut)
-def cut(ctx, stmt: ir.Cut):
+@register(st.Cut)
+def cut(ctx, stmt: st.Cut):
     """``cut after block5_pool`` — that output becomes the model's output; the rest is dropped."""
     editor = ctx.editor(stmt)
     anchor = entry_path(editor, stmt.anchor, "cut after")
@@ -225,8 +226,8 @@ def cut(ctx, stmt: ir.Cut):
     return report
 
 
-@register(ir.Append)
-def append(ctx, stmt: ir.Append):
+@register(st.Append)
+def append(ctx, stmt: st.Append):
     """``append Dense(units=10, activation="softmax")`` — a new layer on the model's output."""
     serialized = _new_layer(ctx, stmt, stmt.layer)
     editor = ctx.editor(stmt)
@@ -244,8 +245,8 @@ def append(ctx, stmt: ir.Append):
     return report
 
 
-@register(ir.SetConfig)
-def set_config(ctx, stmt: ir.SetConfig):
+@register(st.SetConfig)
+def set_config(ctx, stmt: st.SetConfig):
     """``select where type=Dense; set activation = "relu6"`` — weights kept where shapes allow."""
     paths = [i.path for i in ctx.selected(stmt)]
     value = ctx.value(stmt.value, stmt)
@@ -273,8 +274,8 @@ def _plain(value):
     return value
 
 
-@register(ir.Rename)
-def rename(ctx, stmt: ir.Rename):
+@register(st.Rename)
+def rename(ctx, stmt: st.Rename):
     """``select conv1; rename to "stem_conv"``; ``select all; rename prefix "ft_"``."""
     paths = [i.path for i in ctx.selected(stmt)]
     if stmt.mode == "to" and len(paths) != 1:

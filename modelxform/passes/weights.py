@@ -10,6 +10,7 @@ import inspect
 import numpy as np
 
 from .. import ir
+from .. import statements as st
 from ..errors import ApplyError, ModelxformError
 from ..keras_io.graph import initializer_for, seeded
 from ..keras_io.layers import model_kind
@@ -66,7 +67,7 @@ def _map_variables(ctx, stmt, target: str, fn, describe: str) -> StatementReport
         if info.path not in report.layers:
             report.layers.append(info.path)
         report.changes.append(f"{info.path}: {var.name} {_shape(var)} {describe}")
-        if isinstance(stmt, (ir.Reinit, ir.Fill)):
+        if isinstance(stmt, (st.Reinit, st.Fill)):
             ctx.obligations.pop(info.path, None)
         if not ctx.dry_run:
             old = _private_array(var)
@@ -79,16 +80,16 @@ def _map_variables(ctx, stmt, target: str, fn, describe: str) -> StatementReport
     return report
 
 
-@register(ir.Scale)
-def scale(ctx, stmt: ir.Scale):
+@register(st.Scale)
+def scale(ctx, stmt: st.Scale):
     """``select where type=Dense; scale kernel 0.8`` — multiply the arrays by a factor."""
     factor = ctx.number(stmt.factor, stmt)
     return _map_variables(ctx, stmt, stmt.target,
                           lambda info, var, a: np.multiply(a, np.asarray(factor, a.dtype), out=a), f"× {factor}")
 
 
-@register(ir.AddNoise)
-def add_noise(ctx, stmt: ir.AddNoise):
+@register(st.AddNoise)
+def add_noise(ctx, stmt: st.AddNoise):
     """``select all; add noise normal(stddev=0.01) to kernel`` — seeded, per layer and variable."""
     dist = stmt.distribution
     args = {k: ctx.number(v, stmt) for k, v in dist.kwargs}
@@ -135,8 +136,8 @@ def _init_values(ctx, stmt, info, var, init, explicit_seed: bool):
         raise ApplyError(f"{info.path}: {var.name}: initializer failed: {exc}", span=stmt.span) from None
 
 
-@register(ir.Reinit)
-def reinit(ctx, stmt: ir.Reinit):
+@register(st.Reinit)
+def reinit(ctx, stmt: st.Reinit):
     """``select last 1 where type=Dense; reinit weights`` — the layer's own initializers, seeded."""
     explicit = stmt.initializer is not None
     chosen = _initializer(ctx, stmt, stmt.initializer) if explicit else None
@@ -152,8 +153,8 @@ def reinit(ctx, stmt: ir.Reinit):
     return _map_variables(ctx, stmt, stmt.target, fn, desc)
 
 
-@register(ir.Fill)
-def fill(ctx, stmt: ir.Fill):
+@register(st.Fill)
+def fill(ctx, stmt: st.Fill):
     """``select all; set bias to zeros`` — fill with a constant initializer (or any initializer)."""
     init = _initializer(ctx, stmt, stmt.initializer)
     user_seed = any(k == "seed" for k, _ in stmt.initializer.kwargs)
@@ -162,8 +163,8 @@ def fill(ctx, stmt: ir.Fill):
                           f"set to {stmt.initializer}")
 
 
-@register(ir.Clip)
-def clip(ctx, stmt: ir.Clip):
+@register(st.Clip)
+def clip(ctx, stmt: st.Clip):
     """``select all; clip kernel -1 1``."""
     low, high = ctx.number(stmt.low, stmt), ctx.number(stmt.high, stmt)
     if low > high:
@@ -184,8 +185,8 @@ def prune_array(a: np.ndarray, percent: float) -> np.ndarray:
     return a
 
 
-@register(ir.Prune)
-def prune(ctx, stmt: ir.Prune):
+@register(st.Prune)
+def prune(ctx, stmt: st.Prune):
     """``select where type=Dense; prune kernel 50%`` — magnitude pruning of each array."""
     percent = ctx.number(stmt.amount.value, stmt)
     if not 0 <= percent <= 100:
@@ -214,20 +215,20 @@ SUBCLASSED_TRAINABLE_NOTE = ("this is a subclassed model: the new trainable flag
                              "does not save them with the model")
 
 
-@register(ir.Freeze)
+@register(st.Freeze)
 def freeze(ctx, stmt):
     """``select all; freeze`` — set trainable to False (saved with the model)."""
     return _set_trainable(ctx, stmt, False)
 
 
-@register(ir.Unfreeze)
+@register(st.Unfreeze)
 def unfreeze(ctx, stmt):
     """``select last 2 where has weights; unfreeze``."""
     return _set_trainable(ctx, stmt, True)
 
 
-@register(ir.LoadWeights)
-def load_weights(ctx, stmt: ir.LoadWeights):
+@register(st.LoadWeights)
+def load_weights(ctx, stmt: st.LoadWeights):
     """``select all; load weights from "base.keras"`` — matched by layer path, then by unique name."""
     import os
 

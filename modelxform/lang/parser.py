@@ -6,17 +6,15 @@ package (see pyproject.toml), so it is looked up in both places.
 from __future__ import annotations
 
 import functools
-import pathlib
 import re
 
 import lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from .errors import Diagnostic, RecipeError
-from .source import Source, Span
-
-_HERE = pathlib.Path(__file__).resolve().parent
-_GRAMMAR_CANDIDATES = (_HERE / "grammar" / "recipe.lark", _HERE.parent / "grammar" / "recipe.lark")
+from .. import statements
+from ..errors import Diagnostic, RecipeError
+from ..grammar_file import grammar_path
+from ..source import Source, Span
 
 MAX_RECIPE_BYTES = 1_000_000
 # Brackets deeper than this are refused before the compiler sees the tree: the compiler walks values
@@ -25,13 +23,6 @@ MAX_NESTING = 64
 # Longer digit runs are refused: int() of more than 4300 digits raises ValueError (CPython's guard
 # against quadratic conversion), and no recipe needs a 100-digit number.
 MAX_NUMBER_DIGITS = 100
-
-
-def grammar_path() -> pathlib.Path:
-    for candidate in _GRAMMAR_CANDIDATES:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError("grammar/recipe.lark is missing from this installation")
 
 
 PARSER_OPTIONS = dict(parser="lalr", propagate_positions=True, maybe_placeholders=False)
@@ -53,7 +44,7 @@ def _cache_file(grammar: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def get_parser() -> lark.Lark:
-    """The parser, built from the grammar (strictness is checked by tests/test_grammar.py, which
+    """The parser, built from the grammar (strictness is checked by tests/test_compiler.py, which
     builds it with lark's strict=True so that any terminal collision fails there)."""
     grammar = grammar_path().read_text(encoding="utf-8")
     cache = _cache_file(grammar)
@@ -112,8 +103,7 @@ SYNTAX_EXAMPLES: dict[str, list[str]] = {
          "select where (type=Dense", "select where not"],
 }
 
-STATEMENT_KEYWORDS = ("recipe", "requires", "seed", "param", "include", "select", "scale", "add noise",
-                      "reinit", "set", "clip", "prune", "freeze", "unfreeze", "replace", "tap", "assert")
+STATEMENT_KEYWORDS = statements.keywords()
 
 _TERMINAL_NAMES = {
     "NAME": "a name", "NUMBER": "a number", "STRING": "a quoted string", "PARAM": "a $parameter",

@@ -436,7 +436,7 @@ def problem(pattern: str) -> UnsafePattern | None:
 def search(pattern: str, name: str, span=None):
     """``re.search(pattern, name)`` for a predicate ``name ~ "pattern"``, refusing unsafe patterns and
     names too long to match safely with an ApplyError at ``span``."""
-    from .errors import ApplyError
+    from ..errors import ApplyError
     try:
         compiled = check(pattern)
     except re.error as exc:

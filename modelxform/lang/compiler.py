@@ -1,58 +1,29 @@
 """Lark tree -> ir.Program, with includes, parameters and the static checks.
 
 Never imports TensorFlow or Keras: ``check`` and ``fmt`` must start in a fraction of a second. The
-compiler knows Keras layer class names from the snapshot in keras_names.py.
+compiler knows Keras layer class names from the snapshot in keras_names.py. Each grammar rule of a
+statement is compiled by its kind (modelxform/statements/), with the helpers of :class:`_Compiler`
+that read values, layer references and predicates.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import pathlib
 import re
 
 from lark import Token, Tree
 
-from . import ir, safe_regex
-from .errors import Diagnostic, RecipeError
+from .. import ir, statements
+from ..errors import Diagnostic, RecipeError
+from ..source import Source, Span
+from ..statements.header import Include, Param, RecipeHeader, Seed, requires_problem  # noqa: F401  (re-exported)
+from . import safe_regex
 from .keras_names import INITIALIZERS, LAYER_CLASSES
+from .names import CAMEL, MODEL_CLASSES, canonical_type, is_layer_type, suggest  # noqa: F401  (re-exported)
 from .parser import parse
-from .source import Source, Span
 
 MAX_INCLUDE_DEPTH = 16
 MAX_PRED_DEPTH = 64
-NOISE_DISTRIBUTIONS = {"normal": ("mean", "stddev"), "uniform": ("low", "high")}
-# Names that select nested models by type: keras.Model subclasses, not in keras.layers.
-MODEL_CLASSES = ("Functional", "Sequential", "Model")
-_CAMEL = re.compile(r"[A-Z][A-Za-z0-9]*\Z")
-
-
-def is_layer_type(word: str) -> bool:
-    """A CamelCase word that names a Keras layer class (or a model class) is a type."""
-    return word in LAYER_CLASSES or word in MODEL_CLASSES
-
-
-def canonical_type(word: str) -> str:
-    """Aliases (MaxPool2D) map to the class name Keras reports (MaxPooling2D)."""
-    return LAYER_CLASSES.get(word, word)
-
-
-def suggest(word: str, candidates) -> str | None:
-    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.75)
-    return matches[0] if matches else None
-
-
-def requires_problem(spec: str) -> tuple[str, str | None] | None:
-    """(message, hint) when the running modelxform does not satisfy ``requires modelxform SPEC``."""
-    from .version import VersionSpecError, __version__, satisfies
-    try:
-        if satisfies(__version__, spec):
-            return None
-    except VersionSpecError as exc:
-        return str(exc), None
-    return (f"this recipe requires modelxform {spec}, but this is modelxform {__version__}",
-            "upgrade modelxform, or relax the `requires` line")
-
-
 def _span(meta_or_token, filename: str | None) -> Span | None:
     if isinstance(meta_or_token, Token):
         t = meta_or_token
@@ -173,7 +144,7 @@ class _Compiler:
         guess = suggest(word, list(LAYER_CLASSES) + list(MODEL_CLASSES))
         if guess is not None:
             self.error(f"unknown layer type {word!r} (did you mean {guess!r}?)", node)
-        elif strict and not _CAMEL.match(word):
+        elif strict and not CAMEL.match(word):
             self.error(f"{word!r} is not a layer type: layer classes are CamelCase, e.g. Dense", node)
 
     # -- predicates ---------------------------------------------------------------------------
@@ -236,89 +207,14 @@ class _Compiler:
 
     # -- statements ---------------------------------------------------------------------------
     def statement(self, node: Tree):
-        method = getattr(self, "s_" + node.data, None)
-        if method is None:  # a grammar rule without a handler: tests/test_compiler.py guards this
+        kind = statements.BY_RULE.get(node.data)
+        if kind is None:  # a grammar rule without a statement kind: tests/test_statements.py guards this
             self.error(f"statement {node.data!r} is not supported yet", node)
             return None
-        return method(node, self.span(node))
-
-    def s_recipe_stmt(self, node, span):
-        toks = node.children
-        name = ir.unquote(toks[0].value)
-        version = ir.unquote(toks[1].value) if len(toks) > 1 else None
-        if version is not None and not re.fullmatch(r"\d+(\.\d+)*([.-]?[A-Za-z0-9]+)*", version):
-            self.error(f"recipe version {version!r} is not a version number such as \"1.2.0\"", toks[1])
-        return ir.RecipeHeader(name, version, span=span)
-
-    def s_requires_stmt(self, node, span):
-        spec = ir.unquote(node.children[0].value)
-        problem = requires_problem(spec)
-        if problem:
-            self.error(problem[0], node.children[0], hint=problem[1])
-        return ir.Requires(spec, span=span)
-
-    def s_seed_stmt(self, node, span):
-        value = self.number(node.children[0])
-        if not isinstance(value, ir.ParamRef) and (not isinstance(value, int) or value < 0):
-            self.error(f"seed must be a whole number ≥ 0, not {node.children[0].value}", node.children[0])
-        return ir.Seed(value, span=span)
-
-    def s_param_stmt(self, node, span):
-        value = self.value(node.children[1])
-        if isinstance(value, ir.ParamRef):
-            self.error("a parameter's default must be a literal value, not another parameter", node.children[1])
-        return ir.Param(node.children[0].value, value, span=span)
-
-    def s_include_stmt(self, node, span):
-        path = ir.unquote(node.children[0].value)
-        sub = self.loader(path, span, self)
-        return ir.Include(path, sub, span=span) if sub is not None else None
-
-    def s_select_stmt(self, node, span):
-        sel = node.children[0]
-        kind = sel.data
-        if kind == "sel_all":
-            selector = ir.SelAll()
-        elif kind == "sel_refs":
-            selector = ir.SelRefs(tuple(self.ref(r) for r in sel.children))
-        elif kind == "sel_where":
-            selector = ir.SelWhere(self.pred(sel.children[0]))
-        else:
-            mode = sel.children[0].data
-            count = pred = None
-            for child in sel.children[1:]:
-                if child.data in ("count", "param_percent"):
-                    count = self.count(child)
-                else:
-                    pred = self.pred(child)
-            selector = ir.SelSample(mode, count, pred)
-        return ir.Select(selector, span=span)
+        return kind.compile(self, node, self.span(node))
 
     def target(self, tok: Token) -> str:
         return tok.value
-
-    def s_scale_stmt(self, node, span):
-        return ir.Scale(self.target(node.children[0]), self.number(node.children[1]), span=span)
-
-    def s_noise_stmt(self, node, span):
-        dist = self.call(node.children[0])
-        allowed = NOISE_DISTRIBUTIONS.get(dist.name)
-        if allowed is None:
-            guess = suggest(dist.name, NOISE_DISTRIBUTIONS)
-            self.error(f"unknown noise distribution {dist.name!r}"
-                       + (f" (did you mean {guess!r}?)" if guess else "")
-                       + "; use normal(mean=…, stddev=…) or uniform(low=…, high=…)", node.children[0])
-        else:
-            if dist.args:
-                self.error(f"{dist.name}(…) takes keyword arguments: {', '.join(a + '=' for a in allowed)}",
-                           node.children[0])
-            for key, value in dist.kwargs:
-                if key not in allowed:
-                    self.error(f"{dist.name}() has no argument {key!r}; it takes {', '.join(allowed)}",
-                               node.children[0])
-                elif not isinstance(value, (int, float, ir.ParamRef)) or isinstance(value, bool):
-                    self.error(f"{dist.name}({key}=…) must be a number", node.children[0])
-        return ir.AddNoise(dist, self.target(node.children[1]), span=span)
 
     def initializer(self, node: Tree) -> ir.Call:
         if node.data == "init_name":
@@ -331,66 +227,6 @@ class _Compiler:
             self.error(f"unknown initializer {call.name!r}" + (f" (did you mean {guess!r}?)" if guess else ""),
                        node, hint="any name from keras.initializers works, e.g. zeros, he_normal, constant(0.1)")
         return call
-
-    def s_reinit_stmt(self, node, span):
-        init = self.initializer(node.children[1]) if len(node.children) > 1 else None
-        return ir.Reinit(self.target(node.children[0]), init, span=span)
-
-    def s_fill_stmt(self, node, span):
-        return ir.Fill(self.target(node.children[0]), self.initializer(node.children[1]), span=span)
-
-    def s_clip_stmt(self, node, span):
-        low, high = self.number(node.children[1]), self.number(node.children[2])
-        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low > high:
-            self.error(f"clip bounds are in the wrong order: {low} > {high}", node)
-        return ir.Clip(self.target(node.children[0]), low, high, span=span)
-
-    def s_prune_stmt(self, node, span):
-        pnode = node.children[1]
-        tok = pnode.children[0]
-        if tok.type == "PARAM":
-            amount = ir.Percent(ir.ParamRef(tok.value[1:], span=self.span(tok)))
-        else:
-            value = self.number(Token("NUMBER", tok.value[:-1]))
-            if not 0 <= value <= 100:
-                self.error(f"prune takes a percentage from 0% to 100%, not {tok.value}", tok)
-            amount = ir.Percent(value)
-        return ir.Prune(self.target(node.children[0]), amount, span=span)
-
-    def s_freeze_stmt(self, node, span):
-        return ir.Freeze(span=span)
-
-    def s_unfreeze_stmt(self, node, span):
-        return ir.Unfreeze(span=span)
-
-    def s_replace_stmt(self, node, span):
-        src_node, repl_node = node.children
-        source = None if src_node.data == "src_selected" else self.ref(src_node.children[0])
-        if repl_node.data == "repl_type":
-            tok = repl_node.children[0]
-            replacement = ir.Call(canonical_type(tok.value), bare=True, span=self.span(tok))
-            self.check_type_name(tok.value, tok, strict=True)
-        else:
-            replacement = self.call(repl_node.children[0])
-            self.check_type_name(replacement.name, repl_node, strict=True)
-            replacement = ir.Call(canonical_type(replacement.name), replacement.args, replacement.kwargs,
-                                  span=replacement.span)
-            if replacement.args:
-                self.error("layer constructors take keyword arguments only, e.g. Dense(units=10)", repl_node)
-        return ir.Replace(source, replacement, span=span)
-
-    def s_tap_stmt(self, node, span):
-        refs, only = [], False
-        for child in node.children:
-            if child.data == "only":
-                only = True
-                continue
-            ref = self.ref(child)
-            if ref.kind == "type":
-                self.error(f"tap takes layer names, and {ref.text!r} is a layer type",
-                           child, hint=f"write `layer {ref.text}` for a layer named so")
-            refs.append(ref)
-        return ir.Tap(tuple(refs), only, span=span)
 
     def constructor(self, node) -> ir.Call:
         call = self.call(node)
@@ -406,91 +242,19 @@ class _Compiler:
                        hint=f"write `layer {ref.text}` for a layer named so")
         return ref
 
-    def s_insert_stmt(self, node, span):
-        call_node, pos, anchor = node.children
-        return ir.Insert(self.constructor(call_node), pos.data, self.layer_ref(anchor, "insert"), span=span)
+    # helpers the statement kinds use besides the ones above
+    suggest = staticmethod(suggest)
+    canonical_type = staticmethod(canonical_type)
+    canonical_type = staticmethod(lambda word: canonical_type(word))
 
-    def s_remove_selected(self, node, span):
-        return ir.Remove(selected=True, span=span)
+    @staticmethod
+    def is_token(node) -> bool:
+        return isinstance(node, Token)
 
-    def s_remove_where(self, node, span):
-        return ir.Remove(pred=self.pred(node.children[0]), span=span)
-
-    def s_remove_refs(self, node, span):
-        return ir.Remove(refs=tuple(self.ref(r) for r in node.children), span=span)
-
-    def s_swap_stmt(self, node, span):
-        a, b = (self.layer_ref(r, "swap") for r in node.children)
-        return ir.Swap(a, b, span=span)
-
-    def s_shuffle_stmt(self, node, span):
-        return ir.Shuffle(span=span)
-
-    def s_cut_stmt(self, node, span):
-        return ir.Cut(self.layer_ref(node.children[0], "cut"), span=span)
-
-    def s_append_stmt(self, node, span):
-        anchor = self.layer_ref(node.children[1], "append … after") if len(node.children) > 1 else None
-        return ir.Append(self.constructor(node.children[0]), anchor, span=span)
-
-    def s_config_stmt(self, node, span):
-        key = node.children[0].value
-        if key == "name":
-            self.error("a layer's name is changed with `rename to \"…\"`, not `set name = …`", node.children[0])
-        return ir.SetConfig(key, self.value(node.children[1]), span=span)
-
-    def s_rename_to(self, node, span):
-        return self._rename("to", node, span)
-
-    def s_rename_prefix(self, node, span):
-        return self._rename("prefix", node, span)
-
-    def _rename(self, mode, node, span):
-        text = ir.unquote(node.children[0].value)
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", text):
-            self.error(f"layer names use letters, digits, '_', '.' and '-', not {text!r}", node.children[0])
-        return ir.Rename(mode, text, span=span)
-
-    def s_load_stmt(self, node, span):
-        return ir.LoadWeights(ir.unquote(node.children[0].value), len(node.children) > 1, span=span)
-
-    def s_assert_equivalent(self, node, span):
-        tolerance = self.number(node.children[0]) if node.children else None
-        if isinstance(tolerance, (int, float)) and tolerance < 0:
-            self.error("a tolerance is a number ≥ 0", node.children[0])
-        return ir.AssertEquivalent(tolerance, span=span)
-
-    def s_assert_count(self, node, span):
-        value = self.number(node.children[1])
-        if isinstance(value, float):
-            self.error("assert count compares with a whole number", node.children[1])
-        return ir.AssertCount(self.cmp(node.children[0]), value, span=span)
-
-    def s_assert_params(self, node, span):
-        return ir.AssertParams(self.cmp(node.children[0]), self.quantity(node.children[1]), span=span)
-
-    def s_assert_shape(self, node, span):
-        kids = list(node.children)
-        index = None
-        if isinstance(kids[0], Token):
-            index = self.number(kids.pop(0))
-            if not isinstance(index, int) or index < 0:
-                self.error("an output index is a whole number ≥ 0", node)
-                index = 0
-        op = self.cmp(kids[0])
-        if op not in ("==", "!="):
-            self.error("shapes compare with == or !=", kids[0])
-        dims = []
-        for dim in kids[1].children:
-            tok = dim.children[0] if dim.children else None
-            if tok is None or tok.type != "NUMBER":
-                dims.append(None)
-            else:
-                value = self.number(tok)
-                if not isinstance(value, int) or value < 0:
-                    self.error(f"a dimension is a whole number or None, not {tok.value}", tok)
-                dims.append(value)
-        return ir.AssertShape(op, tuple(dims), index, span=span)
+    def number_text(self, text: str, token):
+        """A number written inside another token (the 50 of ``50%``), positioned at that token."""
+        return self.number(Token("NUMBER", text, token.start_pos, token.line, token.column, token.end_line,
+                                 token.end_column, token.end_pos))
 
     # -- whole program --------------------------------------------------------------------------
     def compile(self) -> ir.Program:
@@ -508,7 +272,7 @@ def _check_program(program: ir.Program, source: Source, errors: list, warnings: 
     def diag(msg, span, hint=None):
         return Diagnostic(msg, span, source if span is None or span.filename == source.filename else None, hint)
 
-    declared: dict[str, ir.Param] = {}
+    declared: dict[str, Param] = {}
     used: set[str] = set()
     seen_select = False
     headers: dict[type, ir.Statement] = {}
@@ -532,18 +296,18 @@ def _check_program(program: ir.Program, source: Source, errors: list, warnings: 
 
     flat = list(program.flat())
     for stmt in flat:
-        if isinstance(stmt, ir.Param):
+        if isinstance(stmt, Param):
             if stmt.name in declared:
                 first = declared[stmt.name].span
                 errors.append(diag(f"parameter {stmt.name!r} is declared twice (first at "
                                    f"{first.location() if first else '?'})", stmt.span))
             declared[stmt.name] = stmt
     for stmt in flat:
-        if isinstance(stmt, (ir.RecipeHeader, ir.Seed)):  # at most one of each (requires may repeat)
+        if isinstance(stmt, (RecipeHeader, Seed)):  # at most one of each (requires may repeat)
             if type(stmt) in headers:
                 errors.append(diag(f"`{str(stmt).split()[0]}` is given twice", stmt.span))
             headers.setdefault(type(stmt), stmt)
-        if isinstance(stmt, ir.Param):
+        if isinstance(stmt, Param):
             continue
         for ref in walk_values(stmt):
             used.add(ref.name)
@@ -551,7 +315,7 @@ def _check_program(program: ir.Program, source: Source, errors: list, warnings: 
                 guess = suggest(ref.name, declared)
                 errors.append(diag(f"unknown parameter ${ref.name}" + (f" (did you mean ${guess}?)" if guess else ""),
                                    ref.span or stmt.span, hint=f"declare it: param {ref.name} = …"))
-        if isinstance(stmt, ir.Select):
+        if stmt.role == "select":
             seen_select = True
         elif stmt.needs_selection and not seen_select:
             word = str(stmt).split()[0]
@@ -567,7 +331,8 @@ def _check_program(program: ir.Program, source: Source, errors: list, warnings: 
 
 
 class Recipe:
-    """A compiled recipe: its program, its source and any warnings from the static checks.
+    """A compiled recipe: its program, its source and any warnings from the static checks (the
+    public modelxform.Recipe adds plan() and apply()).
 
     >>> recipe = compile_recipe('select where type=Dense; scale kernel 0.5')
     >>> str(recipe)
@@ -586,28 +351,20 @@ class Recipe:
 
     @property
     def params(self) -> dict[str, ir.Value]:
-        return {s.name: s.value for s in self.program.flat() if isinstance(s, ir.Param)}
+        return {s.name: s.value for s in self.program.flat() if isinstance(s, Param)}
 
     @property
     def seed(self) -> int | ir.ParamRef | None:
         for stmt in self.program.flat():
-            if isinstance(stmt, ir.Seed):
+            if isinstance(stmt, Seed):
                 return stmt.value
         return None
 
-    def plan(self, model, seed: int | None = None, params: dict | None = None):
-        """Resolve every statement against ``model`` without changing it; returns a Report."""
-        from .runner import run
-        return run(self, model, seed=seed, params=params, dry_run=True)[1]
-
-    def apply(self, model, seed: int | None = None, params: dict | None = None):
-        """Apply the recipe to a copy of ``model``: returns ``(new_model, report)``."""
-        from .runner import run
-        return run(self, model, seed=seed, params=params)
 
 
-def compile_recipe(text: str, filename: str | os.PathLike | None = None) -> Recipe:
+def compile_recipe(text: str, filename: str | os.PathLike | None = None, *, recipe_class=Recipe) -> Recipe:
     """Compile recipe text. Includes are resolved relative to ``filename`` (or the working folder).
+    ``recipe_class``: what to return (modelxform.Recipe adds plan() and apply()).
 
     >>> compile_recipe('select all; freeze').program.statements[1]
     Freeze()
@@ -659,8 +416,8 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None) -> Reci
 
         def include(path, span, reader, node):
             sub = loader(path, span, parent)
-            return ir.Include(path, sub, span=span) if sub is not None else None
-        program, yaml_errors = read_yaml(unit, include)
+            return Include(path, sub, span=span) if sub is not None else None
+        program, yaml_errors = read_yaml(unit, include, compile_fragment)
         return program, yaml_errors + parent.errors
 
     program, unit_errors = compile_unit(source, (str(root),) if root else ())
@@ -673,7 +430,7 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None) -> Reci
                 d.source = sources[d.span.filename]
         errors.sort(key=lambda d: (d.span.filename or "", d.span.line, d.span.column) if d.span else ("", 0, 0))
         raise RecipeError(errors[0].message, diagnostics=errors)
-    return Recipe(program, source, warnings, sources)
+    return recipe_class(program, source, warnings, sources)
 
 
 def is_yaml_name(filename) -> bool:
@@ -715,6 +472,19 @@ def read_recipe_text(path: str | os.PathLike) -> str:
                           span=Span(line, col, line, col + 1, str(path))) from None
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read and compile a recipe file (``.recipe``)."""
-    return compile_recipe(read_recipe_text(path), os.fspath(path))
+def load_recipe(path: str | os.PathLike, *, recipe_class=Recipe) -> Recipe:
+    """Read and compile a recipe file (``.recipe`` or ``.yaml``)."""
+    return compile_recipe(read_recipe_text(path), os.fspath(path), recipe_class=recipe_class)
+
+
+def parse_value(text: str):
+    """A ``--param`` value as the language reads a value: a number, True/False/None, a quoted string,
+    a tuple or list; anything else is the text itself."""
+    compiler = _Compiler(Source(f"param _ = {text}\n", None), (), None)
+    try:
+        program = compiler.compile()
+    except RecipeError:
+        return text
+    if compiler.errors or len(program.statements) != 1 or not isinstance(program.statements[0], Param):
+        return text
+    return program.statements[0].value

@@ -1,0 +1,178 @@
+"""Checks: assert equivalent, assert count, assert params, assert output shape. A failed assert stops
+the run and nothing is written."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from ..ir import SPAN, ParamRef, Statement, format_size, format_value
+from ..source import Span
+
+
+class Check(Statement):
+    role = "check"
+    keyword = "assert"
+    yaml_key = "assert"
+
+    @classmethod
+    def read_yaml(cls, r, body, span):
+        """The YAML ``assert:`` mapping holds one of count, params, output_shape, equivalent."""
+        f = r.mapping(body, "assert", {"count": False, "params": False, "output_shape": False,
+                                       "op": False, "index": False, "equivalent": False, "tolerance": False})
+        if f is None:
+            return None
+        kinds = [k for k in ("count", "params", "output_shape", "equivalent") if k in f]
+        if len(kinds) != 1:
+            r.error(body, "assert takes exactly one of: count, params, output_shape, equivalent")
+            return None
+        kind = kinds[0]
+        if kind == "equivalent":
+            if r.value(f["equivalent"]) is not True:
+                r.error(f["equivalent"], "write `equivalent: true`")
+            tolerance = r.number(f["tolerance"], "tolerance") if "tolerance" in f else None
+            return AssertEquivalent(tolerance, span=span)
+        if kind in ("count", "params"):
+            stmt = r.text_piece(f[kind], f"assert {kind} ", f"assert {kind}")
+            if stmt is not None:
+                stmt = type(stmt)(stmt.op, stmt.value, span=span)
+            return stmt
+        shape_node = f["output_shape"]
+        if not r.is_sequence(shape_node):
+            r.error(shape_node, "output_shape is a list such as [null, 10]")
+            return None
+        dims = []
+        for item in r.items(shape_node):
+            value = r.value(item)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                r.error(item, "a dimension is a whole number or null")
+            dims.append(value)
+        op = r.string(f["op"], "op") if "op" in f else "=="
+        if op not in ("==", "!="):
+            r.error(f["op"], "op is == or !=")
+        index = r.value(f["index"]) if "index" in f else None
+        if index is not None and (not isinstance(index, int) or isinstance(index, bool) or index < 0):
+            r.error(f["index"], "index is a whole number ≥ 0")
+            index = None
+        return AssertShape(op, tuple(dims), index, span=span)
+
+
+@dataclass(frozen=True)
+class AssertEquivalent(Check):
+    """``remove where type=Dropout; assert equivalent`` — same outputs as the input model on seeded
+    random probe inputs, in inference mode (maximum absolute difference ≤ tolerance, default 1e-5)."""
+
+    tolerance: Union[int, float, ParamRef, None] = None
+    span: Span | None = field(**SPAN)
+    rules = ("assert_equivalent",)
+    wants_reference = True
+
+    def __str__(self) -> str:
+        return "assert equivalent" + (f" tolerance {format_value(self.tolerance)}" if self.tolerance is not None else "")
+
+    @classmethod
+    def compile(cls, c, node, span):
+        tolerance = c.number(node.children[0]) if node.children else None
+        if isinstance(tolerance, (int, float)) and tolerance < 0:
+            c.error("a tolerance is a number ≥ 0", node.children[0])
+        return cls(tolerance, span=span)
+
+    def yaml(self, w):
+        body = {"equivalent": True}
+        if self.tolerance is not None:
+            body["tolerance"] = w.value(self.tolerance)
+        return {"assert": body}
+
+
+@dataclass(frozen=True)
+class AssertCount(Check):
+    """``select where type=Dense; assert count == 3``."""
+
+    op: str
+    value: Union[int, ParamRef]
+    span: Span | None = field(**SPAN)
+    rules = ("assert_count",)
+    needs_selection = True
+    needs = "archive"
+
+    def __str__(self) -> str:
+        return f"assert count {self.op} {format_value(self.value)}"
+
+    @classmethod
+    def compile(cls, c, node, span):
+        value = c.number(node.children[1])
+        if isinstance(value, float):
+            c.error("assert count compares with a whole number", node.children[1])
+        return cls(c.cmp(node.children[0]), value, span=span)
+
+    def yaml(self, w):
+        return {"assert": {"count": f"{self.op} {format_value(self.value)}"}}
+
+
+@dataclass(frozen=True)
+class AssertParams(Check):
+    """``assert params < 30M`` — all parameters of the model, trainable or not."""
+
+    op: str
+    value: Union[int, float, ParamRef]
+    span: Span | None = field(**SPAN)
+    rules = ("assert_params",)
+
+    def __str__(self) -> str:
+        return f"assert params {self.op} {format_size(self.value)}"
+
+    @classmethod
+    def compile(cls, c, node, span):
+        return cls(c.cmp(node.children[0]), c.quantity(node.children[1]), span=span)
+
+    def yaml(self, w):
+        return {"assert": {"params": f"{self.op} {format_size(self.value)}"}}
+
+
+@dataclass(frozen=True)
+class AssertShape(Check):
+    """``assert output shape == (None, 10)``; ``assert output 1 shape == (None, 26, 26, 8)``."""
+
+    op: str
+    shape: tuple
+    index: int | None = None
+    span: Span | None = field(**SPAN)
+    rules = ("assert_shape",)
+
+    def __str__(self) -> str:
+        dims = ", ".join("None" if d is None else str(d) for d in self.shape)
+        if len(self.shape) == 1:
+            dims += ","
+        where = "output" if self.index is None else f"output {self.index}"
+        return f"assert {where} shape {self.op} ({dims})"
+
+    @classmethod
+    def compile(cls, c, node, span):
+        kids = list(node.children)
+        index = None
+        if c.is_token(kids[0]):
+            index = c.number(kids.pop(0))
+            if not isinstance(index, int) or index < 0:
+                c.error("an output index is a whole number ≥ 0", node)
+                index = 0
+        op = c.cmp(kids[0])
+        if op not in ("==", "!="):
+            c.error("shapes compare with == or !=", kids[0])
+        dims = []
+        for dim in kids[1].children:
+            tok = dim.children[0] if dim.children else None
+            if tok is None or tok.type != "NUMBER":
+                dims.append(None)
+            else:
+                value = c.number(tok)
+                if not isinstance(value, int) or value < 0:
+                    c.error(f"a dimension is a whole number or None, not {tok.value}", tok)
+                dims.append(value)
+        return cls(op, tuple(dims), index, span=span)
+
+    def yaml(self, w):
+        body = {"output_shape": list(self.shape)}
+        if self.op != "==":
+            body["op"] = self.op
+        if self.index is not None:
+            body["index"] = self.index
+        return {"assert": body}

@@ -244,9 +244,12 @@ def same_model(a, b) -> bool:
         a_arrays[k].dtype == b_arrays[k].dtype and np.array_equal(a_arrays[k], b_arrays[k]) for k in a_arrays)
 
 
-def run_case(case, runs, log) -> dict:
+def run_case(case, runs, log, baseline: str | None = None) -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
     variants = {"modelxform": (case["mx"], env)}
+    if baseline:
+        # the same command from another checkout (e.g. before a refactoring), in the same run
+        variants["modelxform, baseline"] = (case["mx"], dict(env, PYTHONPATH=baseline))
     if case["script"]:
         variants["script"] = (case["script"], env)
     if case["kind"] in ("weight-only", "structural"):
@@ -375,6 +378,15 @@ def markdown(results: dict) -> str:
     lines += ["", "| issue-7 target | figure | met |", "|---|---|---|"]
     for target, figure, met in targets(results):
         lines.append(f"| {target} | {figure} | {'yes' if met else 'no'} |")
+    based = [r for r in results["cases"] if "modelxform, baseline" in r["median_s"]]
+    if based:
+        lines += ["", "| case | modelxform | baseline checkout | ratio | peak RSS | baseline peak RSS |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in based:
+            med, rss = r["median_s"], r["peak_rss_bytes"]
+            lines.append(f"| {r['name']} | {med['modelxform']:.2f} s | {med['modelxform, baseline']:.2f} s | "
+                         f"{med['modelxform'] / med['modelxform, baseline']:.2f}× | "
+                         f"{rss['modelxform'] / 2**20:.0f} MiB | {rss['modelxform, baseline'] / 2**20:.0f} MiB |")
     extra = [r for r in results["cases"] if "same_model_as_keras_path" in r]
     if extra:
         lines.append("")
@@ -390,6 +402,9 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs of each side per case (default 5)")
     parser.add_argument("--only", default="", help="comma-separated case names")
     parser.add_argument("--setup-only", action="store_true")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run modelxform from the checkout DIR (e.g. `git worktree add DIR REV`), "
+                             "alternating with this one: its figures appear as 'modelxform, baseline'")
     args = parser.parse_args(argv)
     log = lambda text: print(text, flush=True)  # noqa: E731
     build_times = setup(log)
@@ -403,7 +418,7 @@ def main(argv=None) -> int:
     log(f"runtime: python -c 'import keras, tensorflow' peaks at {results['runtime_rss_bytes'] / 2**20:.0f} MiB")
     for case in chosen:
         log(f"{case['name']}: {case['what']}")
-        results["cases"].append(run_case(case, args.runs, log))
+        results["cases"].append(run_case(case, args.runs, log, args.baseline))
     out = WORK / "results.json"
     previous = json.loads(out.read_text()) if out.exists() and args.only else None
     if previous:  # --only: keep the other cases' last results

@@ -3,11 +3,14 @@
 A record is a chain with one entry per recipe applied, oldest first. Each entry holds the recipe's text
 with includes inlined (canonical form) and its sha256, the input file's sha256, the seed, the params,
 the library versions and one line per statement of what it did. Applying a recipe to a model that
-already has a record appends to its chain.
+already has a record appends to its chain. ``modelxform verify`` re-derives a file from its record
+(session.verify_file).
 """
 from __future__ import annotations
 
 import hashlib
+
+from .keras_io.backend import library_versions
 
 FORMAT = "modelxform-provenance/1"
 
@@ -20,18 +23,6 @@ def recipe_sha256(recipe) -> str:
     return hashlib.sha256(recipe_text(recipe).encode("utf-8")).hexdigest()
 
 
-def library_versions() -> dict:
-    import sys
-
-    import keras
-    import numpy
-    import tensorflow
-
-    from .version import __version__
-    return {"modelxform": __version__, "keras": keras.__version__, "tensorflow": tensorflow.__version__,
-            "numpy": numpy.__version__, "python": ".".join(map(str, sys.version_info[:3]))}
-
-
 def _jsonable(value):
     from . import ir
     if isinstance(value, ir.Percent):
@@ -42,8 +33,8 @@ def _jsonable(value):
 
 
 def entry(recipe, report, input_sha256: str, versions: dict | None = None) -> dict:
-    """One link of the chain. ``versions`` defaults to library_versions(), which imports Keras; the
-    fast path passes the same versions read from the installed distributions instead."""
+    """One link of the chain: ``report`` is the run's Plan; ``versions`` defaults to the installed
+    libraries' versions (keras_io.backend.library_versions)."""
     header = recipe.program.header()
     statements = []
     for s in report.statements:
@@ -87,71 +78,8 @@ def render(record: dict) -> list[str]:
     return lines
 
 
-def verify(model_path, original_path, *, unsafe: bool = False, imports=()) -> tuple[list[str], list[str]]:
-    """Re-run ``model_path``'s recorded chain from ``original_path``.
-
-    Returns ``(differences, notes)``: no differences means the re-made file is identical (byte for
-    byte for .keras; same config, weights and trainable flags for .h5, whose bytes HDF5 does not keep
-    stable).
-    """
-    import os
-    import pathlib
-    import tempfile
-
-    from .lang.compiler import compile_recipe
-    from .errors import UsageError
-    from .keras_io.files import load_model, model_format, read_provenance, save_model, sha256_file
-    from .runner import run
-
-    record = read_provenance(model_path)
-    if not record or not record.get("chain"):
-        raise UsageError(f"{model_path}: has no modelxform provenance record; nothing to verify")
-    chain = record["chain"]
-    differences, notes = [], []
-    original_sha = sha256_file(original_path)
-    if original_sha != chain[0].get("input_sha256"):
-        differences.append(f"{original_path} is not the file this model was made from: its sha256 is "
-                           f"{original_sha}, the record says {chain[0].get('input_sha256')}")
-        return differences, notes
-    here = library_versions()
-    for n, step in enumerate(chain, start=1):
-        for lib, version in step.get("versions", {}).items():
-            if lib != "python" and here.get(lib) != version:
-                differences.append(f"step {n} was made with {lib} {version}; this is {lib} {here.get(lib)}")
-    suffix = pathlib.Path(model_path).suffix
-    current, so_far = pathlib.Path(original_path), None
-    with tempfile.TemporaryDirectory(prefix="modelxform-verify-") as tmp:
-        for n, step in enumerate(chain, start=1):
-            recipe_info = step["recipe"]
-            recipe = compile_recipe(recipe_info["text"], f"<step {n}>")
-            if recipe_sha256(recipe) != recipe_info.get("sha256"):
-                differences.append(f"step {n}: the recorded recipe text does not match its recorded sha256")
-            model = load_model(current, unsafe=unsafe, imports=imports)
-            new_model, report = run(recipe, model, seed=step.get("seed"), params=step.get("params") or {},
-                                    copy=False)
-            current_sha = sha256_file(current)
-            so_far = extend(so_far, entry(recipe, report, current_sha))
-            redo = [s for s in so_far["chain"][-1]["statements"]]
-            if redo != step.get("statements"):
-                differences.append(f"step {n}: the statements now report differently than recorded")
-            out = pathlib.Path(tmp) / f"step{n}{suffix if n == len(chain) else '.keras'}"
-            save_model(new_model, out, provenance=so_far)
-            if n < len(chain) and sha256_file(out) != chain[n].get("input_sha256"):
-                notes.append(f"step {n + 1}'s recorded input is not byte-identical to the re-made step {n} output")
-            current = out
-        if model_format(model_path) == "keras":
-            if sha256_file(current) != sha256_file(model_path):
-                differences.extend(_content_differences(current, model_path, unsafe, imports)
-                                   or ["the files differ in bytes (metadata or provenance), not in config or weights"])
-        else:
-            differences.extend(_content_differences(current, model_path, unsafe, imports))
-    if differences:
-        return differences, notes
-    notes.append(f"re-made {os.path.basename(str(model_path))} from {original_path} in {len(chain)} step(s): identical")
-    return differences, notes
-
-
-def _content_differences(remade, model_path, unsafe, imports) -> list[str]:
+def content_differences(remade, model_path, unsafe, imports) -> list[str]:
+    """What differs between two model files in config, weights and trainable flags (verify's details)."""
     import numpy as np
 
     import keras

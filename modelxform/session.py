@@ -1,28 +1,50 @@
-"""The public API below the command line: recipes that apply themselves to models in memory.
+"""The public API below the command line: plan and apply recipes to model files, verify outputs.
 
     >>> import modelxform
-    >>> recipe = modelxform.compile_recipe("select where type=Dense; scale kernel 0.5")
-    >>> new_model, report = recipe.apply(model, seed=0)   # doctest: +SKIP
+    >>> result = modelxform.apply_file("prep.recipe", "cnn.keras", "out.keras", seed=7)  # doctest: +SKIP
+    >>> print("\\n".join(result.plan.lines()))                                        # doctest: +SKIP
+    >>> plan = modelxform.plan_file("prep.recipe", "cnn.keras", seed=7)                 # doctest: +SKIP
+
+These choose where the model comes from (its .keras archive, read without TensorFlow, or the model
+loaded with Keras), run the recipe (engine.runner), record provenance and save atomically. The command
+line and batch runs call only these; a recipe can also be applied to a model in memory
+(:meth:`Recipe.apply`).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import pathlib
+from dataclasses import dataclass
 
+from .errors import ApplyError, ModelFileError, UsageError
 from .lang import compiler
+from .statements.weights import SUBCLASSED_TRAINABLE_NOTE
+
+log = logging.getLogger(__name__)
+
+DISABLE_ENV = "MODELXFORM_FASTPATH"  # set to 0 to always load the model with Keras (benchmarks, debugging)
 
 
 class Recipe(compiler.Recipe):
     """A compiled recipe (program, source, warnings) that can plan and apply itself on a Keras model."""
 
     def plan(self, model, seed: int | None = None, params: dict | None = None):
-        """Resolve every statement against ``model`` without changing it; returns the report."""
-        from .runner import run
-        return run(self, model, seed=seed, params=params, dry_run=True)[1]
+        """Resolve every statement against ``model`` without changing it; returns the Plan."""
+        from .engine.runner import run
+        from .keras_io.files import working_copy
+        return run(self, working_copy(model), seed=seed, params=params, apply=False)[1]
 
     def apply(self, model, seed: int | None = None, params: dict | None = None):
-        """Apply the recipe to a copy of ``model``: returns ``(new_model, report)``."""
-        from .runner import run
-        return run(self, model, seed=seed, params=params)
+        """Apply the recipe to a copy of ``model``: returns ``(new_model, plan)``.
+
+        >>> new_model, plan = compile_recipe("select all; freeze").apply(model)  # doctest: +SKIP
+        """
+        from .engine.runner import run
+        from .keras_io.files import working_copy
+        ctx, plan = run(self, working_copy(model), seed=seed, params=params)
+        return ctx.current_model(), plan
 
 
 def compile_recipe(text: str, filename: str | os.PathLike | None = None) -> Recipe:
@@ -37,3 +59,220 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None) -> Reci
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and compile a recipe file (``.recipe`` or ``.yaml``)."""
     return compiler.load_recipe(path, recipe_class=Recipe)
+
+
+def _as_recipe(recipe) -> compiler.Recipe:
+    return recipe if isinstance(recipe, compiler.Recipe) else load_recipe(recipe)
+
+
+@dataclass
+class ApplyResult:
+    """What :func:`apply_file` did: the plan (with the model's size before and after), the file written
+    (None for a dry run) and the provenance record it carries. ``source`` says where the model came
+    from ("archive": the .keras file read without Keras; "keras": loaded with Keras) and ``built``
+    whether a Keras model was built for the run (never for weight-only recipes on an archive)."""
+
+    plan: object
+    model: str
+    output: str | None
+    provenance: dict | None = None
+    source: str = "keras"
+    built: bool = True
+
+    @property
+    def sha256(self) -> str | None:
+        """The sha256 of the written file (None for a dry run or a SavedModel folder)."""
+        if self.output is None or os.path.isdir(self.output):
+            return None
+        from .keras_io.files import sha256_file
+        return sha256_file(self.output)
+
+
+def open_model(path, *, unsafe: bool = False, imports=(), archive: bool = True):
+    """The model to run on: its .keras archive when the engine can read it without Keras (see
+    keras_io.archive), else the model loaded with Keras (safe mode unless ``unsafe``)."""
+    from .keras_io.files import check_readable, load_model
+    if archive and not imports and os.environ.get(DISABLE_ENV, "1").strip() != "0" \
+            and pathlib.Path(path).suffix.lower() == ".keras":
+        from .keras_io.backend import keras_backend
+        if keras_backend() == "tensorflow":
+            check_readable(pathlib.Path(path))  # load_model's first check, and its message
+            from .keras_io.archive import Archive
+            try:
+                return Archive(path)
+            except Exception as exc:  # noqa: BLE001 - Keras reads it, or says what is wrong with it
+                log.debug("the archive cannot stand in for the model: %s: %s", type(exc).__name__, exc)
+    return load_model(path, unsafe=unsafe, imports=imports)
+
+
+def _closing(source):
+    from .keras_io.archive import Archive
+    return source if isinstance(source, Archive) else contextlib.nullcontext(source)
+
+
+def apply_file(recipe, model, output=None, *, seed: int | None = None, params: dict | None = None,
+               unsafe: bool = False, imports=(), format: str | None = None, in_place: bool = False,
+               dry_run: bool = False) -> ApplyResult:
+    """Apply ``recipe`` (a Recipe or a recipe file) to the model file ``model`` and write ``output``
+    (.keras or .h5 by its extension; ``format="savedmodel"``: a SavedModel folder) atomically, with the
+    input's provenance record extended. The input is never modified (``in_place`` allows ``output`` to
+    be ``model``). ``params`` maps names to values or to their text as ``--param`` gives it.
+
+    >>> apply_file("prep.recipe", "cnn.keras", "out.keras", seed=7).plan.after   # doctest: +SKIP
+    (8, 63930)
+    """
+    from .keras_io.files import model_format, same_file
+    recipe = _as_recipe(recipe)
+    output = os.fspath(output) if output is not None else (os.fspath(model) if in_place else None)
+    if output is None and not dry_run:
+        raise UsageError("apply needs an output file (or in_place, or dry_run)")
+    savedmodel = format == "savedmodel"
+    if output is not None:
+        if not savedmodel:
+            fmt = model_format(output)
+            if format is not None and format != fmt:
+                raise UsageError(f"--format {format} does not match -o {output} (a .{fmt} file name)")
+        folder = pathlib.Path(output).parent
+        if not folder.is_dir():
+            raise ModelFileError(f"{output}: folder {folder} does not exist")
+        if same_file(output, model) and not in_place:
+            raise UsageError(f"-o {output} is the input model; refusing to overwrite it (use --in-place)")
+    source = open_model(model, unsafe=unsafe, imports=imports)
+    with _closing(source):
+        return _apply(recipe, source, os.fspath(model), None if dry_run else output, seed, params, savedmodel,
+                      previous=None, read_previous=True)
+
+
+def _apply(recipe, source, model_path: str, output, seed, params, savedmodel: bool, *, previous,
+           read_previous: bool) -> ApplyResult:
+    """Run ``recipe`` on ``source`` and, unless ``output`` is None, save the result with ``previous``
+    (or the input's own record) extended by this run's provenance entry."""
+    from .engine.runner import attach_sources, run
+    from .keras_io.files import read_provenance, save_model, sha256_file
+    from .keras_io.backend import library_versions
+    from .provenance import entry, extend
+    from .keras_io.archive import Archive
+    archive = source if isinstance(source, Archive) else None
+    if archive is not None and output is not None:
+        archive.hash_input()  # in a thread, alongside the work
+    ctx, plan = run(recipe, source, seed=seed, params=params, apply=output is not None)
+    result = ApplyResult(plan, model_path, output, source="archive" if archive is not None else "keras",
+                         built=ctx.built)
+    if output is None:
+        return result
+    lost = [s for s in plan.statements if SUBCLASSED_TRAINABLE_NOTE in s.notes]
+    if lost:
+        exc = ApplyError(f"`{lost[0].statement}` changed trainable flags inside a subclassed model, and Keras "
+                         "does not save those: the written file would silently lose them; nothing was written",
+                         span=lost[0].statement.span,
+                         hint="set `trainable` in the model's own code, or rebuild it as a functional model")
+        attach_sources(exc, recipe)
+        raise exc
+    if read_previous:
+        previous = read_provenance(model_path)
+    versions = library_versions()
+
+    def record(input_sha256: str) -> dict:
+        result.provenance = extend(previous, entry(recipe, plan, input_sha256, versions))
+        return result.provenance
+
+    from .keras_io.files import model_format
+    if archive is not None and ctx.on_archive and not savedmodel and model_format(output) == "keras":
+        archive.save(output, record)  # the arrays changed in place, the rest copied: no Keras
+        return result
+    input_sha256 = archive.input_sha256() if archive is not None else sha256_file(model_path)
+    result.built = True
+    if savedmodel:
+        from .export import export_savedmodel
+        export_savedmodel(ctx.current_model(), output, provenance=record(input_sha256))
+    else:
+        save_model(ctx.current_model(), output, provenance=record(input_sha256))
+    return result
+
+
+def plan_file(recipe, model, *, seed: int | None = None, params: dict | None = None, unsafe: bool = False,
+              imports=(), html=None):
+    """What every statement of ``recipe`` resolves to on the model file ``model`` and would change;
+    writes no model. With ``html``, also writes the visual report (the model is then loaded with Keras,
+    to draw it before and after). Returns the Plan.
+
+    >>> print("\\n".join(plan_file("prep.recipe", "cnn.keras", seed=7).lines()))  # doctest: +SKIP
+    """
+    recipe = _as_recipe(recipe)
+    if html is None:
+        source = open_model(model, unsafe=unsafe, imports=imports)
+        with _closing(source):
+            return _apply(recipe, source, os.fspath(model), None, seed, params, False, previous=None,
+                          read_previous=False).plan
+    from .diff import diff, snapshot
+    from .engine.runner import run
+    from .keras_io.files import load_model
+    from .report_html import require_dot, statements_from_report, write_report
+    require_dot()  # before the slow part
+    loaded = load_model(model, unsafe=unsafe, imports=imports)
+    before = snapshot(loaded, name=str(model))
+    ctx, plan = run(recipe, loaded, seed=seed, params=params, apply=False)
+    after = snapshot(ctx.current_model(), name=f"{model} after {recipe.source.name}")
+    title = f"plan: {pathlib.Path(str(recipe.source.name)).name} on {pathlib.Path(model).name}"
+    subtitle = f"seed {plan.seed}" + (", params " + ", ".join(f"{k}={v}" for k, v in plan.params.items())
+                                      if plan.params else "") + " — a plan: no arrays were changed"
+    write_report(html, diff(before, after), title=title, subtitle=subtitle, statements=statements_from_report(plan))
+    plan.before, plan.after = (len(before.layers), before.params), (len(after.layers), after.params)
+    return plan
+
+
+def verify_file(model, original, *, unsafe: bool = False, imports=()) -> tuple[list[str], list[str]]:
+    """Re-run the chain of recipes recorded in ``model``'s provenance from ``original`` and compare.
+    Returns ``(differences, notes)``: no differences means the re-made file is identical (byte for byte
+    for .keras; same config, weights and trainable flags for .h5, whose bytes HDF5 does not keep
+    stable)."""
+    import tempfile
+
+    from .keras_io.backend import library_versions
+    from .keras_io.files import load_model, model_format, read_provenance, sha256_file
+    from .provenance import content_differences, recipe_sha256
+
+    load_model(original, unsafe=unsafe, imports=imports)  # a clear error for a bad ORIGINAL first
+    record = read_provenance(model)
+    if not record or not record.get("chain"):
+        raise UsageError(f"{model}: has no modelxform provenance record; nothing to verify")
+    chain = record["chain"]
+    differences, notes = [], []
+    original_sha = sha256_file(original)
+    if original_sha != chain[0].get("input_sha256"):
+        differences.append(f"{original} is not the file this model was made from: its sha256 is "
+                           f"{original_sha}, the record says {chain[0].get('input_sha256')}")
+        return differences, notes
+    here = library_versions() or {}
+    for n, step in enumerate(chain, start=1):
+        for lib, version in step.get("versions", {}).items():
+            if lib != "python" and here.get(lib) != version:
+                differences.append(f"step {n} was made with {lib} {version}; this is {lib} {here.get(lib)}")
+    suffix = pathlib.Path(model).suffix
+    current, so_far = pathlib.Path(original), None
+    with tempfile.TemporaryDirectory(prefix="modelxform-verify-") as tmp:
+        for n, step in enumerate(chain, start=1):
+            recipe_info = step["recipe"]
+            recipe = compile_recipe(recipe_info["text"], f"<step {n}>")
+            if recipe_sha256(recipe) != recipe_info.get("sha256"):
+                differences.append(f"step {n}: the recorded recipe text does not match its recorded sha256")
+            out = pathlib.Path(tmp) / f"step{n}{suffix if n == len(chain) else '.keras'}"
+            source = load_model(current, unsafe=unsafe, imports=imports)
+            result = _apply(recipe, source, str(current), str(out), step.get("seed"), step.get("params") or {},
+                            False, previous=so_far, read_previous=False)
+            so_far = result.provenance
+            if so_far["chain"][-1]["statements"] != step.get("statements"):
+                differences.append(f"step {n}: the statements now report differently than recorded")
+            if n < len(chain) and sha256_file(out) != chain[n].get("input_sha256"):
+                notes.append(f"step {n + 1}'s recorded input is not byte-identical to the re-made step {n} output")
+            current = out
+        if model_format(model) == "keras":
+            if sha256_file(current) != sha256_file(model):
+                differences.extend(content_differences(current, model, unsafe, imports)
+                                   or ["the files differ in bytes (metadata or provenance), not in config or weights"])
+        else:
+            differences.extend(content_differences(current, model, unsafe, imports))
+    if differences:
+        return differences, notes
+    notes.append(f"re-made {os.path.basename(str(model))} from {original} in {len(chain)} step(s): identical")
+    return differences, notes

@@ -780,7 +780,7 @@ def _row(out: str, path: str) -> str:
 
 
 def test_inspect_lists_every_layer(nested_file):
-    from modelxform.runner import _shape_text
+    from modelxform.keras_io.shapes import shape_text as _shape_text
     from modelxform.keras_io.layers import walk
     r = run_cli("inspect", nested_file)
     assert r.status == 0, r.err

@@ -1112,7 +1112,8 @@ PLAN_RECIPE = ("select random 2 where has weights\nadd noise normal(stddev=1) to
 
 
 def test_plan_resolves_like_apply_and_changes_nothing():
-    from modelxform.runner import run
+    from modelxform.engine.runner import run
+    from modelxform.keras_io.files import working_copy
     model = make_cnn()
     before = snapshot(model)
     recipe = compile_recipe(PLAN_RECIPE, "x.recipe")
@@ -1124,7 +1125,8 @@ def test_plan_resolves_like_apply_and_changes_nothing():
     assert planned.statements[0].layers  # something was selected
     assert snapshot(model) == before
     # the dry run's working model still has the original arrays (its structure is edited)
-    working, _ = run(recipe, model, seed=11, dry_run=True)
+    ctx, _ = run(recipe, working_copy(model), seed=11, apply=False)
+    working = ctx.current_model()
     assert_unchanged_except(model, working, set())
     assert type(working.get_layer("max_pooling2d")) is keras.layers.AveragePooling2D
 

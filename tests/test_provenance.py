@@ -208,7 +208,7 @@ def test_a_model_with_assets_is_saved_by_keras_and_loads_back(tmp_path):
 
 
 def test_noise_drawn_in_blocks_is_the_noise_drawn_at_once(monkeypatch):
-    from modelxform.passes import weights
+    from modelxform.statements import weights
     text = "select where type=Dense\nadd noise normal(mean=0.5, stddev=0.1) to kernel\n" \
            "add noise uniform(low=-1, high=2) to bias\n"
     whole, _ = _apply(text)

@@ -667,7 +667,7 @@ def _info(name: str):
 
 def test_unsafe_pattern_is_refused_at_match_time_with_its_position():
     """Even a PRegex that did not go through the compiler cannot hang a run."""
-    from modelxform.selectors import matches
+    from modelxform.engine.selectors import matches
     from modelxform.source import Span
     span = Span(3, 14, 3, 28, "r.recipe")
     start = time.process_time()
@@ -679,7 +679,7 @@ def test_unsafe_pattern_is_refused_at_match_time_with_its_position():
 
 
 def test_overlong_name_is_refused_at_match_time():
-    from modelxform.selectors import matches
+    from modelxform.engine.selectors import matches
     assert matches(ir.PRegex(r"^a+$"), _info("a" * safe_regex.MAX_NAME_LENGTH), None)
     with pytest.raises(ApplyError) as info:
         matches(ir.PRegex(r"^a+$"), _info("a" * (safe_regex.MAX_NAME_LENGTH + 1)), None)

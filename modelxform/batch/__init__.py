@@ -55,7 +55,7 @@ def already_done(job: Job, recipe, input_sha256: str) -> str | None:
     from ..errors import ModelxformError
     from ..keras_io.files import read_provenance, sha256_file
     from ..provenance import _jsonable, recipe_sha256
-    from ..runner import Params, effective_seed, resolve_params
+    from ..engine.plan import Params, effective_seed, resolve_params
     if not os.path.isfile(job.output):
         return None
     try:

@@ -2,20 +2,17 @@
 
 :func:`run_job` is called in the local pool's worker processes and as a Ray task alike. It takes the
 plain-data payload of :meth:`Job.payload` and never raises: every failure comes back as a result with
-its cause, so one bad model never stops the others. The work itself is ``cli.apply.execute`` — the
-function behind ``modelxform apply`` (fast path, load, run, save with the input's provenance extended)
-— so a batch output is byte for byte the file ``apply`` writes for the same recipe, seed and params.
+its cause, so one bad model never stops the others. The work itself is ``session.apply_file`` (or
+``plan_file`` for a dry run) — what ``modelxform apply`` calls — so a batch output is byte for byte the
+file ``apply`` writes for the same recipe, seed and params.
 """
 from __future__ import annotations
 
-import io
-import json
 import os
 import signal
 import socket
 import sys
 import time
-import types
 
 # Test-only hook: a job whose model file has this stem kills its own worker process with os._exit,
 # as a segfault or the kernel's OOM killer would. The test suite uses it to check that such a crash is
@@ -28,7 +25,7 @@ _interrupted = False
 
 
 def _recipe(path: str):
-    from ..lang.compiler import load_recipe
+    from ..session import load_recipe
     st = os.stat(path)
     key = (path, st.st_mtime_ns, st.st_size)
     if key not in _recipes:
@@ -42,7 +39,6 @@ def run_job(payload: dict) -> dict:
     status is "done" (written), "ok" (a dry run whose plan resolves), "failed" or "interrupted".
     """
     global _in_job, _interrupted
-    from ..console import Console
     from ..errors import ModelxformError
     start = time.perf_counter()
     result = {"index": payload["index"], "status": "failed", "sha256": None, "error": None, "exit_code": None,
@@ -58,28 +54,23 @@ def run_job(payload: dict) -> dict:
         return result
     _in_job = True
     try:
-        from ..cli.apply import execute
+        from ..session import apply_file, plan_file
         recipe = _recipe(payload["recipe"])
-        dry_run = payload["kind"] == "plan"
         imports = list(payload.get("imports") or [])
         root = payload.get("import_root")
         if imports and root and root not in sys.path:  # ZOO.yaml's folder first (docs/batch.md)
             sys.path.insert(0, root)
-        args = types.SimpleNamespace(model=payload["model"], unsafe=bool(payload.get("unsafe")), imports=imports,
-                                     seed=payload["seed"], json=dry_run, recipe=payload["recipe"])
-        out = io.StringIO()
-        console = Console(out, io.StringIO())
-        if dry_run:
-            execute(recipe, args, payload["params"], None, console, dry_run=True)
-            report = json.loads(out.getvalue())
-            result["statements"] = [{"statement": s["statement"], "line": s.get("line"),
-                                     "layers": len(s.get("layers") or [])} for s in report.get("statements", [])]
+        options = dict(seed=payload["seed"], params=payload["params"], unsafe=bool(payload.get("unsafe")),
+                       imports=imports)
+        if payload["kind"] == "plan":
+            plan = plan_file(recipe, payload["model"], **options)
+            result["statements"] = [{"statement": s["statement"], "line": s["line"], "layers": len(s["layers"])}
+                                    for s in plan.to_dict()["statements"]]
             result["status"] = "ok"
         else:
-            from ..keras_io.files import sha256_file
             os.makedirs(os.path.dirname(payload["output"]), exist_ok=True)
-            execute(recipe, args, payload["params"], payload["output"], console, dry_run=False)
-            result["sha256"] = sha256_file(payload["output"])
+            done = apply_file(recipe, payload["model"], payload["output"], **options)
+            result["sha256"] = done.sha256
             result["status"] = "done"
     except ModelxformError as exc:
         result["error"] = exc.render()

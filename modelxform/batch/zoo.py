@@ -439,7 +439,7 @@ def _read_recipes(reader: _Reader, node) -> dict:
 
 def _check_params(reader: _Reader, matrix: dict, matrix_keys: dict, models: list[_Model], recipes: dict) -> None:
     """Every param must be declared by some recipe, and each value must suit each recipe declaring it."""
-    from ..runner import resolve_params
+    from ..engine.plan import resolve_params
     compiled = [(p, r) for p, (r, _) in recipes.items() if r is not None]
 
     def check(name, value, node):
@@ -472,7 +472,7 @@ def _check_params(reader: _Reader, matrix: dict, matrix_keys: dict, models: list
 
 def _expand(reader: _Reader, zoo: Zoo, models: list[_Model], recipes: dict, matrix: dict, seed,
             template: str, template_node) -> None:
-    from ..runner import Params, effective_seed, resolve_params
+    from ..engine.plan import Params, effective_seed, resolve_params
     inputs = {m.path for m in models}
     seen: dict[str, Job] = {}
     duplicates = 0

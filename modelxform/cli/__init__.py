@@ -62,6 +62,32 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="override a `param` of the recipe; repeatable")
 
 
+def print_plan(plan, args, console, *, output=None, html=None) -> int:
+    """A Plan as text or (--json) as data, as ``apply`` and ``plan`` print it; ``html``: the HTML report
+    ``plan --html`` wrote."""
+    import json
+    (layers_before, params_before), (layers_after, params_after) = plan.before, plan.after
+    if getattr(args, "json", False):
+        data = plan.to_dict()
+        data.update({"model": args.model, "output": None if plan.dry_run else output,
+                     "layer_count": [layers_before, layers_after], "param_count": [params_before, params_after]})
+        if html is not None:
+            data["html"] = html
+        console.print(json.dumps(data, indent=2))
+        return ExitCode.OK
+    for line in plan.lines():
+        console.print(line)
+    console.print(f"model: {layers_before} layers, {params_before:,} params -> "
+                  f"{layers_after} layers, {params_after:,} params")
+    if plan.dry_run:
+        console.print("dry run: nothing was written")
+    else:
+        console.print(f"wrote {output}")
+    if html is not None:
+        console.print(f"wrote the report {html}")
+    return ExitCode.OK
+
+
 def parse_params(items: list[str]) -> dict[str, str]:
     from ..errors import UsageError
     out = {}

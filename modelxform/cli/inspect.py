@@ -48,9 +48,10 @@ def run(args, console) -> int:
     pred = compile_predicate(args.where) if args.where else None
     from ..diff import by_type, snapshot
     from ..keras_io.files import load_model
-    from ..runner import Params, _shape_text
+    from ..engine.plan import Params
+    from ..engine.selectors import matches
     from ..keras_io.layers import walk
-    from ..selectors import matches
+    from ..keras_io.shapes import shape_text as _shape_text
     model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     snap = snapshot(model, name=str(args.model), weights=False)
     rows, listed = [], []

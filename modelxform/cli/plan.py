@@ -1,8 +1,7 @@
 """modelxform plan RECIPE MODEL — what each statement would do, without writing anything."""
 from __future__ import annotations
 
-from . import add_model_options, add_run_options, parse_params
-from .apply import _print_report, execute
+from . import add_model_options, add_run_options, parse_params, print_plan
 
 
 def add_parser(subparsers):
@@ -24,30 +23,8 @@ def add_parser(subparsers):
 
 
 def run(args, console) -> int:
-    from ..lang.compiler import load_recipe
+    from ..session import load_recipe, plan_file
     recipe = load_recipe(args.recipe)
-    if getattr(args, "html", None):
-        return _plan_with_report(recipe, args, parse_params(args.params), console)
-    return execute(recipe, args, parse_params(args.params), None, console, dry_run=True)
-
-
-def _plan_with_report(recipe, args, params, console) -> int:
-    """The plan as `execute` prints it, plus the HTML report of the model before and after."""
-    import pathlib
-
-    from ..diff import diff, snapshot
-    from ..keras_io.files import load_model
-    from ..report_html import require_dot, statements_from_report, write_report
-    from ..runner import run as run_recipe
-    require_dot()  # before the slow part
-    model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
-    before = snapshot(model, name=str(args.model))
-    new_model, report = run_recipe(recipe, model, seed=args.seed, params=params, dry_run=True, copy=False)
-    after = snapshot(new_model, name=f"{args.model} after {args.recipe}")
-    d = diff(before, after)
-    title = f"plan: {pathlib.Path(args.recipe).name} on {pathlib.Path(args.model).name}"
-    subtitle = f"seed {report.seed}" + (", params " + ", ".join(f"{k}={v}" for k, v in report.params.items())
-                                        if report.params else "") + " — a plan: no arrays were changed"
-    write_report(args.html, d, title=title, subtitle=subtitle, statements=statements_from_report(report))
-    return _print_report(report, args, None, console, True, (len(before.layers), before.params),
-                         (len(after.layers), after.params), html=args.html)
+    plan = plan_file(recipe, args.model, seed=args.seed, params=parse_params(args.params), unsafe=args.unsafe,
+                     imports=args.imports, html=getattr(args, "html", None))
+    return print_plan(plan, args, console, html=getattr(args, "html", None))

@@ -17,10 +17,8 @@ def add_parser(subparsers):
 
 
 def run(args, console) -> int:
-    from ..keras_io.files import load_model
-    from ..provenance import verify
-    load_model(args.input, unsafe=args.unsafe, imports=args.imports)  # a clear error for a bad ORIGINAL first
-    differences, notes = verify(args.model, args.input, unsafe=args.unsafe, imports=args.imports)
+    from ..session import verify_file
+    differences, notes = verify_file(args.model, args.input, unsafe=args.unsafe, imports=args.imports)
     for line in notes:
         console.print(line)
     if differences:

@@ -15,7 +15,8 @@ break, opening the archive raises :class:`NotApplicable` and the caller loads th
   other than plain float ones, shared objects other than dtype policies, a frozen nested model, a
   subclassed model, arrays whose shapes do not fit the config (Keras would refuse to load them).
 
-tests/test_fastpath.py holds the archive's results to those of the loaded model, bit for bit.
+tests/test_archive_weights.py and tests/test_archive_structure.py hold the results to those of the loaded
+model, bit for bit.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import numpy as np
 from ..errors import ModelFileError
 from .config import MODEL_CLASS_NAMES as MODEL_CLASSES
 from .config import layers_of
-from .layers import LayerInfo
+from .layers import LayerInfo, snake_case
 
 CONFIG_MEMBER = "config.json"
 METADATA_MEMBER = "metadata.json"
@@ -232,7 +233,7 @@ class ArchiveVariable:
         return self.archive.read(self, rows=(start, stop))
 
     def take_array(self) -> np.ndarray:
-        """The values, in an array handed over to the caller, who assigns it back (passes/weights.py
+        """The values, in an array handed over to the caller, who assigns it back (statements/weights.py
         changes it in place): a pending new array is not copied."""
         return self.archive.read(self, take=True)
 
@@ -296,14 +297,6 @@ def _data_offset(fh, info: zipfile.ZipInfo) -> int:
         raise NotApplicable("bad local header")
     return (info.header_offset + zipfile.sizeFileHeader + fields[zipfile._FH_FILENAME_LENGTH]
             + fields[zipfile._FH_EXTRA_FIELD_LENGTH])
-
-
-def _snake_case(name: str) -> str:
-    """keras.src.utils.naming.to_snake_case: how model.weights.h5 names a layer's group."""
-    import re
-    name = re.sub(r"\W+", "", name)
-    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 def _normalised_config(config):
@@ -434,7 +427,7 @@ class Archive:
         used: dict[str, int] = {}
         for entry in entries:
             cls = entry["class_name"]
-            base = _snake_case(cls)
+            base = snake_case(cls)
             key = base if base not in used else f"{base}_{used[base] + 1}"
             used[base] = used.get(base, -1) + 1
             sub = f"{group}/layers/{key}" if group else f"layers/{key}"
@@ -533,8 +526,8 @@ class Archive:
         value = np.asarray(value)
         if not value.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
             value = value.copy(order="C")
-        if value.dtype != var.np_dtype or value.shape != var.shape:
-            raise NotApplicable(f"{var.key}: a {value.dtype} array of shape {value.shape}")
+        if value.dtype != var.np_dtype or value.shape != var.shape:  # a defect in a pass
+            raise ValueError(f"{var.key}: a {value.dtype} array of shape {value.shape}")
         previous = self._patches.pop(var.key, None)
         if isinstance(previous, np.ndarray):
             self._in_memory -= previous.nbytes
@@ -542,10 +535,15 @@ class Archive:
             self._patches[var.key] = value
             self._in_memory += var.nbytes
             return
-        if self._spill is None:
-            self._spill = tempfile.TemporaryFile(prefix="modelxform-fast-")
-        spill_offset = os.fstat(self._spill.fileno()).st_size
-        _write_all(self._spill.fileno(), value, spill_offset)
+        try:
+            if self._spill is None:
+                self._spill = tempfile.TemporaryFile(prefix="modelxform-spill-")
+            spill_offset = os.fstat(self._spill.fileno()).st_size
+            _write_all(self._spill.fileno(), value, spill_offset)
+        except OSError:  # a spill file that cannot be written (a full disk) only costs memory
+            self._patches[var.key] = value
+            self._in_memory += var.nbytes
+            return
         self._patches[var.key] = (spill_offset, var.nbytes)
 
     # -- writing ----------------------------------------------------------------------------------

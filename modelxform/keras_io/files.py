@@ -463,3 +463,22 @@ def _fsync_dir(folder: pathlib.Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def working_copy(model):
+    """A copy of an in-memory ``model`` that a run may change freely (the caller's model is never
+    touched): rebuilt from its config with its weights, or — a subclassed model, which has no config
+    of its layers — saved and loaded."""
+    import keras
+
+    from .graph import transfer_weights
+    from .layers import model_kind, walk
+    if model_kind(model) != "subclassed":
+        config = keras.saving.serialize_keras_object(model)
+        clone = keras.saving.deserialize_keras_object(config, safe_mode=True)
+        transfer_weights(walk(model), clone, {}, 0)
+        return clone
+    with tempfile.TemporaryDirectory(prefix="modelxform-") as tmp:
+        path = os.path.join(tmp, "copy.keras")
+        save_model(model, path)
+        return load_model(path)

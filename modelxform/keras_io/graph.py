@@ -34,7 +34,7 @@ class Edit:
 @dataclass
 class GraphEditor:
     """Queued structural edits on a copy of a model's config. ``model`` is a Keras model, or the JSON
-    config of one as a .keras archive holds it (archive_run.py edits a model it never loads)."""
+    config of one as a .keras archive holds it (the engine edits a model it never built)."""
 
     model: object
     seed: int

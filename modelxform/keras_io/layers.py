@@ -96,3 +96,87 @@ def refuse_subclassed(model, what: str, span=None) -> None:
             span=span,
             hint="selection, weight statements, freeze and unfreeze work on it; for structural edits, "
                  "rebuild it as a functional model (keras.Model(inputs, outputs)) and save that")
+
+
+def snake_case(name: str) -> str:
+    """Keras's default layer name for a class (Dense -> dense, GlobalAveragePooling2D ->
+    global_average_pooling2d; keras.src.utils.naming.to_snake_case), which is also how
+    model.weights.h5 names a layer's group."""
+    import re
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def layer_class(name: str, span=None):
+    """A Keras layer class by its name in keras.layers, or a custom class registered by --import."""
+    import difflib
+
+    import keras
+    cls = getattr(keras.layers, name, None)
+    if isinstance(cls, type) and issubclass(cls, keras.layers.Layer):
+        return cls
+    for key, obj in keras.saving.get_custom_objects().items():
+        if (key == name or key.split(">")[-1] == name) and isinstance(obj, type) \
+                and issubclass(obj, keras.layers.Layer):
+            return obj
+    known = sorted({n for n in dir(keras.layers) if n[:1].isupper()})
+    guess = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    raise ApplyError(f"unknown layer type {name!r}" + (f" (did you mean {guess[0]!r}?)" if guess else ""),
+                     span=span, hint="custom layers need --import MODULE for the module that registers them")
+
+
+def io_shapes(layer):
+    """(input shape, output shape) of a layer called once, or None."""
+    try:
+        return tuple(layer.input.shape), tuple(layer.output.shape)
+    except Exception:  # shared, multi-input or not called: no single answer
+        return None
+
+
+def _shape(t) -> str:
+    dims = ", ".join("None" if d is None else str(d) for d in t)
+    return f"({dims},)" if len(t) == 1 else f"({dims})"
+
+
+def check_moves(layers_by_path: dict, paths: list[str], order: list[int], span=None) -> None:
+    """Before layers change places (swap, shuffle): every moved layer, and every layer reading a moved
+    position, must receive a shape it takes. Layers with weights take exactly their original input
+    shape; layers without weights take anything Keras can compute an output shape for. Reads which
+    layer feeds which through Keras's private ``_keras_history`` and ``_outbound_nodes`` (no public
+    API says it; tests/test_surgery.py fails loudly if they change)."""
+    layers = [layers_by_path[p] for p in paths]
+    io = [io_shapes(layer) for layer in layers]
+    if any(x is None for x in io):
+        return  # shared or multi-input layers are refused by the editor with their own message
+    produced: dict[int, tuple] = {}  # position -> new output shape
+    position_of = {id(layer): k for k, layer in enumerate(layers)}
+
+    def source_position(k):
+        try:
+            history = layers[k].input._keras_history  # which layer feeds position k
+            return position_of.get(id(history[0]))
+        except Exception:
+            return None
+    for k in range(len(paths)):  # paths are in graph order
+        incoming = layers[order[k]]
+        src = source_position(k)
+        received = produced[src] if src is not None and src in produced else io[k][0]
+        expected = io[order[k]][0]
+        if incoming.weights and received[1:] != expected[1:]:
+            raise ApplyError(f"{incoming.name} expects {_shape(expected)} but would receive {_shape(received)}",
+                             span=span)
+        if incoming.weights:
+            produced[k] = io[order[k]][1]
+        else:
+            try:
+                produced[k] = tuple(incoming.compute_output_shape(received))
+            except Exception as exc:
+                raise ApplyError(f"{incoming.name} cannot take {_shape(received)}: {exc}", span=span) from None
+    for k in range(len(paths)):
+        if produced[k][1:] != io[k][1][1:]:
+            consumers = [n.operation.name for n in getattr(layers[k], "_outbound_nodes", [])
+                         if getattr(n, "operation", None) is not None and id(n.operation) not in position_of]
+            who = consumers[0] if consumers else "the model's output"
+            raise ApplyError(f"{who} expects {_shape(io[k][1])} but would receive {_shape(produced[k])}",
+                             span=span)

@@ -1,7 +1,33 @@
 """Output shapes of the layers of a model config, worked out without building the model."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from .config import is_model_entry, layers_of, tensors, walk
+
+
+class ArchiveFacts(Mapping):
+    """(output shape, params) by path for an archive's layers, as a report describes a built model's,
+    worked out only for the layers a report asks about (an output shape needs the layer's class)."""
+
+    def __init__(self, archive):
+        self._infos = {info.path: info for info in archive.layers}
+        self.shapes = ShapeFinder(archive.current_config())
+
+    def __getitem__(self, path):
+        shape = self.shapes.output(path)
+        return ("?" if shape is None else shape_text(shape)), self._infos[path].params()
+
+    def __iter__(self):
+        return iter(self._infos)
+
+    def __len__(self):
+        return len(self._infos)
+
+
+def shape_text(shape) -> str:
+    dims = ", ".join("None" if d is None else str(d) for d in shape)
+    return f"({dims},)" if len(shape) == 1 else f"({dims})"
 
 
 class ShapeFinder:

@@ -26,10 +26,31 @@ KINDS: tuple = (RecipeHeader, Requires, Seed, Param, Include, Select, Scale, Add
 
 HEADER_TYPES: tuple = tuple(kind for kind in KINDS if kind.role == "header")
 
-BY_RULE: dict = {rule: kind for kind in KINDS for rule in kind.rules}
-BY_YAML_KEY: dict = {}
-for _kind in KINDS:
-    BY_YAML_KEY.setdefault(_kind.yaml_key, _kind)
+def index_by(kinds, keys) -> dict:
+    """key -> kind for every key ``keys(kind)`` gives; two kinds claiming one key is an error (a grammar
+    rule compiled twice would silently follow whichever came last)."""
+    out: dict = {}
+    for kind in kinds:
+        for key in keys(kind):
+            if key in out:
+                raise RuntimeError(f"{key!r} is claimed by {out[key].__name__} and {kind.__name__}")
+            out[key] = kind
+    return out
+
+
+BY_RULE: dict = index_by(KINDS, lambda kind: kind.rules)
+
+
+def _yaml_readers(kinds) -> list:
+    """One kind per (YAML key, reader): the assert kinds share the key `assert` and one reader
+    (checks.Check.read_yaml tells them apart)."""
+    readers: dict = {}
+    for kind in kinds:
+        readers.setdefault((kind.yaml_key, kind.read_yaml.__func__), kind)
+    return list(readers.values())
+
+
+BY_YAML_KEY: dict = index_by(_yaml_readers(KINDS), lambda kind: [kind.yaml_key])
 BARE_YAML: dict = {kind.yaml_key: kind for kind in KINDS if kind.yaml_bare}
 
 
@@ -42,7 +63,7 @@ def yaml_keys() -> list:
     return list(BY_YAML_KEY)
 
 
-__all__ = ["KINDS", "HEADER_TYPES", "BY_RULE", "BY_YAML_KEY", "BARE_YAML", "keywords", "yaml_keys",
+__all__ = ["KINDS", "HEADER_TYPES", "index_by", "BY_RULE", "BY_YAML_KEY", "BARE_YAML", "keywords", "yaml_keys",
            "RecipeHeader", "Requires", "Seed", "Param", "Include", "Select", "SelAll", "SelRefs", "SelWhere",
            "SelSample", "Selector", "Scale", "AddNoise", "Reinit", "Fill", "Clip", "Prune", "Freeze", "Unfreeze",
            "LoadWeights", "Replace", "Tap", "Insert", "Remove", "Swap", "Shuffle", "Cut", "Append", "SetConfig",

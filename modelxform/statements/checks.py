@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Union
 
-from ..ir import SPAN, ParamRef, Statement, format_size, format_value
+from ..errors import ApplyError, AssertionFailed
+from ..ir import SPAN, ParamRef, Statement, compare, format_size, format_value
 from ..source import Span
 
 
@@ -82,6 +83,28 @@ class AssertEquivalent(Check):
             body["tolerance"] = w.value(self.tolerance)
         return {"assert": body}
 
+    def run(self, ctx):
+        import numpy as np
+        tolerance = 1e-5 if self.tolerance is None else ctx.number(self.tolerance, self)
+        _, expected = ctx.reference
+        _, outputs = ctx.probe_outputs()
+        if outputs is None:
+            raise AssertionFailed("assert equivalent failed: the model's inputs changed", span=self.span)
+        if len(outputs) < len(expected):
+            raise AssertionFailed(f"assert equivalent failed: the model has {len(outputs)} outputs, the input model "
+                                  f"had {len(expected)}", span=self.span)
+        worst = 0.0
+        for k, (got, want) in enumerate(zip(outputs, expected)):
+            if got.shape != want.shape:
+                raise AssertionFailed(f"assert equivalent failed: output {k} has shape {got.shape}, was "
+                                      f"{want.shape}", span=self.span)
+            worst = max(worst, float(np.max(np.abs(got.astype("float64") - want.astype("float64"))))
+                        if got.size else 0.0)
+        if worst > tolerance:
+            raise AssertionFailed(f"assert equivalent failed: outputs differ by up to {worst:.3g} "
+                                  f"(tolerance {tolerance:g})", span=self.span)
+        return ctx.report(self, notes=[f"holds: largest difference {worst:.3g} (tolerance {tolerance:g})"])
+
 
 @dataclass(frozen=True)
 class AssertCount(Check):
@@ -107,6 +130,14 @@ class AssertCount(Check):
     def yaml(self, w):
         return {"assert": {"count": f"{self.op} {format_value(self.value)}"}}
 
+    def run(self, ctx):
+        n = len(ctx.selected(self))
+        want = ctx.number(self.value, self)
+        if not compare(self.op, n, want):
+            raise AssertionFailed(f"assert failed: the selection has {n} layer{'s' if n != 1 else ''}, "
+                                  f"expected count {self.op} {want}", span=self.span)
+        return ctx.report(self, notes=[f"holds: count is {n}"])
+
 
 @dataclass(frozen=True)
 class AssertParams(Check):
@@ -126,6 +157,14 @@ class AssertParams(Check):
 
     def yaml(self, w):
         return {"assert": {"params": f"{self.op} {format_size(self.value)}"}}
+
+    def run(self, ctx):
+        n = ctx.param_count()
+        want = ctx.number(self.value, self)
+        if not compare(self.op, n, want):
+            raise AssertionFailed(f"assert failed: the model has {n:,} parameters, expected params {self.op} "
+                                  f"{format_size(want)}", span=self.span)
+        return ctx.report(self, notes=[f"holds: {n:,} parameters"])
 
 
 @dataclass(frozen=True)
@@ -176,3 +215,21 @@ class AssertShape(Check):
         if self.index is not None:
             body["index"] = self.index
         return {"assert": body}
+
+    def run(self, ctx):
+        outputs = ctx.output_shapes()
+        index = self.index or 0
+        if index >= len(outputs):
+            raise ApplyError(f"the model has {len(outputs)} output{'s' if len(outputs) != 1 else ''}; "
+                             f"there is no output {index}", span=self.span)
+        shape = outputs[index]
+        equal = shape == tuple(self.shape)
+        if equal != (self.op == "=="):
+            raise AssertionFailed(f"assert failed: output {index} has shape {_fmt_shape(shape)}, expected "
+                                  f"shape {self.op} {_fmt_shape(self.shape)}", span=self.span)
+        return ctx.report(self, notes=[f"holds: output {index} has shape {_fmt_shape(shape)}"])
+
+
+def _fmt_shape(shape) -> str:
+    dims = ", ".join("None" if d is None else str(d) for d in shape)
+    return f"({dims},)" if len(shape) == 1 else f"({dims})"

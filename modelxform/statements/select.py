@@ -130,3 +130,16 @@ class Select(Statement):
         if sel.pred is not None:
             body["where"] = str(sel.pred)
         return {"select": body}
+
+    def run(self, ctx):
+        infos = ctx.select(self)
+        ctx.selection = [i.path for i in infos]
+        return ctx.report(self, layers=list(ctx.selection),
+                          notes=[f"{len(infos)} layer{'s' if len(infos) != 1 else ''}: "
+                                 + abbreviate([i.path for i in infos])])
+
+
+def abbreviate(paths: list[str], limit: int = 8) -> str:
+    if len(paths) <= limit:
+        return ", ".join(paths)
+    return ", ".join(paths[:limit]) + f", … ({len(paths) - limit} more)"

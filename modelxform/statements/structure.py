@@ -7,9 +7,12 @@ consecutive structural statements.
 """
 from __future__ import annotations
 
+import fnmatch
+import inspect
 import re
 from dataclasses import dataclass, field
 
+from ..errors import ApplyError
 from ..ir import SPAN, Call, Pred, Ref, Statement, Value, format_value, keywords, quote, unquote
 from ..source import Span
 
@@ -78,6 +81,51 @@ class Replace(StructuralStatement):
         return {"replace": {"source": "selected" if self.source is None else w.ref(self.source),
                             "with": w.call(self.replacement)}}
 
+    def run(self, ctx):
+        # resolve the selection first: it may rebuild pending edits, which starts a new editor
+        wanted = {info.path for info in ctx.selected(self)} if self.source is None else None
+        editor = ctx.editor(self)
+        leaves = editor.leaves()
+        if wanted is not None:
+            targets = [leaf for leaf in leaves if leaf.path in wanted]
+        else:
+            targets = ctx.resolve(self.source, leaves)
+        cls = ctx.layer_class(self.replacement.name, self.span)
+        kwargs = {k: ctx.value(v, self) for k, v in self.replacement.kwargs}
+        taken = {leaf.path for leaf in leaves}
+        report = ctx.report(self)
+        plans = []
+        for target in targets:
+            old_config = target.entry["config"]
+            if self.replacement.bare:
+                layer, carried = carried_config(cls, old_config, self.span, target.type_name)
+                detail = f" (kept {', '.join(carried)})" if carried else ""
+            else:
+                args = dict(kwargs)
+                args.setdefault("name", old_config["name"])
+                if args["name"] != old_config["name"]:
+                    new_path = "/".join(target.path.split("/")[:-1] + [args["name"]])
+                    if new_path in taken:
+                        raise ApplyError(f"replacement name {args['name']!r} is already used by another layer",
+                                         span=self.span)
+                layer = construct(cls, args, self.span)
+                detail = ""
+            serialized = ctx.keras().saving.serialize_keras_object(layer)
+            new_name = serialized["config"]["name"]
+            new_path = "/".join(target.path.split("/")[:-1] + [new_name])
+            plans.append((target.path, new_path, serialized))
+            ctx.obligations.pop(target.path, None)  # a replaced layer gets fresh weights: nothing owed
+            report.layers.append(target.path)
+            report.changes.append(f"{target.path}: {target.type_name} -> {cls.__name__}{detail}")
+        parts = ctx.rng_parts(self)
+
+        def apply(ed):
+            for path, new_path, serialized in plans:
+                ed.replace(path, serialized, parts)
+        editor.queue(self, apply)
+        report.rebuilt = [new for _, new, _ in plans]
+        return report
+
 
 @dataclass(frozen=True)
 class Tap(StructuralStatement):
@@ -120,6 +168,36 @@ class Tap(StructuralStatement):
             body["only"] = True
         return {"tap": body}
 
+    def run(self, ctx):
+        editor = ctx.editor(self)
+        paths = self._paths(ctx, editor)
+        editor.queue(self, lambda ed: ed.tap(paths, self.only, self.span))
+        report = ctx.report(self, layers=list(paths))
+        verb = "outputs are now exactly" if self.only else "added as outputs"
+        report.changes.append(f"{verb}: {', '.join(paths)}")
+        return report
+
+    def _paths(self, ctx, editor) -> list[str]:
+        top = [e["config"]["name"] for e in editor.top_entries()]
+        paths: list[str] = []
+        for ref in self.refs:
+            if ref.kind == "glob":
+                found = [n for n in top if fnmatch.fnmatchcase(n, ref.text)]
+            elif ref.text in top:
+                found = [ref.text]
+            elif "/" in ref.text:
+                if ref.text not in editor.entry_paths():
+                    ctx.resolve(ref, editor.leaves())  # says "no layer named …" (with a suggestion)
+                found = [ref.text]
+            else:
+                found = []
+            if not found:
+                guess = ctx.closest(ref.text, top)
+                raise ApplyError(f"tap: no layer named {ref.text!r}" + (f" (did you mean {guess!r}?)" if guess else ""),
+                                 span=ref.span)
+            paths.extend(p for p in found if p not in paths)
+        return paths
+
 
 @dataclass(frozen=True)
 class Insert(StructuralStatement):
@@ -155,6 +233,21 @@ class Insert(StructuralStatement):
 
     def yaml(self, w):
         return {"insert": {"layer": w.call(self.layer), self.where: w.ref(self.anchor)}}
+
+    def run(self, ctx):
+        serialized = new_layer(ctx, self, self.layer)
+        editor = ctx.editor(self)
+        anchor = entry_path(ctx, editor, self.anchor, f"insert … {self.where}")
+        parts = ctx.rng_parts(self)
+        result = {}
+
+        def apply(ed):
+            result["path"] = ed.insert(serialized, self.where, anchor, parts, self.span, _named(self.layer))
+        editor.queue(self, apply)
+        report = ctx.report(self, layers=[result["path"]])
+        report.changes.append(f"added {result['path']} ({self.layer.name}) {self.where} {anchor}")
+        report.rebuilt = [result["path"]]
+        return report
 
 
 @dataclass(frozen=True)
@@ -210,6 +303,39 @@ class Remove(StructuralStatement):
             return {"remove": {"where": str(self.pred)}}
         return {"remove": {"layers": [w.ref(r) for r in self.refs]}}
 
+    def run(self, ctx):
+        if self.selected:
+            targets = [i.path for i in ctx.selected(self)]
+        elif self.pred is not None:
+            targets = [i.path for i in ctx.matching(self.pred)]
+            if not targets:
+                raise ApplyError(f"remove where {self.pred} matches no layer", span=self.span)
+        else:
+            targets = []
+        # shapes come from the last built model: right for every layer that pending edits did not add
+        live = {i.path: i.layer for i in ctx.built_layers()}
+        editor = ctx.editor(self)
+        for ref in self.refs:
+            path = entry_path(ctx, editor, ref, "remove")
+            if path not in targets:
+                targets.append(path)
+        report = ctx.report(self, layers=list(targets))
+        for path in targets:
+            layer = live.get(path)
+            shapes = ctx.io_shapes(layer) if layer is not None else None
+            if shapes and shapes[0][1:] != shapes[1][1:]:
+                raise ApplyError(f"remove {path}: its consumers expect {_shape(shapes[1])} but would receive "
+                                 f"{_shape(shapes[0])}", span=self.span,
+                                 hint="only layers whose output has their input's shape can be removed")
+            report.changes.append(f"removed {path}" + (f" {_shape(shapes[0])}" if shapes else ""))
+
+        def apply(ed):
+            for path in targets:
+                ed.remove(path, self.span)
+        editor.queue(self, apply)
+        ctx.forget(targets)
+        return report
+
 
 @dataclass(frozen=True)
 class Swap(StructuralStatement):
@@ -245,6 +371,16 @@ class Swap(StructuralStatement):
     def yaml(self, w):
         return {"swap": {"layers": [w.ref(self.first), w.ref(self.second)]}}
 
+    def run(self, ctx):
+        layers = ctx.layers()
+        a = ctx.resolve(self.first, layers)
+        b = ctx.resolve(self.second, layers)
+        if len(a) != 1 or len(b) != 1:
+            raise ApplyError("swap takes two single layers", span=self.span)
+        if a[0].path == b[0].path:
+            raise ApplyError(f"swap {a[0].path} with itself changes nothing", span=self.span)
+        return _move(ctx, self, [a[0].path, b[0].path], [1, 0])
+
 
 @dataclass(frozen=True)
 class Shuffle(StructuralStatement):
@@ -271,6 +407,14 @@ class Shuffle(StructuralStatement):
 
     def yaml(self, w):
         return "shuffle"
+
+    def run(self, ctx):
+        paths = [i.path for i in ctx.selected(self)]
+        if len(paths) < 2:
+            raise ApplyError("shuffle needs at least two selected layers", span=self.span)
+        rng = ctx.rng(self)
+        order = [int(x) for x in rng.permutation(len(paths))]
+        return _move(ctx, self, paths, order)
 
 
 @dataclass(frozen=True)
@@ -300,6 +444,19 @@ class Cut(StructuralStatement):
 
     def yaml(self, w):
         return {"cut": {"after": w.ref(self.anchor)}}
+
+    def run(self, ctx):
+        editor = ctx.editor(self)
+        anchor = entry_path(ctx, editor, self.anchor, "cut after")
+        before = set(editor.entry_paths())
+        editor.queue(self, lambda ed: ed.cut(anchor, self.span))
+        dropped = [p for p in before if p not in set(editor.entry_paths())]
+        report = ctx.report(self, layers=[anchor])
+        report.changes.append(f"output is now {anchor}; dropped {len(dropped)} layer(s)"
+                              + (": " + ", ".join(sorted(dropped)[:8]) + (" …" if len(dropped) > 8 else "")
+                                 if dropped else ""))
+        ctx.forget(dropped)
+        return report
 
 
 @dataclass(frozen=True)
@@ -336,6 +493,22 @@ class Append(StructuralStatement):
             body["after"] = w.ref(self.anchor)
         return {"append": body}
 
+    def run(self, ctx):
+        serialized = new_layer(ctx, self, self.layer)
+        editor = ctx.editor(self)
+        anchor = entry_path(ctx, editor, self.anchor, "append … after") if self.anchor is not None else None
+        parts = ctx.rng_parts(self)
+        result = {}
+
+        def apply(ed):
+            result["path"] = ed.append(serialized, anchor, parts, self.span, _named(self.layer))
+        editor.queue(self, apply)
+        report = ctx.report(self, layers=[result["path"]])
+        report.changes.append(f"added {result['path']} ({self.layer.name}) on the output"
+                              + (f" of {anchor}" if anchor else ""))
+        report.rebuilt = [result["path"]]
+        return report
+
 
 @dataclass(frozen=True)
 class SetConfig(StructuralStatement):
@@ -368,6 +541,25 @@ class SetConfig(StructuralStatement):
 
     def yaml(self, w):
         return {"set_field": {"field": self.key, "value": w.value(self.value)}}
+
+    def run(self, ctx):
+        paths = [i.path for i in ctx.selected(self)]
+        value = ctx.value(self.value, self)
+        if isinstance(value, tuple):
+            value = list(value)
+        editor = ctx.editor(self)
+        old = {p: editor.entry(p)["config"].get(self.key, "(unset)") for p in paths}
+
+        def apply(ed):
+            for path in paths:
+                ed.set_field(path, self.key, value, self, self.span)
+        editor.queue(self, apply)
+        report = ctx.report(self, layers=list(paths))
+        for path in paths:
+            report.changes.append(f"{path}: {self.key} {format_value(_plain(old[path]))} -> "
+                                  f"{format_value(_plain(value))}")
+        report.rebuilt = list(paths)
+        return report
 
 
 @dataclass(frozen=True)
@@ -405,3 +597,116 @@ class Rename(StructuralStatement):
 
     def yaml(self, w):
         return {"rename": {self.mode: self.text}}
+
+    def run(self, ctx):
+        paths = [i.path for i in ctx.selected(self)]
+        if self.mode == "to" and len(paths) != 1:
+            raise ApplyError(f"rename to {quote(self.text)} needs exactly one selected layer, not {len(paths)}",
+                             span=self.span, hint='use rename prefix "…" for several layers')
+        editor = ctx.editor(self)
+        new_names = {p: (self.text if self.mode == "to" else self.text + p.split("/")[-1]) for p in paths}
+        result = {}
+
+        def apply(ed):
+            result.clear()
+            for path in paths:
+                result[path] = ed.rename(path, new_names[path], self.span)
+        editor.queue(self, apply)
+        ctx.selection = [result.get(p, p) for p in ctx.selection]
+        for old_path, new_path in result.items():  # a `set` obligation follows the layer's new name
+            if old_path in ctx.obligations:
+                ctx.obligations[new_path] = ctx.obligations.pop(old_path)
+        report = ctx.report(self, layers=[result[p] for p in paths])
+        report.changes.extend(f"{p} -> {result[p]}" for p in paths if result[p] != p)
+        return report
+
+
+# ---- what the passes share ---------------------------------------------------------------------
+
+BASE_LAYER_ARGS = ("name", "trainable", "dtype")
+
+
+def construct(cls, kwargs: dict, span):
+    try:
+        return cls(**kwargs)
+    except Exception as exc:  # the constructor's own message says what is wrong with the arguments
+        raise ApplyError(f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {exc}",
+                         span=span) from None
+
+
+def carried_config(cls, old_config: dict, span, old_type: str):
+    """Config fields the old layer and ``cls`` share (pool_size, strides, padding, name, …)."""
+    accepted = set(inspect.signature(cls.__init__).parameters) | set(BASE_LAYER_ARGS)
+    keep = {k: v for k, v in old_config.items() if k in accepted}
+    try:
+        layer = cls.from_config(dict(keep))
+    except TypeError as exc:
+        raise ApplyError(f"cannot replace {old_type} with {cls.__name__} by carrying its settings over: {exc}",
+                         span=span, hint=f"give the arguments: replace … with {cls.__name__}(…)") from None
+    except Exception as exc:
+        raise ApplyError(f"{cls.__name__} does not accept {old_type}'s settings: {exc}", span=span) from None
+    return layer, sorted(k for k in keep if k not in BASE_LAYER_ARGS)
+
+
+def entry_path(ctx, editor, ref: Ref, what: str) -> str:
+    """The path of the one layer (or nested model) a reference names, in the edited graph."""
+    paths = editor.entry_paths()
+    if ref.kind == "glob":
+        found = [p for p in paths if fnmatch.fnmatchcase(p, ref.text) or fnmatch.fnmatchcase(p.split("/")[-1], ref.text)]
+    elif ref.text in paths:
+        return ref.text
+    else:
+        found = [p for p in paths if p.split("/")[-1] == ref.text]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise ApplyError(f"{what}: {ref} names {len(found)} layers ({', '.join(found[:5])}); name one",
+                         span=ref.span)
+    guess = ctx.closest(ref.text, paths + [p.split("/")[-1] for p in paths])
+    raise ApplyError(f"{what}: no layer named {ref.text!r}" + (f" (did you mean {guess!r}?)" if guess else ""),
+                     span=ref.span)
+
+
+def new_layer(ctx, stmt, call: Call) -> dict:
+    """The serialized config of a new layer ``call`` constructs; unnamed, it gets Keras's default name for
+    its class without the process-wide counter (which would make names, and the seeded weights derived
+    from them, depend on what else ran in the process)."""
+    cls = ctx.layer_class(call.name, stmt.span)
+    kwargs = {k: ctx.value(v, stmt) for k, v in call.kwargs}
+    kwargs.setdefault("name", ctx.default_layer_name(cls.__name__))
+    return ctx.keras().saving.serialize_keras_object(construct(cls, kwargs, stmt.span))
+
+
+def _named(call: Call) -> bool:
+    return any(k == "name" for k, _ in call.kwargs)
+
+
+def _shape(t) -> str:
+    dims = ", ".join("None" if d is None else str(d) for d in t)
+    return f"({dims},)" if len(t) == 1 else f"({dims})"
+
+
+def _move(ctx, stmt, paths: list[str], order: list[int]):
+    ctx.flush()  # validation reads the live model's shapes
+    graph_order = [i.path for i in ctx.layers()]
+    pairs = sorted(zip(paths, [paths[o] for o in order]), key=lambda pr: graph_order.index(pr[0]))
+    positions = [a for a, _ in pairs]
+    order_sorted = [positions.index(b) for _, b in pairs]
+    ctx.check_moves(positions, order_sorted, stmt)
+    editor = ctx.editor(stmt)
+    editor.queue(stmt, lambda ed: ed.permute(positions, order_sorted, stmt.span))
+    report = ctx.report(stmt, layers=list(positions))
+    for k, path in enumerate(positions):
+        if order_sorted[k] != k:
+            report.changes.append(f"the place of {path} now holds {positions[order_sorted[k]]}")
+    if not report.changes:
+        report.notes.append("the permutation left every layer in place")
+    return report
+
+
+def _plain(value):
+    if isinstance(value, list):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return value.get("class_name", "…")
+    return value

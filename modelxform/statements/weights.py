@@ -5,11 +5,27 @@ statement touches keep bit-identical weights.
 """
 from __future__ import annotations
 
+import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Union
 
+from ..errors import ApplyError
 from ..ir import SPAN, Call, ParamRef, Percent, Statement, format_value, quote, unquote
 from ..source import Span
+
+
+
+class _Numpy:
+    """numpy, imported when a pass first uses it: the compiler imports this module, and ``check`` and
+    ``fmt`` start faster without numpy."""
+
+    def __getattr__(self, name):
+        import numpy
+        return getattr(numpy, name)
+
+
+np = _Numpy()
 
 NOISE_DISTRIBUTIONS = {"normal": ("mean", "stddev"), "uniform": ("low", "high")}
 # `set … to` with these runs on a .keras archive (numpy gives the values keras.initializers would)
@@ -55,6 +71,11 @@ class Scale(WeightStatement):
 
     def yaml(self, w):
         return {"scale": {"target": self.target, "factor": w.value(self.factor)}}
+
+    def run(self, ctx):
+        factor = ctx.number(self.factor, self)
+        return _map_variables(ctx, self, self.target,
+                              lambda info, var, a: np.multiply(a, np.asarray(factor, a.dtype), out=a), f"× {factor}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,29 @@ class AddNoise(WeightStatement):
         return {"add_noise": {"target": self.target,
                               self.distribution.name: {k: w.value(v) for k, v in self.distribution.kwargs} or None}}
 
+    def run(self, ctx):
+        dist = self.distribution
+        args = {k: ctx.number(v, self) for k, v in dist.kwargs}
+        if dist.name == "normal":
+            mean, stddev = args.get("mean", 0.0), args.get("stddev", 1.0)
+            if stddev < 0:
+                raise ApplyError(f"normal(): stddev must be ≥ 0, not {stddev}", span=self.span)
+            draw = lambda rng, shape: rng.normal(mean, stddev, size=shape)  # noqa: E731
+        else:
+            low, high = args.get("low", -1.0), args.get("high", 1.0)
+            if low > high:
+                raise ApplyError(f"uniform(): low ({low}) is above high ({high})", span=self.span)
+            draw = lambda rng, shape: rng.uniform(low, high, size=shape)  # noqa: E731
+
+        def fn(info, var, a):
+            rng = ctx.rng(self, info.path, var.name)
+            flat = a.reshape(-1)  # a view: the array is contiguous
+            for start in range(0, flat.size, NOISE_BLOCK):
+                block = flat[start:start + NOISE_BLOCK]
+                block += draw(rng, block.size).astype(a.dtype)
+            return a
+        return _map_variables(ctx, self, self.target, fn, f"+ {dist} noise")
+
 
 @dataclass(frozen=True)
 class Reinit(WeightStatement):
@@ -152,6 +196,23 @@ class Reinit(WeightStatement):
             body["with"] = w.call(self.initializer)
         return {"reinit": body}
 
+    def run(self, ctx):
+        explicit = self.initializer is not None
+        chosen = _keras_initializer(ctx, self, self.initializer) if explicit else None
+        user_seed = explicit and any(k == "seed" for k, _ in self.initializer.kwargs)
+
+        def fn(info, var, a):
+            init = chosen if explicit else ctx.own_initializer(info.layer, var.name)
+            if init is None:
+                raise ApplyError(f"{info.path}: its config names no initializer for {var.name!r}",
+                                 span=self.span, hint=f"name one: reinit {self.target} with glorot_uniform")
+            return _init_values(ctx, self, info, var, init, user_seed)
+        desc = f"reinitialised with {self.initializer}" if explicit else "reinitialised with its own initializer"
+        report = _map_variables(ctx, self, self.target, fn, desc)
+        for path in report.layers:
+            ctx.obligations.pop(path, None)
+        return report
+
 
 @dataclass(frozen=True)
 class Fill(WeightStatement):
@@ -186,6 +247,23 @@ class Fill(WeightStatement):
     def yaml(self, w):
         return {"set": {"target": self.target, "to": w.call(self.initializer)}}
 
+    def run(self, ctx):
+        source = _constant_source(ctx, self, self.initializer) if ctx.on_archive else None
+        if ctx.on_archive:
+            pairs, _ = _variables(ctx, self, self.target)
+            if source is None or any(np.dtype(var.np_dtype).kind != "f" for _, var in pairs):
+                ctx.require_model()  # only Keras's initializer can say what the values are
+        if ctx.on_archive:
+            fn = lambda info, var, a: np.full(a.shape, source.astype(a.dtype), dtype=a.dtype)  # noqa: E731
+        else:
+            init = _keras_initializer(ctx, self, self.initializer)
+            user_seed = any(k == "seed" for k, _ in self.initializer.kwargs)
+            fn = lambda info, var, a: _init_values(ctx, self, info, var, init, user_seed)  # noqa: E731
+        report = _map_variables(ctx, self, self.target, fn, f"set to {self.initializer}")
+        for path in report.layers:
+            ctx.obligations.pop(path, None)
+        return report
+
 
 @dataclass(frozen=True)
 class Clip(WeightStatement):
@@ -219,6 +297,15 @@ class Clip(WeightStatement):
 
     def yaml(self, w):
         return {"clip": {"target": self.target, "low": w.value(self.low), "high": w.value(self.high)}}
+
+    def run(self, ctx):
+        low, high = ctx.number(self.low, self), ctx.number(self.high, self)
+        if low > high:
+            raise ApplyError(f"clip bounds are in the wrong order: {low} > {high}", span=self.span)
+        return _map_variables(ctx, self, self.target,
+                              lambda info, var, a: np.clip(a, np.asarray(low, a.dtype), np.asarray(high, a.dtype),
+                                                           out=a),
+                              f"clipped to [{low}, {high}]")
 
 
 @dataclass(frozen=True)
@@ -258,6 +345,13 @@ class Prune(WeightStatement):
     def yaml(self, w):
         return {"prune": {"target": self.target, "percent": w.value(self.amount.value)}}
 
+    def run(self, ctx):
+        percent = ctx.number(self.amount.value, self)
+        if not 0 <= percent <= 100:
+            raise ApplyError(f"prune takes a percentage from 0% to 100%, not {percent}%", span=self.span)
+        return _map_variables(ctx, self, self.target, lambda info, var, a: prune_array(a, percent),
+                              f"smallest {percent}% set to zero")
+
 
 @dataclass(frozen=True)
 class Freeze(WeightStatement):
@@ -285,6 +379,9 @@ class Freeze(WeightStatement):
     def yaml(self, w):
         return "freeze"
 
+    def run(self, ctx):
+        return _set_trainable(ctx, self, False)
+
 
 @dataclass(frozen=True)
 class Unfreeze(WeightStatement):
@@ -311,6 +408,9 @@ class Unfreeze(WeightStatement):
 
     def yaml(self, w):
         return "unfreeze"
+
+    def run(self, ctx):
+        return _set_trainable(ctx, self, True)
 
 
 @dataclass(frozen=True)
@@ -344,3 +444,182 @@ class LoadWeights(WeightStatement):
         if self.strict:
             body["strict"] = True
         return {"load_weights": body}
+
+    def run(self, ctx):
+        base = os.getcwd()
+        if self.span is not None and self.span.filename and not self.span.filename.startswith("<"):
+            base = os.path.dirname(os.path.abspath(self.span.filename))
+        source_layers = ctx.load_layers(os.path.join(base, self.path), self)
+        by_path = {i.path: i for i in source_layers}
+        by_name: dict = {}
+        for i in source_layers:
+            by_name.setdefault(i.name, []).append(i)
+        report = ctx.report(self)
+        missing = []
+        for info in ctx.selected(self):
+            if not info.layer.weights:
+                continue
+            match = by_path.get(info.path)
+            how = "path"
+            if match is None and len(by_name.get(info.name, [])) == 1:
+                match, how = by_name[info.name][0], "name"
+            if match is None:
+                missing.append(info.path)
+                continue
+            have = [tuple(v.shape) for v in info.layer.weights]
+            got = [tuple(v.shape) for v in match.layer.weights]
+            if have != got:
+                raise ApplyError(f"load weights: {info.path} has weights {have} but {self.path}'s {match.path} "
+                                 f"has {got}", span=self.span)
+            report.layers.append(info.path)
+            report.changes.append(f"{info.path} <- {self.path}:{match.path} (by {how})")
+            report.then(lambda layer=info.layer, other=match.layer: layer.set_weights(other.get_weights()))
+        if missing:
+            if self.strict:
+                raise ApplyError(f"load weights … strict: no match in {self.path} for " + ", ".join(missing),
+                                 span=self.span)
+            report.notes.append("no match for: " + ", ".join(missing))
+        return report
+
+
+# ---- what the passes share ---------------------------------------------------------------------
+
+def _variables(ctx, stmt, target: str):
+    """(layer, variable) pairs of the selection that ``target`` names; an error when none do."""
+    pairs, missing = [], []
+    for info in ctx.selected(stmt):
+        found = [v for v in info.layer.weights
+                 if (target == "weights" and np.dtype(v.dtype).kind == "f") or v.name == target]
+        if found:
+            pairs.extend((info, v) for v in found)
+        else:
+            missing.append(info)
+    if not pairs:
+        have = sorted({v.name for i in ctx.selected(stmt) for v in i.layer.weights})
+        what = "no weights" if target == "weights" else f"no variable {target!r}"
+        raise ApplyError(f"the selected layers have {what}", span=stmt.span,
+                         hint=("they have: " + ", ".join(have)) if have else
+                         "the selection holds only layers without weights (e.g. pooling, dropout)")
+    return pairs, missing
+
+
+def _shape(v) -> str:
+    return "(" + ", ".join(str(d) for d in v.shape) + ("," if len(v.shape) == 1 else "") + ")"
+
+
+def _private_array(var) -> np.ndarray:
+    """The variable's values in an array nobody else holds, which a pass may change in place: a Keras
+    variable's ``numpy()`` may share memory with the variable, so it is copied; an archive's stand-in
+    (keras_io.archive.ArchiveVariable) hands over its own array."""
+    take = getattr(var, "take_array", None)
+    a = take() if take is not None else np.array(var.numpy(), copy=True)
+    if not (a.flags.c_contiguous and a.flags.writeable):  # the passes write through reshape(-1) views
+        a = np.array(a, order="C", copy=True)
+    return a
+
+
+# Arrays are changed in place, and noise is drawn a block at a time, so that a pass holds one array at
+# a time, not two (VGG16's fc1 kernel alone is 392 MiB). numpy's Generator draws the same stream in
+# blocks as at once, so the values do not depend on the block size.
+NOISE_BLOCK = 1 << 20
+
+
+def _map_variables(ctx, stmt, target: str, fn, describe: str):
+    """Report ``describe`` for every targeted variable and defer ``fn(info, variable, array) -> new
+    array`` to when the recipe is applied; ``array`` is private to the pass, and ``fn`` may change it in
+    place and return it."""
+    pairs, missing = _variables(ctx, stmt, target)
+    report = ctx.report(stmt)
+    for info, var in pairs:
+        if info.path not in report.layers:
+            report.layers.append(info.path)
+        report.changes.append(f"{info.path}: {var.name} {_shape(var)} {describe}")
+        report.then(lambda info=info, var=var: _change(info, var, fn))
+    if missing:
+        report.notes.append(f"skipped {len(missing)} selected layer(s) without {target!r}: "
+                            + ", ".join(i.path for i in missing[:5]) + (" …" if len(missing) > 5 else ""))
+    return report
+
+
+def _change(info, var, fn) -> None:
+    old = _private_array(var)
+    dtype = old.dtype
+    new = np.asarray(fn(info, var, old))
+    var.assign(new.astype(dtype, copy=False))
+
+
+def _keras_initializer(ctx, stmt, call: Call):
+    keras = ctx.keras()
+    cls = getattr(keras.initializers, call.name, None)
+    if not (isinstance(cls, type) and issubclass(cls, keras.initializers.Initializer)):
+        raise ApplyError(f"unknown initializer {call.name!r}", span=stmt.span)
+    args = [ctx.value(v, stmt) for v in call.args]
+    kwargs = {k: ctx.value(v, stmt) for k, v in call.kwargs}
+    try:
+        return cls(*args, **kwargs)
+    except Exception as exc:  # the initializer's own message names the bad argument
+        raise ApplyError(f"initializer {call}: {exc}", span=stmt.span) from None
+
+
+def _init_values(ctx, stmt, info, var, init, explicit_seed: bool):
+    if not explicit_seed and "seed" in inspect.signature(type(init).__init__).parameters:
+        init = ctx.seeded(init, ctx.derive_seed(stmt, info.path, var.name) % (2**31 - 1))
+    try:
+        return np.asarray(init(tuple(var.shape), dtype=var.dtype))
+    except Exception as exc:
+        raise ApplyError(f"{info.path}: {var.name}: initializer failed: {exc}", span=stmt.span) from None
+
+
+def prune_array(a: np.ndarray, percent: float) -> np.ndarray:
+    """Zero, in place, the ``percent`` % entries of ``a`` of smallest magnitude (ties broken by position,
+    stably); returns ``a``."""
+    k = int(np.floor(a.size * percent / 100.0))
+    if k > 0:
+        flat = a.reshape(-1)  # a view of a contiguous array
+        order = np.argsort(np.abs(flat), kind="stable")
+        flat[order[:k]] = 0
+    return a
+
+
+def _constant_source(ctx, stmt, call: Call):
+    """``zeros``/``ones``/``constant(v)`` as the array keras.initializers would fill with, or None when
+    only Keras can say (Constant is ``ops.cast(value, dtype) * ops.ones(shape, dtype)``, and TensorFlow
+    first makes a Python float a float32 tensor, an int an int32 one: a float64 array gets float32(v)
+    widened)."""
+    kind = CONSTANT_FILLS.get(call.name)
+    if kind is None:
+        return None
+    args = [ctx.value(v, stmt) for v in call.args]
+    kwargs = {k: ctx.value(v, stmt) for k, v in call.kwargs}
+    if kind != "constant":
+        return None if args or kwargs else np.asarray(0 if kind == "zeros" else 1, np.int8)
+    if len(args) + len(kwargs) > 1 or set(kwargs) - {"value"}:
+        return None
+    value = args[0] if args else kwargs.get("value", 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int) and not -2**31 <= value < 2**31:
+        return None
+    if isinstance(value, float) and not abs(value) <= float(np.finfo(np.float32).max):
+        return None
+    return np.asarray(value, np.float32 if isinstance(value, float) else np.int32)
+
+
+def _set_trainable(ctx, stmt, flag: bool):
+    report = ctx.report(stmt)
+    for info in ctx.selected(stmt):
+        report.layers.append(info.path)
+        if bool(info.layer.trainable) != flag:
+            report.changes.append(f"{info.path}: trainable {info.layer.trainable} -> {flag}")
+            info.layer.trainable = flag  # cheap and needed for later `trainable` predicates, even in a plan
+    if not report.changes:
+        report.notes.append(f"every selected layer was already {'trainable' if flag else 'frozen'}")
+    elif ctx.is_subclassed():
+        report.notes.append(SUBCLASSED_TRAINABLE_NOTE)
+    return report
+
+
+# Keras saves a subclassed model's weights but not its sublayers' trainable flags (they are not in its
+# config), so the flag holds in memory but not in a saved file; apply_file refuses to save such a result.
+SUBCLASSED_TRAINABLE_NOTE = ("this is a subclassed model: the new trainable flags hold in memory, but Keras "
+                             "does not save them with the model")

@@ -1,7 +1,10 @@
-"""Which layers a selection or a predicate resolves to, in a (possibly nested) Keras model.
+"""Which layers a selection, a reference or a predicate resolves to.
 
 A model is seen as a list of leaf layers in graph order, each named by its path: ``conv2d_1`` at the top
 level, ``backbone/block1_conv1`` inside a nested model. Naming a nested model selects every layer in it.
+The layers are keras_io.layers.LayerInfo of a built model, or their stand-ins for a .keras archive
+(keras_io.archive) or a config (keras_io.config): the selectors read only a layer's path, name, type,
+the types of the models around it, its trainable flag, weights and parameter count.
 """
 from __future__ import annotations
 
@@ -10,25 +13,15 @@ import difflib
 import fnmatch
 import math
 
-from . import ir
-from . import statements as st
-from .errors import ApplyError
-from .keras_io.layers import LayerInfo  # noqa: F401  (the selectors take LayerInfos)
+from .. import ir
+from .. import statements as st
+from ..errors import ApplyError
+from ..lang.safe_regex import search
 
 
 # ---- predicates ----------------------------------------------------------------------------
 
-_CMP = {
-    "==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
-    ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b,
-}
-
-
-def compare(op: str, left, right) -> bool:
-    return _CMP[op](left, right)
-
-
-def matches(pred: ir.Pred, info: LayerInfo, params) -> bool:
+def matches(pred: ir.Pred, info, params) -> bool:
     if isinstance(pred, ir.PAnd):
         return matches(pred.left, info, params) and matches(pred.right, info, params)
     if isinstance(pred, ir.POr):
@@ -42,23 +35,23 @@ def matches(pred: ir.Pred, info: LayerInfo, params) -> bool:
     if isinstance(pred, ir.PName):
         return info.name == pred.name or info.path == pred.name
     if isinstance(pred, ir.PRegex):
-        from .lang.safe_regex import search  # refuses patterns and names that could make re backtrack for ever
+        # (safe_regex refuses patterns and names that could make re backtrack for ever)
         return search(pred.pattern, info.name, span=pred.span) is not None
     if isinstance(pred, ir.PTrainable):
         return bool(info.layer.trainable)
     if isinstance(pred, ir.PHasWeights):
         return len(info.layer.weights) > 0
     if isinstance(pred, ir.PParams):
-        return compare(pred.op, info.params(), params.value(pred.value))
+        return ir.compare(pred.op, info.params(), params.value(pred.value))
     raise TypeError(f"unknown predicate {pred!r}")
 
 
-def type_counts(layers: list[LayerInfo]) -> str:
+def type_counts(layers: list) -> str:
     counts = collections.Counter(i.type_name for i in layers)
     return ", ".join(f"{name} ×{n}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def _empty(what: str, layers: list[LayerInfo], span, near: str | None = None) -> ApplyError:
+def _empty(what: str, layers: list, span, near: str | None = None) -> ApplyError:
     msg = f"{what} matches no layer"
     hint = f"the model has: {type_counts(layers) or 'no layers'}"
     if near:
@@ -66,13 +59,13 @@ def _empty(what: str, layers: list[LayerInfo], span, near: str | None = None) ->
     return ApplyError(msg, span=span, hint=hint)
 
 
-def resolve_ref(ref: ir.Ref, model, layers: list[LayerInfo]) -> list[LayerInfo]:
+def resolve_ref(ref: ir.Ref, layers: list) -> list:
     """The leaf layers a reference names; an error when it names none."""
     if ref.kind == "type":
         found = [i for i in layers if matches(ir.PType((ref.text,)), i, None)]
         if not found:
             raise _empty(f"type {ref.text}", layers, ref.span,
-                         near=_closest(ref.text, {i.type_name for i in layers}))
+                         near=closest(ref.text, {i.type_name for i in layers}))
         return found
     if ref.kind == "glob":
         found = [i for i in layers
@@ -80,7 +73,7 @@ def resolve_ref(ref: ir.Ref, model, layers: list[LayerInfo]) -> list[LayerInfo]:
                  or any(fnmatch.fnmatchcase(p, ref.text) for p in _model_paths(i))]
         if not found:
             raise _empty(f'"{ref.text}"', layers, ref.span,
-                         near=_closest(ref.text, [i.path for i in layers]))
+                         near=closest(ref.text, [i.path for i in layers]))
         return found
     # a name or path; a nested model's path selects everything inside it
     text = ref.text
@@ -104,30 +97,30 @@ def resolve_ref(ref: ir.Ref, model, layers: list[LayerInfo]) -> list[LayerInfo]:
                              hint="write its full path, e.g. " + by_name[0].path)
     candidates = [i.path for i in layers] + [i.name for i in layers]
     raise ApplyError(f"no layer named {text!r}"
-                     + (f" (did you mean {g!r}?)" if (g := _closest(text, candidates)) else ""),
+                     + (f" (did you mean {g!r}?)" if (g := closest(text, candidates)) else ""),
                      span=ref.span, hint=f"the model has: {type_counts(layers)}")
 
 
-def _model_paths(info: LayerInfo) -> list[str]:
+def _model_paths(info) -> list[str]:
     parts = info.path.split("/")
     return ["/".join(parts[:k]) for k in range(1, len(parts))]
 
 
-def _closest(word: str, candidates) -> str | None:
+def closest(word: str, candidates) -> str | None:
     got = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
     return got[0] if got else None
 
 
-def resolve_selector(selector, model, layers: list[LayerInfo], params, rng_factory, span) -> list[LayerInfo]:
+def resolve_selector(selector, layers: list, params, rng_factory, span) -> list:
     """Resolve a select statement's selector to leaf layers in graph order."""
     if isinstance(selector, st.SelAll):
         if not layers:
             raise ApplyError("the model has no layers to select", span=span)
         return list(layers)
     if isinstance(selector, st.SelRefs):
-        chosen: dict[int, LayerInfo] = {}
+        chosen: dict = {}
         for ref in selector.refs:
-            for info in resolve_ref(ref, model, layers):
+            for info in resolve_ref(ref, layers):
                 chosen.setdefault(id(info), info)
         order = {id(i): n for n, i in enumerate(layers)}
         return sorted(chosen.values(), key=lambda i: order[id(i)])

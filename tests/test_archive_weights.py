@@ -1,10 +1,11 @@
-"""The TensorFlow-free fast path for weight-only recipes (modelxform/fastpath.py).
+"""Weight-only recipes on the .keras archive, without TensorFlow (engine/context.py, keras_io/archive.py).
 
-The engine is the reference: every weight-only statement kind runs through both on the sample CNN, a
-"zoo" model holding every layer class of archive_module.VARIABLE_TABLE that has variables, the nested and
-Sequential samples and six keras.applications architectures (weights=None, small inputs, each built once
-per module), and the two must agree on the report, config.json, every array (bit for bit), the
-provenance record and the bytes of the file.
+The engine on a model loaded with Keras is the reference: every weight-only statement kind runs on the
+archive (apply_file, which must not build a Keras model) and on the loaded model (Recipe.apply) for the
+sample CNN, a "zoo" model holding every layer class of archive_module.VARIABLE_TABLE that has variables,
+the nested and Sequential samples and six keras.applications architectures (weights=None, small inputs,
+each built once per module), and the two must agree on the report, config.json, every array (bit for
+bit), the provenance record and the bytes of the file.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ import numpy as np
 import pytest
 
 from conftest import FACTORIES, run_cli
-from modelxform import compile_recipe, fastpath
+from modelxform import apply_file, compile_recipe, plan_file, session
 from modelxform.keras_io import archive as archive_module
 from modelxform.keras_io.files import load_model, read_provenance, save_model, sha256_file
+from modelxform.errors import ModelxformError
 from modelxform.provenance import entry, extend
 from modelxform.keras_io.layers import walk
 
@@ -173,27 +175,35 @@ def assert_same_result(fast_out, engine_out, source):
     assert any(before[k].tobytes() != engine[k].tobytes() for k in engine)
 
 
+def archive_apply(recipe, path, out, seed=SEED, params=None):
+    """apply_file, which must have run on the archive without building a Keras model (the path that
+    needs no TensorFlow)."""
+    with _declines() as reasons:
+        result = apply_file(recipe, path, out, seed=seed, params=params or {})
+    assert result.source == "archive", f"the archive could not stand in for the file: {reasons}"
+    assert not result.built, "a weight-only recipe built the Keras model"
+    return result
+
+
 def differential(subject, text, tmp_path, seed=SEED, params=None):
     recipe = compile_recipe(text, "fast.recipe")
     fast_out, engine_out = tmp_path / "fast.keras", tmp_path / "engine.keras"
-    with _declines() as reasons:
-        report = fastpath.try_apply(recipe, subject.path, fast_out, seed, params or {}, False)
-    assert report is not None, f"the fast path declined a weight-only recipe: {reasons}"
+    report = archive_apply(recipe, subject.path, fast_out, seed, params).plan
     engine_report = engine_apply(subject, recipe, engine_out, seed, params)
     assert report.to_dict() == engine_report.to_dict()
-    assert report.summary == (len(subject.layers), int(subject.model.count_params()))
+    assert report.before == report.after == (len(subject.layers), int(subject.model.count_params()))
     assert_same_result(fast_out, engine_out, subject.path)
     # a plan (dry run) reports the same and writes nothing
-    dry_out = tmp_path / "dry.keras"
-    plan = fastpath.try_apply(recipe, subject.path, dry_out, seed, params or {}, True)
-    assert plan is not None and not dry_out.exists()
-    assert plan.to_dict() == recipe.plan(subject.model, seed=seed, params=params).to_dict()
+    before = sorted(tmp_path.iterdir())
+    plan = plan_file(recipe, subject.path, seed=seed, params=params or {})
+    assert sorted(tmp_path.iterdir()) == before
+    assert plan.dry_run and plan.to_dict() == recipe.plan(subject.model, seed=seed, params=params).to_dict()
     return report
 
 
 @contextlib.contextmanager
-def _declines(module: str = "modelxform.fastpath"):
-    """Collects the fast path's (or archive_run's) reasons for declining (its debug log)."""
+def _declines(module: str = "modelxform.session"):
+    """Collects the reasons why the archive cannot stand in for a model file (session's debug log)."""
     import logging
     reasons: list[str] = []
     handler = logging.Handler(logging.DEBUG)
@@ -283,7 +293,7 @@ def test_applications_agree_with_the_engine(subjects, name, tmp_path):
 def test_spilled_arrays_agree_with_the_engine(subjects, name, tmp_path, monkeypatch):
     """With no memory floor, assigned arrays beyond the largest one read go to the spill file (and an
     array assigned twice is read back from it)."""
-    monkeypatch.setattr(fastpath.Archive, "SPILL_FLOOR", 0)
+    monkeypatch.setattr(archive_module.Archive, "SPILL_FLOOR", 0)
     spills = []
     real = archive_module.tempfile.TemporaryFile
     monkeypatch.setattr(archive_module.tempfile, "TemporaryFile", lambda *a, **k: spills.append(1) or real(*a, **k))
@@ -312,18 +322,19 @@ def test_zoo_every_variable_of_every_class(subjects, tmp_path):
     assert all(np.all(a != 1 / 3) for a in bias64)
 
 
-def test_chained_fast_outputs_match_a_chained_engine(subjects, tmp_path):
-    """A fast-path output (config already normalised, provenance present) as the input of another run."""
+def test_chained_archive_outputs_match_a_chained_engine(subjects, tmp_path):
+    """An output written from the archive (config already normalised, provenance present) as the input
+    of another run."""
     subject = subjects("cnn")
     first = compile_recipe("select where type=Dense\nscale kernel 0.5\n", "one.recipe")
     second = compile_recipe("select all\nfreeze\nselect random where has weights\nadd noise uniform() to bias\n",
                             "two.recipe")
     mid_fast, mid_engine = tmp_path / "mid_fast.keras", tmp_path / "mid_engine.keras"
-    assert fastpath.try_apply(first, subject.path, mid_fast, SEED, {}, False) is not None
+    archive_apply(first, subject.path, mid_fast)
     engine_apply(subject, first, mid_engine)
     assert mid_fast.read_bytes() == mid_engine.read_bytes()
     out_fast, out_engine = tmp_path / "out_fast.keras", tmp_path / "out_engine.keras"
-    assert fastpath.try_apply(second, mid_fast, out_fast, SEED, {}, False) is not None
+    archive_apply(second, mid_fast, out_fast)
     engine_apply(Subject(mid_engine), second, out_engine)
     assert_same_result(out_fast, out_engine, mid_engine)
     assert len(read_provenance(out_fast)["chain"]) == 2
@@ -340,7 +351,7 @@ def test_in_place_and_params_through_the_cli(subjects, tmp_path, monkeypatch):
     assert fast.status == 0, fast.err
     fast_bytes = model.read_bytes()
     model.write_bytes(subject.path.read_bytes())
-    monkeypatch.setenv(fastpath.DISABLE_ENV, "0")
+    monkeypatch.setenv(session.DISABLE_ENV, "0")
     slow = run_cli("apply", recipe, model, "--in-place", "--seed", "3", "--param", "f=0.25")
     assert slow.status == 0, slow.err
     assert fast.out == slow.out and "× 0.25" in fast.out
@@ -357,22 +368,21 @@ def test_cli_json_report_and_verify(subjects, tmp_path, monkeypatch):
     assert fast.status == 0, fast.err
     verified = run_cli("verify", out, "--input", subject.path)  # re-made by the engine: identical bytes
     assert verified.status == 0, verified.out + verified.err
-    monkeypatch.setenv(fastpath.DISABLE_ENV, "0")
+    monkeypatch.setenv(session.DISABLE_ENV, "0")
     slow = run_cli("apply", recipe, subject.path, "-o", tmp_path / "slow.keras", "--json")
     assert json.loads(fast.out) | {"output": None} == json.loads(slow.out) | {"output": None}
     assert out.read_bytes() == (tmp_path / "slow.keras").read_bytes()
 
 
 def test_versions_recorded_without_keras_are_keras_own():
-    from modelxform.provenance import library_versions
-    assert fastpath.library_versions() == library_versions()
+    """Provenance records the versions read from the installed distributions (no import needed): they
+    are the versions the imported modules report."""
+    import tensorflow
 
-
-def test_an_entry_with_the_fast_paths_versions_is_the_engines(subjects):
-    subject = subjects("cnn")
-    recipe = compile_recipe('recipe "r" version "2"\nparam p = 25\nselect where type=Dense\nprune kernel $p%\n')
-    _, report = recipe.apply(subject.model, seed=1)
-    assert entry(recipe, report, "abc", fastpath.library_versions()) == entry(recipe, report, "abc")
+    from modelxform.keras_io.backend import library_versions
+    versions = library_versions()
+    assert (versions["keras"], versions["tensorflow"], versions["numpy"]) == \
+        (keras.__version__, tensorflow.__version__, np.__version__)
 
 
 # ---- the table of variable names ---------------------------------------------------------------------
@@ -440,34 +450,54 @@ def test_variable_table_matches_keras():
     assert archive_module.variable_names("BatchNormalization", {"scale": True, "center": True, "renorm": True}) is None
 
 
-# ---- when the fast path declines ------------------------------------------------------------------------
+# ---- when a statement needs Keras ----------------------------------------------------------------------
 
-OTHER = "statements other than weight-only ones"
-DECLINED_RECIPES = [
-    ("select all\nreinit weights\n", OTHER),
-    ("select where type=Dense\nset kernel to he_normal\n", OTHER),
-    ("select where type=Dense\nset bias to constant(True)\n", "a non-numeric constant"),
-    ("select where type=Dense\nset bias to zeros(1)\n", "takes no arguments"),
-    ("replace MaxPooling2D with AveragePooling2D\n", OTHER),
-    ("tap conv2d_1\n", OTHER),
-    ("select all\nassert params < 1M\n", OTHER),
-    ("assert output shape == (None, 10)\n", OTHER),
-    # errors: the engine reports them, in its words
-    ("select where type=Conv3D\nfreeze\n", "ApplyError"),
-    ("select all\nassert count == 99\n", "AssertionFailed"),
-    ("select where type=Flatten\nscale weights 2\n", "ApplyError"),
+NEEDS_KERAS = [
+    "select all\nreinit weights\n",
+    "select where type=Dense\nset kernel to he_normal\n",
+    "select where type=Dense\nset bias to constant(True)\n",
+    "select all\nscale weights 0.5\nselect all\nassert params < 1M\n",
+    "select where type=Dense\nscale kernel 2\nassert output shape == (None, 10)\n",
+    "select where type=Dense\nprune kernel 50%\nreplace MaxPooling2D with AveragePooling2D\n",
+    "select where type=Dense\nscale kernel 0.5\ntap conv2d_1\n",
 ]
 
 
-@pytest.mark.parametrize("text,reason", DECLINED_RECIPES)
-def test_declines_recipes_it_cannot_promise(subjects, tmp_path, text, reason):
-    recipe = compile_recipe(text, "no.recipe")
-    out = tmp_path / "out.keras"
-    with _declines() as reasons:
-        assert fastpath.try_apply(recipe, subjects("cnn").path, out, SEED, {}, False) is None
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-    assert len(reasons) == 1 and reason in reasons[0], reasons
+@pytest.mark.parametrize("text", NEEDS_KERAS)
+def test_a_statement_that_needs_keras_builds_the_archive_once(subjects, tmp_path, text):
+    """Weight statements before it change the archive's arrays; the model built from the archive then
+    gives the same file as the model loaded with Keras from the start."""
+    subject = subjects("cnn")
+    recipe = compile_recipe(text, "k.recipe")
+    result = apply_file(recipe, subject.path, tmp_path / "a.keras", seed=SEED)
+    assert result.source == "archive" and result.built
+    engine_report = engine_apply(subject, recipe, tmp_path / "e.keras")
+    assert result.plan.to_dict() == engine_report.to_dict()
+    assert (tmp_path / "a.keras").read_bytes() == (tmp_path / "e.keras").read_bytes()
 
+
+ERRORS = [
+    "select where type=Conv3D\nfreeze\n",
+    "select all\nassert count == 99\n",
+    "select where type=Flatten\nscale weights 2\n",
+    "select where type=Dense\nset bias to zeros(1)\n",
+    "select where type=Dense\nscale kernel 2\nselect where type=Dense\nreinit nothing\n",
+]
+
+
+@pytest.mark.parametrize("text", ERRORS)
+def test_errors_are_the_same_on_the_archive_and_the_loaded_model(subjects, tmp_path, monkeypatch, text):
+    recipe = tmp_path / "e.recipe"
+    recipe.write_text(text)
+    archive = run_cli("apply", recipe, subjects("cnn").path, "-o", tmp_path / "a.keras")
+    monkeypatch.setenv(session.DISABLE_ENV, "0")
+    loaded = run_cli("apply", recipe, subjects("cnn").path, "-o", tmp_path / "b.keras")
+    assert archive.status in (1, 4) and (archive.status, archive.out, archive.err) == \
+        (loaded.status, loaded.out, loaded.err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.recipe"]
+
+
+# ---- files the archive cannot stand in for -----------------------------------------------------------------
 
 def _custom_layer_file(path):
     @keras.saving.register_keras_serializable(package="mxtest_fast")
@@ -505,7 +535,7 @@ def _h5_file(path):
 
 @pytest.mark.parametrize("make,reason", [
     (lambda p: save_model(FACTORIES["subclassed"](), p), "not a functional or Sequential model"),
-    (_h5_file, "not a .keras file"),
+    (_h5_file, "(not a .keras file: never opened as an archive)"),
     (_custom_layer_file, "layer class Twice"),
     (_lambda_file, "layer class Lambda"),
     (_compiled_file, "a compiled one"),
@@ -513,13 +543,19 @@ def _h5_file(path):
     (lambda p: p.write_bytes(b"not a zip") and None, "BadZipFile"),
 ], ids=["subclassed", "h5-input", "custom-layer", "lambda", "compiled", "shared-regularizer", "not-a-zip"])
 def test_declines_files_it_cannot_promise(tmp_path, make, reason):
+    """Such files are loaded with Keras (which reads them, or says what is wrong with them)."""
+    from modelxform.keras_io.archive import Archive
     path = make(tmp_path / "model.keras") or tmp_path / "model.keras"
-    recipe = compile_recipe("select all\nfreeze\n")
-    out = tmp_path / "out.keras"
     with _declines() as reasons:
-        assert fastpath.try_apply(recipe, path, out, SEED, {}, False) is None
-    assert not out.exists()
-    assert len(reasons) == 1 and reason in reasons[0], reasons
+        try:
+            source = session.open_model(path, unsafe=True)
+        except ModelxformError:
+            source = None  # Keras refused it too
+    assert not isinstance(source, Archive)
+    if path.suffix == ".keras":
+        assert len(reasons) == 1 and reason in reasons[0], reasons
+    else:
+        assert reasons == []
 
 
 def test_declines_arrays_that_do_not_fit_the_config(subjects, tmp_path):
@@ -536,9 +572,8 @@ def test_declines_arrays_that_do_not_fit_the_config(subjects, tmp_path):
                 layer["config"]["units"] += 1
                 data = json.dumps(config).encode()
             dst.writestr(info, data)
-    recipe = compile_recipe("select where type=Dense\nscale kernel 0.5\n")
-    with _declines() as reasons:
-        assert fastpath.try_apply(recipe, damaged, tmp_path / "out.keras", SEED, {}, False) is None
+    with _declines() as reasons, pytest.raises(ModelxformError):
+        session.open_model(damaged)
     assert len(reasons) == 1 and "dense_3: kernel has shape (16, 10) in the file" in reasons[0], reasons
     recipe_file = tmp_path / "s.recipe"
     recipe_file.write_text("select where type=Dense\nscale kernel 0.5\n")
@@ -547,22 +582,19 @@ def test_declines_arrays_that_do_not_fit_the_config(subjects, tmp_path):
     assert not (tmp_path / "out.keras").exists()
 
 
-def test_a_full_disk_while_spilling_means_the_keras_path(subjects, tmp_path, monkeypatch, caplog):
-    """A spill file that cannot be written is no defect: the Keras path takes over, and nothing (no
-    warning, no traceback) reaches the user."""
+def test_a_full_disk_while_spilling_keeps_the_arrays_in_memory(subjects, tmp_path, monkeypatch, caplog):
+    """A spill file that cannot be written is no defect: the arrays stay in memory, the result is the
+    same, and nothing (no warning, no traceback) reaches the user."""
     import errno
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(fastpath.Archive, "SPILL_FLOOR", 0)
+    monkeypatch.setattr(archive_module.Archive, "SPILL_FLOOR", 0)
     monkeypatch.setattr(archive_module, "_write_all", full)
     subject = subjects("cnn")
-    recipe = compile_recipe(recipe_for(subject.layers))
-    with _declines() as reasons, caplog.at_level("DEBUG"):
-        assert fastpath.try_apply(recipe, subject.path, tmp_path / "out.keras", SEED, {}, False) is None
-    assert len(reasons) == 1 and "No space left on device" in reasons[0], reasons
+    with caplog.at_level("DEBUG"):
+        differential(subject, recipe_for(subject.layers), tmp_path)
     assert [r for r in caplog.records if r.levelno >= 30] == []
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_full_disk_while_writing_leaves_the_previous_output(subjects, tmp_path, monkeypatch):
@@ -581,23 +613,27 @@ def test_a_full_disk_while_writing_leaves_the_previous_output(subjects, tmp_path
     out.write_bytes(b"previous output")
     recipe = compile_recipe("select where type=Dense\nscale kernel 0.5\n")
     with pytest.raises(ModelFileError, match="out.keras: cannot write: No space left on device"):
-        fastpath.try_apply(recipe, subjects("cnn").path, out, SEED, {}, False)
+        apply_file(recipe, subjects("cnn").path, out, seed=SEED)
     assert out.read_bytes() == b"previous output"
     assert [p.name for p in tmp_path.iterdir()] == ["out.keras"]
 
 
-def test_declines_h5_output_other_backend_and_when_disabled(subjects, tmp_path, monkeypatch):
+def test_h5_output_other_backend_and_disabled(subjects, tmp_path, monkeypatch):
+    """An .h5 output is written by Keras (the archive is built at the end); another Keras backend or
+    MODELXFORM_FASTPATH=0 loads the model with Keras from the start."""
+    from modelxform.keras_io.archive import Archive
     recipe = compile_recipe("select all\nfreeze\n")
     path = subjects("cnn").path
-    assert fastpath.try_apply(recipe, path, tmp_path / "out.h5", SEED, {}, False) is None
+    result = apply_file(recipe, path, tmp_path / "out.h5", seed=SEED)
+    assert result.source == "archive" and result.built
     monkeypatch.setenv("KERAS_BACKEND", "jax")
-    assert fastpath.try_apply(recipe, path, tmp_path / "out.keras", SEED, {}, False) is None
+    assert not isinstance(session.open_model(path), Archive)
     monkeypatch.delenv("KERAS_BACKEND")
-    monkeypatch.setenv(fastpath.DISABLE_ENV, "0")
-    assert fastpath.try_apply(recipe, path, tmp_path / "out.keras", SEED, {}, False) is None
-    monkeypatch.delenv(fastpath.DISABLE_ENV)
-    assert fastpath.try_apply(recipe, path, tmp_path / "out.keras", SEED, {}, False) is not None
-    assert list(p.name for p in tmp_path.iterdir()) == ["out.keras"]
+    monkeypatch.setenv(session.DISABLE_ENV, "0")
+    assert not isinstance(session.open_model(path), Archive)
+    monkeypatch.delenv(session.DISABLE_ENV)
+    result = apply_file(recipe, path, tmp_path / "out.keras", seed=SEED)
+    assert result.source == "archive" and not result.built
 
 
 # ---- no TensorFlow --------------------------------------------------------------------------------------

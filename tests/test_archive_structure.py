@@ -1,8 +1,9 @@
-"""Structural recipes run from the archive, without building the input model (modelxform/archive_run.py).
+"""Structural recipes run from the archive, without building the input model (engine/context.py).
 
-The engine on a loaded model is the reference: the same recipes run both ways on the sample models and
-on keras.applications architectures, and must agree on the report (its shape and parameter lines
-included), the model summary, and the bytes of the written file.
+The structural statements edit the archive's config and the first rebuild builds the edited model once,
+filled from the archive. The engine on a loaded model is the reference: the same recipes run both ways
+on the sample models and on keras.applications architectures, and must agree on the report (its shape
+and parameter lines included), the model summary, and the bytes of the written file.
 """
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from modelxform import archive_run, compile_recipe
-from modelxform.keras_io import files as model_io
+from modelxform import apply_file, compile_recipe, session
+from modelxform.engine.runner import run
 from modelxform.errors import ExitCode
+from modelxform.keras_io import files as model_io
 from modelxform.keras_io.files import read_provenance, save_model, sha256_file
-from modelxform.provenance import entry, extend
-from modelxform.runner import run
 from modelxform.keras_io.layers import walk
-from test_fastpath import _declines, member, subjects  # noqa: F401  (subjects is a fixture)
+from modelxform.provenance import entry, extend
+from test_archive_weights import _declines, member, subjects  # noqa: F401  (subjects is a fixture)
 
 keras = pytest.importorskip("keras")
 
@@ -27,8 +28,8 @@ SEED = 5
 
 
 def structural_recipe(subject) -> str:
-    """Weight statements on the archive, then every structural statement archive_run runs on the
-    config, then statements on the rebuilt model; layer names taken from the model."""
+    """Weight statements on the archive, then every structural statement that edits the config alone,
+    then statements on the rebuilt model; layer names taken from the model."""
     layers = subject.layers
     types = collections.Counter(i.type_name for i in layers)
     top = [layer for layer in subject.model.layers if type(layer).__name__ != "InputLayer"]
@@ -56,28 +57,31 @@ def structural_recipe(subject) -> str:
     return "\n".join(lines) + "\n"
 
 
-def archive_log():
-    """archive_run's reasons for declining (its debug log)."""
-    return _declines("modelxform.archive_run")
-
-
 def both_ways(subject, text, tmp_path, dry_run=False):
-    """(archive run's result, the engine's result), each as (report dict, summary, written file)."""
+    """(the run on the archive, the engine's run on the loaded model), each as (report dict, summary,
+    written file or None)."""
     recipe = compile_recipe(text, "structural.recipe")
-    with archive_log() as reasons, _declines() as fast_reasons:
-        done = archive_run.try_run(recipe, subject.path, None, {}, dry_run)
-    assert done is not None, f"the archive run declined: {reasons} {fast_reasons}"
-    model, report, summary, digest = done
-    assert digest == (None if dry_run else sha256_file(subject.path))
-    engine_model, engine_report = run(recipe, subject.model, dry_run=dry_run)
-    files = []
-    for name, (m, r) in {"archive": (model, report), "engine": (engine_model, engine_report)}.items():
-        out = tmp_path / f"{name}.keras"
-        save_model(m, out, provenance=extend(read_provenance(subject.path),
-                                             entry(recipe, r, sha256_file(subject.path))))
-        files.append(out)
+    out = tmp_path / "archive.keras"
+    with _declines() as reasons:
+        result = apply_file(recipe, subject.path, out, dry_run=dry_run)
+    assert result.source == "archive", f"the archive could not stand in for the file: {reasons}"
     engine_summary = (len(subject.layers), int(subject.model.count_params()))
-    return (report.to_dict(), summary, files[0]), (engine_report.to_dict(), engine_summary, files[1])
+    if dry_run:
+        return (result.plan.to_dict(), result.plan.before, None), \
+            (recipe.plan(subject.model).to_dict(), engine_summary, None)
+    engine_model, engine_report = recipe.apply(subject.model)
+    engine_out = tmp_path / "engine.keras"
+    save_model(engine_model, engine_out, provenance=extend(read_provenance(subject.path),
+                                                           entry(recipe, engine_report, sha256_file(subject.path))))
+    return (result.plan.to_dict(), result.plan.before, out), (engine_report.to_dict(), engine_summary, engine_out)
+
+
+def archive_model(recipe, path):
+    """The model a recipe makes when run on the archive of ``path``."""
+    source = session.open_model(path)
+    with source:
+        ctx, _ = run(recipe, source)
+        return ctx.current_model()
 
 
 @pytest.mark.parametrize("name", ["cnn", "nested", "sequential", "zoo"])
@@ -108,7 +112,7 @@ def test_applications_agree_with_the_engine(subjects, name, tmp_path):  # noqa: 
 def test_the_untouched_layers_keep_their_arrays(subjects, tmp_path):  # noqa: F811
     subject = subjects("cnn")
     recipe = compile_recipe("replace MaxPooling2D with AveragePooling2D\ntap conv2d_1\n")
-    model, report, _, _ = archive_run.try_run(recipe, subject.path, None, {}, False)
+    model = archive_model(recipe, subject.path)
     before = {i.path: i.layer.get_weights() for i in subject.layers}
     after = {i.path: i.layer.get_weights() for i in walk(model)}
     assert before.keys() == after.keys()
@@ -130,20 +134,21 @@ def test_plan_agrees_and_reads_no_digest(subjects, tmp_path):  # noqa: F811
     assert summary == engine_summary
 
 
-@pytest.mark.parametrize("text,reason", [
-    ("remove dropout", "`remove dropout` needs the input model built"),
-    ("swap dense_2 dense_3", "`swap dense_2 dense_3` needs the input model built"),
-    ("select all\nreinit weights\nreplace Dropout with Dropout(rate=0.1)", "`reinit weights`"),
-    ("assert params > 1\nreplace Dropout with Dropout(rate=0.1)", "`assert params > 1`"),
-    ("select all\nscale weights 0.5", "a weight-only recipe"),
-    ('replace Dropout with Dropout(rate=0.1)\nassert equivalent', "compares with or reads other models"),
+@pytest.mark.parametrize("text", [
+    "remove dropout",
+    "select all\nscale weights 0.5\nreplace Dropout with Dropout(rate=0.1)\nremove dropout\n",
+    "select all\nreinit weights\nreplace Dropout with Dropout(rate=0.1)",
+    "assert params > 1\nreplace Dropout with Dropout(rate=0.1)",
+    "replace Dropout with Dropout(rate=0.1)\nassert equivalent",
+    "select where type=Dense\nscale kernel 0.5\nassert equivalent tolerance 10",
 ])
-def test_declines_what_needs_the_model_and_the_engine_gives_the_result(subjects, tmp_path, text, reason):  # noqa: F811
+def test_what_needs_the_built_model_builds_the_archive_and_agrees(subjects, tmp_path, text):  # noqa: F811
+    """remove checks shapes on the built model, reinit and the asserts need it: the archive (with
+    the arrays changed so far) is built once, and the result is the loaded engine's."""
     subject = subjects("cnn")
-    recipe = compile_recipe(text + "\n")
-    with archive_log() as seen:
-        assert archive_run.try_run(recipe, subject.path, None, {}, False) is None
-    assert any(reason in line for line in seen), seen
+    (report, summary, out), (engine_report, engine_summary, engine_out) = both_ways(subject, text + "\n", tmp_path)
+    assert report == engine_report and summary == engine_summary
+    assert out.read_bytes() == engine_out.read_bytes()
 
 
 def test_cli_structural_apply_does_not_load_the_input(subjects, tmp_path, monkeypatch):  # noqa: F811
@@ -159,9 +164,13 @@ def test_cli_structural_apply_does_not_load_the_input(subjects, tmp_path, monkey
     def refuse(*args, **kwargs):
         raise AssertionError("the input model was loaded")
     monkeypatch.setattr(model_io, "load_model", refuse)
+    from modelxform.keras_io.graph import GraphEditor
+    builds, real_build = [], GraphEditor._build
+    monkeypatch.setattr(GraphEditor, "_build", lambda self, *a: builds.append(1) or real_build(self, *a))
     out = tmp_path / "out.keras"
     result = run_cli("apply", recipe, subject.path, "-o", out, "--seed", 7)
     assert result.status == 0, result.err
+    assert len(builds) == 1  # the edited model, once: the input model is never built
     assert "max_pooling2d: output (None, 13, 13, 8) -> (None, 13, 13, 8)" in result.out
     assert out.read_bytes() == keras_way.read_bytes()
     assert read_provenance(out)["chain"][-1]["input_sha256"] == sha256_file(subject.path)
@@ -230,7 +239,7 @@ def test_lazily_built_variables_get_the_values_an_ordinary_build_gives(subjects,
         deferred.append(len(self.created))
         return result
     monkeypatch.setattr(graph.LazyVariables, "__exit__", exit_and_count)
-    lazy_model, lazy_report = run(recipe, subject.model)
+    lazy_model, lazy_report = recipe.apply(subject.model)
     assert deferred and deferred[-1] >= len(lazy_model.weights) > 0  # the build did defer the values
     assert (global_state.get_global_attribute("uninitialized_variables") or []) == before  # left as found
     assert all(v._value is not None for v in lazy_model.variables)  # every variable holds a value
@@ -238,7 +247,7 @@ def test_lazily_built_variables_get_the_values_an_ordinary_build_gives(subjects,
     def unavailable(self):
         raise ImportError("as if Keras had no stateless scope")
     monkeypatch.setattr(graph.LazyVariables, "__enter__", unavailable)
-    eager_model, eager_report = run(recipe, subject.model)
+    eager_model, eager_report = recipe.apply(subject.model)
     assert lazy_report.to_dict() == eager_report.to_dict()
     save_model(lazy_model, tmp_path / "lazy.keras")
     save_model(eager_model, tmp_path / "eager.keras")

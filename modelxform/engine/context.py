@@ -1,0 +1,335 @@
+"""The one run context: what a statement's pass sees of the model, the selection, the seed and the
+parameters — the whole API a pass uses (passes import nothing from the engine or keras_io).
+
+The model starts as its .keras archive when there is one (keras_io.archive.Archive: the config and the
+arrays by their byte ranges, no TensorFlow) and becomes a built Keras model only when a statement needs
+one:
+
+- weight statements whose ``needs`` is ``"archive"`` change the archive's arrays;
+- structural statements whose ``needs`` is ``"config"`` queue edits on a graph editor made from the
+  archive's config; the first rebuild builds the edited model once and fills it from the archive;
+- a statement that ``needs`` the ``"model"`` (reinit, remove, assert params, …) has the archive built as
+  it stands, once (:meth:`Context.require_model`), and from then on the run is on the Keras model.
+
+A model loaded with Keras (an .h5 file, custom layers, ``MODELXFORM_FASTPATH=0``) or given in memory
+starts there. Either way the result is the same model: tests/test_archive_weights.py and
+tests/test_archive_structure.py hold both to the
+same reports and output bytes.
+"""
+from __future__ import annotations
+
+import collections
+
+from .. import ir
+from ..errors import ApplyError
+from ..keras_io.graph import GraphEditor
+from ..keras_io.layers import model_kind, refuse_subclassed, walk
+from ..keras_io.shapes import shape_text
+from ..rng import derive_seed, generator
+from . import selectors
+from .plan import Params, StatementReport
+
+
+class Context:
+    """The run context handed to every pass (``stmt.run(ctx)``).
+
+    Values: :meth:`value`, :meth:`number`, :attr:`params`, :attr:`seed`, :meth:`rng`, :meth:`rng_parts`.
+    Layers: :meth:`layers`, :meth:`selected`, :meth:`resolve`, :meth:`matching`, :meth:`select`,
+    :attr:`selection`, :meth:`forget`, :meth:`closest`. Structure: :meth:`editor`, :meth:`flush`,
+    :meth:`layer_class`, :meth:`default_layer_name`, :meth:`built_layers`, :meth:`io_shapes`,
+    :meth:`check_moves`, :attr:`obligations`, :meth:`keras`. Weights:
+    :meth:`own_initializer`, :meth:`seeded`, :meth:`is_subclassed`, :meth:`load_layers`. Checks:
+    :meth:`param_count`, :meth:`output_shapes`, :meth:`probe_outputs`, :attr:`reference`. A pass
+    returns :meth:`report`, with array work deferred by ``report.then(fn)``.
+    """
+
+    def __init__(self, source, seed: int, params: Params):
+        from ..keras_io.archive import Archive
+        self.seed = seed
+        self.params = params
+        self.selection: list[str] | None = None
+        # layers whose weight shapes a `set` changed: the recipe must reinitialise them (path -> statement)
+        self.obligations: dict[str, object] = {}
+        self.reference = None  # (probe inputs, outputs) of the input model, for `assert equivalent`
+        self.loaded: dict[str, list] = {}  # layers of the models read by `load weights from`
+        self.pending: list[StatementReport] = []  # structural statements waiting for the rebuild
+        self.archive = source if isinstance(source, Archive) else None
+        self._model = None if self.archive is not None else source
+        self._editor: GraphEditor | None = None
+        self._occurrences: collections.Counter = collections.Counter()
+        self._parts: dict[int, tuple] = {}
+
+    # -- randomness ------------------------------------------------------------------------------
+    def begin(self, stmt) -> None:
+        """Called by the runner before each statement: its random streams are keyed by its text and
+        how many identical statements came before it (docs/language.md#randomness)."""
+        text = str(stmt)
+        self._parts[id(stmt)] = (text, self._occurrences[text])
+        self._occurrences[text] += 1
+
+    def rng_parts(self, stmt) -> tuple:
+        return self._parts[id(stmt)]
+
+    def rng(self, stmt, *extra):
+        return generator(self.seed, *self.rng_parts(stmt), *extra)
+
+    def derive_seed(self, stmt, *extra) -> int:
+        return derive_seed(self.seed, *self.rng_parts(stmt), *extra)
+
+    # -- values ----------------------------------------------------------------------------------
+    def value(self, v, stmt=None):
+        return self.params.value(v)
+
+    def number(self, v, stmt):
+        value = self.params.value(v)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ApplyError(f"`{stmt}`: expected a number, got {ir.format_value(value)}", span=stmt.span)
+        return value
+
+    @staticmethod
+    def report(stmt, **fields) -> StatementReport:
+        return StatementReport(stmt, **fields)
+
+    # -- where the model is ------------------------------------------------------------------------
+    @property
+    def on_archive(self) -> bool:
+        """Whether the layers are still those of the .keras archive (no statement needed Keras yet)."""
+        return self._model is None and self._editor is None
+
+    @property
+    def built(self) -> bool:
+        """Whether a Keras model was built (or loaded) for this run."""
+        return self._model is not None
+
+    def require_model(self) -> None:
+        """Have a built Keras model from here on: the archive (with the arrays changed so far) is built
+        once, as loading it would; pending structural edits stay pending."""
+        if self._model is not None:
+            return
+        from ..keras_io.files import import_keras
+        import_keras()
+        base = GraphEditor(self.archive.current_config(), self.seed)
+        self._model = base.build(self.archive.layers)
+
+    def prepare(self, stmt) -> None:
+        """Before a statement's pass: rebuild pending edits unless it is structural too, and build the
+        model if its pass needs one."""
+        if not stmt.structural:
+            self.flush()
+        if stmt.needs == "model":
+            self.require_model()
+
+    @property
+    def model(self):
+        """The last built model (pending structural edits not applied)."""
+        self.require_model()
+        return self._model
+
+    def current_model(self):
+        """The model with every queued edit rebuilt."""
+        self.flush()
+        return self.model
+
+    def summary(self) -> tuple[int, int]:
+        """(layers, parameters) of the model as it stands."""
+        if self.on_archive:
+            return len(self.archive.layers), self.archive.param_count
+        model = self.current_model()
+        return len(walk(model)), int(model.count_params())
+
+    # -- layers and the selection ----------------------------------------------------------------
+    def layers(self):
+        """The leaf layers in graph order (pending edits rebuilt first)."""
+        if self.on_archive:
+            return self.archive.layers
+        return walk(self.current_model())
+
+    def built_layers(self):
+        """The layers of the last built model, without rebuilding pending edits (their shapes are right
+        for every layer that the pending edits did not add)."""
+        return walk(self.model)
+
+    def selected(self, stmt):
+        if self.selection is None:
+            raise ApplyError(f"`{stmt}` acts on the selected layers, but nothing is selected",
+                             span=stmt.span, hint="add `select …` before it")
+        by_path = {info.path: info for info in self.layers()}
+        found = [by_path[p] for p in self.selection if p in by_path]
+        if not found:
+            raise ApplyError(f"`{stmt}`: none of the selected layers is left in the model", span=stmt.span)
+        return found
+
+    def select(self, stmt) -> list:
+        """Resolve a ``select`` statement's selector against the current layers."""
+        return selectors.resolve_selector(stmt.selector, self.layers(), self.params, lambda: self.rng(stmt),
+                                          stmt.span)
+
+    def resolve(self, ref, layers=None) -> list:
+        """The layers a reference names (among ``layers``, default the current ones); an error when none."""
+        return selectors.resolve_ref(ref, self.layers() if layers is None else layers)
+
+    def matching(self, pred) -> list:
+        return [info for info in self.layers() if selectors.matches(pred, info, self.params)]
+
+    closest = staticmethod(selectors.closest)
+
+    def forget(self, paths) -> None:
+        """Layers a statement removed: out of the selection, and no longer owed a reinitialisation."""
+        gone = set(paths)
+        if self.selection is not None:
+            self.selection = [p for p in self.selection if p not in gone]
+        for path in gone:
+            self.obligations.pop(path, None)
+
+    # -- structure ---------------------------------------------------------------------------------
+    def editor(self, stmt) -> GraphEditor:
+        """The graph editor that queues this run of structural statements' edits."""
+        if self._editor is None:
+            if self._model is None:
+                from ..keras_io.files import import_keras
+                import_keras()  # (quietly, before anything else imports it)
+                self._editor = GraphEditor(self.archive.current_config(), self.seed)
+            else:
+                refuse_subclassed(self._model, f"`{stmt}`", stmt.span)
+                self._editor = GraphEditor(self._model, self.seed)
+        return self._editor
+
+    def flush(self) -> None:
+        """Rebuild the model from the queued structural edits, if any. A pass must not hold on to an
+        editor across a call that flushes (selected(), layers(), current_model())."""
+        if self._editor is None:
+            return
+        editor, pending = self._editor, self.pending
+        self._editor, self.pending = None, []
+        editor.closed = True
+        before, outputs_before, old_layers = self._before_rebuild()
+        new_model = editor.build(old_layers)
+        self.obligations.update(editor.reshaped)
+        after = _layer_facts(new_model)
+        outputs_after = _output_shapes(new_model)
+        # Consecutive structural statements are rebuilt together, so "after" is the state after all of
+        # them; say so rather than attribute a later statement's effect to an earlier one.
+        together = f" (after rebuilding {len(pending)} structural statements together)" if len(pending) > 1 else ""
+        for report in pending:
+            for path in report.rebuilt:
+                old_path = report.layers[report.rebuilt.index(path)] if path not in before else path
+                if old_path in before and path in after:
+                    report.changes.append(f"{path}: output {before[old_path][0]} -> {after[path][0]}, "
+                                          f"params {before[old_path][1]:,} -> {after[path][1]:,}{together}")
+                elif path in after:
+                    report.changes.append(f"{path} (new): output {after[path][0]}, params {after[path][1]:,}"
+                                          f"{together}")
+            if report.statement.keyword == "tap":
+                report.changes.append(f"model outputs: {', '.join(outputs_before)} -> "
+                                      f"{', '.join(outputs_after)}{together}")
+        self._model = new_model
+
+    def _before_rebuild(self):
+        """What a rebuild needs of the model before it: (layer facts by path, output shapes, the layers
+        holding the weights to carry across) — read off the archive while there is no built model."""
+        if self._model is not None:
+            return _layer_facts(self._model), _output_shapes(self._model), walk(self._model)
+        from ..keras_io.shapes import ArchiveFacts
+        facts = ArchiveFacts(self.archive)
+        return facts, ["?" if s is None else shape_text(s) for s in facts.shapes.model_outputs()], \
+            self.archive.layers
+
+    @staticmethod
+    def keras():
+        """The keras module, imported quietly (TensorFlow's start-up chatter kept off the terminal)."""
+        from ..keras_io.files import import_keras
+        return import_keras()
+
+    @staticmethod
+    def layer_class(name: str, span=None):
+        """A Keras layer class by name (keras.layers, or a custom class registered by --import)."""
+        from ..keras_io.layers import layer_class
+        return layer_class(name, span)
+
+    @staticmethod
+    def default_layer_name(class_name: str) -> str:
+        from ..keras_io.layers import snake_case
+        return snake_case(class_name)
+
+    @staticmethod
+    def io_shapes(layer):
+        """(input shape, output shape) of a built layer called once, or None."""
+        from ..keras_io.layers import io_shapes
+        return io_shapes(layer)
+
+    def check_moves(self, paths: list[str], order: list[int], stmt) -> None:
+        from ..keras_io.layers import check_moves
+        check_moves({i.path: i.layer for i in self.layers()}, paths, order, stmt.span)
+
+    # -- weights -----------------------------------------------------------------------------------
+    @staticmethod
+    def own_initializer(layer, variable_name: str):
+        """The initializer a layer's config names for one of its variables, or None."""
+        from ..keras_io.graph import initializer_for
+        return initializer_for(layer, variable_name)
+
+    @staticmethod
+    def seeded(initializer, seed_value: int):
+        from ..keras_io.graph import seeded
+        return seeded(initializer, seed_value)
+
+    def is_subclassed(self) -> bool:
+        return not self.on_archive and model_kind(self.model) == "subclassed"
+
+    def load_layers(self, path: str, stmt) -> list:
+        """The layers of another model file (``load weights from``), loaded once per run."""
+        from ..errors import ModelxformError
+        from ..keras_io.files import load_model
+        if path not in self.loaded:
+            try:
+                self.loaded[path] = walk(load_model(path))
+            except ModelxformError as exc:
+                raise type(exc)(f"load weights from {stmt.path!r}: {exc.message}", span=stmt.span) from None
+        return self.loaded[path]
+
+    # -- checks ------------------------------------------------------------------------------------
+    def param_count(self) -> int:
+        return int(self.current_model().count_params())
+
+    def output_shapes(self) -> list[tuple]:
+        return [tuple(None if d is None else int(d) for d in t.shape) for t in self.current_model().outputs or []]
+
+    def probe_outputs(self):
+        """(the model's input shapes, its outputs on the reference probes) in inference mode."""
+        import numpy as np
+        model = self.current_model()
+        inputs, _ = self.reference
+        shapes = [tuple(t.shape) for t in model.inputs]
+        if len(shapes) != len(inputs) or any(a[1:] != tuple(np.shape(b))[1:] for a, b in zip(shapes, inputs)):
+            return shapes, None
+        outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
+        return shapes, [np.asarray(o) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+
+    def take_reference(self) -> None:
+        """Seeded random probe inputs and the input model's outputs on them, for `assert equivalent`."""
+        import numpy as np
+
+        from ..keras_io.graph import probe_inputs
+        model = self.model
+        inputs = probe_inputs(model, generator(self.seed, "assert equivalent probe"), batch=4)
+        outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        self.reference = inputs, [np.asarray(o) for o in outputs]
+
+
+def _layer_facts(model) -> dict:
+    facts = {}
+    for info in walk(model):
+        try:
+            shape = shape_text(tuple(info.layer.output.shape))
+        except Exception:  # a shared layer has several outputs; an unbuilt one has none
+            shape = "?"
+        facts[info.path] = (shape, info.params())
+    return facts
+
+
+def _output_shapes(model) -> list[str]:
+    try:
+        return [shape_text(tuple(t.shape)) for t in model.outputs]
+    except Exception:
+        return ["?"]

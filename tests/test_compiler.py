@@ -13,7 +13,7 @@ from conftest import ROOT
 from modelxform import RecipeError, compile_recipe, ir, load_recipe
 from modelxform import statements as stmts
 from modelxform.lang.fmt import format_text
-from modelxform.lang.parser import PARSER_OPTIONS, SYNTAX_EXAMPLES, get_parser, grammar_path
+from modelxform.lang.parser import PARSER_OPTIONS, SYNTAX_EXAMPLES, grammar_path
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 
@@ -81,39 +81,6 @@ def test_syntax_examples_get_their_label(label, example):
 def test_grammar_is_strict_lalr_without_collisions():
     # strict=True makes any terminal collision or grammar conflict an error
     lark.Lark(grammar_path().read_text(), strict=True, **PARSER_OPTIONS)
-
-
-def _statement_alternatives():
-    parser = get_parser()
-    stmt_children = {r.expansion[0].name for r in parser.rules if r.origin.name == "stmt"}
-    names = set()
-    for rule in parser.rules:
-        if rule.origin.name in stmt_children:
-            names.add(rule.alias or rule.origin.name)
-    return names
-
-
-def test_every_statement_rule_has_a_statement_kind():
-    names = _statement_alternatives()
-    assert len(names) >= 17
-    missing = [n for n in names if n not in stmts.BY_RULE]
-    assert not missing, f"grammar statements without a statement kind (modelxform/statements/): {missing}"
-    # and no kind claims a rule the grammar does not have
-    assert set(stmts.BY_RULE) == names
-
-
-def test_every_ir_statement_has_a_pass_or_is_a_header():
-    from modelxform.passes import PASSES, load_all
-    load_all()
-    missing = [c.__name__ for c in stmts.KINDS
-               if c not in PASSES and c not in stmts.HEADER_TYPES and c is not stmts.Select]
-    assert not missing, f"statement classes without a registered pass: {missing}"
-
-
-def test_pass_registry_refuses_duplicates():
-    from modelxform.passes import register
-    with pytest.raises(RuntimeError, match="already registered"):
-        register(stmts.Scale)(lambda ctx, stmt: None)
 
 
 def test_keras_name_snapshot_matches_installed_keras():

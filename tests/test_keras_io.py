@@ -1,0 +1,110 @@
+"""keras_io is the only code that knows Keras's config format and reaches into Keras internals; these
+tests fail loudly, naming what changed, when a Keras release changes either."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import FACTORIES
+from modelxform.keras_io import config as cfg
+from modelxform.keras_io.layers import nested_models, walk
+
+keras = pytest.importorskip("keras")
+
+
+def serialized(model) -> dict:
+    import json
+    return json.loads(json.dumps(keras.saving.serialize_keras_object(model)))
+
+
+@pytest.mark.parametrize("kind", ["cnn", "sequential", "nested", "shared", "multi_io"])
+def test_the_walker_sees_what_keras_builds(kind):
+    model = FACTORIES[kind]()
+    config = serialized(model)
+    leaves = [c.path for c in cfg.walk(config)]
+    assert leaves == [i.path for i in walk(model)]
+    models = [c.path for c in cfg.walk(config, models=True, leaves=False)]
+    assert models == list(nested_models(model))
+    for layer in cfg.walk(config, models=True):
+        assert cfg.entry_at(config, layer.path) is layer.entry
+        assert cfg.container_of(config, layer.path) is layer.container
+        assert cfg.layers_of(layer.container)[layer.index] is layer.entry
+
+
+@pytest.mark.parametrize("kind", ["cnn", "nested", "shared", "multi_io"])
+def test_inbound_nodes_name_the_layers_that_feed_each_layer(kind):
+    """keras_history in the inbound nodes: [layer, node, tensor] for every input a call reads."""
+    model = FACTORIES[kind]()
+    config = serialized(model)
+    for entry in cfg.layers_of(config):
+        if cfg.is_input(entry):
+            continue
+        layer = model.get_layer(cfg.name_of(entry))
+        for node, node_config in zip([n for n in layer._inbound_nodes if n.operation is layer],
+                                     entry["inbound_nodes"]):
+            fed_by = [t._keras_history[0].name for t in node.input_tensors]
+            assert [h[0] for h in cfg.histories(node_config)] == fed_by
+            assert [t["config"]["shape"][1:] for t in cfg.tensors(node_config)] == \
+                [list(t.shape)[1:] for t in node.input_tensors]
+    outputs = [t._keras_history[0].name for t in model.outputs]
+    assert [r[0] for r in cfg.tensor_refs(config["config"]["output_layers"])] == outputs
+    inputs = [t._keras_history[0].name for t in model.inputs]
+    assert [r[0] for r in cfg.tensor_refs(config["config"]["input_layers"])] == inputs
+
+
+def test_tensor_refs_read_every_form_keras_writes():
+    assert cfg.tensor_refs(["a", 0, 0]) == [["a", 0, 0]]
+    assert cfg.tensor_refs([["a", 0, 0], ["b", 1, 0]]) == [["a", 0, 0], ["b", 1, 0]]
+    assert cfg.tensor_refs({"x": ["a", 0, 0], "y": ["b", 0, 0]}) == [["a", 0, 0], ["b", 0, 0]]
+    assert list(cfg.histories([["a", 0, 0, {}], ["b", 1, 0, {}]])) == [["a", 0, 0, {}], ["b", 1, 0, {}]]
+
+
+def test_the_keras_internals_keras_io_uses_are_there():
+    """Each private name keras_io uses (variables.py, files.py, layers.py), with where it is used."""
+    from keras.src.backend.common import global_state, stateless_scope
+    from keras.src.saving import saving_lib
+    missing = []
+    for owner, names, user in [
+        (saving_lib, ["_serialize_model_as_json", "_save_state", "H5IOStore", "DiskIOStore"],
+         "files._write_keras_archive"),
+        (saving_lib.H5IOStore, ["_get_h5_file", "_create_h5_group", "__setitem__"], "files._write_keras_archive"),
+        (global_state, ["get_global_attribute", "set_global_attribute"], "variables.LazyVariables"),
+        (stateless_scope, ["StatelessScope"], "variables.LazyVariables"),
+    ]:
+        missing += [f"{owner.__name__}.{n} ({user})" for n in names if not hasattr(owner, n)]
+    assert missing == []
+
+
+def test_lazy_variables_defer_and_fill():
+    """Under LazyVariables a built layer's variables hold no value; copy_variables gives them theirs,
+    a block of rows at a time for large arrays (TensorFlow's scatter_update and sparse_read)."""
+    from modelxform.keras_io import variables
+    with variables.LazyVariables() as lazy:
+        layer = keras.layers.Dense(3, name="d")
+        layer.build((None, 5))
+    assert lazy.created and all(v._value is None for v in layer.weights)
+    kernel = np.arange(15, dtype="float32").reshape(5, 3)
+    variables.set_variables(layer, [kernel, np.ones(3, "float32")])
+    np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
+    lazy.initialise_the_rest()
+    # a large array, in blocks (the thresholds lowered so that this one counts as large)
+    big = keras.layers.Dense(4, name="big")
+    big.build((None, 6))
+    values = np.random.default_rng(0).standard_normal((6, 4)).astype("float32")
+    old = variables.LARGE_ARRAY, variables.BLOCK_BYTES
+    try:
+        variables.LARGE_ARRAY, variables.BLOCK_BYTES = 8, 16
+        variables.set_variables(big, [values, np.zeros(4, "float32")])
+        rows = variables.read_variable_rows(big.kernel, 2, 5)
+    finally:
+        variables.LARGE_ARRAY, variables.BLOCK_BYTES = old
+    np.testing.assert_array_equal(big.kernel.numpy(), values)
+    np.testing.assert_array_equal(rows, values[2:5])
+
+
+def test_which_layer_feeds_which_is_read_where_check_moves_reads_it():
+    """layers.check_moves reads a tensor's _keras_history and a layer's _outbound_nodes."""
+    model = FACTORIES["cnn"]()
+    dense_2 = model.get_layer("dense_2")
+    assert dense_2.input._keras_history[0] is model.get_layer("dropout")
+    assert [n.operation.name for n in model.get_layer("dense_1")._outbound_nodes] == ["dropout"]

@@ -11,11 +11,14 @@ from .engine.plan import Plan, StatementReport
 from .errors import (
     ApplyError, AssertionFailed, ExitCode, ModelFileError, ModelxformError, RecipeError, UsageError,
 )
-from .session import ApplyResult, Recipe, apply_file, compile_recipe, load_recipe, plan_file, verify_file
+from .session import (
+    ApplyResult, Recipe, apply_file, compile_recipe, load_model, load_recipe, plan_file, verify_file,
+)
 from .version import __version__
 
 __all__ = [
-    "Recipe", "compile_recipe", "load_recipe", "apply_file", "plan_file", "verify_file", "ApplyResult", "Plan",
+    "Recipe", "compile_recipe", "load_recipe", "apply_file", "plan_file", "verify_file", "load_model",
+    "ApplyResult", "Plan",
     "StatementReport",
     "ModelxformError", "RecipeError", "ApplyError", "AssertionFailed", "ModelFileError", "UsageError",
     "ExitCode", "__version__",

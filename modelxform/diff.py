@@ -129,12 +129,13 @@ def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapsho
         except Exception:
             config = {}
         config = {k: v for k, v in _plain(config).items() if k not in ("name", "trainable")}
-        names = [v.name for v in layer.weights]
-        arrays = layer.get_weights() if weights else []
+        own = info.weights
+        names = [v.name for v in own]
+        arrays = [np.array(v.numpy(), copy=True) for v in own] if weights else []
         layers[info.path] = LayerFacts(
             path=info.path, type=info.type_name, config=config, trainable=bool(layer.trainable),
-            weights=list(zip(names, [np.array(a, copy=True) for a in arrays])), params=info.params(),
-            trainable_params=int(sum(int(np.prod(v.shape)) for v in layer.trainable_weights)),
+            weights=list(zip(names, arrays)), params=info.params(),
+            trainable_params=int(sum(int(np.prod(v.shape)) for v in own if v.trainable)) if layer.trainable else 0,
             input_shape=_tensor_shape(lambda: layer.input), output_shape=_tensor_shape(lambda: layer.output),
             container="/".join(info.path.split("/")[:-1]), calls=max(1, conn.calls.get(info.path, 1)),
             inbound=list(conn.inbound.get(info.path, [])))

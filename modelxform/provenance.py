@@ -91,8 +91,8 @@ def content_differences(remade, model_path, unsafe, imports) -> list[str]:
     out = []
     if keras.saving.serialize_keras_object(a) != keras.saving.serialize_keras_object(b):
         out.append("the model configs differ (layers, connections or settings)")
-    wa = {i.path: i.layer for i in walk(a)}
-    wb = {i.path: i.layer for i in walk(b)}
+    wa = {i.path: i for i in walk(a)}
+    wb = {i.path: i for i in walk(b)}
     for path in sorted(set(wa) | set(wb)):
         if path not in wa or path not in wb:
             out.append(f"layer {path} exists in only one of them")
@@ -104,6 +104,6 @@ def content_differences(remade, model_path, unsafe, imports) -> list[str]:
             elif x.tobytes() != y.tobytes():
                 diff = float(np.max(np.abs(x.astype("float64") - y.astype("float64"))))
                 out.append(f"{path}: {va.name} differs (max abs difference {diff:.3g})")
-        if bool(wa[path].trainable) != bool(wb[path].trainable):
-            out.append(f"{path}: trainable is {wb[path].trainable}, re-made {wa[path].trainable}")
+        if bool(wa[path].layer.trainable) != bool(wb[path].layer.trainable):
+            out.append(f"{path}: trainable is {wb[path].layer.trainable}, re-made {wa[path].layer.trainable}")
     return out

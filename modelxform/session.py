@@ -160,6 +160,14 @@ def _apply(recipe, source, model_path: str, output, seed, params, savedmodel: bo
                          built=ctx.built)
     if output is None:
         return result
+    unsaved = [s for s in plan.statements if s.unsaved]
+    if unsaved:
+        exc = ApplyError(f"`{unsaved[0].statement}`: {unsaved[0].unsaved[0]}; nothing was written",
+                         span=unsaved[0].statement.span,
+                         hint="freeze or unfreeze a whole model or composite layer, or `unwrap` the model first "
+                              "so that its layers are nodes of a graph whose flags Keras saves")
+        attach_sources(exc, recipe)
+        raise exc
     lost = [s for s in plan.statements if SUBCLASSED_TRAINABLE_NOTE in s.notes]
     if lost:
         exc = ApplyError(f"`{lost[0].statement}` changed trainable flags inside a subclassed model, and Keras "
@@ -219,6 +227,22 @@ def plan_file(recipe, model, *, seed: int | None = None, params: dict | None = N
     write_report(html, diff(before, after), title=title, subtitle=subtitle, statements=statements_from_report(plan))
     plan.before, plan.after = (len(before.layers), before.params), (len(after.layers), after.params)
     return plan
+
+
+def load_model(path, *, unsafe: bool = False, imports=()):
+    """Load a model file (.keras or .h5) with Keras, safe mode on unless ``unsafe``, and put back what
+    Keras's loader leaves out: the trainable flag of a frozen composite layer (a MultiHeadAttention, a
+    keras_hub TransformerEncoder) is saved, but Keras does not pass it on to the variables of the layers
+    it builds, so they would train.
+
+    >>> model = modelxform.load_model("prepared.keras")   # doctest: +SKIP
+    >>> model.fit(...)                                     # doctest: +SKIP
+    """
+    from .keras_io.files import load_model as load
+    from .keras_io.layers import restore_trainable
+    model = load(path, unsafe=unsafe, imports=imports)
+    restore_trainable(model)
+    return model
 
 
 def verify_file(model, original, *, unsafe: bool = False, imports=()) -> tuple[list[str], list[str]]:

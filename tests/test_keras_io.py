@@ -84,7 +84,7 @@ def test_lazy_variables_defer_and_fill():
         layer.build((None, 5))
     assert lazy.created and all(v._value is None for v in layer.weights)
     kernel = np.arange(15, dtype="float32").reshape(5, 3)
-    variables.set_variables(layer, [kernel, np.ones(3, "float32")])
+    variables.set_variables(layer.weights, [kernel, np.ones(3, "float32")])
     np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
     lazy.initialise_the_rest()
     # a large array, in blocks (the thresholds lowered so that this one counts as large)
@@ -94,7 +94,7 @@ def test_lazy_variables_defer_and_fill():
     old = variables.LARGE_ARRAY, variables.BLOCK_BYTES
     try:
         variables.LARGE_ARRAY, variables.BLOCK_BYTES = 8, 16
-        variables.set_variables(big, [values, np.zeros(4, "float32")])
+        variables.set_variables(big.weights, [values, np.zeros(4, "float32")])
         rows = variables.read_variable_rows(big.kernel, 2, 5)
     finally:
         variables.LARGE_ARRAY, variables.BLOCK_BYTES = old

@@ -261,6 +261,25 @@ class Context:
         from ..keras_io.layers import check_moves
         check_moves({i.path: i.layer for i in self.layers()}, paths, order, stmt.span)
 
+    def nested_models(self) -> list:
+        """The nested models (their paths and classes) of the model as it stands."""
+        from ..keras_io.layers import nested_models
+        return [_Nested(path, type(m).__name__) for path, m in nested_models(self.current_model()).items()]
+
+    def unwrap(self, path: str | None, stmt) -> tuple[str, str]:
+        """Make the model (or the nested model at ``path``) a plain functional model of its layers, at
+        once; returns (its class before, after)."""
+        from ..keras_io.graph import unwrap
+        model = self.current_model()
+        try:
+            new_model, before, after = unwrap(model, path, self.seed)
+        except ApplyError as exc:
+            if exc.span is not None:
+                raise
+            raise ApplyError(f"`{stmt}`: {exc.message}", span=stmt.span, hint=exc.hint) from exc
+        self._model = new_model
+        return before, after
+
     # -- weights -----------------------------------------------------------------------------------
     @staticmethod
     def own_initializer(layer, variable_name: str):
@@ -272,6 +291,15 @@ class Context:
     def seeded(initializer, seed_value: int):
         from ..keras_io.graph import seeded
         return seeded(initializer, seed_value)
+
+    def flag_targets(self, infos: list, flag: bool) -> list:
+        """Where to set trainable flags for ``infos`` so that a saved file keeps them
+        (keras_io.layers.flag_targets); on the archive, every layer's own flag."""
+        if self.on_archive:
+            from ..keras_io.layers import FlagTarget
+            return [FlagTarget(i.path, i.layer, [i.path]) for i in infos]
+        from ..keras_io.layers import flag_targets
+        return flag_targets(self.model, infos, walk(self.model), flag)
 
     def is_subclassed(self) -> bool:
         return not self.on_archive and model_kind(self.model) == "subclassed"
@@ -294,27 +322,45 @@ class Context:
     def output_shapes(self) -> list[tuple]:
         return [tuple(None if d is None else int(d) for d in t.shape) for t in self.current_model().outputs or []]
 
-    def probe_outputs(self):
-        """(the model's input shapes, its outputs on the reference probes) in inference mode."""
+    def probe_outputs(self, stmt=None):
+        """(the model's input shapes, its outputs on the reference probes) in inference mode; the outputs
+        are None when the model's inputs changed."""
         import numpy as np
+
+        from ..keras_io.graph import call_model
         model = self.current_model()
         inputs, _ = self.reference
         shapes = [tuple(t.shape) for t in model.inputs]
-        if len(shapes) != len(inputs) or any(a[1:] != tuple(np.shape(b))[1:] for a, b in zip(shapes, inputs)):
+        if len(shapes) != len(inputs) or any(a[1:] != tuple(np.shape(b))[1:] for a, b in zip(shapes, inputs)
+                                             if None not in a[1:]):
             return shapes, None
-        outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
-        return shapes, [np.asarray(o) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+        return shapes, self._probe(lambda: call_model(model, inputs), stmt)
 
-    def take_reference(self) -> None:
+    def take_reference(self, stmt=None) -> None:
         """Seeded random probe inputs and the input model's outputs on them, for `assert equivalent`."""
-        import numpy as np
-
-        from ..keras_io.graph import probe_inputs
+        from ..keras_io.graph import call_model, probe_inputs
         model = self.model
-        inputs = probe_inputs(model, generator(self.seed, "assert equivalent probe"), batch=4)
-        outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
-        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        self.reference = inputs, [np.asarray(o) for o in outputs]
+        inputs = self._probe(lambda: probe_inputs(model, generator(self.seed, "assert equivalent probe"), batch=4),
+                             stmt)
+        self.reference = inputs, self._probe(lambda: call_model(model, inputs), stmt)
+
+    @staticmethod
+    def _probe(fn, stmt):
+        """Any failure to make probe inputs or run the model on them is one line (exit 4)."""
+        try:
+            return fn()
+        except ApplyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Keras raises many kinds here
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ApplyError(f"assert equivalent: cannot run the model on probe inputs: {text}",
+                             span=getattr(stmt, "span", None), hint="the probes follow each input's dtype and structure; a model with inputs "
+                                  "they cannot fill cannot be checked this way") from None
+
+
+class _Nested:
+    def __init__(self, path: str, class_name: str):
+        self.path, self.class_name = path, class_name
 
 
 def _layer_facts(model) -> dict:

@@ -20,6 +20,7 @@ class StatementReport:
     notes: list = field(default_factory=list)  # things worth knowing that are not changes
     work: list = field(default_factory=list, repr=False, compare=False)  # deferred array work, run by apply
     rebuilt: list = field(default_factory=list, repr=False)  # paths whose shapes the next rebuild reports
+    unsaved: list = field(default_factory=list)  # what a written file could not keep: apply refuses
 
     @property
     def location(self) -> str:
@@ -35,7 +36,8 @@ class StatementReport:
         return {"statement": str(self.statement),
                 "file": span.filename if span else None,
                 "line": span.line if span else None, "column": span.column if span else None,
-                "layers": list(self.layers), "changes": list(self.changes), "notes": list(self.notes)}
+                "layers": list(self.layers), "changes": list(self.changes), "notes": list(self.notes)
+                + [f"apply refuses this: {line}" for line in self.unsaved]}
 
 
 @dataclass
@@ -62,6 +64,8 @@ class Plan:
                 out.append(f"    {line}")
             for line in s.notes:
                 out.append(f"    ({line})")
+            for line in s.unsaved:
+                out.append(f"    (apply refuses this: {line})")
         return out
 
 

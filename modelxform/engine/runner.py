@@ -33,8 +33,9 @@ def run(recipe, source, *, seed: int | None = None, params: dict | None = None,
 
 def _run_statements(recipe, ctx: Context, plan: Plan, apply: bool) -> None:
     statements = [s for s in recipe.program.flat() if s.role != "header"]
-    if any(s.wants_reference for s in statements):
-        ctx.take_reference()
+    wanting = [s for s in statements if s.wants_reference]
+    if wanting:
+        ctx.take_reference(wanting[0])
     for stmt in statements:
         ctx.begin(stmt)
         ctx.prepare(stmt)

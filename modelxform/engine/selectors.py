@@ -40,7 +40,7 @@ def matches(pred: ir.Pred, info, params) -> bool:
     if isinstance(pred, ir.PTrainable):
         return bool(info.layer.trainable)
     if isinstance(pred, ir.PHasWeights):
-        return len(info.layer.weights) > 0
+        return len(info.weights) > 0
     if isinstance(pred, ir.PParams):
         return ir.compare(pred.op, info.params(), params.value(pred.value))
     raise TypeError(f"unknown predicate {pred!r}")

@@ -102,17 +102,36 @@ def walk(config: dict, *, models: bool = False, leaves: bool = True, inputs: boo
     yield from visit(config, "", ())
 
 
+class NotInGraph(LookupError):
+    """A path that is no node of the config's graphs: inside a layer whose config does not list its
+    layers (a composite layer such as MultiHeadAttention, or a Functional subclass such as a keras_hub
+    Backbone, whose config holds its constructor arguments), or not there at all."""
+
+    def __init__(self, path: str, holder: dict | None = None, holder_path: str = ""):
+        super().__init__(path)
+        self.path, self.holder, self.holder_path = path, holder, holder_path
+
+
 def container_of(config: dict, path: str) -> dict:
-    """The model entry that lists the layer at ``path``."""
-    node = config
+    """The model entry that lists the layer at ``path`` (NotInGraph when there is none)."""
+    node, walked = config, []
     for part in path.split("/")[:-1]:
-        node = next(e for e in layers_of(node) if name_of(e) == part)
+        entry = next((e for e in layers_of(node) if name_of(e) == part), None)
+        walked.append(part)
+        if entry is None:
+            raise NotInGraph(path)
+        if not is_model_entry(entry):
+            raise NotInGraph(path, entry, "/".join(walked))
+        node = entry
     return node
 
 
 def entry_at(config: dict, path: str) -> dict:
     name = path.split("/")[-1]
-    return next(e for e in layers_of(container_of(config, path)) if name_of(e) == name)
+    entry = next((e for e in layers_of(container_of(config, path)) if name_of(e) == name), None)
+    if entry is None:
+        raise NotInGraph(path)
+    return entry
 
 
 def histories(node):
@@ -166,6 +185,25 @@ def tensor_refs(refs) -> list[list]:
     if refs and isinstance(refs[0], str):
         return [list(refs)]
     return [list(r) for r in refs or []]
+
+
+def io_refs(refs) -> list[list]:
+    """The ``[name, node, index]`` lists of a model's ``input_layers`` or ``output_layers`` themselves (not
+    copies, so that a caller may change them in place), in any of Keras's forms."""
+    if isinstance(refs, dict):
+        return list(refs.values())
+    if refs and isinstance(refs[0], str):
+        return [refs]
+    return list(refs or [])
+
+
+def flat_order(refs) -> list[list]:
+    """The references in the order the model's flat inputs or outputs have them: Keras flattens a dict
+    by sorted key (a model called with a dict returns the same structure; its tensors are numbered in
+    this order where another graph refers to them by index)."""
+    if isinstance(refs, dict):
+        return [refs[key] for key in sorted(refs)]
+    return io_refs(refs)
 
 
 def model_entries(config: dict, path: str = ""):

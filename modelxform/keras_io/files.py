@@ -152,6 +152,12 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
             raise ModelFileError(f"{p}: not a readable HDF5 file ({exc})") from None
     keras = import_keras()  # before --import modules, which usually import keras themselves
     import_modules(imports)
+    # Keras numbers the objects it names by how many of that name this process made before (a second
+    # load names a Task's optimizer adam_1, and that name is saved): start from none, so that a file
+    # loads into the same names in a batch worker's tenth job as in a fresh process (keras.src.utils.
+    # naming is private; tests/test_keras_io.py checks it is there)
+    from keras.src.utils import naming
+    naming.reset_uids()
     try:
         with _quiet():
             if fmt == "keras":

@@ -19,10 +19,29 @@ import numpy as np
 
 from ..errors import ApplyError
 from ..rng import derive_seed
-from .config import (ConfigLayer, container_of, entry_at, histories, is_model_entry, layers_of, model_entries,
-                     tensor_refs, walk as walk_config)
+from .config import (ConfigLayer, NotInGraph, container_of, entry_at, flat_order, histories, io_refs,
+                     is_model_entry, layers_of, model_entries, tensor_refs, walk as walk_config)
 from .layers import LayerInfo, walk
 from .variables import LazyVariables, copy_variables, set_variables
+
+
+def not_a_node(exc: NotInGraph) -> ApplyError:
+    """Why a structural statement cannot act on a layer that is no node of a graph."""
+    holder = exc.holder
+    if holder is None:
+        return ApplyError(f"no layer {exc.path!r} in the model's graph")
+    cls = holder.get("class_name", "?")
+    if holder.get("module", "").startswith("keras_hub") or isinstance(holder.get("config", {}).get("backbone"), dict) \
+            or cls.endswith(("Backbone", "Classifier", "CausalLM")):
+        return ApplyError(
+            f"{exc.path} is inside {exc.holder_path} ({cls}), a model class whose saved config holds its "
+            "constructor arguments, not its layers: its layers are not nodes of a graph modelxform can edit",
+            hint=f"add `unwrap {exc.holder_path}` before it: that makes {exc.holder_path} a plain functional "
+                 f"model of its layers (the {cls} class is dropped)")
+    return ApplyError(
+        f"{exc.path} is a sublayer of {exc.holder_path} ({cls}): it is built inside that layer, not a node of "
+        "the model's graph, so structural statements cannot move, replace or tap it",
+        hint=f"act on {exc.holder_path} itself; weight statements, freeze and unfreeze do reach its sublayers")
 
 
 @dataclass
@@ -63,10 +82,16 @@ class GraphEditor:
 
     def container_of(self, path: str) -> dict:
         """The model entry that holds the layer at ``path``."""
-        return container_of(self.config, path)
+        try:
+            return container_of(self.config, path)
+        except NotInGraph as exc:
+            raise not_a_node(exc) from None
 
     def entry(self, path: str) -> dict:
-        return entry_at(self.config, path)
+        try:
+            return entry_at(self.config, path)
+        except NotInGraph as exc:
+            raise not_a_node(exc) from None
 
     # -- edits ---------------------------------------------------------------------------------
     closed: bool = False  # set once the runner has rebuilt from this editor
@@ -117,8 +142,7 @@ class GraphEditor:
             fix(entry.get("inbound_nodes", []))
         cfg = container["config"]
         for key in ("input_layers", "output_layers"):
-            refs = cfg.get(key) or []
-            for ref in (refs if refs and isinstance(refs[0], list) else [refs]):
+            for ref in io_refs(cfg.get(key)):
                 if ref and ref[0] == old:
                     ref[0] = new
 
@@ -126,7 +150,9 @@ class GraphEditor:
         if self.config["class_name"] == "Sequential":
             self.config = sequential_to_functional(self.config)
         cfg = self.config["config"]
-        outputs = [] if only else tensor_refs(cfg["output_layers"])
+        keyed = isinstance(cfg["output_layers"], dict)  # dict outputs stay a dict: a tap adds a key
+        outputs = ({} if keyed else []) if only else (dict(cfg["output_layers"]) if keyed
+                                                       else tensor_refs(cfg["output_layers"]))
         for path in paths:
             if "/" in path:
                 refs = [self._expose(path, span)]
@@ -136,8 +162,12 @@ class GraphEditor:
                 if not nodes:
                     raise ApplyError(f"tap {path}: the layer is not called in the model's graph", span=span)
                 refs = [[entry["config"]["name"], index, 0] for index in range(len(nodes))]
-            for ref in refs:
-                if ref not in outputs:
+            for n, ref in enumerate(refs):
+                if keyed:
+                    if ref not in list(outputs.values()):
+                        key = path.replace("/", "_") + (f"_{n}" if n else "")
+                        outputs[key if key not in outputs else f"{key}_tap"] = ref
+                elif ref not in outputs:
                     outputs.append(ref)
         cfg["output_layers"] = outputs
 
@@ -156,13 +186,7 @@ class GraphEditor:
         if len(entry.get("inbound_nodes") or []) != 1:
             raise ApplyError(f"tap {path}: the layer is called {len(entry.get('inbound_nodes') or [])} times "
                              "inside its model; tap a layer called once", span=span)
-        cfg = model_entry["config"]
-        outputs = tensor_refs(cfg["output_layers"])
-        ref = [name, 0, 0]
-        if ref not in outputs:
-            outputs.append(ref)
-        cfg["output_layers"] = outputs
-        index = outputs.index(ref)
+        index = self._add_output(model_entry["config"], [name, 0, 0], name)
         if "/" in inner_path:
             return self._expose_ref(inner_path, index, span)
         return [parts[0], 0, index]
@@ -175,16 +199,25 @@ class GraphEditor:
         if parent["class_name"] == "Sequential":
             raise ApplyError(f"tap: {parent_path} is a Sequential holding a nested model; tap the nested model",
                              span=span)
-        cfg = parent["config"]
-        outputs = tensor_refs(cfg["output_layers"])
-        ref = [parts[-1], 0, index]
-        if ref not in outputs:
-            outputs.append(ref)
-        cfg["output_layers"] = outputs
-        position = outputs.index(ref)
+        position = self._add_output(parent["config"], [parts[-1], 0, index], f"{parts[-1]}_{index}")
         if "/" in parent_path:
             return self._expose_ref(parent_path, position, span)
         return [parent_path, 0, position]
+
+    @staticmethod
+    def _add_output(cfg: dict, ref: list, key: str) -> int:
+        """Make ``ref`` one of a (nested) model's outputs, if it is not already, and return its index among
+        the model's flat outputs (what a reference to it from the graph around it names)."""
+        outputs = cfg["output_layers"]
+        if isinstance(outputs, dict):
+            if ref not in list(outputs.values()):
+                outputs[key if key not in outputs else f"{key}_tap"] = ref
+        else:
+            outputs = tensor_refs(outputs)
+            if ref not in outputs:
+                outputs.append(ref)
+            cfg["output_layers"] = outputs
+        return flat_order(cfg["output_layers"]).index(ref)
 
     # -- surgery -------------------------------------------------------------------------------
     @staticmethod
@@ -219,13 +252,7 @@ class GraphEditor:
         for entry in layers_of(container):
             for node in entry.get("inbound_nodes") or []:
                 yield from histories(node)
-        cfg = container["config"]
-        outs = cfg.get("output_layers")
-        if outs:
-            if isinstance(outs[0], str):
-                yield outs
-            else:
-                yield from outs
+        yield from io_refs(container["config"].get("output_layers"))
 
     def _retarget(self, container: dict, old: list, new: list, skip_entry: dict | None = None) -> int:
         count = 0
@@ -237,14 +264,10 @@ class GraphEditor:
                     if list(hist[:3]) == list(old):
                         hist[0], hist[1], hist[2] = new
                         count += 1
-        cfg = container["config"]
-        outs = cfg.get("output_layers")
-        if outs:
-            refs = [outs] if isinstance(outs[0], str) else outs
-            for ref in refs:
-                if list(ref[:3]) == list(old):
-                    ref[0], ref[1], ref[2] = new
-                    count += 1
+        for ref in io_refs(container["config"].get("output_layers")):
+            if list(ref[:3]) == list(old):
+                ref[0], ref[1], ref[2] = new
+                count += 1
         return count
 
     @staticmethod
@@ -374,8 +397,10 @@ class GraphEditor:
             for node in by_name[current].get("inbound_nodes") or []:
                 todo.extend(h[0] for h in histories(node))
         self.config["config"]["layers"] = [e for e in layers if e["config"]["name"] in keep]
-        inputs = [r for r in tensor_refs(cfg["input_layers"]) if r[0] in keep]
-        cfg["input_layers"] = inputs
+        if isinstance(cfg["input_layers"], dict):
+            cfg["input_layers"] = {k: r for k, r in cfg["input_layers"].items() if r[0] in keep}
+        else:
+            cfg["input_layers"] = [r for r in tensor_refs(cfg["input_layers"]) if r[0] in keep]
 
     def append(self, serialized: dict, anchor: str | None, parts, span=None, explicit_name=False) -> str:
         container = self.config
@@ -403,7 +428,12 @@ class GraphEditor:
                                  f"(outputs: {', '.join(r[0] for r in outputs)})", span=span)
             target = matching[0]
         layers.append(self._new_entry(serialized, [[list(target[:3]) + [{}]]]))
-        container["config"]["output_layers"] = [[name, 0, 0] if r == target else r for r in outputs]
+        current = container["config"]["output_layers"]
+        if isinstance(current, dict):
+            container["config"]["output_layers"] = {k: ([name, 0, 0] if list(r) == target else r)
+                                                     for k, r in current.items()}
+        else:
+            container["config"]["output_layers"] = [[name, 0, 0] if r == target else r for r in outputs]
         return name
 
     def set_field(self, path: str, key: str, value, statement, span=None) -> None:
@@ -512,14 +542,15 @@ def _restore_single_refs(config: dict, base: dict) -> None:
         cfg = entry["config"]
         for key in ("input_layers", "output_layers"):
             refs = cfg.get(key)
-            base_forms[(path, key)] = bool(refs) and isinstance(refs[0], str)
+            base_forms[(path, key)] = isinstance(refs, list) and bool(refs) and isinstance(refs[0], str)
     for path, entry in model_entries(config):
         if entry.get("class_name") != "Functional":
             continue
         cfg = entry["config"]
         for key in ("input_layers", "output_layers"):
             refs = cfg.get(key)
-            if refs and not isinstance(refs[0], str) and len(refs) == 1 and base_forms.get((path, key), True):
+            if isinstance(refs, list) and refs and not isinstance(refs[0], str) and len(refs) == 1 \
+                    and base_forms.get((path, key), True):
                 cfg[key] = list(refs[0])
 
 
@@ -581,8 +612,8 @@ def transfer_weights(old_layers, new_model, fresh: dict, seed: int, origin: dict
         before = old.get(origin.get(info.path, info.path))
         if before is None:
             raise ApplyError(f"layer {info.path} appeared in the rebuilt model without a statement creating it")
-        new_shapes = [tuple(v.shape) for v in info.layer.weights]
-        old_shapes = [tuple(v.shape) for v in before.layer.weights]
+        new_shapes = [tuple(v.shape) for v in info.weights]
+        old_shapes = [tuple(v.shape) for v in before.weights]
         if new_shapes != old_shapes and reshape:
             statement = next(iter(reshape.values()))
             init_fresh(info, (str(statement), "reshaped"), seed)
@@ -590,12 +621,12 @@ def transfer_weights(old_layers, new_model, fresh: dict, seed: int, origin: dict
             continue
         if new_shapes != old_shapes:
             detail = "; ".join(f"{v.name} {tuple(o)} -> {tuple(n)}" for v, o, n in
-                               zip(info.layer.weights, old_shapes, new_shapes) if o != n) or \
+                               zip(info.weights, old_shapes, new_shapes) if o != n) or \
                 f"{len(old_shapes)} weight arrays -> {len(new_shapes)}"
             raise ApplyError(f"layer {info.path} would change shape ({detail}), so its weights cannot be kept",
                              hint="its input changed; replace or reinitialise it in the same recipe")
         if old_shapes:
-            copy_variables(info.layer, before.layer.weights)
+            copy_variables(info.weights, before.weights, info.path)
     return reshaped
 
 
@@ -625,7 +656,7 @@ def seeded(initializer, seed_value: int):
 def init_fresh(info: LayerInfo, parts, seed: int) -> None:
     """Initialise every variable of a layer a statement created, reproducibly from the seed."""
     values = []
-    for var in info.layer.weights:
+    for var in info.weights:
         init = initializer_for(info.layer, var.name)
         if init is None:
             raise ApplyError(f"layer {info.path}: cannot initialise variable {var.name!r} reproducibly "
@@ -633,14 +664,122 @@ def init_fresh(info: LayerInfo, parts, seed: int) -> None:
         init = seeded(init, derive_seed(seed, *parts, info.path, var.name) % (2**31 - 1))
         values.append(np.asarray(init(tuple(var.shape), dtype=var.dtype)))
     if values:
-        set_variables(info.layer, values)
+        set_variables(info.weights, values, info.path)
 
 
-def probe_inputs(model, rng, batch: int = 1):
-    """Seeded random inputs of the model's input shapes (None dimensions become ``batch`` or 32)."""
+# the length of an integer input's unknown dimensions (token sequences): within any position embedding
+PROBE_SEQUENCE = 8
+
+
+def probe_inputs(model, rng, batch: int = 1) -> list:
+    """Seeded random inputs for each of the model's flat inputs (``model.inputs``), following what each
+    input is: floats from a standard normal (unknown dimensions 32); integer ids within the range of the
+    embedding that reads them (unknown dimensions 8); masks (an integer or boolean input named ``…mask``)
+    all ones. :func:`call_model` passes them in the model's input structure (a dict, for keras_hub)."""
+    bounds = id_ranges(model)
     arrays = []
     for tensor in model.inputs:
-        shape = [batch] + [32 if d is None else int(d) for d in tuple(tensor.shape)[1:]]
-        dtype = np.dtype(str(tensor.dtype)) if str(tensor.dtype) != "string" else np.float32
-        arrays.append(rng.standard_normal(shape).astype(dtype))
+        dtype = str(tensor.dtype)
+        name = str(getattr(tensor, "name", ""))
+        if dtype == "bool" or ("int" in dtype and "mask" in name.lower()):
+            shape = [batch] + [PROBE_SEQUENCE if d is None else int(d) for d in tuple(tensor.shape)[1:]]
+            arrays.append(np.ones(shape, dtype=dtype))
+        elif "int" in dtype:
+            shape = [batch] + [PROBE_SEQUENCE if d is None else int(d) for d in tuple(tensor.shape)[1:]]
+            arrays.append(rng.integers(0, bounds.get(id(tensor), 2), size=shape).astype(dtype))
+        else:
+            shape = [batch] + [32 if d is None else int(d) for d in tuple(tensor.shape)[1:]]
+            arrays.append(rng.standard_normal(shape).astype(np.dtype(dtype) if dtype != "string" else np.float32))
     return arrays
+
+
+def call_model(model, arrays: list):
+    """``model`` on flat input arrays, packed into its input structure, in inference mode; the outputs as
+    a flat list of numpy arrays."""
+    import keras
+    structure = getattr(model, "_inputs_struct", None)  # what the model was built with: a dict, a list …
+    if isinstance(structure, dict):
+        inputs = keras.tree.pack_sequence_as(structure, arrays)
+    else:
+        inputs = arrays if len(arrays) > 1 else arrays[0]
+    outputs = model(inputs, training=False)
+    return [np.asarray(o) for o in keras.tree.flatten(outputs)]
+
+
+def id_ranges(model) -> dict:
+    """id(input tensor) -> how many ids the embedding layers that read that integer input take (the
+    smallest ``input_dim`` among them), looking into nested models."""
+    from .layers import is_model
+    out: dict = {}
+
+    def visit(container, tensor, key):
+        for layer in container.layers:
+            for node in getattr(layer, "_inbound_nodes", []):
+                if getattr(node, "operation", None) is not layer:
+                    continue
+                flat = list(getattr(node, "input_tensors", []))
+                positions = [k for k, t in enumerate(flat) if t is tensor]
+                if not positions:
+                    continue
+                if is_model(layer):
+                    inner = list(layer.inputs)
+                    for k in positions:
+                        if k < len(inner):
+                            visit(layer, inner[k], key)
+                elif isinstance(getattr(layer, "input_dim", None), int):
+                    out[key] = min(out.get(key, layer.input_dim), layer.input_dim)
+    for tensor in model.inputs:
+        visit(model, tensor, id(tensor))
+    return out
+
+
+def unwrap(model, path: str | None, seed: int):
+    """``model`` with the Functional subclass at ``path`` (None: the model itself) made a plain
+    functional model of its layers, rebuilt from its graph's config with the weights carried across.
+    Returns (the new model, the class it was, the class it is now)."""
+    import keras
+
+    from .layers import model_kind, nested_models
+    target = model if path is None else nested_models(model)[path]
+    kind, cls = model_kind(target), type(target).__name__
+    where = f" {path}" if path else ""
+    if kind in ("functional", "sequential"):
+        return model, cls, cls
+    if kind == "subclassed":
+        raise ApplyError(f"unwrap{where}: {cls} is a subclassed model: its forward pass is Python code, not a "
+                         "graph of layers, so there is nothing to unwrap")
+    if path is not None and model_kind(model) != "functional":
+        raise ApplyError(f"unwrap{where}: the model around it is a {type(model).__name__}; unwrap it first "
+                         "(`unwrap`, then `unwrap " + path + "`)")
+    tied = _tied_across_levels(target)
+    if tied:
+        raise ApplyError(f"unwrap{where}: {tied[0]} is used inside {tied[1]} and again in the graph around it "
+                         "(tied weights): a plain functional model cannot hold one layer at two levels",
+                         hint="weight statements, freeze and unfreeze work on the model as it is")
+    # Functional's own get_config (the subclass's is its constructor arguments) gives the graph.
+    plain = keras.Model(target.input, target.output, name=target.name)
+    serialized = json.loads(json.dumps(keras.saving.serialize_keras_object(plain), default=_json_default))
+    if path is None:
+        editor = GraphEditor(serialized, seed)
+    else:
+        editor = GraphEditor(model, seed)
+        entry = editor.entry(path)
+        for key in ("module", "class_name", "config", "registered_name"):
+            entry[key] = copy.deepcopy(serialized.get(key))
+        entry.pop("build_config", None)
+        entry.pop("compile_config", None)
+    new_model = editor.build(walk(model))
+    return new_model, cls, type(new_model if path is None else nested_models(new_model)[path]).__name__
+
+
+def _tied_across_levels(model) -> tuple | None:
+    """(layer name, nested model name) of a layer that is a node of ``model``'s graph and also a layer
+    inside one of its nested models (GPT-2's token embedding, used again for the logits), or None."""
+    from .layers import is_model
+    top = {id(layer): layer.name for layer in model.layers if not is_model(layer)}
+    for layer in model.layers:
+        if is_model(layer):
+            for inner in walk(layer):
+                if id(inner.layer) in top:
+                    return top[id(inner.layer)], layer.name
+    return None

@@ -1,10 +1,18 @@
 """A built Keras model seen as its layers: the tree walk every part of modelxform shares.
 
 A model is seen as a list of leaf layers in graph order, each named by its path: ``conv2d_1`` at the top
-level, ``backbone/block1_conv1`` inside a nested model. Naming a nested model selects every layer in it.
+level, ``backbone/block1_conv1`` inside a nested model, ``mha/query`` inside a composite layer. Two
+kinds of layer hold other layers: nested models (their layers are nodes of their graph) and composite
+layers (a MultiHeadAttention holds the EinsumDense layers query, key, value and attention_output; a
+keras_hub TransformerEncoder holds its attention and feed-forward layers). Both are expanded: the walk
+lists the layers inside them, with a composite's own variables (if it has any besides its sublayers')
+under its own path. Naming a nested model or a composite selects every layer in it. Sublayers without
+variables (a MultiHeadAttention's softmax) are left out: their names carry Keras's process-wide
+counters, and nothing can be done to them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..errors import ApplyError
@@ -14,7 +22,8 @@ from ..errors import ApplyError
 class LayerInfo:
     path: str
     layer: object  # keras.layers.Layer
-    ancestors: tuple = field(default=())  # nested models that contain it, outermost first
+    ancestors: tuple = field(default=())  # nested models and composite layers around it, outermost first
+    composite: bool = False  # a composite layer listed for its own variables (its sublayers are listed too)
 
     @property
     def name(self) -> str:
@@ -28,10 +37,20 @@ class LayerInfo:
     def ancestor_types(self) -> tuple:
         return tuple(type(a).__name__ for a in self.ancestors)
 
+    @property
+    def weights(self) -> list:
+        """The variables this entry stands for: all of a plain layer's; a composite's own only."""
+        return own_variables(self.layer) if self.composite else list(self.layer.weights)
+
+    @property
+    def is_sublayer(self) -> bool:
+        """Inside a composite layer: not a node of any model's graph."""
+        return any(not is_model(a) for a in self.ancestors)
+
     def params(self) -> int:
         try:
-            return int(self.layer.count_params())
-        except ValueError:  # not built yet
+            return int(sum(math.prod(v.shape) for v in self.weights))
+        except (ValueError, TypeError):  # not built yet
             return 0
 
 
@@ -44,8 +63,24 @@ def is_input_layer(layer) -> bool:
     return type(layer).__name__ == "InputLayer"
 
 
+def sublayers(layer) -> list:
+    """The layers a layer tracks (a MultiHeadAttention's query, key, …), in the order it made them.
+    Keras keeps them in the private list ``_layers`` (no public API lists them; tests/test_keras_io.py
+    fails if that changes)."""
+    return list(getattr(layer, "_layers", None) or [])
+
+
+def own_variables(layer) -> list:
+    """The variables a layer holds itself, not through its sublayers (Keras's private lists
+    ``_trainable_variables`` and ``_non_trainable_variables``, in ``weights`` order)."""
+    mine = {id(v) for v in list(getattr(layer, "_trainable_variables", [])) +
+            list(getattr(layer, "_non_trainable_variables", []))}
+    return [v for v in layer.weights if id(v) in mine]
+
+
 def walk(model) -> list[LayerInfo]:
-    """Leaf layers of ``model`` in graph order, nested models expanded, each layer once."""
+    """Leaf layers of ``model`` in graph order, nested models and composite layers expanded, each
+    layer once (a layer used twice, as tied embeddings are, is listed where it first appears)."""
     out: list[LayerInfo] = []
     seen: set[int] = set()
 
@@ -58,7 +93,18 @@ def walk(model) -> list[LayerInfo]:
             if is_model(layer):
                 visit(layer, path + "/", ancestors + (layer,))
             else:
-                out.append(LayerInfo(path, layer, ancestors))
+                add(layer, path, ancestors)
+
+    def add(layer, path: str, ancestors: tuple):
+        inner = [sub for sub in sublayers(layer) if sub.weights and id(sub) not in seen]
+        if not inner:
+            out.append(LayerInfo(path, layer, ancestors))
+            return
+        if own_variables(layer):
+            out.append(LayerInfo(path, layer, ancestors, composite=True))
+        for sub in inner:
+            seen.add(id(sub))
+            add(sub, f"{path}/{sub.name}", ancestors + (layer,))
     visit(model, "", ())
     return out
 
@@ -78,18 +124,31 @@ def nested_models(model) -> dict[str, object]:
 
 
 def model_kind(model) -> str:
-    """``functional``, ``sequential`` or ``subclassed``."""
+    """``functional``, ``sequential``, ``functional subclass`` (a class built on Keras's Functional whose
+    saved config holds its constructor arguments, not its layers: keras_hub's Backbone and Task models)
+    or ``subclassed`` (a forward pass in Python code)."""
     import keras
     if isinstance(model, keras.Sequential):
         return "sequential"
     # keras.Model(inputs, outputs) returns an instance of the private class Functional.
     if type(model).__name__ == "Functional":
         return "functional"
+    from keras.src.models.functional import Functional  # no public name for the class
+    if isinstance(model, Functional):
+        return "functional subclass"
     return "subclassed"
 
 
 def refuse_subclassed(model, what: str, span=None) -> None:
-    if model_kind(model) == "subclassed":
+    kind = model_kind(model)
+    if kind == "functional subclass":
+        name = type(model).__name__
+        raise ApplyError(
+            f"{what} needs the model's graph, but {name!r} saves its constructor arguments, not its layers: "
+            "structural statements cannot be saved in it",
+            span=span, hint=f"add `unwrap` before it: that makes the model a plain functional model of its "
+                            f"layers (the {name} class is dropped; its layers stay)")
+    if kind == "subclassed":
         raise ApplyError(
             f"{what} needs a functional or Sequential model, but {type(model).__name__!r} is a "
             "subclassed model: its forward pass is Python code, not a graph modelxform can edit",
@@ -180,3 +239,123 @@ def check_moves(layers_by_path: dict, paths: list[str], order: list[int], span=N
             who = consumers[0] if consumers else "the model's output"
             raise ApplyError(f"{who} expects {_shape(io[k][1])} but would receive {_shape(produced[k])}",
                              span=span)
+
+
+@dataclass
+class FlagTarget:
+    """Where ``freeze``/``unfreeze`` sets a trainable flag for some selected layers, and whether a saved
+    file keeps it: ``saved``; ``not restored`` (Keras writes the flag of a composite layer such as a
+    TransformerEncoder, but its loader does not pass it on to the sublayers' variables); ``not saved``
+    (a sublayer's flag, or a layer's inside a model class whose config holds constructor arguments;
+    ``why`` says which)."""
+
+    path: str  # "" for the model itself
+    layer: object
+    covers: list  # the selected paths it stands for
+    status: str = "saved"
+    why: str = ""
+
+
+def flag_targets(model, infos: list, all_infos: list, flag: bool) -> list[FlagTarget]:
+    """The flags to set so that ``infos`` (the selection) become trainable=``flag`` in a way Keras can
+    save: a layer's own flag where its model lists it as a node; else the flag of the innermost model
+    (or composite layer, whose flag Keras saves but does not restore onto its sublayers) that holds
+    nothing but selected layers; else the layer's own flag, marked not saved."""
+    kind = model_kind(model)
+    selected = {i.path for i in infos}
+    under: dict[str, set] = {"": {i.path for i in all_infos}}
+    for i in all_infos:
+        parts = i.path.split("/")
+        for k in range(1, len(parts)):
+            under.setdefault("/".join(parts[:k]), set()).add(i.path)
+    plain = kind in ("functional", "sequential")
+    targets: list[FlagTarget] = []
+    taken: dict[str, FlagTarget] = {}
+    for info in infos:
+        if any(info.path in t.covers for t in targets):
+            continue
+        chain = _containers(info)
+        target = None
+        if kind == "subclassed" or (plain and _is_node(info, chain)):
+            target = FlagTarget(info.path, info.layer, [info.path])
+        else:
+            for cpath, clayer in chain[1:] + [("", model)]:
+                if not under.get(cpath, set()) <= selected:
+                    continue
+                status = _container_status(cpath, clayer, chain, kind)
+                if status is not None:
+                    target = taken.get(cpath) or FlagTarget(cpath, clayer, sorted(under[cpath]), status)
+                    break
+        outside = [(p, layer) for p, layer in chain[1:] + [("", model)]
+                   if target is None or (len(p) < len(target.path) or (p == "" and target.path != ""))]
+        frozen = [p or "the model" for p, layer in outside if not getattr(layer, "trainable", True)] if flag else []
+        if frozen:
+            targets.append(FlagTarget(info.path, info.layer, [info.path], "not saved",
+                                      f"{info.path} is inside {frozen[-1]}, whose own flag is False: Keras keeps "
+                                      f"every variable inside it frozen, so unfreezing {info.path} alone does "
+                                      "nothing"))
+            continue
+        if target is None:
+            holder = next((p for p, layer in chain[1:] if not is_model(layer)), None)
+            why = (f"{info.path} is a sublayer of {holder}, and Keras saves no sublayer's trainable flag"
+                   if holder else
+                   f"{info.path} is inside {chain[-1][0] if chain[1:] else type(model).__name__}, whose saved "
+                   "config holds its constructor arguments, not its layers' flags")
+            why += ", so a written file would lose it"
+            targets.append(FlagTarget(info.path, info.layer, [info.path], "not saved", why))
+            continue
+        if target.path not in taken:
+            taken[target.path] = target
+            targets.append(target)
+    return targets
+
+
+def _containers(info) -> list[tuple[str, object]]:
+    """(path, layer) of the layer itself, then of the models and composite layers around it, innermost
+    first."""
+    parts = info.path.split("/")
+    out = [(info.path, info.layer)]
+    for k in range(len(info.ancestors) - 1, -1, -1):
+        out.append(("/".join(parts[:k + 1]), info.ancestors[k]))
+    return out
+
+
+def _is_node(info, chain) -> bool:
+    """A node of plain functional/Sequential graphs at every level, with no sublayers of its own."""
+    if any(not is_model(layer) or model_kind(layer) not in ("functional", "sequential") for _, layer in chain[1:]):
+        return False
+    return not any(sub.weights for sub in sublayers(info.layer))
+
+
+def _container_status(path: str, layer, chain, kind: str) -> str | None:
+    """Whether a container's own flag is saved (None: it is not)."""
+    if path == "":
+        return "saved" if kind != "subclassed" else None
+    outer = [(p, l) for p, l in chain[1:] if len(p) < len(path)]
+    if kind not in ("functional", "sequential") or \
+            any(not is_model(l) or model_kind(l) not in ("functional", "sequential") for _, l in outer):
+        return None
+    return "saved" if is_model(layer) else "not restored"
+
+
+def restore_trainable(model) -> None:
+    """Set again, through Keras's setter, the trainable flag of every layer a loaded model's config
+    marks as frozen: Keras's loader gives the flag to the layer but not to the sublayers a composite
+    layer (a MultiHeadAttention, a keras_hub TransformerEncoder) builds, so their variables would stay
+    trainable."""
+    def freeze(layer):
+        # the property's setter itself: with the TensorFlow backend, `layer.trainable = False` on a layer
+        # whose flag is already False is skipped (KerasAutoTrackable.__setattr__ short-circuits a value
+        # that `is` the current one), and nothing would reach the sublayers
+        type(layer).trainable.fset(layer, False)
+
+    def visit(container):
+        for layer in container.layers:
+            if not layer.trainable:
+                freeze(layer)
+            elif is_model(layer):
+                visit(layer)
+    if not model.trainable:
+        freeze(model)
+    else:
+        visit(model)

@@ -66,16 +66,16 @@ def is_large(shape: tuple, dtype) -> bool:
     return len(shape) >= 1 and math.prod(shape) * np.dtype(dtype).itemsize > LARGE_ARRAY
 
 
-def copy_variables(layer, sources) -> None:
-    """Give ``layer``'s variables the values of ``sources`` (the variables of the layer before the edit:
-    Keras variables, or archive.ArchiveVariable), a block of rows at a time for large arrays."""
-    weights = layer.weights
+def copy_variables(weights: list, sources, name: str = "") -> None:
+    """Give the variables ``weights`` (a layer's, in order) the values of ``sources`` (the variables of
+    the layer before the edit: Keras variables, or archive.ArchiveVariable), a block of rows at a time
+    for large arrays. ``name``: the layer, for messages."""
     if len(weights) != len(sources):
-        raise ApplyError(f"layer {layer.name}: {len(sources)} arrays for {len(weights)} variables")
+        raise ApplyError(f"layer {name}: {len(sources)} arrays for {len(weights)} variables")
     for var, source in zip(weights, sources):
         shape = tuple(var.shape)
         if tuple(source.shape) != shape:
-            raise ApplyError(f"layer {layer.name}: {var.name} has shape {shape}, the array {tuple(source.shape)}")
+            raise ApplyError(f"layer {name}: {var.name} has shape {shape}, the array {tuple(source.shape)}")
         if not is_large(shape, var.dtype):
             _set_variable(var, np.asarray(source.numpy()))
             continue
@@ -125,7 +125,7 @@ class _Array:
         return self.array[start:stop]
 
 
-def set_variables(layer, arrays) -> None:
-    """``layer.set_weights(arrays)``, also for a layer built by _LazyVariables whose variables hold no
-    value yet."""
-    copy_variables(layer, [_Array(a) for a in arrays])
+def set_variables(weights: list, arrays, name: str = "") -> None:
+    """``layer.set_weights(arrays)`` for the variables ``weights``, also for a layer built by
+    LazyVariables whose variables hold no value yet."""
+    copy_variables(weights, [_Array(a) for a in arrays], name)

@@ -87,7 +87,7 @@ class AssertEquivalent(Check):
         import numpy as np
         tolerance = 1e-5 if self.tolerance is None else ctx.number(self.tolerance, self)
         _, expected = ctx.reference
-        _, outputs = ctx.probe_outputs()
+        _, outputs = ctx.probe_outputs(self)
         if outputs is None:
             raise AssertionFailed("assert equivalent failed: the model's inputs changed", span=self.span)
         if len(outputs) < len(expected):

@@ -621,6 +621,62 @@ class Rename(StructuralStatement):
         return report
 
 
+@dataclass(frozen=True)
+class Unwrap(Statement):
+    """``unwrap`` — turn the model, a Functional subclass such as a keras_hub BertBackbone or
+    BertTextClassifier (whose saved config holds its constructor arguments, not its layers), into a
+    plain functional model of its layers, so that structural statements can edit it; ``unwrap
+    bert_backbone`` does that to a nested one. Weights are unchanged; the wrapper class is dropped (its
+    layers stay, keras_hub's registered ones included)."""
+
+    target: Ref | None = None
+    span: Span | None = field(**SPAN)
+    keyword = "unwrap"
+    rules = ("unwrap_stmt",)
+    yaml_key = "unwrap"
+    role = "structure"
+    needs = "model"  # it rebuilds the model at once (later structural statements edit the result)
+
+    def __str__(self) -> str:
+        return "unwrap" + (f" {self.target}" if self.target is not None else "")
+
+    @classmethod
+    def compile(cls, c, node, span):
+        target = c.layer_ref(node.children[0], "unwrap") if node.children else None
+        return cls(target, span=span)
+
+    @classmethod
+    def read_yaml(cls, r, body, span):
+        if r.is_null(body) or r.is_word(body, "model"):
+            return cls(None, span=span)
+        ref = r.ref(body)
+        return cls(ref, span=span) if ref is not None else None
+
+    def yaml(self, w):
+        return {"unwrap": None if self.target is None else w.ref(self.target)}
+
+    def run(self, ctx):
+        path = None
+        if self.target is not None:
+            paths = [c.path for c in ctx.nested_models()]
+            path = self.target.text if self.target.text in paths else \
+                next((p for p in paths if p.split("/")[-1] == self.target.text), None)
+            if path is None:
+                guess = ctx.closest(self.target.text, paths)
+                raise ApplyError(f"unwrap: no nested model named {self.target.text!r}"
+                                 + (f" (did you mean {guess!r}?)" if guess else ""), span=self.target.span,
+                                 hint="nested models: " + (", ".join(paths) or "none"))
+        before, after = ctx.unwrap(path, self)
+        report = ctx.report(self, layers=[path or "(the model)"])
+        what = path or "the model"
+        if before == after:
+            report.notes.append(f"{what} is already a plain {after} model: nothing to unwrap")
+        else:
+            report.changes.append(f"{what}: {before} -> {after} (the {before} class is dropped; its layers and "
+                                  "weights stay)")
+        return report
+
+
 # ---- what the passes share ---------------------------------------------------------------------
 
 BASE_LAYER_ARGS = ("name", "trainable", "dtype")

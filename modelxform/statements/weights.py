@@ -457,7 +457,7 @@ class LoadWeights(WeightStatement):
         report = ctx.report(self)
         missing = []
         for info in ctx.selected(self):
-            if not info.layer.weights:
+            if not info.weights:
                 continue
             match = by_path.get(info.path)
             how = "path"
@@ -466,14 +466,14 @@ class LoadWeights(WeightStatement):
             if match is None:
                 missing.append(info.path)
                 continue
-            have = [tuple(v.shape) for v in info.layer.weights]
-            got = [tuple(v.shape) for v in match.layer.weights]
+            have = [tuple(v.shape) for v in info.weights]
+            got = [tuple(v.shape) for v in match.weights]
             if have != got:
                 raise ApplyError(f"load weights: {info.path} has weights {have} but {self.path}'s {match.path} "
                                  f"has {got}", span=self.span)
             report.layers.append(info.path)
             report.changes.append(f"{info.path} <- {self.path}:{match.path} (by {how})")
-            report.then(lambda layer=info.layer, other=match.layer: layer.set_weights(other.get_weights()))
+            report.then(lambda mine=info.weights, theirs=match.weights: [v.assign(w.numpy()) for v, w in zip(mine, theirs)])
         if missing:
             if self.strict:
                 raise ApplyError(f"load weights … strict: no match in {self.path} for " + ", ".join(missing),
@@ -488,14 +488,14 @@ def _variables(ctx, stmt, target: str):
     """(layer, variable) pairs of the selection that ``target`` names; an error when none do."""
     pairs, missing = [], []
     for info in ctx.selected(stmt):
-        found = [v for v in info.layer.weights
+        found = [v for v in info.weights
                  if (target == "weights" and np.dtype(v.dtype).kind == "f") or v.name == target]
         if found:
             pairs.extend((info, v) for v in found)
         else:
             missing.append(info)
     if not pairs:
-        have = sorted({v.name for i in ctx.selected(stmt) for v in i.layer.weights})
+        have = sorted({v.name for i in ctx.selected(stmt) for v in i.weights})
         what = "no weights" if target == "weights" else f"no variable {target!r}"
         raise ApplyError(f"the selected layers have {what}", span=stmt.span,
                          hint=("they have: " + ", ".join(have)) if have else
@@ -607,14 +607,29 @@ def _constant_source(ctx, stmt, call: Call):
 
 def _set_trainable(ctx, stmt, flag: bool):
     report = ctx.report(stmt)
-    for info in ctx.selected(stmt):
-        report.layers.append(info.path)
-        if bool(info.layer.trainable) != flag:
-            report.changes.append(f"{info.path}: trainable {info.layer.trainable} -> {flag}")
-            info.layer.trainable = flag  # cheap and needed for later `trainable` predicates, even in a plan
-    if not report.changes:
-        report.notes.append(f"every selected layer was already {'trainable' if flag else 'frozen'}")
-    elif ctx.is_subclassed():
+    infos = ctx.selected(stmt)
+    report.layers.extend(info.path for info in infos)
+    word = "trainable" if flag else "frozen"
+    for target in ctx.flag_targets(infos, flag):
+        if target.path in target.covers and len(target.covers) == 1:  # the layer's own flag
+            if bool(target.layer.trainable) != flag:
+                report.changes.append(f"{target.path}: trainable {target.layer.trainable} -> {flag}")
+                target.layer.trainable = flag  # cheap and needed for later `trainable` predicates, even in a plan
+        else:  # a model's or a composite layer's flag, for every selected layer inside it
+            what = target.path or "the model"
+            if bool(target.layer.trainable) != flag:
+                report.changes.append(f"{what}: trainable {target.layer.trainable} -> {flag} (its "
+                                      f"{len(target.covers)} layers)")
+            target.layer.trainable = flag  # the setter passes it on to every layer inside
+        if target.status == "not restored":
+            report.notes.append(f"Keras saves {target.path}'s flag but its loader does not pass it on to the "
+                                f"sublayers {target.path} builds: load the file with modelxform.load_model, or set "
+                                f"the flag again after keras.saving.load_model")
+        elif target.status == "not saved":
+            report.unsaved.append(target.why)
+    if not report.changes and not report.unsaved:
+        report.notes.append(f"every selected layer was already {word}")
+    elif ctx.is_subclassed() and report.changes:
         report.notes.append(SUBCLASSED_TRAINABLE_NOTE)
     return report
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .keras_io.config import histories, is_model_entry, tensor_refs
+from .keras_io.config import flat_histories, flat_order, histories, is_model_entry
 from .keras_io.layers import is_model, walk
 
 MODEL_CLASSES = ("Functional", "Sequential", "Model")
@@ -111,18 +111,20 @@ def _canonical(config) -> str:
 def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapshot:
     """Read ``model`` into a Snapshot (copies of its weights included unless ``weights`` is False, as
     ``inspect`` needs none; the model is not changed)."""
-    from .keras_io.layers import model_kind
+    from .keras_io.layers import graph_config, model_kind, node_aliases
     kind = model_kind(model)
-    conn = _Connectivity()
+    infos = walk(model)
+    conn = _Connectivity(node_aliases(model))
     connected = kind != "subclassed"
     if connected:
         try:
-            conn.read(model.get_config(), "Sequential" if kind == "sequential" else "Functional")
+            conn.read(graph_config(model), "Sequential" if kind == "sequential" else "Functional")
+            conn.expand_composites([i.path for i in infos])
         except Exception:  # an unusual config: show the layers without wiring rather than fail
             conn = _Connectivity()
             connected = False
     layers = {}
-    for info in walk(model):
+    for info in infos:
         layer = info.layer
         try:
             config = layer.get_config()
@@ -185,17 +187,50 @@ class _Connectivity:
     looked through: their input layers stand for whatever feeds the nested model, their outputs for
     the leaf layers that produce them, so the edges connect leaf layers (and top-level inputs) only."""
 
-    def __init__(self):
+    def __init__(self, aliases: dict | None = None):
         self.inbound: dict[str, list[str]] = collections.defaultdict(list)
         self.calls: collections.Counter = collections.Counter()
         self.input_names: list[str] = []
         self.output_producers: list[list[str]] = []
+        # a layer used at two places of the graph (tied embeddings) is listed under the first: its other
+        # path names the same layer
+        self.aliases = aliases or {}
 
     def read(self, config: dict, class_name: str) -> None:
         self.output_producers = self._container(config, class_name, "", None)
 
+    def expand_composites(self, leaves: list[str]) -> None:
+        """A composite layer (a MultiHeadAttention, a keras_hub TransformerEncoder) is one node of the
+        graph but is listed as its sublayers: each of them reads what the composite reads, and what reads
+        the composite reads all of them."""
+        inside: dict[str, list[str]] = collections.defaultdict(list)
+        for leaf in leaves:
+            parts = leaf.split("/")
+            for k in range(1, len(parts)):
+                inside["/".join(parts[:k])].append(leaf)
+        composites = {p for p in list(self.inbound) + list(self.calls) if p not in leaves and inside.get(p)}
+        if not composites:
+            return
+
+        def expand(sources):
+            out = []
+            for src in sources:
+                for p in (inside[src] if src in composites else [src]):
+                    if p not in out:
+                        out.append(p)
+            return out
+        for path in list(self.inbound):
+            self.inbound[path] = expand(self.inbound[path])
+        for composite in composites:
+            for leaf in inside[composite]:
+                self.calls[leaf] = max(self.calls.get(leaf, 0), self.calls.get(composite, 1))
+                self._link(leaf, self.inbound.get(composite, []))
+        self.output_producers = [expand(p) for p in self.output_producers]
+
     def _link(self, path: str, sources) -> None:
+        path = self.aliases.get(path, path)
         for src in sources:
+            src = self.aliases.get(src, src)
             if src not in self.inbound[path]:
                 self.inbound[path].append(src)
 
@@ -203,7 +238,7 @@ class _Connectivity:
         if class_name == "Sequential" or "input_layers" not in config:
             return self._sequential(config, prefix, feeds)
         top = feeds is None
-        input_refs = tensor_refs(config.get("input_layers", []))
+        input_refs = flat_order(config.get("input_layers", []))
         input_order = [r[0] for r in input_refs]
         producers: dict[str, list[list[str]]] = {}
 
@@ -235,8 +270,8 @@ class _Connectivity:
             if is_model_entry(entry):
                 merged: list[list[str]] = []
                 for node in nodes:
-                    self.calls[path] += 1
-                    outs = self._container(entry["config"], cls, path + "/", [lookup(r) for r in histories(node)])
+                    self.calls[self.aliases.get(path, path)] += 1
+                    outs = self._container(entry["config"], cls, path + "/", [lookup(r) for r in flat_histories(node)])
                     for k, out in enumerate(outs):
                         if k >= len(merged):
                             merged.append([])
@@ -244,11 +279,11 @@ class _Connectivity:
                 producers[name] = merged or [[]]
             else:
                 for node in nodes:
-                    self.calls[path] += 1
+                    self.calls[self.aliases.get(path, path)] += 1
                     for ref in histories(node):
                         self._link(path, lookup(ref))
-                producers[name] = [[path]]
-        return [lookup(r) for r in tensor_refs(config.get("output_layers", []))]
+                producers[name] = [[self.aliases.get(path, path)]]
+        return [lookup(r) for r in flat_order(config.get("output_layers", []))]
 
     def _sequential(self, config: dict, prefix: str, feeds) -> list[list[str]]:
         entries = config.get("layers", [])
@@ -266,13 +301,13 @@ class _Connectivity:
                 continue
             name = entry.get("name") or entry["config"]["name"]
             path = prefix + name
-            self.calls[path] += 1
+            self.calls[self.aliases.get(path, path)] += 1
             if is_model_entry(entry):
                 outs = self._container(entry["config"], entry["class_name"], path + "/", [current])
                 current = sorted({p for o in outs for p in o})
             else:
                 self._link(path, current)
-                current = [path]
+                current = [self.aliases.get(path, path)]
         return [current]
 
 

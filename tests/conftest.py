@@ -167,3 +167,88 @@ def custom_layer_module(folder, module: str, package: str, cls: str, factor: flo
     finally:
         sys.modules.pop(module, None)
     return loaded
+
+
+# ---- models people fine-tune today: attention, dict and integer inputs, keras_hub (tests/test_hub.py) ----
+
+def make_attention():
+    """A functional model with a MultiHeadAttention (its query, key, value and attention_output are
+    EinsumDense sublayers, every kernel named `kernel`) and a Dense head."""
+    keras = _keras()
+    keras.utils.set_random_seed(50)
+    x = keras.Input((6, 16), name="x")
+    y = keras.layers.MultiHeadAttention(num_heads=2, key_dim=8, name="mha")(x, x)
+    y = keras.layers.LayerNormalization(name="norm")(y)
+    y = keras.layers.Dense(4, name="head", **_init(51))(y)
+    return keras.Model(x, y, name="attention")
+
+
+def make_dict_inputs():
+    """Inputs passed as a dict {"a": …, "b": …}, concatenated, then two Dense layers."""
+    keras = _keras()
+    a = keras.Input((4,), name="a")
+    b = keras.Input((3,), name="b")
+    h = keras.layers.Concatenate(name="cat")([a, b])
+    h = keras.layers.Dense(8, name="hidden", **_init(60))(h)
+    return keras.Model({"a": a, "b": b}, keras.layers.Dense(2, name="out", **_init(61))(h), name="dict_inputs")
+
+
+def make_token_model():
+    """Integer token ids into an Embedding of 50 ids, pooled, then a Dense layer."""
+    keras = _keras()
+    ids = keras.Input((5,), dtype="int32", name="tokens")
+    h = keras.layers.Embedding(50, 8, name="emb", embeddings_initializer=keras.initializers.RandomNormal(seed=70))(ids)
+    h = keras.layers.GlobalAveragePooling1D(name="pool")(h)
+    return keras.Model(ids, keras.layers.Dense(1, name="score", **_init(71))(h), name="tokens")
+
+
+HUB = dict(vocabulary_size=100, num_layers=2, num_heads=2, hidden_dim=64, intermediate_dim=128,
+           max_sequence_length=32)
+
+
+def make_bert():
+    """keras_hub's BertBackbone, small (2 layers, hidden 64), random weights from a fixed seed."""
+    keras = _keras()
+    import keras_hub
+    keras.utils.set_random_seed(80)
+    return keras_hub.models.BertBackbone(**HUB, name="bert_backbone")
+
+
+def make_bert_classifier():
+    keras = _keras()
+    import keras_hub
+    keras.utils.set_random_seed(81)
+    backbone = keras_hub.models.BertBackbone(**HUB, name="bert_backbone")
+    return keras_hub.models.BertTextClassifier(backbone=backbone, num_classes=2, preprocessor=None,
+                                               name="bert_classifier")
+
+
+def make_gpt2_lm():
+    keras = _keras()
+    import keras_hub
+    keras.utils.set_random_seed(82)
+    backbone = keras_hub.models.GPT2Backbone(**HUB, name="gpt2_backbone")
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None, name="gpt2_lm")
+
+
+def make_vit():
+    keras = _keras()
+    import keras_hub
+    keras.utils.set_random_seed(83)
+    return keras_hub.models.ViTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2,
+                                        hidden_dim=64, mlp_dim=128, name="vit_backbone")
+
+
+def make_wrapped_bert():
+    """A user's functional model around a keras_hub BertBackbone: dict inputs, the pooled output, a head."""
+    keras = _keras()
+    backbone = make_bert()
+    inputs = {name: keras.Input((None,), dtype="int32", name=name)
+              for name in ("token_ids", "segment_ids", "padding_mask")}
+    pooled = backbone(inputs)["pooled_output"]
+    return keras.Model(inputs, keras.layers.Dense(3, name="head", **_init(84))(pooled), name="wrapped")
+
+
+FACTORIES.update({"attention": make_attention, "dict_inputs": make_dict_inputs, "tokens": make_token_model,
+                  "bert": make_bert, "bert_classifier": make_bert_classifier, "gpt2_lm": make_gpt2_lm,
+                  "vit": make_vit, "wrapped_bert": make_wrapped_bert})

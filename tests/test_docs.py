@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import ROOT, make_cnn, make_nested
+from conftest import ROOT, make_bert, make_cnn, make_nested
 from modelxform import ModelxformError, compile_recipe
 from modelxform import statements as stmts
 
@@ -28,7 +28,7 @@ _MODELS = {}
 
 def model(kind: str):
     if kind not in _MODELS:
-        _MODELS[kind] = {"cnn": make_cnn, "nested": make_nested}[kind]()
+        _MODELS[kind] = {"cnn": make_cnn, "nested": make_nested, "bert": make_bert}[kind]()
     return _MODELS[kind]
 
 

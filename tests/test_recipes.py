@@ -12,7 +12,7 @@ RECIPES = sorted(p for p in (ROOT / "recipes").iterdir() if p.suffix in (".recip
 # which model each recipe is written for; a new recipe must be added here (and so gets tested)
 TARGETS = {"example": "cnn", "freeze-features": "cnn", "perturb-dense": "cnn", "feature-extractor": "cnn",
            "new-head": "cnn", "resnet50-finetune": "resnet50", "resnet50-features": "resnet50",
-           "dropout-before-classifier": "cnn", "resnet50-headless": "resnet50"}
+           "dropout-before-classifier": "cnn", "resnet50-headless": "resnet50", "bert-finetune": "bert_classifier"}
 
 _MODELS = {}
 
@@ -22,6 +22,10 @@ def target_model(path):
     if kind not in _MODELS:
         if kind == "cnn":
             _MODELS[kind] = make_cnn()
+        elif kind == "bert_classifier":
+            pytest.importorskip("keras_hub")
+            from conftest import make_bert_classifier
+            _MODELS[kind] = make_bert_classifier()
         else:
             import keras
             _MODELS[kind] = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
@@ -176,3 +180,19 @@ def test_resnet50_headless_is_a_frozen_pooled_backbone():
     probe = keras.Model(model.inputs, model.get_layer("conv5_block3_out").output)
     want = np.asarray(probe(x)).mean(axis=(1, 2))
     np.testing.assert_allclose(np.asarray(new(x)), want, rtol=0, atol=1e-5)
+
+
+def test_bert_finetune_trains_the_last_block_and_a_new_head(tmp_path):
+    pytest.importorskip("keras_hub")
+    import modelxform
+    from conftest import make_bert_classifier
+    from modelxform.keras_io.files import save_model
+    save_model(make_bert_classifier(), tmp_path / "clf.keras")
+    result = modelxform.apply_file(ROOT / "recipes" / "bert-finetune.recipe", tmp_path / "clf.keras",
+                                   tmp_path / "out.keras")
+    model = modelxform.load_model(tmp_path / "out.keras")
+    trainable = {v.path for v in model.trainable_weights}
+    block = {v.path for v in model.get_layer("bert_backbone").get_layer("transformer_layer_1").weights}
+    assert trainable == block | {"logits/kernel", "logits/bias"}
+    assert model.get_layer("logits").units == 3
+    assert result.plan.after[1] == result.plan.before[1] + 65  # a third class: 64 more weights and a bias

@@ -18,6 +18,9 @@ def add_parser(subparsers):
                     "--where 'type=Conv2D and params > 1K' (the totals then count the listed layers only).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--where", metavar="PRED", help="only layers matching this predicate")
+    p.add_argument("--depth", type=int, metavar="N",
+                   help="show the layers N levels deep, each nested model or composite layer below that as one "
+                        "row (e.g. --depth 1: the model's own layers, a keras_hub transformer block as one row)")
     p.add_argument("--json", action="store_true",
                    help="print JSON: layers, inputs, outputs, submodels, shared and by_type")
     add_model_options(p)
@@ -54,17 +57,23 @@ def run(args, console) -> int:
     from ..keras_io.shapes import shape_text as _shape_text
     model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     snap = snapshot(model, name=str(args.model), weights=False)
+    if args.depth is not None and args.depth < 1:
+        raise UsageError(f"--depth {args.depth}: the depth is 1 or more")
     rows, listed = [], []
     for info in walk(model):
         if pred is not None and not matches(pred, info, Params({})):
             continue
         try:
             shape = _shape_text(tuple(info.layer.output.shape))
-        except Exception:  # shared layers have several outputs
-            shape = "(shared)"
+        except Exception:  # several outputs (a shared layer), or none (a composite layer's sublayer)
+            shape = f"(in {info.path.rsplit('/', 1)[0]})" if info.is_sublayer else "(shared)"
         rows.append({"path": info.path, "type": info.type_name, "output_shape": shape,
-                     "params": info.params(), "trainable": bool(info.layer.trainable)})
+                     "params": info.params(), "trainable": bool(info.layer.trainable), "info": info})
         listed.append(info.path)
+    if args.depth is not None:
+        rows = _to_depth(rows, args.depth, _shape_text)
+    for row in rows:
+        row.pop("info", None)
     shared = [{"path": p, "calls": snap.layers[p].calls} for p in listed if snap.layers[p].shared]
     shared += [{"path": s["path"], "calls": s["calls"]} for s in snap.submodels if s["calls"] > 1]
     subset = snap if pred is None else _restrict(snap, listed)
@@ -105,6 +114,33 @@ def run(args, console) -> int:
                   title="params by layer type" + (" (listed layers)" if pred is not None else ""),
                   right=("layers", "params", "trainable params"))
     return ExitCode.OK
+
+
+def _to_depth(rows: list[dict], depth: int, shape_text) -> list[dict]:
+    """The rows of layers deeper than ``depth`` folded into one row for the nested model or composite
+    layer that holds them at that depth (its type, its layers' parameters, its own flag and shape)."""
+    out: list[dict] = []
+    folded: dict[str, dict] = {}
+    for row in rows:
+        parts = row["path"].split("/")
+        if len(parts) <= depth:
+            out.append(row)
+            continue
+        prefix = "/".join(parts[:depth])
+        holder = row["info"].ancestors[depth - 1]
+        if prefix not in folded:
+            try:
+                shape = shape_text(tuple(holder.output.shape))
+            except Exception:
+                shape = "(shared)" if depth == 1 or not row["info"].is_sublayer else "(in a layer)"
+            folded[prefix] = {"path": prefix, "type": type(holder).__name__, "output_shape": shape, "params": 0,
+                              "trainable": bool(holder.trainable), "layers": 0}
+            out.append(folded[prefix])
+        folded[prefix]["params"] += row["params"]
+        folded[prefix]["layers"] += 1
+    for row in folded.values():
+        row["type"] += f" ({row['layers']} layers)"
+    return out
 
 
 def _restrict(snap, paths):

@@ -257,6 +257,19 @@ class Context:
         from ..keras_io.layers import io_shapes
         return io_shapes(layer)
 
+    def not_a_node(self, ref):
+        """The error to raise when a structural statement names a layer that exists but is no node of a
+        graph it can edit (a composite's sublayer, a layer inside a keras_hub Backbone), else None."""
+        if self.archive is not None and self._model is None:
+            return None
+        from ..keras_io.layers import why_not_a_node
+        for info in self.built_layers():
+            if info.path == ref.text or info.path.startswith(ref.text + "/") or info.name == ref.text:
+                why = why_not_a_node(info)
+                if why is not None:
+                    return ApplyError(why[0], span=ref.span, hint=why[1])
+        return None
+
     def check_moves(self, paths: list[str], order: list[int], stmt) -> None:
         from ..keras_io.layers import check_moves
         check_moves({i.path: i.layer for i in self.layers()}, paths, order, stmt.span)

@@ -159,6 +159,29 @@ def histories(node):
     yield from visit(node.get("kwargs", {}))
 
 
+def flat_histories(node):
+    """histories(node) in the order Keras flattens a call's arguments (a dict by sorted key), which is
+    the order of the inputs of a nested model the node calls."""
+    if isinstance(node, list):
+        yield from histories(node)
+        return
+
+    def visit(obj):
+        if isinstance(obj, dict):
+            hist = obj.get("config", {}).get("keras_history") if obj.get("class_name") == "__keras_tensor__" \
+                else None
+            if isinstance(hist, list):
+                yield hist
+                return
+            for key in sorted(obj):
+                yield from visit(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                yield from visit(value)
+    yield from visit(node.get("args", []))
+    yield from visit(node.get("kwargs", {}))
+
+
 def tensors(node) -> list[dict]:
     """The ``__keras_tensor__`` objects (with their shapes and dtypes) an inbound node passes, in order."""
     found = []

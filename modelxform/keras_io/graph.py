@@ -631,7 +631,10 @@ def transfer_weights(old_layers, new_model, fresh: dict, seed: int, origin: dict
 
 
 def initializer_for(layer, variable_name: str):
-    """The initializer a layer's config names for one of its variables, or None."""
+    """The initializer a layer names for one of its variables, or None: its config's
+    ``<variable>_initializer`` (``depthwise_initializer`` for ``depthwise_kernel``), else the layer's
+    attribute of that name, else — for a layer with one variable — the one initializer its config names
+    (keras_hub's PositionEmbedding calls it ``initializer``)."""
     import keras
     config = layer.get_config()
     keys = [f"{variable_name}_initializer"]
@@ -640,6 +643,13 @@ def initializer_for(layer, variable_name: str):
     for key in keys:
         if config.get(key) is not None:
             return keras.initializers.get(config[key])
+    for key in keys:
+        value = getattr(layer, key, None)
+        if isinstance(value, keras.initializers.Initializer):
+            return value
+    named = [k for k in config if (k == "initializer" or k.endswith("_initializer")) and config[k] is not None]
+    if len(layer.weights) == 1 and len(named) == 1:
+        return keras.initializers.get(config[named[0]])
     return None
 
 

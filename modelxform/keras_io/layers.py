@@ -359,3 +359,63 @@ def restore_trainable(model) -> None:
         freeze(model)
     else:
         visit(model)
+
+
+def graph_config(model) -> dict:
+    """The model's graph as a functional config, for reading its wiring: for a Functional subclass (a
+    keras_hub Backbone or Task, whose get_config is its constructor arguments), Keras's Functional
+    config of a plain functional model of its graph, and so for the Functional subclasses nested in it."""
+    import keras
+
+    def config_of(m) -> dict:
+        if model_kind(m) == "functional subclass":  # (Functional.get_config of a subclass is its arguments)
+            cfg = keras.Model(m.input, m.output, name=m.name).get_config()
+        else:
+            cfg = m.get_config()
+        by_name = {layer.name: layer for layer in getattr(m, "layers", [])}
+        for entry in cfg.get("layers", []):
+            inner = by_name.get(entry.get("config", {}).get("name"))
+            if inner is not None and is_model(inner) and model_kind(inner) == "functional subclass":
+                entry["config"] = config_of(inner)
+                entry["class_name"] = "Functional"
+        return cfg
+    return config_of(model)
+
+
+def node_aliases(model) -> dict:
+    """path -> the path walk lists a layer under, for a layer that is a node at two places (GPT-2's token
+    embedding, inside the backbone and again for the logits)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+
+    def visit(container, prefix):
+        for layer in container.layers:
+            path = prefix + layer.name
+            if id(layer) in first:
+                if first[id(layer)] != path:
+                    aliases[path] = first[id(layer)]
+                continue
+            first[id(layer)] = path
+            if is_model(layer):
+                visit(layer, path + "/")
+    visit(model, "")
+    return aliases
+
+
+def why_not_a_node(info) -> tuple[str, str] | None:
+    """(message, hint) when a layer is no node of a graph a structural statement can edit: a sublayer of a
+    composite layer, or a layer inside a model class whose config holds its constructor arguments."""
+    parts = info.path.split("/")
+    for k, holder in enumerate(info.ancestors):
+        holder_path = "/".join(parts[:k + 1])
+        cls = type(holder).__name__
+        if not is_model(holder):
+            return (f"{info.path} is a sublayer of {holder_path} ({cls}): it is built inside that layer, not a "
+                    "node of the model's graph, so structural statements cannot move, replace or tap it",
+                    f"act on {holder_path} itself; weight statements, freeze and unfreeze do reach its sublayers")
+        if model_kind(holder) == "functional subclass":
+            return (f"{info.path} is inside {holder_path} ({cls}), a model class whose saved config holds its "
+                    "constructor arguments, not its layers: its layers are not nodes of a graph modelxform can edit",
+                    f"add `unwrap {holder_path}` before it: that makes {holder_path} a plain functional model of "
+                    f"its layers (the {cls} class is dropped)")
+    return None

@@ -88,8 +88,16 @@ class Replace(StructuralStatement):
         leaves = editor.leaves()
         if wanted is not None:
             targets = [leaf for leaf in leaves if leaf.path in wanted]
+            outside = sorted(wanted - {leaf.path for leaf in leaves})
+            if outside:
+                from ..ir import Ref
+                raise ctx.not_a_node(Ref("name", outside[0], span=self.span)) or \
+                    ApplyError(f"replace selected: {outside[0]} is no node of the model's graph", span=self.span)
         else:
-            targets = ctx.resolve(self.source, leaves)
+            try:
+                targets = ctx.resolve(self.source, leaves)
+            except ApplyError as exc:
+                raise (ctx.not_a_node(self.source) or exc) from None
         cls = ctx.layer_class(self.replacement.name, self.span)
         kwargs = {k: ctx.value(v, self) for k, v in self.replacement.kwargs}
         taken = {leaf.path for leaf in leaves}
@@ -187,14 +195,17 @@ class Tap(StructuralStatement):
                 found = [ref.text]
             elif "/" in ref.text:
                 if ref.text not in editor.entry_paths():
+                    error = ctx.not_a_node(ref)
+                    if error is not None:
+                        raise error
                     ctx.resolve(ref, editor.leaves())  # says "no layer named …" (with a suggestion)
                 found = [ref.text]
             else:
                 found = []
             if not found:
                 guess = ctx.closest(ref.text, top)
-                raise ApplyError(f"tap: no layer named {ref.text!r}" + (f" (did you mean {guess!r}?)" if guess else ""),
-                                 span=ref.span)
+                raise ctx.not_a_node(ref) or ApplyError(
+                    f"tap: no layer named {ref.text!r}" + (f" (did you mean {guess!r}?)" if guess else ""), span=ref.span)
             paths.extend(p for p in found if p not in paths)
         return paths
 
@@ -634,6 +645,7 @@ class Unwrap(Statement):
     keyword = "unwrap"
     rules = ("unwrap_stmt",)
     yaml_key = "unwrap"
+    yaml_bare = True
     role = "structure"
     needs = "model"  # it rebuilds the model at once (later structural statements edit the result)
 
@@ -653,7 +665,7 @@ class Unwrap(Statement):
         return cls(ref, span=span) if ref is not None else None
 
     def yaml(self, w):
-        return {"unwrap": None if self.target is None else w.ref(self.target)}
+        return "unwrap" if self.target is None else {"unwrap": w.ref(self.target)}
 
     def run(self, ctx):
         path = None
@@ -718,6 +730,9 @@ def entry_path(ctx, editor, ref: Ref, what: str) -> str:
     if len(found) > 1:
         raise ApplyError(f"{what}: {ref} names {len(found)} layers ({', '.join(found[:5])}); name one",
                          span=ref.span)
+    error = ctx.not_a_node(ref)
+    if error is not None:
+        raise error
     guess = ctx.closest(ref.text, paths + [p.split("/")[-1] for p in paths])
     raise ApplyError(f"{what}: no layer named {ref.text!r}" + (f" (did you mean {guess!r}?)" if guess else ""),
                      span=ref.span)

@@ -200,13 +200,22 @@ class Reinit(WeightStatement):
         explicit = self.initializer is not None
         chosen = _keras_initializer(ctx, self, self.initializer) if explicit else None
         user_seed = explicit and any(k == "seed" for k, _ in self.initializer.kwargs)
+        inits = {}
+        if not explicit:  # decided for every selected variable now, so that a plan says what apply would
+            pairs, _ = _variables(ctx, self, self.target)
+            missing = []
+            for info, var in pairs:
+                inits[id(var)] = ctx.own_initializer(info.layer, var.name)
+                if inits[id(var)] is None:
+                    missing.append(f"{info.path}: {var.name}")
+            if missing:
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise ApplyError(f"`{self}`: no initializer is known for {', '.join(missing[:3])}{more} (its layer "
+                                 "names none in its config or attributes)", span=self.span,
+                                 hint=f"name one: reinit {self.target} with glorot_uniform")
 
         def fn(info, var, a):
-            init = chosen if explicit else ctx.own_initializer(info.layer, var.name)
-            if init is None:
-                raise ApplyError(f"{info.path}: its config names no initializer for {var.name!r}",
-                                 span=self.span, hint=f"name one: reinit {self.target} with glorot_uniform")
-            return _init_values(ctx, self, info, var, init, user_seed)
+            return _init_values(ctx, self, info, var, chosen if explicit else inits[id(var)], user_seed)
         desc = f"reinitialised with {self.initializer}" if explicit else "reinitialised with its own initializer"
         report = _map_variables(ctx, self, self.target, fn, desc)
         for path in report.layers:

@@ -67,10 +67,14 @@ class Snapshot:
     submodels: list  # [{"path", "type", "layers", "params", "calls"}]
     params: int = 0
     connected: bool = True  # False: a subclassed model, whose wiring is Python code and unknown
+    # composite layers (a MultiHeadAttention, a keras_hub TransformerEncoder): path -> {"type", "inbound"};
+    # the graph calls them, and their sublayers are listed in layers
+    composites: dict = field(default_factory=dict)
 
     @property
     def edges(self) -> list[tuple[str, str]]:
-        return [(src, facts.path) for facts in self.layers.values() for src in facts.inbound]
+        return [(src, facts.path) for facts in self.layers.values() for src in facts.inbound] + \
+            [(src, path) for path, c in self.composites.items() for src in c["inbound"]]
 
     @property
     def input_names(self) -> list[str]:
@@ -114,12 +118,17 @@ def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapsho
     from .keras_io.layers import graph_config, model_kind, node_aliases
     kind = model_kind(model)
     infos = walk(model)
-    conn = _Connectivity(node_aliases(model))
+    composites = {}
+    for info in infos:
+        parts = info.path.split("/")
+        for k, holder in enumerate(info.ancestors):
+            if not is_model(holder):
+                composites.setdefault("/".join(parts[:k + 1]), type(holder).__name__)
+    conn = _Connectivity(node_aliases(model), {i.path for i in infos} | set(composites))
     connected = kind != "subclassed"
     if connected:
         try:
             conn.read(graph_config(model), "Sequential" if kind == "sequential" else "Functional")
-            conn.expand_composites([i.path for i in infos])
         except Exception:  # an unusual config: show the layers without wiring rather than fail
             conn = _Connectivity()
             connected = False
@@ -165,7 +174,8 @@ def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapsho
     except ValueError:
         total = sum(f.params for f in layers.values())
     return Snapshot(name=name or model.name, kind=kind, layers=layers, inputs=inputs, outputs=outputs,
-                    submodels=submodels, params=total, connected=connected)
+                    submodels=submodels, params=total, connected=connected,
+                    composites={p: {"type": t, "inbound": list(conn.inbound.get(p, []))} for p, t in composites.items()})
 
 
 def _nested(model) -> dict:
@@ -187,8 +197,11 @@ class _Connectivity:
     looked through: their input layers stand for whatever feeds the nested model, their outputs for
     the leaf layers that produce them, so the edges connect leaf layers (and top-level inputs) only."""
 
-    def __init__(self, aliases: dict | None = None):
+    def __init__(self, aliases: dict | None = None, known: set | None = None):
         self.inbound: dict[str, list[str]] = collections.defaultdict(list)
+        # the paths of the layers (and composite layers) walk lists: any other entry of a graph is an
+        # operation (keras_hub's `x[:, 0, :]` is a GetItem), which passes on what it reads
+        self.known = known
         self.calls: collections.Counter = collections.Counter()
         self.input_names: list[str] = []
         self.output_producers: list[list[str]] = []
@@ -198,34 +211,6 @@ class _Connectivity:
 
     def read(self, config: dict, class_name: str) -> None:
         self.output_producers = self._container(config, class_name, "", None)
-
-    def expand_composites(self, leaves: list[str]) -> None:
-        """A composite layer (a MultiHeadAttention, a keras_hub TransformerEncoder) is one node of the
-        graph but is listed as its sublayers: each of them reads what the composite reads, and what reads
-        the composite reads all of them."""
-        inside: dict[str, list[str]] = collections.defaultdict(list)
-        for leaf in leaves:
-            parts = leaf.split("/")
-            for k in range(1, len(parts)):
-                inside["/".join(parts[:k])].append(leaf)
-        composites = {p for p in list(self.inbound) + list(self.calls) if p not in leaves and inside.get(p)}
-        if not composites:
-            return
-
-        def expand(sources):
-            out = []
-            for src in sources:
-                for p in (inside[src] if src in composites else [src]):
-                    if p not in out:
-                        out.append(p)
-            return out
-        for path in list(self.inbound):
-            self.inbound[path] = expand(self.inbound[path])
-        for composite in composites:
-            for leaf in inside[composite]:
-                self.calls[leaf] = max(self.calls.get(leaf, 0), self.calls.get(composite, 1))
-                self._link(leaf, self.inbound.get(composite, []))
-        self.output_producers = [expand(p) for p in self.output_producers]
 
     def _link(self, path: str, sources) -> None:
         path = self.aliases.get(path, path)
@@ -277,6 +262,8 @@ class _Connectivity:
                             merged.append([])
                         merged[k].extend(p for p in out if p not in merged[k])
                 producers[name] = merged or [[]]
+            elif self.known is not None and self.aliases.get(path, path) not in self.known:
+                producers[name] = [sorted({p for node in nodes for ref in histories(node) for p in lookup(ref)})]
             else:
                 for node in nodes:
                     self.calls[self.aliases.get(path, path)] += 1

@@ -83,10 +83,14 @@ class View:
     subtitle: str
     nodes: list
     edges: list  # (src id, dst id, style) with style "same", "old" (first model only), "new"
-    clusters: dict  # container path -> type name
+    clusters: dict  # container path -> type name (a nested model's, or a composite layer's)
     summary: list  # lines
     statements: list  # [{"text", "location", "changes"}]
     counts: dict = field(default_factory=dict)  # status -> number of layers with that tag
+    # edge index -> (tail cluster path, head cluster path): an edge from or to a composite layer is drawn
+    # from or to the box around its sublayers (which are not nodes of the graph themselves)
+    edge_ends: dict = field(default_factory=dict)
+    composites: list = field(default_factory=list)  # cluster paths that are composite layers, not models
 
 
 def _tokens_of(text: str) -> set[str]:
@@ -164,6 +168,8 @@ def build_view(d, *, title: str, subtitle: str = "", statements=None) -> View:
     clusters: dict[str, str] = {}
     for s in (a.submodels + b.submodels):
         clusters.setdefault(s["path"], s["type"])
+    for path, c in list(b.composites.items()) + list(a.composites.items()):
+        clusters.setdefault(path, c["type"])
 
     def layer_node(path: str, facts, snap_name: str) -> Node:
         tl = sorted(tags.get(path, []), key=order.index)
@@ -205,17 +211,41 @@ def build_view(d, *, title: str, subtitle: str = "", statements=None) -> View:
 
     edges_b = {(src, dst) for src, dst in b.edges}
     edges_a = {(rename.get(src, src), rename.get(dst, dst)) for src, dst in a.edges}
-    known = set(ids)
-    edges = []
+    members: dict[str, list[str]] = {}
+    for n in nodes:
+        if n.kind == "layer":
+            parts = n.path.split("/")
+            for k in range(1, len(parts)):
+                members.setdefault("/".join(parts[:k]), []).append(n.id)
+    composites = set(a.composites) | set(b.composites)
+
+    def end(path: str, first: bool):
+        """(node id, cluster path or None) standing for a path: its node, or for a composite layer the
+        first (for an edge into it) or last (out of it) of its sublayers' nodes."""
+        if path in ids and path not in composites:
+            return ids[path], None
+        inside = members.get(path)
+        if path in composites and inside:
+            return (inside[0] if first else inside[-1]), path
+        return None, None
+
+    edges, edge_ends = [], {}
+
+    def add(src: str, dst: str, style: str) -> None:
+        (s_id, s_cluster), (d_id, d_cluster) = end(src, False), end(dst, True)
+        if s_id is not None and d_id is not None and s_id != d_id:
+            if s_cluster or d_cluster:
+                edge_ends[len(edges)] = (s_cluster, d_cluster)
+            edges.append((s_id, d_id, style))
     for src, dst in b.edges:
-        if src in known and dst in known:
-            edges.append((ids[src], ids[dst], "same" if (src, dst) in edges_a or not a.connected else "new"))
+        add(src, dst, "same" if (src, dst) in edges_a or not a.connected else "new")
     for src, dst in sorted(edges_a - edges_b):
-        if src in known and dst in known and b.connected:
-            edges.append((ids[src], ids[dst], "old"))
+        if b.connected:
+            add(src, dst, "old")
     for k, o in enumerate(b.outputs):
-        if o["layer"] in ids:
-            edges.append((ids[o["layer"]], ids[f"\0output{k}"], "new" if "tapped" in tags.get(o["layer"], []) else "same"))
+        if o["layer"] is not None:
+            ids.setdefault(f"\0output{k}", nid(f"\0output{k}"))
+            add(o["layer"], f"\0output{k}", "new" if "tapped" in tags.get(o["layer"], []) else "same")
 
     counts = {key: 0 for key in order}
     for n in nodes:
@@ -230,7 +260,7 @@ def build_view(d, *, title: str, subtitle: str = "", statements=None) -> View:
                        + " -> " + ", ".join(f"{o['layer'] or '?'} {o['shape']}" for o in d.outputs[1]))
     return View(title, subtitle, nodes, edges, clusters, summary,
                 [{"text": s["text"], "location": s.get("location", ""), "changes": list(s.get("changes", []))[:50]}
-                 for s in statements], counts)
+                 for s in statements], counts, edge_ends, sorted(composites))
 
 
 def statements_from_report(report) -> list[dict]:
@@ -325,8 +355,16 @@ def to_dot(view: View) -> str:
             emit(child, indent + "  ")
             lines.append(indent + "}")
     emit("", "  ")
+    # a composite layer's sublayers are no nodes of the graph: stack them in their box, one under the other
+    tops = [c for c in view.composites if not any(c.startswith(o + "/") for o in view.composites)]
+    for top in tops:
+        stack = [n.id for n in view.nodes if n.kind == "layer" and n.path.startswith(top + "/")]
+        for upper, lower in zip(stack, stack[1:]):
+            lines.append(f"  {upper} -> {lower} [style=invis];")
     for k, (src, dst, style) in enumerate(view.edges):
         attrs = {"id": f"mxe{k}"}
+        # (an edge into or out of a composite layer meets the first or last layer of its box: Graphviz's
+        # lhead/ltail, which would clip it at the box, fails an assertion on such nested boxes)
         if style == "old":
             attrs.update(color=STATUS_COLORS["removed"], style="dashed", constraint="false")
         elif style == "new":

@@ -303,3 +303,24 @@ def test_a_written_keras_hub_model_loads_in_a_fresh_process(files, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[-3:] == ["Functional", "23", "True"]
+
+
+def test_the_report_draws_a_keras_hub_model_connected(files):
+    """The graph of a Functional subclass is read through a plain functional model of it; a transformer
+    block is a box holding its sublayers, entered at the first and left from the last; keras_hub's
+    `x[:, 0, :]` (an operation, not a layer) passes on what it reads."""
+    from modelxform.diff import diff, snapshot
+    from modelxform.report_html import build_view, to_dot
+    model = keras_load(files("bert"))
+    view = build_view(diff(snapshot(model), snapshot(model)), title="bert")
+    path = {n.id: n.path for n in view.nodes}
+    pairs = {(path[s], path[d]) for s, d, _ in view.edges}
+    assert ("token_ids", "token_embedding") in pairs
+    assert ("embeddings_dropout", "transformer_layer_0/self_attention_layer/query") in pairs
+    assert ("transformer_layer_0/feedforward_output_dense", "transformer_layer_1/self_attention_layer/query") in pairs
+    assert ("transformer_layer_1/feedforward_output_dense", "pooled_dense") in pairs
+    top = [n.path for n in view.nodes if n.kind == "layer" and "/" not in n.path]
+    assert all(any(p in pair for pair in pairs) for p in top), "a top-level layer without an edge"
+    dot = to_dot(view)
+    assert 'label="transformer_layer_0 (TransformerEncoder)"' in dot
+    assert 'label="transformer_layer_0/self_attention_layer (MultiHeadAttention)"' in dot

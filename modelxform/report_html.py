@@ -364,7 +364,7 @@ def to_dot(view: View) -> str:
     for k, (src, dst, style) in enumerate(view.edges):
         attrs = {"id": f"mxe{k}"}
         # (an edge into or out of a composite layer meets the first or last layer of its box: Graphviz's
-        # lhead/ltail, which would clip it at the box, fails an assertion on such nested boxes)
+        # lhead/ltail, which would end it at the box, fails an assertion on such nested boxes)
         if style == "old":
             attrs.update(color=STATUS_COLORS["removed"], style="dashed", constraint="false")
         elif style == "new":

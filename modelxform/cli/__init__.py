@@ -65,6 +65,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 def print_plan(plan, args, console, *, output=None, html=None) -> int:
     """A Plan as text or (--json) as data, as ``apply`` and ``plan`` print it; ``html``: the HTML report
     ``plan --html`` wrote."""
+    try:
+        return _print_plan(plan, args, console, output, html)
+    finally:
+        for warning in plan.warnings:  # on stderr, after the plan: what probably did not do what was meant
+            console.error(warning.render("warning"))
+
+
+def _print_plan(plan, args, console, output, html) -> int:
     import json
     (layers_before, params_before), (layers_after, params_after) = plan.before, plan.after
     if getattr(args, "json", False):

@@ -64,6 +64,16 @@ class _Compiler:
             self.error(f"number {text} is out of range", tok)
         return value
 
+    def percent_factor(self, tok):
+        """``90%`` as the factor it means, 0.9: computed in decimal, so that the factor prints as the
+        percentage reads (33.3% is 0.333, not 0.33299999999999996)."""
+        from decimal import Decimal
+        factor = Decimal(tok.value[:-1]) / 100
+        if factor == factor.to_integral_value():
+            return int(factor)
+        return self.number(Token("NUMBER", format(factor.normalize(), "f"), tok.start_pos, tok.line, tok.column,
+                                 tok.end_line, tok.end_column, tok.end_pos))
+
     def quantity(self, tok):
         if isinstance(tok, Tree):
             tok = tok.children[0]
@@ -89,6 +99,8 @@ class _Compiler:
             return self.number(node.children[0])
         if kind == "string":
             return ir.unquote(node.children[0].value)
+        if kind == "word":  # a bare word is the string it spells (the YAML form reads it so too)
+            return node.children[0].value
         if kind == "param_ref":
             return ir.ParamRef(node.children[0].value[1:], span=self.span(node))
         if kind == "true":

@@ -60,7 +60,12 @@ class Scale(WeightStatement):
 
     @classmethod
     def compile(cls, c, node, span):
-        return cls(c.target(node.children[0]), c.number(node.children[1]), span=span)
+        target, amount = node.children[0], node.children[-1]
+        if target.value == "by":
+            c.error("`scale` names what it scales before `by`, e.g. `scale weights by 0.9`", target)
+        if c.is_token(amount) and amount.type == "PERCENT":  # `scale kernel 90%` is `scale kernel 0.9`
+            return cls(c.target(target), c.percent_factor(amount), span=span)
+        return cls(c.target(target), c.number(amount), span=span)
 
     @classmethod
     def read_yaml(cls, r, body, span):

@@ -18,8 +18,12 @@ def add_parser(subparsers):
                     "--where 'type=Conv2D and params > 1K' (the totals then count the listed layers only).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--where", metavar="PRED", help="only layers matching this predicate")
+    p.add_argument("--weights", action="store_true",
+                   help="also list each layer's variables (name, Keras path, shape, dtype, trainable): the "
+                        "names `scale`, `add noise`, `reinit`, `set … to`, `clip` and `prune` target")
     p.add_argument("--json", action="store_true",
-                   help="print JSON: layers, inputs, outputs, submodels, shared and by_type")
+                   help="print JSON: layers, inputs, outputs, submodels, shared and by_type (with --weights, "
+                        "each layer's variables)")
     add_model_options(p)
     return p
 
@@ -64,6 +68,8 @@ def run(args, console) -> int:
             shape = "(shared)"
         rows.append({"path": info.path, "type": info.type_name, "output_shape": shape,
                      "params": info.params(), "trainable": bool(info.layer.trainable)})
+        if args.weights:
+            rows[-1]["variables"] = [_variable(v) for v in info.layer.weights]
         listed.append(info.path)
     shared = [{"path": p, "calls": snap.layers[p].calls} for p in listed if snap.layers[p].shared]
     shared += [{"path": s["path"], "calls": s["calls"]} for s in snap.submodels if s["calls"] > 1]
@@ -81,6 +87,12 @@ def run(args, console) -> int:
                    for r in rows], title=f"{args.model}: {len(rows)} layer(s)", right=("params",))
     total = sum(r["params"] for r in rows)
     console.print(f"{len(rows)} layer(s), {total:,} params")
+    if args.weights:
+        console.print()
+        variables = [[r["path"], v["name"], v["path"], v["shape"], v["dtype"], "yes" if v["trainable"] else "no"]
+                     for r in rows for v in r["variables"]]
+        console.table(["layer", "variable", "path", "shape", "dtype", "trainable"], variables,
+                      title=f"variables: {len(variables)} (a recipe targets them by name, e.g. `scale kernel 0.9`)")
     if shared:
         console.print("shared (called more than once): "
                       + ", ".join(f"{s['path']} ×{s['calls']}" for s in shared))
@@ -105,6 +117,12 @@ def run(args, console) -> int:
                   title="params by layer type" + (" (listed layers)" if pred is not None else ""),
                   right=("layers", "params", "trainable params"))
     return ExitCode.OK
+
+
+def _variable(v) -> dict:
+    shape = tuple(int(d) for d in v.shape)
+    return {"name": v.name, "path": v.path, "shape": "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "")
+            + ")", "dtype": str(v.dtype), "trainable": bool(v.trainable)}
 
 
 def _restrict(snap, paths):

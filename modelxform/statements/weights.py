@@ -503,8 +503,9 @@ def _variables(ctx, stmt, target: str):
         have = sorted({v.name for i in ctx.selected(stmt) for v in i.layer.weights})
         what = "no weights" if target == "weights" else f"no variable {target!r}"
         raise ApplyError(f"the selected layers have {what}", span=stmt.span,
-                         hint=("they have: " + ", ".join(have)) if have else
-                         "the selection holds only layers without weights (e.g. pooling, dropout)")
+                         hint=(("they have: " + ", ".join(have)) if have else
+                               "the selection holds only layers without weights (e.g. pooling, dropout)")
+                         + "; `modelxform inspect MODEL --weights` lists every layer's variables")
     return pairs, missing
 
 

@@ -475,13 +475,18 @@ def read_recipe_text(path: str | os.PathLike) -> str:
         raise RecipeError(f"{path}: permission denied") from None
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return decode_recipe(data, str(path))
+
+
+def decode_recipe(data: bytes, name: str) -> str:
+    """Recipe bytes (a file's, or standard input's) as text: UTF-8, or an error at the first bad byte."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise RecipeError(f"recipe is not valid UTF-8 (byte 0x{data[exc.start]:02x})",
-                          span=Span(line, col, line, col + 1, str(path))) from None
+                          span=Span(line, col, line, col + 1, name)) from None
 
 
 def load_recipe(path: str | os.PathLike, *, recipe_class=Recipe) -> Recipe:

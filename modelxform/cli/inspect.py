@@ -20,7 +20,7 @@ def add_parser(subparsers):
     p.add_argument("--where", metavar="PRED", help="only layers matching this predicate")
     p.add_argument("--weights", action="store_true",
                    help="also list each layer's variables (name, Keras path, shape, dtype, trainable): the "
-                        "names `scale`, `add noise`, `reinit`, `set … to`, `clip` and `prune` target")
+                        "names the weight statements target, as in `scale kernel 0.9`")
     p.add_argument("--json", action="store_true",
                    help="print JSON: layers, inputs, outputs, submodels, shared and by_type (with --weights, "
                         "each layer's variables)")

@@ -248,6 +248,9 @@ def test_bare_statement_followed_by_a_statement_still_asks_for_a_separator():
     assert _error("freeze unfreeze").message == "two statements on one line must be separated by `;`"
     assert _error("freeze select all").message == "two statements on one line must be separated by `;`"
     assert _error("freeze 3").message == "two statements on one line must be separated by `;`"
+    # a layer named like the statement is not the statement
+    assert not _error("select dense_1 freeze all").message.startswith("`freeze` acts")
+    assert not _error("select freeze all").message.startswith("`freeze` acts")
 
 
 @pytest.mark.parametrize("text,line,column,message", [

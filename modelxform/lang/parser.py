@@ -276,9 +276,9 @@ def _module_prefix(text: str, pos: int, source: Source) -> RecipeError | None:
         return None
     name = parts[-1]
     if parts[0] not in _MODULE_WORDS and name not in LAYER_CLASSES and name not in INITIALIZERS:
-        line_start, statement = _statement_at(text, pos)
+        stmt_start, statement = _statement_at(text, pos)
         as_path = "/".join(parts)
-        if _parses(text[line_start:start] + as_path + text[end:line_start + len(statement)]):
+        if _parses(text[stmt_start:start] + as_path + text[end:stmt_start + len(statement)]):
             return RecipeError(f"a layer inside a nested model is named by its path with `/`: `{as_path}`",
                                span=source.span_at(start, len(dotted)), source=source)
         return None
@@ -316,11 +316,6 @@ def _parses(text: str) -> bool:
     return True
 
 
-def _token_span(token, source: Source) -> Span:
-    return Span(token.line, token.column, token.end_line or token.line, token.end_column or token.column + 1,
-                source.filename)
-
-
 _BARE_KEYWORDS = tuple(kind.keyword for kind in statements.KINDS if kind.yaml_bare)  # freeze, unfreeze, shuffle
 
 
@@ -330,6 +325,8 @@ def _bare_statement_with_argument(exc: UnexpectedToken, source: Source) -> Recip
     stack = getattr(exc.state, "value_stack", None) or []
     keyword = stack[-1] if stack else None
     if not isinstance(keyword, Token) or keyword.value not in _BARE_KEYWORDS or exc.token.type in ("_SEP", "$END"):
+        return None
+    if keyword.type != keyword.value.upper():  # a layer named `freeze`, not the statement
         return None
     if exc.token.value in {k.split()[0] for k in STATEMENT_KEYWORDS}:
         return None  # `freeze select all`: two statements without a separator

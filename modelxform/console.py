@@ -5,9 +5,19 @@ import sys
 
 
 class Console:
-    def __init__(self, out=None, err=None):
+    def __init__(self, out=None, err=None, inp=None):
         self.out = out if out is not None else sys.stdout
         self.err = err if err is not None else sys.stderr
+        self.inp = inp  # None: sys.stdin, looked up when read
+
+    def read_input(self) -> bytes:
+        """All of standard input, as bytes (recipes are decoded as UTF-8 whatever the locale says)."""
+        stream = self.inp if self.inp is not None else sys.stdin
+        if stream is None:
+            return b""
+        buffer = getattr(stream, "buffer", None)
+        data = buffer.read() if buffer is not None else stream.read()
+        return data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
 
     def print(self, text: str = "") -> None:
         self.out.write(text + "\n")

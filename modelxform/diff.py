@@ -312,8 +312,10 @@ class WeightChange:
     def text(self) -> str:
         if self.shape_a != self.shape_b:
             return f"{self.name}: shape {_shape_text(self.shape_a)} -> {_shape_text(self.shape_b)}"
-        rel = "inf" if self.relative_l2 is not None and math.isinf(self.relative_l2) else f"{self.relative_l2:.4g}"
-        return f"{self.name} {_shape_text(self.shape_a)}: max |diff| {self.max_abs_diff:.4g}, relative L2 {rel}"
+        if self.relative_l2 is not None and math.isinf(self.relative_l2):  # no size to be relative to
+            return f"{self.name} {_shape_text(self.shape_a)}: max |diff| {self.max_abs_diff:.4g}, was all zeros"
+        return (f"{self.name} {_shape_text(self.shape_a)}: max |diff| {self.max_abs_diff:.4g}, "
+                f"relative L2 {self.relative_l2:.4g}")
 
     def to_dict(self) -> dict:
         rel = self.relative_l2

@@ -138,12 +138,13 @@ class Captured:
         self.status, self.out, self.err = status, out, err
 
 
-def run_cli(*argv) -> Captured:
-    """Run the CLI in-process through main(argv), capturing what it prints."""
+def run_cli(*argv, stdin: bytes | None = None) -> Captured:
+    """Run the CLI in-process through main(argv), capturing what it prints; ``stdin``: what standard
+    input holds."""
     from modelxform.cli import main
     from modelxform.console import Console
     out, err = io.StringIO(), io.StringIO()
-    status = main([str(a) for a in argv], Console(out, err))
+    status = main([str(a) for a in argv], Console(out, err, io.BytesIO(stdin) if stdin is not None else None))
     return Captured(status, out.getvalue(), err.getvalue())
 
 

@@ -763,6 +763,87 @@ def test_fmt_syntax_error_leaves_file_alone(tmp_path):
     assert recipe.read_text(encoding="utf-8") == BAD_SYNTAX
 
 
+# -- `-`: a recipe on standard input, as black and ruff read one ------------------------------------------
+
+def test_check_reads_a_recipe_from_stdin():
+    r = run_cli("check", "-", stdin=(HEADER + "select all; freeze\n").encode())
+    assert (r.status, r.out, r.err) == (0, "<stdin>: ok (3 statements)\n", "")
+    r = run_cli("check", "-", stdin=(HEADER + "freeze all\n").encode())
+    assert r.status == 2 and r.out == ""
+    assert r.err.splitlines()[0] == ("<stdin>:2:8: error: `freeze` acts on the selected layers and takes no "
+                                     "argument: write `select all; freeze`")
+    r = run_cli("check", "-", stdin=b"select all\n\xff\n")
+    assert r.status == 2
+    assert r.err.splitlines()[0] == "<stdin>:2:1: error: recipe is not valid UTF-8 (byte 0xff)"
+
+
+def test_check_stdin_filename_names_it_chooses_its_form_and_resolves_includes(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "common.recipe", "select where type=Dense\n")
+    r = run_cli("check", "-", "--stdin-filename", tmp_path / "sub" / "main.recipe",
+                stdin=(HEADER + 'include "common.recipe"\nscale kernel 90%\n').encode())
+    assert (r.status, r.out) == (0, f"{tmp_path / 'sub' / 'main.recipe'}: ok (3 statements)\n"), r.err
+    yaml_text = "- recipe: {name: y, version: 1.0.0}\n- select: {where: \"type=Dense\"}\n- freeze\n"
+    r = run_cli("check", "-", "--stdin-filename", "r.yaml", stdin=yaml_text.encode())
+    assert (r.status, r.out, r.err) == (0, "r.yaml: ok (3 statements)\n", "")
+    r = run_cli("check", "-", "--stdin-filename", "r.yaml", stdin=b"- frezee\n")
+    assert r.status == 2 and r.err.startswith("r.yaml:1:3: error:")
+
+
+def test_check_files_and_stdin_together(tmp_path):
+    good = write(tmp_path / "good.recipe", HEADER + "select all\nfreeze\n")
+    r = run_cli("check", good, "-", stdin=b"select type=Dense\n")
+    assert r.status == 2
+    assert r.out == f"{good}: ok (3 statements)\n"
+    assert "<stdin>:1:8: error: a predicate follows `where`: write `select where type=Dense`" in r.err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["check", "-", "-"], "error: `-` (standard input) can be given only once"),
+    (["fmt", "x.recipe", "--stdin-filename", "y.recipe"],
+     "error: --stdin-filename names standard input's recipe: give `-` among the recipes"),
+])
+def test_stdin_usage_errors(argv, message):
+    r = run_cli(*argv, stdin=b"")
+    assert r.status == 2
+    only_error_line(r.err, message)
+
+
+def test_fmt_dash_writes_the_formatted_recipe_to_stdout():
+    r = run_cli("fmt", "-", stdin=UNFORMATTED.encode())
+    assert (r.status, r.out, r.err) == (0, FORMATTED, "")
+    r = run_cli("fmt", "-", stdin=b"select  where type=Dense ; scale kernel by 90%\n")
+    assert (r.status, r.out) == (0, "select where type=Dense\nscale kernel 0.9\n")
+    r = run_cli("fmt", "--to", "yaml", "-", stdin=b"select all; freeze\n")
+    assert (r.status, r.out) == (0, "- {select: all}\n- freeze\n")
+
+
+def test_fmt_check_dash_changes_nothing_and_says_whether_it_is_formatted():
+    r = run_cli("fmt", "--check", "-", stdin=UNFORMATTED.encode())
+    assert (r.status, r.out) == (1, "<stdin>: not formatted\n")
+    r = run_cli("fmt", "--check", "-", stdin=FORMATTED.encode())
+    assert (r.status, r.out, r.err) == (0, "", "")
+
+
+def test_fmt_dash_with_an_error_writes_nothing_to_stdout():
+    r = run_cli("fmt", "-", stdin=b"select all\nreplace dense_3 with keras.layers.Dense(units=10)\n")
+    assert r.status == 2 and r.out == ""
+    assert r.err.splitlines()[0] == ("<stdin>:2:22: error: write the class name without its module: `Dense`, "
+                                     "not `keras.layers.Dense`")
+
+
+def test_stdin_through_a_real_pipe_without_tensorflow(tmp_path):
+    for argv, text, status, out in [
+            (["check", "-"], HEADER + "select all; freeze\n", 0, "<stdin>: ok (3 statements)"),
+            (["fmt", "-"], "select  all ; scale kernel 90%\n", 0, "select all\nscale kernel 0.9"),
+            (["fmt", "--check", "-"], "select  all\n", 1, "<stdin>: not formatted")]:
+        proc = subprocess.run([sys.executable, "-c", NO_TF_PROBE, *argv], cwd=tmp_path, env=subprocess_env(),
+                              input=text, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        assert f"STATUS {status}" in proc.stdout, proc.stdout + proc.stderr
+        assert proc.stdout.startswith(out + "\n"), proc.stdout
+        assert "LOADED False False" in proc.stdout
+
+
 # -- inspect -------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -827,6 +908,87 @@ def test_inspect_json(nested_file):
         assert isinstance(row["params"], int) and isinstance(row["trainable"], bool)
     filtered = json.loads(run_cli("inspect", nested_file, "--json", "--where", "has weights").out)
     assert {row["type"] for row in filtered["layers"]} == {"Conv2D", "BatchNormalization", "Dense"}
+
+
+def test_inspect_weights_lists_each_layers_variables(nested_file):
+    from modelxform.keras_io.layers import walk
+    r = run_cli("inspect", nested_file, "--weights")
+    assert r.status == 0, r.err
+    model = load(nested_file)
+    variables = [(info.path, v) for info in walk(model) for v in info.layer.weights]
+    assert len(variables) == 10
+    assert "variables: 10 (a recipe targets them by name, e.g. `scale kernel 0.9`)" in r.out
+    lines = r.out.splitlines()
+    for path, v in variables:
+        shape = "(" + ", ".join(str(d) for d in v.shape) + ("," if len(v.shape) == 1 else "") + ")"
+        expected = [path, v.name, v.path, *shape.split(), "float32", "yes" if v.trainable else "no"]
+        assert sum(1 for line in lines if line.split() == expected) == 1, (expected, r.out)
+    # the rest of inspect's output is there too
+    assert "6 layer(s), 291 params" in r.out and "nested models:" in r.out
+    assert "variables:" not in run_cli("inspect", nested_file).out
+
+    data = json.loads(run_cli("inspect", nested_file, "--weights", "--json", "--where", "type=BatchNormalization").out)
+    (row,) = data["layers"]
+    assert row["variables"] == [
+        {"name": name, "path": path, "shape": "(4,)", "dtype": "float32", "trainable": trainable}
+        for name, path, trainable in [(v.name, v.path, v.trainable)
+                                      for v in model.get_layer("backbone").get_layer("block").get_layer("bn_a").weights]]
+    assert [v["name"] for v in row["variables"]] == ["gamma", "beta", "moving_mean", "moving_variance"]
+
+
+def test_a_missing_variable_points_to_inspect_weights(tmp_path, cnn):
+    recipe = write(tmp_path / "dw.recipe", HEADER + "select where type=Conv2D\nscale depthwise_kernel 0.5\n")
+    r = run_cli("apply", recipe, cnn, "-o", tmp_path / "out.keras")
+    assert r.status == 4
+    lines = r.err.splitlines()
+    assert lines[0] == f"{recipe}:3:1: error: the selected layers have no variable 'depthwise_kernel'"
+    assert lines[-1] == ("    hint: they have: bias, kernel; `modelxform inspect MODEL --weights` lists every "
+                         "layer's variables")
+    assert not (tmp_path / "out.keras").exists()
+
+
+# -- what a recipe did not do as meant ------------------------------------------------------------------
+
+SHUFFLE_TWO = (HEADER + 'insert Dropout(rate=0.1, name="drop_a") after dense_1\n'
+               'insert GaussianDropout(rate=0.1, name="drop_b") after dense_2\nselect drop_a, drop_b\nshuffle\n')
+
+
+def test_a_shuffle_that_leaves_every_layer_in_place_warns_and_writes(tmp_path, cnn):
+    recipe = write(tmp_path / "shuffle.recipe", SHUFFLE_TWO)
+    # seed 0 draws the order the two layers have, seed 1 the other one
+    same = run_cli("apply", recipe, cnn, "-o", tmp_path / "same.keras", "--seed", "0")
+    assert same.status == 0, same.err
+    assert same.err.splitlines() == [
+        f"{recipe}:5:1: warning: shuffle left all 2 selected layers in place: seed 0 drew the order they already "
+        "have, so the shuffle changed nothing",
+        "    shuffle",
+        "    ^^^^^^^",
+        "    hint: another --seed draws another order (with 2 layers, 1 seed in 2 draws it)",
+    ]
+    assert "    (the permutation left every layer in place)" in same.out.splitlines()
+    assert (tmp_path / "same.keras").is_file()
+    moved = run_cli("apply", recipe, cnn, "-o", tmp_path / "moved.keras", "--seed", "1")
+    assert moved.status == 0 and moved.err == ""
+    assert "the place of drop_a now holds drop_b" in moved.out
+    plan = run_cli("plan", recipe, cnn, "--seed", "0", "--json")
+    assert plan.status == 0
+    reports = json.loads(plan.out)["statements"]
+    assert reports[-1]["warnings"] == [
+        "shuffle left all 2 selected layers in place: seed 0 drew the order they already have, so the shuffle "
+        "changed nothing"]
+    assert all(report["warnings"] == [] for report in reports[:-1])
+    assert "warning: shuffle left all 2 selected layers in place" in plan.err
+
+
+def test_swap_into_a_place_of_another_rank_says_so_without_numpy(tmp_path, cnn):
+    recipe = write(tmp_path / "swap.recipe", HEADER + "swap max_pooling2d dropout\n")
+    r = run_cli("apply", recipe, cnn, "-o", tmp_path / "out.keras")
+    assert r.status == 4
+    assert r.err.splitlines()[0] == (
+        f"{recipe}:2:1: error: max_pooling2d (MaxPooling2D) takes 4-dimensional input, like the (None, 26, 26, 8) "
+        "it was built for, but in dropout's place it would receive (None, 32)")
+    assert "broadcast" not in r.err and "Traceback" not in r.err
+    assert not (tmp_path / "out.keras").exists()
 
 
 @pytest.mark.parametrize("command", ["apply", "plan"])

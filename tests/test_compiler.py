@@ -189,3 +189,136 @@ def test_canonical_text_round_trips(generated):
     text = str(program)
     assert compile_recipe(text).program == program
     assert format_text(text) == text
+
+
+# ---- what a new user trips on (issue 17): messages that point to the fix, spellings that are accepted ----
+
+def _error(text: str, filename: str = "r.recipe") -> RecipeError:
+    with pytest.raises(RecipeError) as info:
+        compile_recipe(text, filename)
+    return info.value
+
+
+@pytest.mark.parametrize("text,line,column,message", [
+    ("select all\nreplace dense_3 with keras.layers.Dense(units=10)", 2, 22,
+     "write the class name without its module: `Dense`, not `keras.layers.Dense`"),
+    ("select all; reinit kernel with keras.initializers.HeNormal(seed=1)", 1, 32,
+     "write the class name without its module: `HeNormal`, not `keras.initializers.HeNormal`"),
+    ("select where type=tf.keras.layers.Conv2D", 1, 19,
+     "write the class name without its module: `Conv2D`, not `tf.keras.layers.Conv2D`"),
+    ("insert layers.Dropout(rate=0.5) after dense_1", 1, 8,
+     "write the class name without its module: `Dropout`, not `layers.Dropout`"),
+    ("select backbone.conv1", 1, 8, "a layer inside a nested model is named by its path with `/`: `backbone/conv1`"),
+])
+def test_module_prefixes_and_dotted_paths_say_what_to_write(text, line, column, message):
+    error = _error(text)
+    assert error.message == message
+    assert (error.line, error.column) == (line, column)
+
+
+def test_module_prefix_caret_covers_the_prefix():
+    error = _error("replace dense_3 with keras.layers.Dense(units=10)")
+    assert error.render().splitlines()[1:3] == [
+        "    replace dense_3 with keras.layers.Dense(units=10)",
+        "                         ^^^^^^^^^^^^^",
+    ]
+
+
+@pytest.mark.parametrize("text,line,column,message", [
+    ("freeze all", 1, 8, "`freeze` acts on the selected layers and takes no argument: write `select all; freeze`"),
+    ('recipe "r" version "1"\nunfreeze conv2d_1, dense_2  # the head', 2, 10,
+     "`unfreeze` acts on the selected layers and takes no argument: write `select conv2d_1, dense_2; unfreeze`"),
+    ('select all; freeze where type=Dense and name ~ "a;b"; scale kernel 2', 1, 20,
+     '`freeze` acts on the selected layers and takes no argument: write '
+     '`select where type=Dense and name ~ "a;b"; freeze`'),
+    ("select all\nshuffle \"dense_*\"", 2, 9,
+     '`shuffle` acts on the selected layers and takes no argument: write `select "dense_*"; shuffle`'),
+])
+def test_bare_statement_with_an_argument_says_select_first(text, line, column, message):
+    error = _error(text)
+    assert error.message == message
+    assert (error.line, error.column) == (line, column)
+    assert error.hint == "a `select` statement chooses the layers the statements after it act on"
+    # the fix it names compiles
+    fix = message.split("write `", 1)[1][:-1]
+    compile_recipe(fix)
+
+
+def test_bare_statement_followed_by_a_statement_still_asks_for_a_separator():
+    assert _error("freeze unfreeze").message == "two statements on one line must be separated by `;`"
+    assert _error("freeze select all").message == "two statements on one line must be separated by `;`"
+    assert _error("freeze 3").message == "two statements on one line must be separated by `;`"
+    # a layer named like the statement is not the statement
+    assert not _error("select dense_1 freeze all").message.startswith("`freeze` acts")
+    assert not _error("select freeze all").message.startswith("`freeze` acts")
+
+
+@pytest.mark.parametrize("text,line,column,message", [
+    ("select type=Dense", 1, 8, "a predicate follows `where`: write `select where type=Dense`"),
+    ("select all\nselect type = Dense", 2, 8, "a predicate follows `where`: write `select where type = Dense`"),
+    ("select random 2 type=Dense and trainable", 1, 17,
+     "a predicate follows `where`: write `select random 2 where type=Dense and trainable`"),
+    ("select first name=dense_1", 1, 14, "a predicate follows `where`: write `select first where name=dense_1`"),
+    ("select params > 1K", 1, 8, "a predicate follows `where`: write `select where params > 1K`"),
+    ("remove type=Dropout", 1, 8, "a predicate follows `where`: write `remove where type=Dropout`"),
+])
+def test_predicate_without_where_says_where(text, line, column, message):
+    error = _error(text)
+    assert error.message == message
+    assert (error.line, error.column) == (line, column)
+    word = text.split("\n")[-1].split()[0]
+    assert error.hint == f"without `where`, `{word}` takes layer names or types, e.g. `{word} Dense`"
+
+
+@pytest.mark.parametrize("word,meant", [("BatchNorm", "BatchNormalization"), ("LayerNorm", "LayerNormalization"),
+                                        ("Embed", "Embedding"), ("GroupNorm", "GroupNormalization")])
+def test_abbreviated_type_names_suggest_the_class(word, meant):
+    error = _error(f"select all\nselect where type={word}")
+    assert error.message == f"unknown layer type {word!r} (did you mean {meant!r}?)"
+    assert (error.line, error.column) == (2, 19)
+
+
+def test_ambiguous_or_short_prefixes_suggest_nothing_new():
+    from modelxform.lang.names import suggest
+    assert suggest("Conv", ["Conv1DTranspose", "Conv2DTranspose"]) is None  # which one?
+    assert suggest("Conv1DTr", ["Conv1DTranspose", "Conv2DTranspose"]) == "Conv1DTranspose"
+    assert suggest("Bat", ["BatchNormalization"]) is None  # too short to say
+    assert suggest("batchnorm", ["BatchNormalization"]) == "BatchNormalization"
+
+
+@pytest.mark.parametrize("written,canonical", [
+    ("set activation = relu", 'set activation = "relu"'),
+    ("set padding = same", 'set padding = "same"'),
+    ("set activation = None", "set activation = None"),
+    ("set use_bias = false", "set use_bias = False"),
+    ("scale kernel 90%", "scale kernel 0.9"),
+    ("scale kernel by 0.9", "scale kernel 0.9"),
+    ("scale bias by 33.3%", "scale bias 0.333"),
+    ("scale weights 250%", "scale weights 2.5"),
+    ("scale weights by 100%", "scale weights 1"),
+    ("replace dense_3 with Dense(units=3, activation=softmax)", 'replace dense_3 with Dense(units=3, activation="softmax")'),
+])
+def test_unambiguous_spellings_are_accepted_and_written_canonically(written, canonical):
+    program = compile_recipe(f"select all\n{written}\n").program
+    assert str(program.statements[1]) == canonical
+    assert compile_recipe(f"select all\n{canonical}\n").program == program
+    assert compile_recipe(str(program)).program == program
+    assert format_text(f"select all\n{written}\n") == f"select all\n{canonical}\n"
+
+
+def test_bare_word_values_equal_the_yaml_form():
+    from modelxform.lang.fmt import convert
+    text = 'param act = relu\nselect all\nset activation = $act\nset padding = same\n'
+    yaml_text = convert(text, "r.recipe", "yaml")
+    assert compile_recipe(yaml_text, "r.yaml").program == compile_recipe(text, "r.recipe").program
+    assert compile_recipe(text).params == {"act": "relu"}
+
+
+def test_scale_by_without_a_target_and_percent_parameters_say_what_is_meant():
+    error = _error("select all\nscale by 0.9")
+    assert error.message == "`scale` names what it scales before `by`, e.g. `scale weights by 0.9`"
+    assert (error.line, error.column) == (2, 7)
+    error = _error("param p = 90\nselect all\nscale kernel $p%")
+    assert error.message == ("`scale` takes a factor, `0.9`, or a percentage, `90%`; a parameter is a factor: "
+                             "`scale kernel $factor`")
+    assert (error.line, error.column) == (3, 16)

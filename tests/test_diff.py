@@ -109,6 +109,18 @@ def test_one_scaled_kernel_is_exactly_what_is_reported(tmp_path, cnn_path):
     assert "differ: 1 weights changed" in text.out
 
 
+def test_a_bias_that_was_zero_says_so(tmp_path, cnn_path):
+    zeroed = applied(tmp_path, cnn_path, "select dense_1\nset bias to zeros\n", name="zeroed.keras")
+    r = run_cli("diff", zeroed, cnn_path)
+    assert r.status == 1, r.err
+    bias = keras.saving.load_model(cnn_path).get_layer("dense_1").get_weights()[1]
+    assert f"bias (32,): max |diff| {float(np.abs(bias).max()):.4g}, was all zeros" in r.out
+    assert "inf" not in r.out
+    # the other way round the change is relative to the bias that was not zero
+    back = run_cli("diff", cnn_path, zeroed)
+    assert "bias (32,): max |diff|" in back.out and "relative L2 1" in back.out
+
+
 def test_compare_weights_numbers():
     a = np.array([[1.0, -2.0], [0.0, 4.0]], dtype=np.float32)
     b = np.array([[1.0, -2.5], [0.0, 4.0]], dtype=np.float32)
@@ -118,6 +130,8 @@ def test_compare_weights_numbers():
     assert compare_weights("x", [("kernel", a)], [("kernel", a.copy())]) == []
     (z,) = compare_weights("x", [("bias", np.zeros(3, np.float32))], [("bias", np.ones(3, np.float32))])
     assert z.max_abs_diff == 1.0 and z.relative_l2 == float("inf")
+    assert z.text() == "bias (3,): max |diff| 1, was all zeros"  # not "relative L2 inf"
+    assert z.to_dict()["relative_l2"] == "inf"
     (s,) = compare_weights("x", [("kernel", a)], [("kernel", np.zeros((3, 2), np.float32))])
     assert (s.shape_a, s.shape_b, s.max_abs_diff) == ((2, 2), (3, 2), None)
     assert "shape (2, 2) -> (3, 2)" in s.text()

@@ -442,6 +442,41 @@ def test_swap_incompatible_layers_is_an_error_with_exact_shapes():
     assert snapshot(model) == before
 
 
+def test_swap_into_a_place_of_another_rank_names_the_rank_and_both_shapes():
+    """`swap pool2 flatten` on a LeNet: the pool would receive the flattened vector (issue 17: this
+    leaked numpy's "operands could not be broadcast together with shapes (0,) (2,)")."""
+    inp = keras.Input((28, 28, 1), name="img")
+    x = keras.layers.Conv2D(6, 3, name="conv1", **_init(1))(inp)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(16, 3, name="conv2", **_init(2))(x)
+    x = keras.layers.MaxPooling2D(name="pool2")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    model = keras.Model(inp, keras.layers.Dense(10, name="fc", **_init(3))(x))
+    with pytest.raises(ApplyError) as info:
+        apply("select all\nswap pool2 flatten", model)
+    built_for = tuple(model.get_layer("pool2").input.shape)
+    receives = tuple(model.get_layer("conv2").output.shape)
+    assert built_for == receives == (None, 11, 11, 16)  # flatten, in pool2's place, flattens this
+    assert info.value.message == ("pool2 (MaxPooling2D) takes 4-dimensional input, like the (None, 11, 11, 16) it "
+                                  "was built for, but in flatten's place it would receive (None, 1936)")
+    assert (info.value.line, info.value.column) == (2, 1)
+    assert "broadcast" not in info.value.render()
+
+
+def test_swap_a_layer_keras_cannot_compute_says_so_and_keeps_keras_reason_as_a_hint():
+    inp = keras.Input((12,), name="x")
+    y = keras.layers.Reshape((3, 4), name="r")(inp)
+    y = keras.layers.Flatten(name="f")(y)
+    y = keras.layers.Dense(5, name="d", **_init(4))(y)
+    y = keras.layers.Dropout(0.1, name="drop")(y)
+    model = keras.Model(inp, keras.layers.Dense(2, name="out", **_init(5))(y))
+    with pytest.raises(ApplyError) as info:
+        apply("swap r drop", model)
+    assert info.value.message == "r (Reshape) cannot take (None, 5) in drop's place (it was built for (None, 12))"
+    assert info.value.hint.startswith("Keras says: ")
+    assert (info.value.line, info.value.column) == (1, 1)
+
+
 def test_swap_with_itself_is_an_error():
     with pytest.raises(ApplyError) as info:
         apply("swap dense_1 dense_1", make_cnn())

@@ -56,6 +56,42 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="import MODULE before loading (it registers custom layers); repeatable")
 
 
+STDIN = "-"
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """RECIPE… where `-` is standard input (as black and ruff read it), with --stdin-filename."""
+    p.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe files; - reads one from standard input")
+    p.add_argument("--stdin-filename", metavar="NAME",
+                   help="the name standard input's recipe goes by: in messages, for its form (NAME.yaml is "
+                        "read as YAML), and for `include` paths, which resolve next to it (default: <stdin>, "
+                        "in the working folder)")
+
+
+def recipe_inputs(args, console):
+    """(name, path or None, text or RecipeError) of every RECIPE argument; `-` is read from stdin once."""
+    from ..errors import RecipeError
+    from ..lang.compiler import decode_recipe, read_recipe_text
+    if args.recipes.count(STDIN) > 1:
+        from ..errors import UsageError
+        raise UsageError("`-` (standard input) can be given only once")
+    if args.stdin_filename is not None and STDIN not in args.recipes:
+        from ..errors import UsageError
+        raise UsageError("--stdin-filename names standard input's recipe: give `-` among the recipes")
+    for item in args.recipes:
+        if item == STDIN:
+            name = args.stdin_filename or "<stdin>"
+            try:
+                yield name, None, decode_recipe(console.read_input(), name)
+            except RecipeError as exc:
+                yield name, None, exc
+            continue
+        try:
+            yield item, item, read_recipe_text(item)
+        except RecipeError as exc:
+            yield item, item, exc
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for every random choice (overrides the recipe's)")
     p.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
@@ -65,6 +101,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 def print_plan(plan, args, console, *, output=None, html=None) -> int:
     """A Plan as text or (--json) as data, as ``apply`` and ``plan`` print it; ``html``: the HTML report
     ``plan --html`` wrote."""
+    try:
+        return _print_plan(plan, args, console, output, html)
+    finally:
+        for warning in plan.warnings:  # on stderr, after the plan: what probably did not do what was meant
+            console.error(warning.render("warning"))
+
+
+def _print_plan(plan, args, console, output, html) -> int:
     import json
     (layers_before, params_before), (layers_after, params_after) = plan.before, plan.after
     if getattr(args, "json", False):

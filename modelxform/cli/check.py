@@ -1,23 +1,27 @@
 """modelxform check RECIPE… — parse and static checks, without loading any model."""
 from __future__ import annotations
 
+from . import add_recipe_arguments, recipe_inputs
 from ..errors import ExitCode, RecipeError
 
 
 def add_parser(subparsers):
     p = subparsers.add_parser("check", help="parse recipes and run the static checks (fast: no TensorFlow)",
-                              description="Parse recipes and run the static checks. Loads no model.")
-    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+                              description="Parse recipes and run the static checks. Loads no model. "
+                                          "`-` reads a recipe from standard input.")
+    add_recipe_arguments(p)
     p.add_argument("--strict", action="store_true", help="treat warnings as errors")
     return p
 
 
 def run(args, console) -> int:
-    from ..lang.compiler import load_recipe
+    from ..lang.compiler import compile_recipe
     status = ExitCode.OK
-    for path in args.recipes:
+    for name, _, text in recipe_inputs(args, console):
         try:
-            recipe = load_recipe(path)
+            if isinstance(text, RecipeError):
+                raise text
+            recipe = compile_recipe(text, name)
         except RecipeError as exc:
             console.error(exc.render())
             status = ExitCode.USAGE
@@ -27,7 +31,7 @@ def run(args, console) -> int:
         n = sum(1 for _ in recipe.program.flat())
         if args.strict and recipe.warnings:
             status = ExitCode.USAGE
-            console.error(f"{path}: {len(recipe.warnings)} warning(s), failing because of --strict")
+            console.error(f"{name}: {len(recipe.warnings)} warning(s), failing because of --strict")
         else:
-            console.print(f"{path}: ok ({n} statement{'s' if n != 1 else ''})")
+            console.print(f"{name}: ok ({n} statement{'s' if n != 1 else ''})")
     return status

@@ -5,14 +5,17 @@ import os
 import pathlib
 import tempfile
 
+from . import add_recipe_arguments, recipe_inputs
 from ..errors import ExitCode, RecipeError
 
 
 def add_parser(subparsers):
     p = subparsers.add_parser("fmt", help="rewrite recipes in canonical form (idempotent, keeps comments)",
                               description="Rewrite recipes in canonical form: one statement per line, "
-                                          "canonical spelling, comments kept. Never changes meaning.")
-    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+                                          "canonical spelling, comments kept. Never changes meaning. "
+                                          "`-` reads a recipe from standard input and writes the formatted "
+                                          "text to standard output.")
+    add_recipe_arguments(p)
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file is not formatted")
     p.add_argument("--stdout", action="store_true", help="print the formatted text instead of rewriting")
     p.add_argument("--to", choices=("recipe", "yaml"),
@@ -34,13 +37,12 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def run(args, console) -> int:
-    from ..lang.compiler import read_recipe_text
     from ..lang.fmt import convert, format_text
     status = ExitCode.OK
-    for name in args.recipes:
-        path = pathlib.Path(name)
+    for name, path, text in recipe_inputs(args, console):
         try:
-            text = read_recipe_text(path)
+            if isinstance(text, RecipeError):
+                raise text
             if args.to:
                 console.out.write(convert(text, name, args.to))
                 continue
@@ -49,7 +51,7 @@ def run(args, console) -> int:
             console.error(exc.render())
             status = ExitCode.USAGE
             continue
-        if args.stdout:
+        if args.stdout or (path is None and not args.check):  # `fmt -` writes to stdout, as black and ruff do
             console.out.write(formatted)
         elif formatted == text:
             continue
@@ -57,6 +59,6 @@ def run(args, console) -> int:
             console.print(f"{name}: not formatted")
             status = max(status, ExitCode.ASSERT_FAILED)
         else:
-            _write_atomic(path, formatted)
+            _write_atomic(pathlib.Path(path), formatted)
             console.print(f"{name}: formatted")
     return status

@@ -21,8 +21,12 @@ def add_parser(subparsers):
     p.add_argument("--depth", type=int, metavar="N",
                    help="show the layers N levels deep, each nested model or composite layer below that as one "
                         "row (e.g. --depth 1: the model's own layers, a keras_hub transformer block as one row)")
+    p.add_argument("--weights", action="store_true",
+                   help="also list each layer's variables (name, Keras path, shape, dtype, trainable): the "
+                        "names the weight statements target, as in `scale kernel 0.9`")
     p.add_argument("--json", action="store_true",
-                   help="print JSON: layers, inputs, outputs, submodels, shared and by_type")
+                   help="print JSON: layers, inputs, outputs, submodels, shared and by_type (with --weights, "
+                        "each layer's variables)")
     add_model_options(p)
     return p
 
@@ -69,6 +73,8 @@ def run(args, console) -> int:
             shape = f"(in {info.path.rsplit('/', 1)[0]})" if info.is_sublayer else "(shared)"
         rows.append({"path": info.path, "type": info.type_name, "output_shape": shape,
                      "params": info.params(), "trainable": bool(info.layer.trainable), "info": info})
+        if args.weights:
+            rows[-1]["variables"] = [_variable(v) for v in info.weights]
         listed.append(info.path)
     if args.depth is not None:
         rows = _to_depth(rows, args.depth, _shape_text)
@@ -90,6 +96,12 @@ def run(args, console) -> int:
                    for r in rows], title=f"{args.model}: {len(rows)} layer(s)", right=("params",))
     total = sum(r["params"] for r in rows)
     console.print(f"{len(rows)} layer(s), {total:,} params")
+    if args.weights:
+        console.print()
+        variables = [[r["path"], v["name"], v["path"], v["shape"], v["dtype"], "yes" if v["trainable"] else "no"]
+                     for r in rows for v in r["variables"]]
+        console.table(["layer", "variable", "path", "shape", "dtype", "trainable"], variables,
+                      title=f"variables: {len(variables)} (a recipe targets them by name, e.g. `scale kernel 0.9`)")
     if shared:
         console.print("shared (called more than once): "
                       + ", ".join(f"{s['path']} ×{s['calls']}" for s in shared))
@@ -141,6 +153,12 @@ def _to_depth(rows: list[dict], depth: int, shape_text) -> list[dict]:
     for row in folded.values():
         row["type"] += f" ({row['layers']} layers)"
     return out
+
+
+def _variable(v) -> dict:
+    shape = tuple(int(d) for d in v.shape)
+    return {"name": v.name, "path": v.path, "shape": "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "")
+            + ")", "dtype": str(v.dtype), "trainable": bool(v.trainable)}
 
 
 def _restrict(snap, paths):

@@ -18,6 +18,8 @@ class StatementReport:
     layers: list = field(default_factory=list)  # paths the statement acted on
     changes: list = field(default_factory=list)  # one human-readable line per change
     notes: list = field(default_factory=list)  # things worth knowing that are not changes
+    # errors.Diagnostic: what probably did not do what the author meant; printed as positioned warnings
+    warnings: list = field(default_factory=list)
     work: list = field(default_factory=list, repr=False, compare=False)  # deferred array work, run by apply
     rebuilt: list = field(default_factory=list, repr=False)  # paths whose shapes the next rebuild reports
     unsaved: list = field(default_factory=list)  # what a written file could not keep: apply refuses
@@ -36,8 +38,9 @@ class StatementReport:
         return {"statement": str(self.statement),
                 "file": span.filename if span else None,
                 "line": span.line if span else None, "column": span.column if span else None,
-                "layers": list(self.layers), "changes": list(self.changes), "notes": list(self.notes)
-                + [f"apply refuses this: {line}" for line in self.unsaved]}
+                "layers": list(self.layers), "changes": list(self.changes),
+                "notes": list(self.notes) + [f"apply refuses this: {line}" for line in self.unsaved],
+                "warnings": [w.message for w in self.warnings]}
 
 
 @dataclass
@@ -55,6 +58,11 @@ class Plan:
     def to_dict(self) -> dict:
         return {"seed": self.seed, "params": self.params, "dry_run": self.dry_run,
                 "statements": [s.to_dict() for s in self.statements]}
+
+    @property
+    def warnings(self) -> list:
+        """Every statement's warnings (errors.Diagnostic), in order."""
+        return [w for s in self.statements for w in s.warnings]
 
     def lines(self) -> list[str]:
         out = []

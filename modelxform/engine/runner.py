@@ -44,6 +44,7 @@ def _run_statements(recipe, ctx: Context, plan: Plan, apply: bool) -> None:
             for work in report.work:
                 work()
         report.work = []
+        _attach(report.warnings, recipe)
         plan.statements.append(report)
         if stmt.structural:
             ctx.pending.append(report)
@@ -58,8 +59,12 @@ def _run_statements(recipe, ctx: Context, plan: Plan, apply: bool) -> None:
 
 def attach_sources(exc: ModelxformError, recipe) -> None:
     """Errors raised while running carry a span; give them the text too, for the caret excerpt."""
+    _attach(exc.diagnostics, recipe)
+    exc.source = exc.diagnostics[0].source
+
+
+def _attach(diagnostics, recipe) -> None:
     sources = getattr(recipe, "sources", {}) or {}
-    for diagnostic in exc.diagnostics:
+    for diagnostic in diagnostics:
         if diagnostic.source is None and diagnostic.span is not None:
             diagnostic.source = sources.get(diagnostic.span.filename or recipe.source.name, recipe.source)
-    exc.source = exc.diagnostics[0].source

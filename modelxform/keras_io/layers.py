@@ -193,6 +193,22 @@ def io_shapes(layer):
         return None
 
 
+def _rank_needed(layer, rank: int) -> str | None:
+    """What a layer's ``input_spec`` (public Keras API) says about the rank of its input, when ``rank``
+    does not satisfy it: "4-dimensional", "at least 3-dimensional", …; None when it does or says nothing."""
+    spec = getattr(layer, "input_spec", None)
+    if spec is None or isinstance(spec, (list, tuple)):  # nothing said, or several inputs
+        return None
+    ndim, low, high = (getattr(spec, a, None) for a in ("ndim", "min_ndim", "max_ndim"))
+    if ndim is not None and rank != ndim:
+        return f"{ndim}-dimensional"
+    if low is not None and rank < low:
+        return f"at least {low}-dimensional"
+    if high is not None and rank > high:
+        return f"at most {high}-dimensional"
+    return None
+
+
 def _shape(t) -> str:
     dims = ", ".join("None" if d is None else str(d) for d in t)
     return f"({dims},)" if len(t) == 1 else f"({dims})"
@@ -228,10 +244,18 @@ def check_moves(layers_by_path: dict, paths: list[str], order: list[int], span=N
         if incoming.weights:
             produced[k] = io[order[k]][1]
         else:
+            where = f"in {paths[k]}'s place" if order[k] != k else "in its place"
+            rank = _rank_needed(incoming, len(received))
+            if rank is not None:
+                raise ApplyError(f"{incoming.name} ({type(incoming).__name__}) takes {rank} input, like the "
+                                 f"{_shape(expected)} it was built for, but {where} it would receive "
+                                 f"{_shape(received)}", span=span)
             try:
                 produced[k] = tuple(incoming.compute_output_shape(received))
-            except Exception as exc:
-                raise ApplyError(f"{incoming.name} cannot take {_shape(received)}: {exc}", span=span) from None
+            except Exception as exc:  # Keras's reason, which may come from deep inside (numpy): a hint only
+                raise ApplyError(f"{incoming.name} ({type(incoming).__name__}) cannot take {_shape(received)} "
+                                 f"{where} (it was built for {_shape(expected)})", span=span,
+                                 hint=f"Keras says: {str(exc).strip() or type(exc).__name__}") from None
     for k in range(len(paths)):
         if produced[k][1:] != io[k][1][1:]:
             consumers = [n.operation.name for n in getattr(layers[k], "_outbound_nodes", [])

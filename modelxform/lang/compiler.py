@@ -64,6 +64,16 @@ class _Compiler:
             self.error(f"number {text} is out of range", tok)
         return value
 
+    def percent_factor(self, tok):
+        """``90%`` as the factor it means, 0.9: computed in decimal, so that the factor prints as the
+        percentage reads (33.3% is 0.333, not 0.33299999999999996)."""
+        from decimal import Decimal
+        factor = Decimal(tok.value[:-1]) / 100
+        if factor == factor.to_integral_value():
+            return int(factor)
+        return self.number(Token("NUMBER", format(factor.normalize(), "f"), tok.start_pos, tok.line, tok.column,
+                                 tok.end_line, tok.end_column, tok.end_pos))
+
     def quantity(self, tok):
         if isinstance(tok, Tree):
             tok = tok.children[0]
@@ -89,6 +99,8 @@ class _Compiler:
             return self.number(node.children[0])
         if kind == "string":
             return ir.unquote(node.children[0].value)
+        if kind == "word":  # a bare word is the string it spells (the YAML form reads it so too)
+            return node.children[0].value
         if kind == "param_ref":
             return ir.ParamRef(node.children[0].value[1:], span=self.span(node))
         if kind == "true":
@@ -463,13 +475,18 @@ def read_recipe_text(path: str | os.PathLike) -> str:
         raise RecipeError(f"{path}: permission denied") from None
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return decode_recipe(data, str(path))
+
+
+def decode_recipe(data: bytes, name: str) -> str:
+    """Recipe bytes (a file's, or standard input's) as text: UTF-8, or an error at the first bad byte."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         raise RecipeError(f"recipe is not valid UTF-8 (byte 0x{data[exc.start]:02x})",
-                          span=Span(line, col, line, col + 1, str(path))) from None
+                          span=Span(line, col, line, col + 1, name)) from None
 
 
 def load_recipe(path: str | os.PathLike, *, recipe_class=Recipe) -> Recipe:

@@ -23,5 +23,14 @@ def canonical_type(word: str) -> str:
 
 
 def suggest(word: str, candidates) -> str | None:
-    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.75)
-    return matches[0] if matches else None
+    """The candidate ``word`` is probably a typo or an abbreviation of: a close match, else the one
+    candidate it starts (ignoring case; at least 4 letters), as `BatchNorm` for `BatchNormalization`."""
+    candidates = list(candidates)
+    matches = difflib.get_close_matches(word, candidates, n=1, cutoff=0.75)
+    if matches:
+        return matches[0]
+    if len(word) >= 4:
+        longer = [c for c in candidates if c.lower().startswith(word.lower()) and c != word]
+        if len(longer) == 1:
+            return longer[0]
+    return None

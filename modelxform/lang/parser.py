@@ -9,6 +9,7 @@ import functools
 import re
 
 import lark
+from lark import Token
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from .. import statements
@@ -65,6 +66,8 @@ SYNTAX_EXAMPLES: dict[str, list[str]] = {
         ["select where", "select random where", "select where ;", "select first 2 where"],
     "`scale` needs a target and a factor, e.g. `scale weights 0.8`":
         ["scale", "scale weights", "scale 0.8", "scale weights ;"],
+    "`scale` takes a factor, `0.9`, or a percentage, `90%`; a parameter is a factor: `scale kernel $factor`":
+        ["scale kernel $p%"],
     "`add noise` needs a distribution and a target, e.g. `add noise normal(stddev=0.1) to kernel`":
         ["add", "add noise", "add noise to kernel", "add noise normal(stddev=0.1)",
          "add noise normal(stddev=0.1) kernel", "add noise normal(stddev=0.1) to"],
@@ -205,6 +208,9 @@ def _syntax_error(exc: UnexpectedInput, source: Source) -> RecipeError:
         pos = exc.pos_in_stream
         char = text[pos] if pos < len(text) else ""
         span = source.span_at(pos)
+        prefixed = _module_prefix(text, pos, source) if char == "." else None
+        if prefixed is not None:
+            return prefixed
         if char == '"':
             message = "unterminated string: a string must close with `\"` on the same line"
         elif char in "'":
@@ -235,6 +241,9 @@ def _syntax_error(exc: UnexpectedInput, source: Source) -> RecipeError:
         return RecipeError(message, span=span, source=source,
                            hint="statements: " + ", ".join(STATEMENT_KEYWORDS))
     if isinstance(exc, UnexpectedToken):
+        fixed = _bare_statement_with_argument(exc, source) or _predicate_without_where(exc, source)
+        if fixed is not None:
+            return fixed
         found = exc.token
         shown = "end of statement" if found.type in ("_SEP", "$END") else f"`{found.value}`"
         generic = f"unexpected {shown}; expected {_describe_expected(exc.accepts or exc.expected)}"
@@ -244,6 +253,117 @@ def _syntax_error(exc: UnexpectedInput, source: Source) -> RecipeError:
         return RecipeError(label, span=span, source=source,
                            diagnostics=[Diagnostic(label, span, source, generic)])
     return RecipeError(generic, span=span, source=source)
+
+
+# ---- mistakes recognised by what would fix them ------------------------------------------------------
+
+# What a Keras user writes before a class name: `keras.layers.Dense`, `tf.keras.layers.Dense`, `layers.Dense`.
+_MODULE_WORDS = ("keras", "tf", "tensorflow", "layers", "initializers", "tfk", "K")
+
+
+def _module_prefix(text: str, pos: int, source: Source) -> RecipeError | None:
+    """``keras.layers.Dense(units=10)``: the language names classes without their module."""
+    from .keras_names import INITIALIZERS, LAYER_CLASSES
+    start = pos
+    while start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_."):
+        start -= 1
+    end = pos
+    while end < len(text) and (text[end].isalnum() or text[end] in "_."):
+        end += 1
+    dotted = text[start:end]
+    parts = dotted.split(".")
+    if len(parts) < 2 or not all(re.fullmatch(r"[A-Za-z_]\w*", p) for p in parts):
+        return None
+    name = parts[-1]
+    if parts[0] not in _MODULE_WORDS and name not in LAYER_CLASSES and name not in INITIALIZERS:
+        stmt_start, statement = _statement_at(text, pos)
+        as_path = "/".join(parts)
+        if _parses(text[stmt_start:start] + as_path + text[end:stmt_start + len(statement)]):
+            return RecipeError(f"a layer inside a nested model is named by its path with `/`: `{as_path}`",
+                               span=source.span_at(start, len(dotted)), source=source)
+        return None
+    prefix = dotted[: len(dotted) - len(name)]
+    return RecipeError(f"write the class name without its module: `{name}`, not `{dotted}`",
+                       span=source.span_at(start, len(prefix)), source=source,
+                       hint="recipes name Keras layer classes and initializers by their class name alone")
+
+
+def _statement_at(text: str, offset: int) -> tuple[int, str]:
+    """(start offset, text) of the statement around ``offset``: statements end at `;`, a newline or a
+    comment, and strings may hold any of those."""
+    line_start = text.rfind("\n", 0, offset) + 1
+    line_end = text.find("\n", offset)
+    line = text[line_start: len(text) if line_end < 0 else line_end]
+    start = 0
+    for match in re.finditer(r'"(?:[^"\\\n]|\\.)*"?|#.*|;', line):
+        token = match.group()
+        if match.start() >= offset - line_start:
+            if token[0] in ";#":
+                return line_start + start, line[start:match.start()]
+            continue
+        if token[0] == ";":
+            start = match.end()
+        elif token[0] == "#":
+            break
+    return line_start + start, line[start:]
+
+
+def _parses(text: str) -> bool:
+    try:
+        get_parser().parse(text + "\n")
+    except UnexpectedInput:
+        return False
+    return True
+
+
+_BARE_KEYWORDS = tuple(kind.keyword for kind in statements.KINDS if kind.yaml_bare)  # freeze, unfreeze, shuffle
+
+
+def _bare_statement_with_argument(exc: UnexpectedToken, source: Source) -> RecipeError | None:
+    """``freeze all``: statements that act on the selection take no argument; the argument is what
+    a `select` before them names."""
+    stack = getattr(exc.state, "value_stack", None) or []
+    keyword = stack[-1] if stack else None
+    if not isinstance(keyword, Token) or keyword.value not in _BARE_KEYWORDS or exc.token.type in ("_SEP", "$END"):
+        return None
+    if keyword.type != keyword.value.upper():  # a layer named `freeze`, not the statement
+        return None
+    if exc.token.value in {k.split()[0] for k in STATEMENT_KEYWORDS}:
+        return None  # `freeze select all`: two statements without a separator
+    start, statement = _statement_at(source.text, exc.token.start_pos)
+    rest = source.text[exc.token.start_pos: start + len(statement)].rstrip()
+    if not rest or not _parses(f"select {rest}"):
+        return None
+    fix = f"select {rest}; {keyword.value}"
+    return RecipeError(f"`{keyword.value}` acts on the selected layers and takes no argument: write `{fix}`",
+                       span=source.span_at(exc.token.start_pos, len(rest)), source=source,
+                       hint="a `select` statement chooses the layers the statements after it act on")
+
+
+_WHERE_STATEMENTS = ("select", "remove")
+
+
+def _predicate_without_where(exc: UnexpectedToken, source: Source) -> RecipeError | None:
+    """``select type=Dense``: a predicate needs `where` before it; found by putting `where` in the first
+    place, after the statement's first words, where the statement then parses."""
+    if exc.token.type in ("_SEP", "$END"):
+        return None
+    start, statement = _statement_at(source.text, exc.token.start_pos)
+    words = list(re.finditer(r"\S+", statement))
+    if not words or words[0].group() not in _WHERE_STATEMENTS or "where" in (w.group() for w in words):
+        return None
+    error_at = exc.token.start_pos - start
+    for i in range(1, min(len(words), 4)):
+        cut = words[i].start()
+        if cut > error_at:
+            break
+        fixed = statement[:cut] + "where " + statement[cut:]
+        if _parses(fixed.strip()):
+            word = words[0].group()
+            return RecipeError(f"a predicate follows `where`: write `{fixed.strip()}`",
+                               span=source.span_at(start + cut, len(statement.rstrip()) - cut), source=source,
+                               hint=f"without `where`, `{word}` takes layer names or types, e.g. `{word} Dense`")
+    return None
 
 
 __all__ = ["parse", "get_parser", "grammar_path", "SYNTAX_EXAMPLES", "UnexpectedEOF"]

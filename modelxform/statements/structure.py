@@ -12,7 +12,7 @@ import inspect
 import re
 from dataclasses import dataclass, field
 
-from ..errors import ApplyError
+from ..errors import ApplyError, Diagnostic
 from ..ir import SPAN, Call, Pred, Ref, Statement, Value, format_value, keywords, quote, unquote
 from ..source import Span
 
@@ -425,7 +425,17 @@ class Shuffle(StructuralStatement):
             raise ApplyError("shuffle needs at least two selected layers", span=self.span)
         rng = ctx.rng(self)
         order = [int(x) for x in rng.permutation(len(paths))]
-        return _move(ctx, self, paths, order)
+        report = _move(ctx, self, paths, order)
+        if not report.changes:
+            # Drawing again would change the outcome of recipes whose first draw was the identity; the
+            # warning keeps every seeded result as it was and says what happened.
+            import math
+            report.warnings.append(Diagnostic(
+                f"shuffle left all {len(paths)} selected layers in place: seed {ctx.seed} drew the order they "
+                "already have, so the shuffle changed nothing", self.span,
+                hint=f"another --seed draws another order (with {len(paths)} layers, 1 seed in "
+                     f"{math.factorial(len(paths)):,} draws it)"))
+        return report
 
 
 @dataclass(frozen=True)

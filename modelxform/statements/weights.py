@@ -60,7 +60,12 @@ class Scale(WeightStatement):
 
     @classmethod
     def compile(cls, c, node, span):
-        return cls(c.target(node.children[0]), c.number(node.children[1]), span=span)
+        target, amount = node.children[0], node.children[-1]
+        if target.value == "by":
+            c.error("`scale` names what it scales before `by`, e.g. `scale weights by 0.9`", target)
+        if c.is_token(amount) and amount.type == "PERCENT":  # `scale kernel 90%` is `scale kernel 0.9`
+            return cls(c.target(target), c.percent_factor(amount), span=span)
+        return cls(c.target(target), c.number(amount), span=span)
 
     @classmethod
     def read_yaml(cls, r, body, span):
@@ -507,8 +512,9 @@ def _variables(ctx, stmt, target: str):
         have = sorted({v.name for i in ctx.selected(stmt) for v in i.weights})
         what = "no weights" if target == "weights" else f"no variable {target!r}"
         raise ApplyError(f"the selected layers have {what}", span=stmt.span,
-                         hint=("they have: " + ", ".join(have)) if have else
-                         "the selection holds only layers without weights (e.g. pooling, dropout)")
+                         hint=(("they have: " + ", ".join(have)) if have else
+                               "the selection holds only layers without weights (e.g. pooling, dropout)")
+                         + "; `modelxform inspect MODEL --weights` lists every layer's variables")
     return pairs, missing
 
 

@@ -324,3 +324,17 @@ def test_the_report_draws_a_keras_hub_model_connected(files):
     dot = to_dot(view)
     assert 'label="transformer_layer_0 (TransformerEncoder)"' in dot
     assert 'label="transformer_layer_0/self_attention_layer (MultiHeadAttention)"' in dot
+
+
+def test_a_path_into_a_subclassed_model_says_why_it_cannot_be_edited(tmp_path):
+    from conftest import subclassed_class
+    inner = subclassed_class()(name="two_layer")
+    x = keras.Input((4,), name="x")
+    model = keras.Model(x, keras.layers.Dense(3, name="out")(inner(x)), name="outer")
+    save_model(model, tmp_path / "m.keras")
+    result = apply("select two_layer/d1\nscale kernel 2\n", tmp_path / "m.keras", tmp_path / "w.keras")
+    assert result.plan.statements[1].changes == ["two_layer/d1: kernel (4, 6) × 2"]
+    with pytest.raises(ApplyError) as info:
+        apply("tap two_layer/d1\n", tmp_path / "m.keras", tmp_path / "t.keras")
+    assert info.value.message == ("two_layer/d1 is inside two_layer (TwoLayer), a subclassed model: its forward "
+                                  "pass is Python code, not a graph modelxform can edit")

@@ -442,4 +442,9 @@ def why_not_a_node(info) -> tuple[str, str] | None:
                     "constructor arguments, not its layers: its layers are not nodes of a graph modelxform can edit",
                     f"add `unwrap {holder_path}` before it: that makes {holder_path} a plain functional model of "
                     f"its layers (the {cls} class is dropped)")
+        if model_kind(holder) == "subclassed":
+            return (f"{info.path} is inside {holder_path} ({cls}), a subclassed model: its forward pass is Python "
+                    "code, not a graph modelxform can edit",
+                    "weight statements, freeze and unfreeze reach its layers; for structural edits, rebuild it as a "
+                    "functional model (keras.Model(inputs, outputs)) and save that")
     return None

@@ -53,13 +53,13 @@ def already_done(job: Job, recipe, input_sha256: str) -> str | None:
     """The output's sha256 when ``job.output`` exists and the last entry of its provenance chain says
     it was made from this input (sha256), this recipe (sha256), this seed and these params; else None."""
     from ..errors import ModelxformError
-    from ..keras_io.files import read_provenance, sha256_file
-    from ..provenance import _jsonable, recipe_sha256
+    from ..keras_io.files import sha256_file
+    from ..provenance import _jsonable, read_record, recipe_sha256
     from ..engine.plan import Params, effective_seed, resolve_params
     if not os.path.isfile(job.output):
         return None
     try:
-        record = read_provenance(job.output)
+        record = read_record(job.output)
     except ModelxformError:
         return None
     chain = (record or {}).get("chain") or []

@@ -24,12 +24,12 @@ _in_job = False
 _interrupted = False
 
 
-def _recipe(path: str):
+def _recipe(path: str, include_root: str | None = None):
     from ..session import load_recipe
     st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
+    key = (path, st.st_mtime_ns, st.st_size, include_root)
     if key not in _recipes:
-        _recipes[key] = load_recipe(path)
+        _recipes[key] = load_recipe(path, include_root=include_root)
     return _recipes[key]
 
 
@@ -55,7 +55,7 @@ def run_job(payload: dict) -> dict:
     _in_job = True
     try:
         from ..session import apply_file, plan_file
-        recipe = _recipe(payload["recipe"])
+        recipe = _recipe(payload["recipe"], payload.get("include_root"))
         imports = list(payload.get("imports") or [])
         root = payload.get("import_root")
         if imports and root and root not in sys.path:  # ZOO.yaml's folder first (docs/batch.md)

@@ -56,6 +56,21 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="import MODULE before loading (it registers custom layers); repeatable")
 
 
+def add_include_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-root", metavar="DIR", default=None,
+                   help="only let recipes include files inside DIR (symbolic links resolved); default: "
+                        "$MODELXFORM_INCLUDE_ROOT, else anywhere. For recipes you did not write, e.g. in CI")
+
+
+def include_root(args):
+    """--include-root as given (checked to be a folder), or None for $MODELXFORM_INCLUDE_ROOT / anywhere."""
+    from ..errors import UsageError
+    root = getattr(args, "include_root", None)
+    if root is not None and not os.path.isdir(root):
+        raise UsageError(f"--include-root {root}: no such folder")
+    return root
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for every random choice (overrides the recipe's)")
     p.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",

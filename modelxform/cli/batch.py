@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+from . import add_include_option, include_root
 from ..errors import ExitCode, UsageError
 
 STATUS_ORDER = ("done", "skipped", "failed", "interrupted", "not run")
@@ -32,6 +33,7 @@ def add_parser(subparsers):
     p.add_argument("--force", action="store_true", help="redo jobs whose output is already up to date")
     p.add_argument("--report", metavar="REPORT.json",
                    help="write a JSON report: per job status, duration, output, sha256 and error")
+    add_include_option(p)
     return p
 
 
@@ -49,7 +51,7 @@ def run(args, console) -> int:
     if args.executor == "ray":
         from ..batch.ray_executor import import_ray
         import_ray()  # fail now, with the install hint, not after reading the zoo
-    zoo = load_zoo(args.zoo)
+    zoo = load_zoo(args.zoo, include_root=include_root(args))
     workers = args.workers or os.cpu_count() or 1
     models = len(dict.fromkeys(job.model for job in zoo.jobs))
     recipes = len(dict.fromkeys(job.recipe for job in zoo.jobs))

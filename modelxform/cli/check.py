@@ -1,6 +1,7 @@
 """modelxform check RECIPE… — parse and static checks, without loading any model."""
 from __future__ import annotations
 
+from . import add_include_option, include_root
 from ..errors import ExitCode, RecipeError
 
 
@@ -9,15 +10,17 @@ def add_parser(subparsers):
                               description="Parse recipes and run the static checks. Loads no model.")
     p.add_argument("recipes", nargs="+", metavar="RECIPE")
     p.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    add_include_option(p)
     return p
 
 
 def run(args, console) -> int:
     from ..lang.compiler import load_recipe
     status = ExitCode.OK
+    root = include_root(args)
     for path in args.recipes:
         try:
-            recipe = load_recipe(path)
+            recipe = load_recipe(path, include_root=root)
         except RecipeError as exc:
             console.error(exc.render())
             status = ExitCode.USAGE

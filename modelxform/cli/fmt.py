@@ -5,6 +5,7 @@ import os
 import pathlib
 import tempfile
 
+from . import add_include_option, include_root
 from ..errors import ExitCode, RecipeError
 
 
@@ -17,6 +18,7 @@ def add_parser(subparsers):
     p.add_argument("--stdout", action="store_true", help="print the formatted text instead of rewriting")
     p.add_argument("--to", choices=("recipe", "yaml"),
                    help="print the recipe converted to the text (recipe) or YAML form; rewrites nothing")
+    add_include_option(p)
     return p
 
 
@@ -37,14 +39,15 @@ def run(args, console) -> int:
     from ..lang.compiler import read_recipe_text
     from ..lang.fmt import convert, format_text
     status = ExitCode.OK
+    root = include_root(args)
     for name in args.recipes:
         path = pathlib.Path(name)
         try:
             text = read_recipe_text(path)
             if args.to:
-                console.out.write(convert(text, name, args.to))
+                console.out.write(convert(text, name, args.to, include_root=root))
                 continue
-            formatted = format_text(text, name)
+            formatted = format_text(text, name, include_root=root)
         except RecipeError as exc:
             console.error(exc.render())
             status = ExitCode.USAGE

@@ -38,6 +38,7 @@ class GraphEditor:
 
     model: object
     seed: int
+    unsafe: bool = False  # --unsafe: the rebuild may deserialize what safe mode refuses (a Lambda's code)
     config: dict = field(init=False)
     base_config: dict = field(init=False)
     fresh: dict = field(default_factory=dict)  # path -> parts that seed its new weights
@@ -461,7 +462,7 @@ class GraphEditor:
     def _find_culprit(self, old_layers):
         """Replay the queued edits one at a time from the original config to find the first failure."""
         replay = GraphEditor.__new__(GraphEditor)
-        replay.model, replay.seed = self.model, self.seed
+        replay.model, replay.seed, replay.unsafe = self.model, self.seed, self.unsafe
         replay.base_config = self.base_config
         replay.config = copy.deepcopy(self.base_config)
         replay.fresh, replay.edits, replay.origin, replay.reshape, replay.reshaped = {}, [], {}, {}, {}
@@ -488,11 +489,11 @@ class GraphEditor:
         # and argument; no forward pass on real data is needed to know the graph holds.
         try:
             with LazyVariables() as lazy:
-                new_model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+                new_model = keras.saving.deserialize_keras_object(config, safe_mode=not self.unsafe)
         except Exception:  # noqa: BLE001 - built the ordinary way below, which says what is wrong
             lazy = None
             try:
-                new_model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+                new_model = keras.saving.deserialize_keras_object(config, safe_mode=not self.unsafe)
             except Exception as exc:  # Keras reports shape and argument problems as many exception types
                 raise ApplyError(f"the edited model does not build: {_first_line(exc)}") from exc
         try:

@@ -1,0 +1,491 @@
+"""Hostile input, round 2 (issue 16): a recipe, a model file and a provenance record may each come from
+someone else. Safe mode on every path, no disclosure through `include` or `verify`, bounded reads,
+validated provenance, honest checks, atomic .h5 outputs, batch leftovers, and the smaller holes.
+
+Each section names the point of the issue it covers; docs/robustness.md lists the classes of attack
+tried here and what the user sees.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_cnn, make_sequential, run_cli
+
+SUBPROCESS_TIMEOUT = 120
+WEIGHT_ONLY = "select where type=Dense\nscale kernel 0.5\n"  # the archive (TensorFlow-free) path
+STRUCTURAL = "replace Dropout with GaussianDropout(rate=0.1)\n"  # a rebuild
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def listing(folder) -> set[str]:
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def only_error_line(err: str, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def write(path: pathlib.Path, text: str) -> pathlib.Path:
+    path.write_text(text)
+    return path
+
+
+def env(**extra) -> dict:
+    out = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    out.update(extra)
+    return out
+
+
+NO_TF_PROBE = """\
+import sys
+from modelxform.cli import main
+status = main(sys.argv[1:])
+print("STATUS", status)
+print("LOADED", "tensorflow" in sys.modules, "keras" in sys.modules)
+"""
+
+
+def no_tf_run(cwd, *argv):
+    return subprocess.run([sys.executable, "-c", NO_TF_PROBE, *map(str, argv)], cwd=cwd, env=env(),
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def seq_bytes(tmp_path_factory) -> bytes:
+    """The small Sequential model (features -> fc1 Dense(relu) -> dropout_1 -> fc2), saved once."""
+    from modelxform.keras_io.files import save_model
+    path = tmp_path_factory.mktemp("seq") / "seq.keras"
+    save_model(make_sequential(), path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def seq(tmp_path, seq_bytes) -> pathlib.Path:
+    path = tmp_path / "seq.keras"
+    path.write_bytes(seq_bytes)
+    return path
+
+
+def rewrite_member(src: pathlib.Path, dst: pathlib.Path, member: str, change) -> pathlib.Path:
+    """Copy a .keras zip with one member's bytes passed through change(bytes) -> bytes."""
+    with zipfile.ZipFile(src) as zin:
+        members = [(info, zin.read(info.filename)) for info in zin.infolist()]
+    with zipfile.ZipFile(dst, "w") as zout:
+        for info, data in members:
+            if info.filename == member:
+                data = change(data)
+            zout.writestr(info, data)
+    return dst
+
+
+def edit_config(src, dst, edit) -> pathlib.Path:
+    def change(data):
+        config = json.loads(data)
+        edit(config)
+        return json.dumps(config).encode()
+    return rewrite_member(src, dst, "config.json", change)
+
+
+def layer(config: dict, name: str) -> dict:
+    return next(e for e in config["config"]["layers"] if e["config"]["name"] == name)
+
+
+# A Python lambda as Keras serializes one (keras.saving.serialize_keras_object(lambda x: x * 2)): its
+# marshalled code. Loading it with safe mode off would run it.
+LAMBDA = {"class_name": "__lambda__", "config": {"value": [
+    "4wEAAAAAAAAAAAAAAAIAAAADAAAA8wwAAACXAHwAZAF6BQAAUwApAk7pAgAAAKkAKQHaAXhzAQAA\nACD6Di90bXAvdzE2L21rLnB5"
+    "+gg8bGFtYmRhPnIGAAAABwAAAHMKAAAAgACwQbgBsUWAAPMAAAAA\n", None, None]}}
+
+
+def _lambda_activation(config):
+    layer(config, "fc1")["config"]["activation"] = LAMBDA
+
+
+def _lambda_in_initializer(config):
+    layer(config, "fc2")["config"]["kernel_initializer"]["config"]["seed"] = LAMBDA
+
+
+def _os_function(config):
+    layer(config, "fc1")["config"]["activation"] = {"module": "os", "class_name": "function",
+                                                   "config": "system", "registered_name": "system"}
+
+
+def _vocabulary_file(config):
+    layer(config, "fc1")["config"]["extra"] = {"module": "keras.layers", "class_name": "StringLookup",
+                                              "config": {"name": "words", "vocabulary": "/etc/passwd"},
+                                              "registered_name": None}
+
+
+# ---- 1. safe mode on every path ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edit,fragment", [
+    (_lambda_activation, "a serialized Python lambda (layer 'fc1', activation)"),
+    (_lambda_in_initializer, "a serialized Python lambda (layer 'fc2', seed)"),
+    (_vocabulary_file, "a StringLookup ('words') that reads its vocabulary from a file outside the archive"),
+], ids=["lambda-activation", "lambda-anywhere", "vocabulary-file"])
+def test_every_path_refuses_what_safe_mode_refuses_with_one_message(tmp_path, seq, monkeypatch, edit, fragment):
+    model = edit_config(seq, tmp_path / "hostile.keras", edit)
+    weight_only = write(tmp_path / "w.recipe", WEIGHT_ONLY)
+    structural = write(tmp_path / "s.recipe", STRUCTURAL)
+    out = tmp_path / "out.keras"
+    before = listing(tmp_path)
+    seen = set()
+    runs = [("apply", weight_only, model, "-o", out), ("apply", structural, model, "-o", out),
+            ("plan", weight_only, model), ("inspect", model), ("diff", seq, model)]
+    for argv in runs:
+        r = run_cli(*argv)
+        assert r.status == 3, (argv, r.status, r.err, r.out)
+        seen.add(only_error_line(r.err, str(model), fragment, "safe mode", "--unsafe"))
+    monkeypatch.setenv("MODELXFORM_FASTPATH", "0")  # the Keras path: the same message
+    r = run_cli("apply", weight_only, model, "-o", out)
+    assert r.status == 3
+    seen.add(only_error_line(r.err))
+    assert len(seen) == 1, seen
+    assert listing(tmp_path) == before  # nothing written
+
+
+def test_the_archive_path_refuses_before_importing_tensorflow(tmp_path, seq):
+    edit_config(seq, tmp_path / "hostile.keras", _lambda_activation)
+    write(tmp_path / "w.recipe", WEIGHT_ONLY)
+    proc = no_tf_run(tmp_path, "apply", "w.recipe", "hostile.keras", "-o", "out.keras")
+    assert "STATUS 3" in proc.stdout, proc.stdout + proc.stderr
+    assert "a serialized Python lambda" in proc.stderr and "Traceback" not in proc.stderr
+    assert "LOADED False False" in proc.stdout
+    assert not (tmp_path / "out.keras").exists()
+
+
+def test_a_function_from_another_module_is_left_to_keras_which_refuses_it(tmp_path, seq):
+    model = edit_config(seq, tmp_path / "hostile.keras", _os_function)
+    recipe = write(tmp_path / "w.recipe", WEIGHT_ONLY)
+    r = run_cli("apply", recipe, model, "-o", tmp_path / "out.keras")
+    assert r.status == 3, r.out + r.err
+    only_error_line(r.err, str(model), "'system'")
+    assert not (tmp_path / "out.keras").exists()
+
+
+def test_unsafe_lets_the_archive_path_leave_a_lambda_to_keras(tmp_path, seq):
+    """With --unsafe, Keras loads the lambda (the user trusts the file); the archive never copies a
+    config it cannot vouch for."""
+    from modelxform import session
+    from modelxform.keras_io.archive import Archive
+    model = edit_config(seq, tmp_path / "hostile.keras", _lambda_activation)
+    source = session.open_model(model, unsafe=True)
+    assert not isinstance(source, Archive)
+
+
+def _lambda_model(path: pathlib.Path, name: str = "double") -> pathlib.Path:
+    import keras
+    inp = keras.Input((4,), name="x")
+    hidden = keras.layers.Dense(3, name="dense")(inp)
+    out = keras.layers.Lambda(lambda x: x * 2, name=name)(hidden)
+    keras.Model(inp, out, name="with_lambda").save(path)
+    return path
+
+
+def test_unsafe_lets_structural_statements_rebuild_a_lambda_model(tmp_path):
+    model = _lambda_model(tmp_path / "lam.keras")
+    recipe = write(tmp_path / "r.recipe", 'append Dense(units=2, name="head")\ntap dense\n')
+    out = tmp_path / "out.keras"
+    r = run_cli("apply", recipe, model, "-o", out)
+    assert r.status == 3
+    only_error_line(r.err, "a Lambda layer ('double') whose function is Python code", "--unsafe")
+    r = run_cli("apply", recipe, model, "-o", out, "--unsafe")
+    assert r.status == 0, r.err
+    import keras
+    rebuilt = keras.saving.load_model(out, safe_mode=False)
+    assert [layer.name for layer in rebuilt.layers] == ["x", "dense", "double", "head"]
+    x = np.ones((1, 4), "float32")
+    dense = rebuilt.get_layer("dense")
+    np.testing.assert_allclose(rebuilt(x)[1], dense(x))  # the tap
+    np.testing.assert_allclose(rebuilt.get_layer("double")(dense(x)), 2 * dense(x))  # the lambda's code
+
+
+def test_a_load_error_naming_a_layer_lambda_is_not_called_a_lambda_layer(tmp_path, seq):
+    def rename_and_damage(config):
+        entry = layer(config, "fc2")
+        entry["config"]["name"] = "Lambda_head"
+        entry["config"]["units"] = 5  # the weights no longer fit
+    model = edit_config(seq, tmp_path / "damaged.keras", rename_and_damage)
+    recipe = write(tmp_path / "s.recipe", STRUCTURAL)
+    r = run_cli("apply", recipe, model, "-o", tmp_path / "out.keras")
+    assert r.status == 3
+    line = only_error_line(r.err, str(model))
+    assert "safe mode" not in line and "--unsafe" not in line and "Lambda layer" not in line, line
+
+
+# ---- 2. no disclosure through `include` ---------------------------------------------------------------
+
+def check(*argv):
+    start = time.perf_counter()
+    r = run_cli("check", *argv)
+    r.seconds = time.perf_counter() - start
+    return r
+
+
+def test_include_of_the_process_environment_prints_none_of_it(tmp_path, monkeypatch):
+    main = write(tmp_path / "main.recipe", 'select all\ninclude "/proc/self/environ"\nfreeze\n')
+    r = check(main)
+    assert r.status == 2
+    assert r.err.splitlines()[0] == (f"{main}:2:1: error: cannot include '/proc/self/environ': it is not a recipe "
+                                     "(a syntax error at line 1, column 1)"), r.err
+    for name in ("PATH", "HOME"):
+        if os.environ.get(name):
+            assert os.environ[name] not in r.err
+    assert "=" not in r.err.replace('"', "")  # no NAME=value of the environment
+
+
+def test_include_of_a_system_file_quotes_none_of_it(tmp_path):
+    secret = write(tmp_path / "secrets.txt", "root:x:0:0:root:/root:/bin/bash\napi_key = hunter2\n")
+    for target in (str(secret), "/etc/passwd"):
+        if not os.path.isfile(target):
+            continue
+        main = write(tmp_path / "main.recipe", f'select all\ninclude "{target}"\n')
+        r = check(main)
+        assert r.status == 2
+        assert f"cannot include '{target}': it is not a recipe (a syntax error at line 1, column " in r.err
+        assert "root:" not in r.err and "hunter2" not in r.err and "root" not in r.err.split(target)[-1]
+
+
+def test_an_included_yaml_file_that_is_not_a_recipe_is_not_quoted(tmp_path):
+    write(tmp_path / "config.yaml", "database:\n  password: hunter2\n")
+    write(tmp_path / "list.yaml", "- select: all\n- password: hunter2\n")
+    write(tmp_path / "broken.yaml", "- select: all\n- {password: hunter2\n")
+    for name, reason in [("config.yaml", "a YAML document that is not a list of statements at line 1, column 1"),
+                         ("list.yaml", "a key that is not a statement at line 2, column 3"),
+                         ("broken.yaml", "not a YAML document a recipe can be at line 3, column 1")]:
+        main = write(tmp_path / "main.recipe", f'include "{name}"\n')
+        r = check(main)
+        assert r.status == 2
+        assert f"cannot include '{name}': it is not a recipe ({reason})" in r.err, r.err
+        assert "hunter2" not in r.err and "password" not in r.err
+
+
+def test_errors_in_an_included_recipe_are_still_shown_with_their_line(tmp_path):
+    write(tmp_path / "part.recipe", "select all\nscale kernel $missing\n")
+    main = write(tmp_path / "main.recipe", 'include "part.recipe"\n')
+    r = check(main)
+    assert r.status == 2
+    assert "part.recipe:2:14: error: unknown parameter $missing" in r.err
+    assert "scale kernel $missing" in r.err  # recipe text: quoted with its caret
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("fifo", "cannot include 'inc.recipe': it is a FIFO (named pipe), not a recipe file"),
+    ("device", "cannot include '/dev/zero': it is a character device, not a recipe file"),
+    ("directory", "cannot include 'inc.recipe': it is a directory, not a recipe file"),
+    ("huge", "cannot include 'inc.recipe': it is larger than 1000000 bytes"),
+    ("binary", "cannot include 'inc.recipe': recipe is not valid UTF-8 text"),
+])
+def test_an_included_file_is_checked_before_it_is_read(tmp_path, kind, message):
+    inc = tmp_path / "inc.recipe"
+    target = "inc.recipe"
+    if kind == "fifo":
+        os.mkfifo(inc)
+    elif kind == "device":
+        target = "/dev/zero"
+    elif kind == "directory":
+        inc.mkdir()
+    elif kind == "huge":
+        with open(inc, "wb") as fh:  # sparse: 4 GB that reading would take seconds and gigabytes
+            fh.truncate(4 << 30)
+    else:
+        inc.write_bytes(b"select all\n\xff\xfe secret \x00")
+    main = write(tmp_path / "main.recipe", f'select all\ninclude "{target}"\n')
+    r = check(main)
+    assert r.status == 2
+    assert r.err.splitlines()[0] == f"{main}:2:1: error: {message}", r.err
+    assert "secret" not in r.err and "0xff" not in r.err
+    assert r.seconds < 1.0
+
+
+def test_include_root_confines_includes(tmp_path, monkeypatch):
+    root = tmp_path / "ci"
+    (root / "parts").mkdir(parents=True)
+    write(root / "parts" / "common.recipe", "select all\n")
+    outside = write(tmp_path / "outside.recipe", "freeze\n")
+    (root / "parts" / "link.recipe").symlink_to(outside)
+    good = write(root / "good.recipe", 'include "parts/common.recipe"\nfreeze\n')
+    assert check(good, "--include-root", root).status == 0
+    for target in ("../outside.recipe", str(outside), "parts/link.recipe"):
+        bad = write(root / "bad.recipe", f'include "{target}"\nfreeze\n')
+        r = check(bad, "--include-root", root)
+        assert r.status == 2
+        assert r.err.splitlines()[0] == (f"{bad}:1:1: error: cannot include {target!r}: it is outside the include "
+                                         f"root {root.resolve()}"), r.err
+    # the environment variable does the same for every command, batch workers included
+    monkeypatch.setenv("MODELXFORM_INCLUDE_ROOT", str(root))
+    assert check(bad).status == 2
+    assert check(good).status == 0
+    assert run_cli("fmt", "--check", bad).status == 2
+    r = run_cli("apply", bad, tmp_path / "no-model.keras", "-o", tmp_path / "out.keras")
+    assert r.status == 2 and "outside the include root" in r.err
+    monkeypatch.delenv("MODELXFORM_INCLUDE_ROOT")
+    r = run_cli("plan", bad, tmp_path / "no-model.keras", "--include-root", root)
+    assert r.status == 2 and "outside the include root" in r.err
+    assert run_cli("check", good, "--include-root", tmp_path / "nowhere").status == 2
+
+
+def test_batch_takes_the_include_root_too(tmp_path):
+    root = tmp_path / "zoo"
+    root.mkdir()
+    write(tmp_path / "outside.recipe", "freeze\n")
+    write(root / "r.recipe", 'include "../outside.recipe"\nselect all\n')
+    (root / "m.keras").write_bytes(b"never read")
+    zoo = write(root / "zoo.yaml", 'models: [m.keras]\nrecipes: [r.recipe]\noutput: "out/{model}.keras"\n')
+    r = run_cli("batch", zoo, "--include-root", root)
+    assert r.status == 2 and "outside the include root" in r.err
+    assert not (root / "out").exists()
+
+
+# ---- 4. bounded reads: the recipe ------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", ["check", "fmt", "apply"])
+def test_a_fifo_or_device_as_the_recipe_is_refused_without_reading(tmp_path, command):
+    fifo = tmp_path / "r.recipe"
+    os.mkfifo(fifo)  # opening it would block until someone writes
+    for path, what in [(fifo, "is a FIFO (named pipe)"), ("/dev/zero", "is a character device")]:
+        argv = [command, path] + (["model.keras", "-o", tmp_path / "out.keras"] if command == "apply" else [])
+        start = time.perf_counter()
+        r = run_cli(*argv)
+        assert time.perf_counter() - start < 1.0
+        assert r.status == 2
+        only_error_line(r.err, f"{path}: {what}, not a recipe file")
+
+
+def test_a_huge_recipe_is_refused_before_it_is_read_and_never_echoed(tmp_path):
+    huge = tmp_path / "huge.recipe"
+    with open(huge, "wb") as fh:
+        fh.write(b"select " + b"x" * 1000)
+        fh.truncate(100 << 20)
+    start = time.perf_counter()
+    r = run_cli("check", huge)
+    assert time.perf_counter() - start < 1.0
+    assert r.status == 2
+    assert r.err.strip() == f"{huge}:1:1: error: recipe is larger than 1000000 bytes"
+
+
+def test_a_long_line_is_shown_around_the_error_only(tmp_path):
+    text = "select " + "a, " * 300_000 + "bad!\n"
+    long = write(tmp_path / "long.recipe", text)
+    r = check(long)
+    assert r.status == 2
+    first, excerpt, caret = r.err.splitlines()[:3]
+    assert first.startswith(f"{long}:1:{text.index('!') + 1}: error: unexpected character '!'"), first
+    assert len(excerpt) < 200 and excerpt.strip().startswith("…") and excerpt.rstrip().endswith("bad!")
+    assert caret.index("^") == excerpt.index("!")
+
+
+# ---- 4. bounded reads: the model file -------------------------------------------------------------------
+
+def _pad_member(member: str, padding: int):
+    """change() that pads a JSON member with whitespace (valid JSON, deflated ~1000:1)."""
+    def change(data):
+        return data + b" " * padding
+    return change
+
+
+def _deflate_all(src, dst, change_member=None, change=None):
+    with zipfile.ZipFile(src) as zin:
+        members = [(info, zin.read(info.filename)) for info in zin.infolist()]
+    with zipfile.ZipFile(dst, "w") as zout:
+        for info, data in members:
+            if info.filename == change_member:
+                data = change(data)
+            info.compress_type = zipfile.ZIP_DEFLATED if info.filename.endswith(".json") else info.compress_type
+            zout.writestr(info, data)
+    return dst
+
+
+def _declare(dst: pathlib.Path, member: str, size: int) -> None:
+    """Make the zip's headers declare ``size`` bytes for ``member`` (a lying header)."""
+    import struct
+    data = bytearray(dst.read_bytes())
+    name = member.encode()
+    for signature, size_at, name_at in ((b"PK\x01\x02", 24, 46), (b"PK\x03\x04", 22, 30)):
+        start = 0
+        while (start := data.find(signature, start)) >= 0:
+            if data[start + name_at:start + name_at + len(name)] == name:
+                struct.pack_into("<I", data, start + size_at, size)
+            start += 4
+    dst.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def applied(tmp_path, seq):
+    """seq.keras with a provenance record (a weight-only recipe applied)."""
+    out = tmp_path / "applied.keras"
+    assert run_cli("apply", write(tmp_path / "w.recipe", WEIGHT_ONLY), seq, "-o", out).status == 0
+    return out
+
+
+@pytest.mark.parametrize("member,how,fragment", [
+    ("config.json", "padded", "config.json declares 40,00"),
+    ("modelxform.json", "padded", "modelxform.json declares 40,00"),
+    ("metadata.json", "padded", "metadata.json declares 40,00"),
+    ("config.json", "declared", "config.json declares 2,147,483,648 bytes"),
+    ("modelxform.json", "ratio", "modelxform.json declares 5,000,000 bytes compressed into"),
+])
+def test_archive_members_are_capped_before_they_are_read(tmp_path, applied, member, how, fragment):
+    model = tmp_path / "big.keras"
+    if how == "padded":  # an honest member: 40 MB of JSON whitespace, deflated to 40 KB
+        _deflate_all(applied, model, member, _pad_member(member, 40_000_000))
+    else:
+        _deflate_all(applied, model)
+        _declare(model, member, 2 << 30 if how == "declared" else 5_000_000)
+    recipe = write(tmp_path / "s.recipe", STRUCTURAL)
+    weight_only = tmp_path / "w.recipe"
+    out = tmp_path / "out.keras"
+    before = listing(tmp_path)
+    commands = [("apply", weight_only, model, "-o", out), ("apply", recipe, model, "-o", out), ("inspect", model),
+                ("plan", weight_only, model)]
+    if member == "modelxform.json":
+        commands.append(("provenance", model))
+    for argv in commands:
+        start = time.process_time()
+        r = run_cli(*argv)
+        assert time.process_time() - start < 0.5, argv
+        assert r.status == 3, (argv, r.status, r.err)
+        only_error_line(r.err, str(model), fragment)
+    assert listing(tmp_path) == before
+
+
+def test_an_h5_config_attribute_is_capped(tmp_path):
+    import h5py
+    path = tmp_path / "big.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["model_config"] = np.bytes_(b" " * (40 << 20) + b"{}")
+    start = time.process_time()
+    r = run_cli("inspect", path)
+    assert time.process_time() - start < 0.5
+    assert r.status == 3
+    only_error_line(r.err, str(path), "the model config is 41,943,042 bytes; modelxform reads at most")
+
+
+def test_deeply_nested_config_json_is_one_line(tmp_path, seq):
+    model = rewrite_member(seq, tmp_path / "deep.keras", "config.json", lambda data: b"[" * 100_000 + b"]" * 100_000)
+    r = run_cli("inspect", model)
+    assert r.status == 3
+    only_error_line(r.err, str(model), "config.json is nested too deeply to be read")

@@ -489,3 +489,184 @@ def test_deeply_nested_config_json_is_one_line(tmp_path, seq):
     r = run_cli("inspect", model)
     assert r.status == 3
     only_error_line(r.err, str(model), "config.json is nested too deeply to be read")
+
+
+# ---- 3. verify re-runs only what it may ---------------------------------------------------------------
+
+def _record(path) -> dict:
+    from modelxform.keras_io.files import read_provenance
+    return read_provenance(path)
+
+
+def _set_record(src: pathlib.Path, dst: pathlib.Path, record) -> pathlib.Path:
+    data = record if isinstance(record, bytes) else json.dumps(record).encode()
+    return rewrite_member(src, dst, "modelxform.json", lambda _: data)
+
+
+def _with_recipe_text(record: dict, text: str, step: int = 0) -> dict:
+    record = json.loads(json.dumps(record))
+    record["chain"][step]["recipe"]["text"] = text
+    record["chain"][step]["recipe"]["sha256"] = hashlib.sha256(text.encode()).hexdigest()  # a careful forger
+    return record
+
+
+@pytest.mark.timeout(120)
+def test_verify_refuses_a_recorded_include_without_reading_it(tmp_path, seq, applied):
+    fifo = tmp_path / "secret.recipe"
+    os.mkfifo(fifo)  # reading it would block: the test would time out
+    for target in (str(fifo), "/etc/passwd"):
+        hostile = _set_record(applied, tmp_path / "hostile.keras",
+                              _with_recipe_text(_record(applied), f'include "{target}"\nselect all\n'))
+        r = run_cli("verify", hostile, "--input", seq)
+        assert r.status == 3, r.out + r.err
+        only_error_line(r.err, str(hostile), f"step 1's recorded recipe holds `include \"{target}\"`",
+                        "the record was altered")
+        assert "root:" not in r.err and r.out == ""
+
+
+@pytest.fixture(scope="module")
+def donor_bytes(tmp_path_factory) -> bytes:
+    """The Sequential model with other weights: a file to `load weights from`."""
+    from modelxform.keras_io.files import save_model
+    path = tmp_path_factory.mktemp("donor") / "donor.keras"
+    model = make_sequential()
+    for variable in model.weights:
+        variable.assign(np.full(variable.shape, 0.25, variable.dtype))
+    save_model(model, path)
+    return path.read_bytes()
+
+
+def test_load_weights_files_are_recorded_and_read_again_only_when_they_match(tmp_path, seq, donor_bytes,
+                                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    donor = tmp_path / "donor.keras"
+    donor.write_bytes(donor_bytes)
+    recipe = write(tmp_path / "load.recipe", 'select fc2\nload weights from "donor.keras"\n')
+    out = tmp_path / "out.keras"
+    assert run_cli("apply", recipe, seq, "-o", out).status == 0
+    step = _record(out)["chain"][0]
+    assert step["load_weights"] == {"donor.keras": sha256(donor)}
+    assert run_cli("verify", out, "--input", seq).status == 0
+    # the file at that path is another one now: not read, unless the user says so
+    other = tmp_path / "other.keras"
+    other.write_bytes(seq.read_bytes())
+    donor.write_bytes(seq.read_bytes())
+    r = run_cli("verify", out, "--input", seq)
+    assert r.status == 3
+    assert r.err.startswith("<step 1>:2:1: error: load weights from 'donor.keras': ") and "Traceback" not in r.err
+    assert "is not the file step 1 read (its sha256 is not the recorded one)" in r.err
+    assert "--load-weights donor.keras=" in r.err
+    donor.write_bytes(donor_bytes)
+    r = run_cli("verify", out, "--input", seq, "--load-weights", f"donor.keras={other}")
+    assert r.status == 1  # read, as asked: and the result differs
+    assert "fc2: kernel differs" in r.out and "load_weights" in r.out
+    moved = tmp_path / "moved.keras"
+    donor.rename(moved)
+    assert run_cli("verify", out, "--input", seq, "--load-weights", f"donor.keras={moved}").status == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_recorded_load_weights_path_without_a_digest_is_not_read(tmp_path, seq, applied):
+    fifo = tmp_path / "secret.keras"
+    os.mkfifo(fifo)  # reading or hashing it would block
+    hostile = _set_record(applied, tmp_path / "hostile.keras",
+                          _with_recipe_text(_record(applied), f'select all\nload weights from "{fifo}"\n'))
+    r = run_cli("verify", hostile, "--input", seq)
+    assert r.status == 2
+    only_error_line(r.err, f"step 1 loads weights from '{fifo}', and the record holds no sha256 of that file",
+                    f"--load-weights {fifo}=FILE")
+    forged = _record(hostile)
+    forged["chain"][0]["load_weights"] = {str(fifo): "0" * 64}
+    hostile = _set_record(applied, tmp_path / "hostile2.keras", forged)
+    r = run_cli("verify", hostile, "--input", seq)
+    assert r.status == 3
+    assert f"{fifo}: is a FIFO (named pipe), not a model file" in r.err.splitlines()[0]
+
+
+# ---- 5. malformed provenance ----------------------------------------------------------------------------
+
+MALFORMED = {
+    "number": (b"42", "malformed provenance record: the record is a number, not an object"),
+    "string": (b'"modelxform"', "malformed provenance record: the record is a string, not an object"),
+    "chain-string": ({"format": "modelxform-provenance/1", "chain": "abc"},
+                     "malformed provenance record: chain is a string, not a list of steps"),
+    "chain-numbers": ({"format": "modelxform-provenance/1", "chain": [1, 2]},
+                      "malformed provenance record: chain[0] is a number, not an object (one step)"),
+    "seed-text": (lambda r: r["chain"][0].update(seed="7"),
+                  "malformed provenance record: chain[0].seed is a string, not a whole number"),
+    "no-statements": (lambda r: r["chain"][0].pop("statements"),
+                      "malformed provenance record: chain[0].statements is null, not a list of strings"),
+    "bad-digest": (lambda r: r["chain"][0].update(input_sha256="../../etc"),
+                   "malformed provenance record: chain[0].input_sha256 is not a sha256"),
+    "other-format": (lambda r: r.update(format="something/9"),
+                     "malformed provenance record: format is 'something/9'"),
+    "deep": (b"[" * 100_000 + b"]" * 100_000, "its provenance record (modelxform.json) is nested too deeply"),
+    "not-json": (b"{'chain': }", "its provenance record (modelxform.json) is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED))
+def test_a_malformed_record_is_one_line_everywhere(tmp_path, seq, applied, kind):
+    import shutil
+    content, fragment = MALFORMED[kind]
+    if callable(content):
+        record = _record(applied)
+        content(record)
+        content = record
+    model = _set_record(applied, tmp_path / "malformed.keras", content)
+    out = tmp_path / "out.keras"
+    runs = [("provenance", model), ("provenance", model, "--json"),
+            ("apply", tmp_path / "w.recipe", model, "-o", out), ("verify", model, "--input", seq)]
+    if shutil.which("dot"):
+        runs.append(("diff", seq, model, "--html", tmp_path / "d.html"))
+    for argv in runs:
+        r = run_cli(*argv)
+        assert r.status == 3, (argv, r.status, r.out, r.err)
+        only_error_line(r.err, str(model), fragment)
+    assert not out.exists() and not (tmp_path / "d.html").exists()
+
+
+# ---- 7. .h5 outputs: model and record together, every field verified -------------------------------------
+
+def test_an_h5_output_and_its_record_are_replaced_together(tmp_path, seq, monkeypatch):
+    from modelxform.keras_io import files
+    out = tmp_path / "out.h5"
+    first = write(tmp_path / "first.recipe", 'recipe "first" version "1"\nselect all\nfreeze\n')
+    second = write(tmp_path / "second.recipe", 'recipe "second" version "1"\nselect all\nscale kernel 2\n')
+    assert run_cli("apply", first, seq, "-o", out).status == 0
+    before, files_before = sha256(out), listing(tmp_path)
+
+    def killed(path, record):  # the process dies after the model is written, before the record is
+        raise KeyboardInterrupt
+    monkeypatch.setattr(files, "_write_h5_record", killed)
+    r = run_cli("apply", second, seq, "-o", out)
+    assert r.status == 130 and "nothing was written" in r.err
+    assert sha256(out) == before and listing(tmp_path) == files_before  # no new record beside the old model
+    assert _record(out)["chain"][0]["recipe"]["name"] == "first"
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_verify_checks_every_field_of_the_record(tmp_path, seq, suffix):
+    import h5py
+    from modelxform.keras_io.files import H5_PROVENANCE_ATTRIBUTE
+    recipe = write(tmp_path / "r.recipe", 'recipe "scaler" version "1.0"\nselect all\nscale kernel 2\n')
+    out = tmp_path / f"out{suffix}"
+    assert run_cli("apply", recipe, seq, "-o", out, "--seed", 3).status == 0
+    assert run_cli("verify", out, "--input", seq).status == 0
+    record = _record(out)
+    record["chain"][0]["seed"] = 4  # nothing random: the same weights, another claim
+    record["chain"][0]["recipe"]["name"] = "trusted-scaler"
+    record["chain"][0]["recipe"]["version"] = "2.0"
+    record["chain"][0]["reviewed_by"] = "someone"
+    if suffix == ".h5":
+        with h5py.File(out, "r+") as f:
+            f.attrs[H5_PROVENANCE_ATTRIBUTE] = json.dumps(record)
+    else:
+        out = _set_record(out, tmp_path / "tampered.keras", record)
+    r = run_cli("verify", out, "--input", seq)
+    assert r.status == 1, r.out + r.err
+    assert 'step 1: the record says recipe name "trusted-scaler", re-making it gives "scaler"' in r.out
+    assert 'step 1: the record says recipe version "2.0", re-making it gives "1.0"' in r.out
+    assert "step 1: the record holds fields modelxform does not write: reviewed_by" in r.out
+    # the seed: re-made with the recorded seed (4), which the recipe does not use: a consistent claim
+    assert "seed" not in r.out

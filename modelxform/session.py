@@ -267,7 +267,7 @@ def verify_file(model, original, *, unsafe: bool = False, imports=(),
         for lib, version in (step.get("versions") or {}).items():
             if lib != "python" and here.get(lib) != version:
                 differences.append(f"step {n} was made with {lib} {version}; this is {lib} {here.get(lib)}")
-    suffix = pathlib.Path(model).suffix
+    suffix = pathlib.Path(model).suffix.lower()
     current, so_far = pathlib.Path(original), None
     with tempfile.TemporaryDirectory(prefix="modelxform-verify-") as tmp:
         for n, (step, recipe) in enumerate(zip(chain, recipes), start=1):

@@ -16,7 +16,10 @@ import time
 
 # Test-only hook: a job whose model file has this stem kills its own worker process with os._exit,
 # as a segfault or the kernel's OOM killer would. The test suite uses it to check that such a crash is
-# reported for that job and that the others still run. Nothing else reads it; never set it otherwise.
+# reported for that job and that the others still run. "STEM:saving" does so once the output's
+# temporary file is written, before it is renamed (as a kill while saving would); "STEM:slow-save"
+# waits there for a minute instead (for a signal to arrive while saving). Nothing else reads it; never
+# set it otherwise.
 CRASH_ENV = "MODELXFORM_TEST_CRASH_ON"
 
 _recipes: dict = {}  # a worker compiles each recipe once: (path, mtime, size) -> Recipe
@@ -46,8 +49,11 @@ def run_job(payload: dict) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.update(payload.get("env") or {})
     crash = os.environ.get(CRASH_ENV)
-    if crash and os.path.splitext(os.path.basename(payload["model"]))[0] == crash:
+    stem = os.path.splitext(os.path.basename(payload["model"]))[0]
+    if crash == stem:
         os._exit(70)
+    if crash in (f"{stem}:saving", f"{stem}:slow-save"):
+        _stop_while_saving(crash.endswith(":saving"))
     if _interrupted:  # Ctrl-C came while this worker was between jobs: do not start another
         _interrupted = False
         result.update(status="interrupted", error="interrupted before it started", duration=0.0)
@@ -75,9 +81,11 @@ def run_job(payload: dict) -> dict:
     except ModelxformError as exc:
         result["error"] = exc.render()
         result["exit_code"] = int(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from ..errors import Terminated
         result["status"] = "interrupted"
-        result["error"] = "interrupted; nothing was written for this job"
+        result["error"] = ("terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted") + \
+            "; nothing was written for this job"
     except MemoryError:
         result["error"] = "out of memory while running this job; nothing was written"
     except Exception as exc:  # a bug or an unexpected Keras failure: report it with the job, go on
@@ -87,6 +95,21 @@ def run_job(payload: dict) -> dict:
         _in_job = _interrupted = False
     result["duration"] = time.perf_counter() - start
     return result
+
+
+def _stop_while_saving(crash: bool) -> None:
+    """The test hook of CRASH_ENV: die (or wait) once the output's temporary file is written."""
+    from ..keras_io import files
+    original = files.write_atomically
+
+    def write_atomically(dest, write, failure=None):
+        def then_stop(tmp):
+            write(tmp)
+            if crash:
+                os._exit(70)
+            time.sleep(60)
+        return original(dest, then_stop, failure)
+    files.write_atomically = write_atomically
 
 
 def _on_sigint(signum, frame):
@@ -99,10 +122,22 @@ def _on_sigint(signum, frame):
         raise KeyboardInterrupt
 
 
+def _on_sigterm(signum, frame):
+    """SIGTERM (the pool stopping a worker, a cluster or container shutting down) is handled like
+    Ctrl-C: the running job stops and removes its temporary file; between jobs the worker just ends."""
+    global _interrupted
+    from ..errors import Terminated
+    _interrupted = True
+    if _in_job:
+        raise Terminated
+    _exit_now()
+
+
 def worker_main(conn, log_path: str | None, threads: int | None = None) -> None:
     """The loop of a local worker process: take a job, run it, send the result, until told to stop.
     TensorFlow is imported by the first job that needs it and stays imported for the next ones."""
     signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if threads:
         # N workers on N cores: each TensorFlow sizing its thread pools for the whole machine makes them
         # fight over the cores (Eigen's threads spin while they wait). Read by TensorFlow at start-up.

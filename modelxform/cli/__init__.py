@@ -120,6 +120,17 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     console = console or Console()
     # TensorFlow's C++ start-up chatter is not for our users; set before any import of it.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _sigterm_as_interrupt():
+        try:
+            return _main(argv, console)
+        except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM) at any moment, imports included
+            from ..errors import Terminated
+            terminated = isinstance(exc, Terminated)
+            console.error(f"{'terminated' if terminated else 'interrupted'}; nothing was written")
+            return 143 if terminated else 130
+
+
+def _main(argv, console) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -137,6 +148,30 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             console.error("".join(traceback.format_exception(exc)))
         console.error(exc.render())
         return int(exc.exit_code)
-    except KeyboardInterrupt:
-        console.error("interrupted; nothing was written")
-        return 130
+
+
+class _sigterm_as_interrupt:
+    """While a command runs, SIGTERM raises Terminated (a KeyboardInterrupt) where Ctrl-C would raise
+    KeyboardInterrupt, so that the same cleanup runs: temporary files are removed, a batch stops its
+    workers. Only in the main thread (signal handlers can be set nowhere else); the previous handler
+    is restored afterwards (main() also runs inside other programs and tests)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                from ..errors import Terminated
+                raise Terminated
+            try:
+                self._previous = signal.signal(signal.SIGTERM, handler)
+            except (ValueError, OSError):
+                self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            import signal
+            signal.signal(signal.SIGTERM, self._previous)
+        return False

@@ -65,8 +65,9 @@ def run(args, console) -> int:
         outcomes = run_batch(zoo, workers=workers, executor=args.executor, ray_address=args.ray_address,
                              force=args.force, dry_run=args.dry_run, on_event=progress.event)
     except KeyboardInterrupt as exc:
+        from ..errors import Terminated
         outcomes = getattr(exc, "outcomes", None)
-        interrupted = True
+        interrupted = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
         if outcomes is None:
             raise
     finally:
@@ -82,9 +83,10 @@ def run(args, console) -> int:
         console.print(f"report: {args.report}")
     if interrupted:
         left = sum(o.status in ("interrupted", "not run") for o in outcomes)
-        console.error(f"interrupted: {left} job{'s' if left != 1 else ''} left; run the same command again to "
+        console.error(f"{'terminated' if interrupted == 'SIGTERM' else 'interrupted'}: {left} "
+                      f"job{'s' if left != 1 else ''} left; run the same command again to "
                       "finish them (finished jobs are skipped)")
-        return 130
+        return 143 if interrupted == "SIGTERM" else 130
     return status
 
 
@@ -127,6 +129,11 @@ class _Progress:
             self.bar.start()
 
     def event(self, kind: str, outcome) -> None:
+        if kind == "cleaned":
+            n = len(outcome.cleaned)
+            self.console.error(f"removed {n} temporary file{'s' if n != 1 else ''} that a killed earlier run left "
+                               f"beside {outcome.job.output_name}")
+            return
         if kind == "start":
             self.running[outcome.job.index] = outcome.job.model_name
             if self.bar is None and not self.skipped_reported and self.counts["skipped"]:

@@ -201,16 +201,29 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
     keras = import_keras()  # before --import modules, which usually import keras themselves
     import_modules(imports)
     try:
-        with _quiet():
+        with _quiet(), _lower_case_suffix(p) as readable:
             if fmt == "keras":
-                model = keras.saving.load_model(p, compile=False, safe_mode=not unsafe)
+                model = keras.saving.load_model(readable, compile=False, safe_mode=not unsafe)
             else:
-                model = keras.models.load_model(p, compile=False, safe_mode=not unsafe)
+                model = keras.models.load_model(readable, compile=False, safe_mode=not unsafe)
     except ModelFileError:
         raise
     except Exception as exc:  # Keras raises many types here; all mean "this file cannot be loaded"
         raise ModelFileError(_explain_load_error(p, exc)) from exc
     return model
+
+
+@contextlib.contextmanager
+def _lower_case_suffix(p: pathlib.Path):
+    """``p``, or where its suffix is not lower case (OUT.H5), a symbolic link to it that has one: Keras
+    tells formats apart by lower-case suffixes only."""
+    if p.suffix == p.suffix.lower():
+        yield p
+        return
+    with tempfile.TemporaryDirectory(prefix="modelxform-") as folder:
+        link = pathlib.Path(folder) / ("model" + p.suffix.lower())
+        link.symlink_to(p.resolve())
+        yield link
 
 
 @contextlib.contextmanager
@@ -483,7 +496,8 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
     if dest.is_dir():
         raise ModelFileError(f"{dest}: is a directory")
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=dest.suffix, dir=folder)
+        # Keras chooses the format by a lower-case suffix: out.H5 is written through .….h5
+        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(dest), suffix=dest.suffix.lower(), dir=folder)
     except OSError as exc:
         raise ModelFileError(f"{dest}: cannot write in {folder}: {exc.strerror or exc}") from None
     os.close(fd)
@@ -505,10 +519,72 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
         _unlink(tmp)
         if failure is None:
             raise
-        raise ModelFileError(f"{dest}: {failure}: {exc}") from exc
+        detail = _clip(" ".join(str(exc).replace(str(tmp), str(dest)).split()))  # no temporary name in it
+        raise ModelFileError(f"{dest}: {failure}: {detail}") from exc
     except BaseException:
         _unlink(tmp)
         raise
+
+
+# Temporary files are named so that they are recognisable (docs/robustness.md#after-a-kill):
+# .OUTPUT.modelxform-tmp-HOST-PID-XXXXXXXX.SUFFIX (and ….norm while an archive is normalised), beside
+# OUTPUT. A kill cannot remove its own; stale_temp_files finds those whose process is gone.
+TEMP_TAG = "modelxform-tmp"
+_TEMP_NAME = re.compile(r"^\.(?P<output>.+)\." + TEMP_TAG + r"-(?P<host>[A-Za-z0-9.-]*)-(?P<pid>\d+)-[A-Za-z0-9_]+"
+                        r"\.(?:keras|h5|hdf5)(?:\.norm)?$")
+
+
+def _host() -> str:
+    import socket
+    return re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:40]
+
+
+def temp_prefix(dest: pathlib.Path, pid: int | None = None) -> str:
+    return f".{dest.name}.{TEMP_TAG}-{_host()}-{os.getpid() if pid is None else pid}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (EPERM: it exists, under another user)
+        return True
+    return True
+
+
+def stale_temp_files(output: str | os.PathLike, pid: int | None = None) -> list[pathlib.Path]:
+    """The temporary files left beside ``output`` by saves that were killed: made on this machine by
+    process ``pid``, or (without ``pid``) by any process that is no longer running. Files of running
+    processes and of other machines (a shared file system) are left alone."""
+    dest = pathlib.Path(output)
+    folder = dest.parent if str(dest.parent) else pathlib.Path(".")
+    host = _host()
+    found = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for name in names:
+        m = _TEMP_NAME.match(name)
+        if not m or m.group("output") != dest.name or m.group("host") != host:
+            continue
+        owner = int(m.group("pid"))
+        if (owner == pid) if pid is not None else (owner != os.getpid() and not _alive(owner)):
+            found.append(folder / name)
+    return sorted(found)
+
+
+def remove_stale_temp_files(output: str | os.PathLike, pid: int | None = None) -> list[pathlib.Path]:
+    """Remove stale_temp_files(output, pid); returns the ones removed."""
+    removed = []
+    for path in stale_temp_files(output, pid):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
 
 
 def _write_h5_record(path: pathlib.Path, provenance: dict) -> None:

@@ -195,6 +195,32 @@ def test_unsafe_lets_the_archive_path_leave_a_lambda_to_keras(tmp_path, seq):
     assert not isinstance(source, Archive)
 
 
+def test_the_activation_snapshot_is_the_installed_keras_one():
+    """archive.KERAS_ACTIVATIONS: the names keras.activations.get resolves (Keras internals, read here so
+    that a Keras release that adds or drops one fails loudly)."""
+    from keras.src.activations import ALL_OBJECTS_DICT
+    from modelxform.keras_io.archive import KERAS_ACTIVATIONS
+    assert KERAS_ACTIVATIONS == set(ALL_OBJECTS_DICT)
+
+
+def test_what_safe_mode_refuses_is_found_anywhere_in_any_json():
+    from modelxform.keras_io.safety import unsafe_content
+    assert unsafe_content({"a": [1, "x", None, {"b": {"c": LAMBDA}}]}) == "a serialized Python lambda"
+    assert unsafe_content([[[{"class_name": "TFSMLayer", "config": {"name": "sm"}}]]]) == \
+        "a TFSMLayer ('sm'), which loads an external SavedModel"
+    assert unsafe_content({"class_name": "TorchModuleWrapper", "config": {"name": "t", "module": "gASV"}}) == \
+        "a TorchModuleWrapper ('t') holding a pickled torch module"
+    lam = {"class_name": "Lambda", "module": "keras.layers", "config": {"name": "double", "function": LAMBDA}}
+    assert unsafe_content({"config": {"layers": [lam]}}) == "a Lambda layer ('double') whose function is Python code"
+    for harmless in (None, 3, "__lambda__", {"class_name": "Dense", "config": {"name": "d", "activation": "relu"}},
+                     {"class_name": "StringLookup", "config": {"name": "s", "vocabulary": ["a", "b"]}}):
+        assert unsafe_content(harmless) is None
+    deep = current = {}
+    for _ in range(100_000):  # no recursion: a hostile config cannot exhaust the stack
+        current["x"] = current = {}
+    assert unsafe_content(deep) is None
+
+
 def _lambda_model(path: pathlib.Path, name: str = "double") -> pathlib.Path:
     import keras
     inp = keras.Input((4,), name="x")
@@ -893,3 +919,14 @@ def test_an_upper_case_suffix_is_a_format_like_any_other(tmp_path, seq, name):
     assert r.status == 0, r.err
     assert out.is_file() and hidden_files(tmp_path) == []
     assert run_cli("verify", out, "--input", seq).status == 0
+
+
+def test_any_save_removes_what_killed_saves_of_that_output_left(tmp_path, seq):
+    from modelxform.keras_io.files import temp_prefix
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / (temp_prefix(tmp_path / "out.keras", int(dead.stdout)) + "k2j4h5l6.keras")
+    other = tmp_path / (temp_prefix(tmp_path / "other.keras", int(dead.stdout)) + "k2j4h5l6.keras")
+    stale.write_bytes(b"partial")
+    other.write_bytes(b"partial")
+    assert run_cli("apply", write(tmp_path / "w.recipe", WEIGHT_ONLY), seq, "-o", tmp_path / "out.keras").status == 0
+    assert not stale.exists() and other.exists()  # only the output being written is tidied

@@ -22,8 +22,9 @@ exit status:
   0  ok
   1  a recipe assert failed (fmt --check: a file is not formatted; verify: the model differs)
   2  usage error, or a recipe that does not compile
-  3  a model file could not be read or written
+  3  a model file (or its provenance record) could not be read or written
   4  a statement could not be applied to this model
+  130, 143  interrupted (Ctrl-C), terminated (SIGTERM); nothing partial is left
 
 example:
   modelxform apply example.recipe cnn.keras -o out.keras --seed 7

@@ -320,7 +320,7 @@ def _normalised_config(config):
     return config
 
 
-# The activations keras.activations.get resolves by name (its ALL_OBJECTS_DICT; tests/test_safety.py
+# The activations keras.activations.get resolves by name (its ALL_OBJECTS_DICT; tests/test_hostile_input.py
 # compares this snapshot with the installed Keras): any other name is refused by Keras on load.
 KERAS_ACTIVATIONS = frozenset({
     "celu", "elu", "exponential", "gelu", "glu", "hard_shrink", "hard_sigmoid", "hard_silu", "hard_swish",

@@ -495,6 +495,7 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
         raise ModelFileError(f"{dest}: folder {folder} does not exist")
     if dest.is_dir():
         raise ModelFileError(f"{dest}: is a directory")
+    remove_stale_temp_files(dest)  # what saves of this output that were killed left behind
     try:
         # Keras chooses the format by a lower-case suffix: out.H5 is written through .….h5
         fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(dest), suffix=dest.suffix.lower(), dir=folder)

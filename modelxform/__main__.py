@@ -11,7 +11,12 @@ def run() -> int:
     # Ctrl-C while the command line is being imported is an interruption like any other
     try:
         from .cli import main
-    except KeyboardInterrupt:
+    except BaseException as exc:  # (Python wraps some interrupted import steps in a RuntimeError)
+        cause = exc
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
         sys.stderr.write("interrupted; nothing was written\n")
         return 130
     return main()

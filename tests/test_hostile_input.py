@@ -823,7 +823,7 @@ def test_sigterm_stops_a_batch_like_ctrl_c(tmp_path, small_zoo):
     assert proc.returncode == 143, out + err
     assert "terminated: 2 jobs left; run the same command again" in err, err
     assert "Traceback" not in err
-    assert hidden_files(tmp_path / "out") == [] and not (tmp_path / "out" / "a.keras").exists()
+    assert hidden_files(tmp_path / "out") == [] and not (tmp_path / "out" / "a.keras").exists(), out + err
 
 
 SLOW_SAVE = """\
@@ -930,3 +930,39 @@ def test_any_save_removes_what_killed_saves_of_that_output_left(tmp_path, seq):
     other.write_bytes(b"partial")
     assert run_cli("apply", write(tmp_path / "w.recipe", WEIGHT_ONLY), seq, "-o", tmp_path / "out.keras").status == 0
     assert not stale.exists() and other.exists()  # only the output being written is tidied
+
+
+def test_the_typed_reader_and_the_json_schema_agree(tmp_path, applied, donor_bytes, seq, monkeypatch):
+    """docs/provenance.schema.json documents the record; provenance.validate (no jsonschema at run time)
+    must accept and refuse the same records."""
+    import jsonschema
+    from modelxform.errors import ModelFileError
+    from modelxform.provenance import validate
+    schema = json.loads((ROOT / "docs" / "provenance.schema.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "donor.keras").write_bytes(donor_bytes)
+    loaded = tmp_path / "loaded.keras"
+    assert run_cli("apply", write(tmp_path / "l.recipe", 'select fc2\nload weights from "donor.keras"\n'), applied,
+                   "-o", loaded).status == 0
+    good = [_record(applied), _record(loaded), {"format": "modelxform-provenance/1", "chain": []}]
+    assert len(good[1]["chain"]) == 2 and "load_weights" in good[1]["chain"][1]
+    for record in good:
+        jsonschema.validate(record, schema)
+        assert validate(record, "m") is record
+    bad = []
+    for kind, (content, _) in MALFORMED.items():
+        if kind in ("deep", "not-json"):
+            continue
+        if callable(content):
+            record = _record(applied)
+            content(record)
+            content = record
+        bad.append(json.loads(content) if isinstance(content, bytes) else content)
+    more = _record(loaded)
+    more["chain"][1]["load_weights"] = {"donor.keras": "nope"}
+    bad.append(more)
+    for record in bad:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(record, schema)
+        with pytest.raises(ModelFileError, match="malformed provenance record"):
+            validate(record, "m")

@@ -25,6 +25,7 @@ CRASH_ENV = "MODELXFORM_TEST_CRASH_ON"
 _recipes: dict = {}  # a worker compiles each recipe once: (path, mtime, size) -> Recipe
 _in_job = False
 _interrupted = False
+_terminated = False  # SIGTERM came: finish (or stop) the job at hand, send its result, and end
 
 
 def _recipe(path: str, include_root: str | None = None):
@@ -125,9 +126,9 @@ def _on_sigint(signum, frame):
 def _on_sigterm(signum, frame):
     """SIGTERM (the pool stopping a worker, a cluster or container shutting down) is handled like
     Ctrl-C: the running job stops and removes its temporary file; between jobs the worker just ends."""
-    global _interrupted
+    global _interrupted, _terminated
     from ..errors import Terminated
-    _interrupted = True
+    _interrupted = _terminated = True
     if _in_job:
         raise Terminated
     _exit_now()
@@ -166,6 +167,8 @@ def worker_main(conn, log_path: str | None, threads: int | None = None) -> None:
         try:
             conn.send(result)
         except (OSError, ValueError):
+            _exit_now()
+        if _terminated:
             _exit_now()
 
 

@@ -122,9 +122,11 @@ def run_local(payloads: list[dict], workers: int, on_start, on_result) -> None:
                     survivors.append(w)
                 pool[:] = survivors
         except KeyboardInterrupt:
-            stuck = _interrupt(pool, on_result)
+            _interrupt(pool, on_result)
             _shutdown(pool)
-            for w in stuck:  # killed by _shutdown after the grace period: their temporary files remain
+            # Every worker is gone now. One that stopped cleanly removed its temporary file; one that
+            # _shutdown had to kill, or that died on the way, could not: remove what is left of theirs.
+            for w in pool:
                 if w.last_job is not None:
                     _remove_leftovers(w.last_job, w.process.pid)
             pool.clear()

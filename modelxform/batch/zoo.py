@@ -181,19 +181,19 @@ def load_zoo(path: str | os.PathLike, *, include_root: str | None = None) -> Zoo
     >>> [job.output_name for job in zoo.jobs]  # doctest: +SKIP
     ['out/cnn/prep-factor=0.5.keras', 'out/cnn/prep-factor=0.8.keras']
     """
+    from ..lang.files import ReadRefused, read_bounded
+    from ..lang.parser import MAX_RECIPE_BYTES
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise ZooError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ZooError(f"{path}: is a directory, not a batch file") from None
+        data = read_bounded(path, MAX_RECIPE_BYTES)  # a regular file, checked before it is read
+        text = data.decode("utf-8")
+    except ReadRefused as exc:
+        if exc.kind == "directory":
+            raise ZooError(f"{path}: is a directory, not a batch file") from None
+        raise ZooError(f"{path}: {exc.reason}" + (", not a batch file" if exc.kind == "special" else "")) from None
     except UnicodeDecodeError as exc:
         raise ZooError(f"{path}: is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                        f"{exc.start})") from None
-    except OSError as exc:
-        raise ZooError(f"{path}: cannot read: {exc.strerror or exc}") from None
     source = Source(text, path)
     root_node = _compose(source)
     root = os.path.dirname(os.path.abspath(path))

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from ..console import Console
 from ..errors import ExitCode, ModelxformError
@@ -119,16 +121,38 @@ def parse_params(items: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     console = console or Console()
-    # TensorFlow's C++ start-up chatter is not for our users; set before any import of it.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with _sigterm_as_interrupt():
-        try:
+    try:
+        # TensorFlow's C++ start-up chatter is not for our users; set before any import of it.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        with _sigterm_as_interrupt():
             return _main(argv, console)
-        except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM) at any moment, imports included
-            from ..errors import Terminated
-            terminated = isinstance(exc, Terminated)
-            console.error(f"{'terminated' if terminated else 'interrupted'}; nothing was written")
-            return 143 if terminated else 130
+    except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM) at any moment, imports included
+        return _interrupted(exc, console)
+    except Exception as exc:
+        # Python wraps what interrupts some steps of an import (a dataclass's __set_name__, say) in a
+        # RuntimeError: still Ctrl-C
+        cause = _interruption_in(exc)
+        if cause is None:
+            raise
+        return _interrupted(cause, console)
+
+
+def _interrupted(exc: KeyboardInterrupt, console) -> int:
+    from ..errors import Terminated
+    terminated = isinstance(exc, Terminated)
+    console.error(f"{'terminated' if terminated else 'interrupted'}; nothing was written")
+    return 143 if terminated else 130
+
+
+def _interruption_in(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt an exception was raised from (its __cause__ or __context__ chain), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _main(argv, console) -> int:
@@ -158,8 +182,6 @@ class _sigterm_as_interrupt:
     is restored afterwards (main() also runs inside other programs and tests)."""
 
     def __enter__(self):
-        import signal
-        import threading
         self._previous = None
         if threading.current_thread() is threading.main_thread():
             def handler(signum, frame):
@@ -173,6 +195,5 @@ class _sigterm_as_interrupt:
 
     def __exit__(self, *exc):
         if self._previous is not None:
-            import signal
             signal.signal(signal.SIGTERM, self._previous)
         return False

@@ -113,6 +113,11 @@ class ApplyError(ModelxformError):
     exit_code = ExitCode.APPLY
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt so that the same cleanup runs (temporary
+    files removed, running batch jobs stopped); the command line exits with 143 (128 + 15)."""
+
+
 class AssertionFailed(ModelxformError):
     """A recipe ``assert`` statement did not hold."""
 

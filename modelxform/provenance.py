@@ -9,10 +9,13 @@ already has a record appends to its chain. ``modelxform verify`` re-derives a fi
 from __future__ import annotations
 
 import hashlib
+import re
 
+from .errors import ModelFileError
 from .keras_io.backend import library_versions
 
 FORMAT = "modelxform-provenance/1"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def recipe_text(recipe) -> str:
@@ -43,7 +46,7 @@ def entry(recipe, report, input_sha256: str, versions: dict | None = None) -> di
         if details:
             line += " :: " + "; ".join(details[:20]) + (f"; … ({len(details) - 20} more)" if len(details) > 20 else "")
         statements.append(line)
-    return {
+    out = {
         "recipe": {"name": header.name if header else None, "version": header.version if header else None,
                    "text": recipe_text(recipe), "sha256": recipe_sha256(recipe)},
         "input_sha256": input_sha256,
@@ -52,11 +55,88 @@ def entry(recipe, report, input_sha256: str, versions: dict | None = None) -> di
         "versions": versions if versions is not None else library_versions(),
         "statements": statements,
     }
+    if getattr(report, "weights_files", None):  # `load weights from`: what was read (verify checks it)
+        out["load_weights"] = dict(sorted(report.weights_files.items()))
+    return out
 
 
 def extend(previous: dict | None, new_entry: dict) -> dict:
-    chain = list(previous.get("chain", [])) if previous and previous.get("format") == FORMAT else []
-    return {"format": FORMAT, "chain": chain + [new_entry]}
+    """``previous`` (a record read by read_record, or None) with ``new_entry`` appended to its chain."""
+    chain = previous["chain"] if previous else []
+    if not isinstance(chain, list):  # read_record refuses such a record; never split a string
+        raise ValueError("a provenance chain is a list")
+    return {"format": FORMAT, "chain": list(chain) + [new_entry]}
+
+
+# ---- reading a record that may come from someone else ----------------------------------------------
+
+def _kind(value) -> str:
+    if value is None:
+        return "null"
+    return {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def validate(record, where) -> dict:
+    """``record`` when it is a well-formed provenance record (the shape :func:`entry` and :func:`extend`
+    write; docs/provenance.schema.json), else ModelFileError (exit 3) with one line naming the first field
+    that is wrong. Unknown fields are allowed (a later version may add some)."""
+    def bad(field: str, what: str):
+        raise ModelFileError(f"{where}: malformed provenance record: {field} {what}")
+
+    def want(value, field: str, types, what: str, optional: bool = False):
+        if value is None and optional:
+            return
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            bad(field, f"is {_kind(value)}, not {what}")
+
+    def digest(value, field: str):
+        want(value, field, (str,), "a sha256 (64 hex digits)")
+        if not _SHA256.fullmatch(value):
+            bad(field, "is not a sha256 (64 hex digits)")
+
+    want(record, "the record", (dict,), "an object")
+    if record.get("format") != FORMAT:
+        shown = str(record.get("format"))[:60]
+        bad("format", f"is {shown!r}; this version of modelxform reads {FORMAT!r}")
+    chain = record.get("chain")
+    want(chain, "chain", (list,), "a list of steps")
+    for n, step in enumerate(chain):
+        at = f"chain[{n}]"
+        want(step, at, (dict,), "an object (one step)")
+        recipe = step.get("recipe")
+        want(recipe, f"{at}.recipe", (dict,), "an object")
+        want(recipe.get("text"), f"{at}.recipe.text", (str,), "a string")
+        digest(recipe.get("sha256"), f"{at}.recipe.sha256")
+        for key in ("name", "version"):
+            want(recipe.get(key), f"{at}.recipe.{key}", (str,), "a string", optional=True)
+        digest(step.get("input_sha256"), f"{at}.input_sha256")
+        seed = step.get("seed")
+        want(seed, f"{at}.seed", (int,), "a whole number")
+        if seed < 0:
+            bad(f"{at}.seed", "is negative")
+        params = step.get("params")
+        want(params, f"{at}.params", (dict,), "an object")
+        versions = step.get("versions")
+        want(versions, f"{at}.versions", (dict,), "an object", optional=True)
+        for lib, version in (versions or {}).items():
+            want(version, f"{at}.versions.{lib}", (str,), "a string", optional=True)
+        statements = step.get("statements")
+        want(statements, f"{at}.statements", (list,), "a list of strings")
+        for k, line in enumerate(statements):
+            want(line, f"{at}.statements[{k}]", (str,), "a string")
+        files = step.get("load_weights")
+        want(files, f"{at}.load_weights", (dict,), "an object", optional=True)
+        for path, sha in (files or {}).items():
+            digest(sha, f"{at}.load_weights[{path[:60]!r}]")
+    return record
+
+
+def read_record(path) -> dict | None:
+    """The provenance record of a model file, checked by :func:`validate`; None when it has none."""
+    from .keras_io.files import read_provenance
+    record = read_provenance(path)
+    return None if record is None else validate(record, path)
 
 
 def render(record: dict) -> list[str]:

@@ -47,18 +47,23 @@ class Recipe(compiler.Recipe):
         return ctx.current_model(), plan
 
 
-def compile_recipe(text: str, filename: str | os.PathLike | None = None) -> Recipe:
-    """Compile recipe text (includes resolve relative to ``filename``, else the working folder).
+def compile_recipe(text: str, filename: str | os.PathLike | None = None, *, include_root=None,
+                   allow_include: bool = True) -> Recipe:
+    """Compile recipe text (includes resolve relative to ``filename``, else the working folder; with
+    ``include_root`` or $MODELXFORM_INCLUDE_ROOT only inside that folder; ``allow_include=False``
+    refuses them).
 
     >>> compile_recipe('select all; freeze').program.statements[1]
     Freeze()
     """
-    return compiler.compile_recipe(text, filename, recipe_class=Recipe)
+    return compiler.compile_recipe(text, filename, recipe_class=Recipe, include_root=include_root,
+                                   allow_include=allow_include)
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read and compile a recipe file (``.recipe`` or ``.yaml``)."""
-    return compiler.load_recipe(path, recipe_class=Recipe)
+def load_recipe(path: str | os.PathLike, *, include_root=None) -> Recipe:
+    """Read and compile a recipe file (``.recipe`` or ``.yaml``). With ``include_root`` (or
+    $MODELXFORM_INCLUDE_ROOT) it may include only files inside that folder."""
+    return compiler.load_recipe(path, recipe_class=Recipe, include_root=include_root)
 
 
 def _as_recipe(recipe) -> compiler.Recipe:
@@ -99,7 +104,9 @@ def open_model(path, *, unsafe: bool = False, imports=(), archive: bool = True):
             check_readable(pathlib.Path(path))  # load_model's first check, and its message
             from .keras_io.archive import Archive
             try:
-                return Archive(path)
+                return Archive(path, unsafe=unsafe)
+            except ModelFileError:  # what no path may read (too large, refused by safe mode)
+                raise
             except Exception as exc:  # noqa: BLE001 - Keras reads it, or says what is wrong with it
                 log.debug("the archive cannot stand in for the model: %s: %s", type(exc).__name__, exc)
     return load_model(path, unsafe=unsafe, imports=imports)
@@ -140,22 +147,23 @@ def apply_file(recipe, model, output=None, *, seed: int | None = None, params: d
     source = open_model(model, unsafe=unsafe, imports=imports)
     with _closing(source):
         return _apply(recipe, source, os.fspath(model), None if dry_run else output, seed, params, savedmodel,
-                      previous=None, read_previous=True)
+                      previous=None, read_previous=True, unsafe=unsafe, imports=imports)
 
 
 def _apply(recipe, source, model_path: str, output, seed, params, savedmodel: bool, *, previous,
-           read_previous: bool) -> ApplyResult:
+           read_previous: bool, unsafe: bool = False, imports=(), weights_file=None) -> ApplyResult:
     """Run ``recipe`` on ``source`` and, unless ``output`` is None, save the result with ``previous``
     (or the input's own record) extended by this run's provenance entry."""
     from .engine.runner import attach_sources, run
-    from .keras_io.files import read_provenance, save_model, sha256_file
+    from .keras_io.files import save_model, sha256_file
     from .keras_io.backend import library_versions
-    from .provenance import entry, extend
+    from .provenance import entry, extend, read_record
     from .keras_io.archive import Archive
     archive = source if isinstance(source, Archive) else None
     if archive is not None and output is not None:
         archive.hash_input()  # in a thread, alongside the work
-    ctx, plan = run(recipe, source, seed=seed, params=params, apply=output is not None)
+    ctx, plan = run(recipe, source, seed=seed, params=params, apply=output is not None, unsafe=unsafe,
+                    imports=imports, weights_file=weights_file)
     result = ApplyResult(plan, model_path, output, source="archive" if archive is not None else "keras",
                          built=ctx.built)
     if output is None:
@@ -177,7 +185,7 @@ def _apply(recipe, source, model_path: str, output, seed, params, savedmodel: bo
         attach_sources(exc, recipe)
         raise exc
     if read_previous:
-        previous = read_provenance(model_path)
+        previous = read_record(model_path)
     versions = library_versions()
 
     def record(input_sha256: str) -> dict:
@@ -211,7 +219,7 @@ def plan_file(recipe, model, *, seed: int | None = None, params: dict | None = N
         source = open_model(model, unsafe=unsafe, imports=imports)
         with _closing(source):
             return _apply(recipe, source, os.fspath(model), None, seed, params, False, previous=None,
-                          read_previous=False).plan
+                          read_previous=False, unsafe=unsafe, imports=imports).plan
     from .diff import diff, snapshot
     from .engine.runner import run
     from .keras_io.files import load_model
@@ -219,7 +227,7 @@ def plan_file(recipe, model, *, seed: int | None = None, params: dict | None = N
     require_dot()  # before the slow part
     loaded = load_model(model, unsafe=unsafe, imports=imports)
     before = snapshot(loaded, name=str(model))
-    ctx, plan = run(recipe, loaded, seed=seed, params=params, apply=False)
+    ctx, plan = run(recipe, loaded, seed=seed, params=params, apply=False, unsafe=unsafe, imports=imports)
     after = snapshot(ctx.current_model(), name=f"{model} after {recipe.source.name}")
     title = f"plan: {pathlib.Path(str(recipe.source.name)).name} on {pathlib.Path(model).name}"
     subtitle = f"seed {plan.seed}" + (", params " + ", ".join(f"{k}={v}" for k, v in plan.params.items())
@@ -245,58 +253,137 @@ def load_model(path, *, unsafe: bool = False, imports=()):
     return model
 
 
-def verify_file(model, original, *, unsafe: bool = False, imports=()) -> tuple[list[str], list[str]]:
+def verify_file(model, original, *, unsafe: bool = False, imports=(),
+                weights: dict | None = None) -> tuple[list[str], list[str]]:
     """Re-run the chain of recipes recorded in ``model``'s provenance from ``original`` and compare.
     Returns ``(differences, notes)``: no differences means the re-made file is identical (byte for byte
     for .keras; same config, weights and trainable flags for .h5, whose bytes HDF5 does not keep
-    stable)."""
+    stable) and so is every field of its record.
+
+    The record comes with the file, so it is read as someone else's: it must be well formed
+    (provenance.validate), a recorded recipe may not ``include`` anything (a record holds recipes with
+    their includes inlined), and a ``load weights from PATH`` of a recorded recipe reads PATH only when
+    the user names it in ``weights`` ({PATH: file to read}) or its sha256 is the one recorded.
+
+    >>> differences, notes = verify_file("out.keras", "cnn.keras")   # doctest: +SKIP
+    """
     import tempfile
 
     from .keras_io.backend import library_versions
-    from .keras_io.files import load_model, model_format, read_provenance, sha256_file
-    from .provenance import content_differences, recipe_sha256
+    from .keras_io.files import load_model, model_format, sha256_file
+    from .provenance import content_differences, read_record, recipe_sha256
 
+    weights = dict(weights or {})
     load_model(original, unsafe=unsafe, imports=imports)  # a clear error for a bad ORIGINAL first
-    record = read_provenance(model)
+    record = read_record(model)
     if not record or not record.get("chain"):
         raise UsageError(f"{model}: has no modelxform provenance record; nothing to verify")
     chain = record["chain"]
+    recipes = [_recorded_recipe(model, n, step, weights) for n, step in enumerate(chain, start=1)]
     differences, notes = [], []
     original_sha = sha256_file(original)
-    if original_sha != chain[0].get("input_sha256"):
+    if original_sha != chain[0]["input_sha256"]:
         differences.append(f"{original} is not the file this model was made from: its sha256 is "
-                           f"{original_sha}, the record says {chain[0].get('input_sha256')}")
+                           f"{original_sha}, the record says {chain[0]['input_sha256']}")
         return differences, notes
     here = library_versions() or {}
     for n, step in enumerate(chain, start=1):
-        for lib, version in step.get("versions", {}).items():
+        for lib, version in (step.get("versions") or {}).items():
             if lib != "python" and here.get(lib) != version:
                 differences.append(f"step {n} was made with {lib} {version}; this is {lib} {here.get(lib)}")
-    suffix = pathlib.Path(model).suffix
+    suffix = pathlib.Path(model).suffix.lower()
     current, so_far = pathlib.Path(original), None
     with tempfile.TemporaryDirectory(prefix="modelxform-verify-") as tmp:
-        for n, step in enumerate(chain, start=1):
-            recipe_info = step["recipe"]
-            recipe = compile_recipe(recipe_info["text"], f"<step {n}>")
-            if recipe_sha256(recipe) != recipe_info.get("sha256"):
+        for n, (step, recipe) in enumerate(zip(chain, recipes), start=1):
+            if recipe_sha256(recipe) != step["recipe"]["sha256"]:
                 differences.append(f"step {n}: the recorded recipe text does not match its recorded sha256")
             out = pathlib.Path(tmp) / f"step{n}{suffix if n == len(chain) else '.keras'}"
             source = load_model(current, unsafe=unsafe, imports=imports)
-            result = _apply(recipe, source, str(current), str(out), step.get("seed"), step.get("params") or {},
-                            False, previous=so_far, read_previous=False)
+            result = _apply(recipe, source, str(current), str(out), step["seed"], step["params"],
+                            False, previous=so_far, read_previous=False, unsafe=unsafe, imports=imports,
+                            weights_file=_weights_chooser(n, step, weights))
             so_far = result.provenance
-            if so_far["chain"][-1]["statements"] != step.get("statements"):
+            if so_far["chain"][-1]["statements"] != step["statements"]:
                 differences.append(f"step {n}: the statements now report differently than recorded")
-            if n < len(chain) and sha256_file(out) != chain[n].get("input_sha256"):
+            differences.extend(_record_differences(n, step, so_far["chain"][-1]))
+            if n < len(chain) and sha256_file(out) != chain[n]["input_sha256"]:
                 notes.append(f"step {n + 1}'s recorded input is not byte-identical to the re-made step {n} output")
             current = out
+        extra = sorted(set(record) - {"format", "chain"})
+        if extra:
+            differences.append(f"the record holds fields modelxform does not write: {', '.join(extra)[:200]}")
         if model_format(model) == "keras":
             if sha256_file(current) != sha256_file(model):
                 differences.extend(content_differences(current, model, unsafe, imports)
-                                   or ["the files differ in bytes (metadata or provenance), not in config or weights"])
+                                   or ([] if differences else
+                                       ["the files differ in bytes (metadata), not in config, weights or record"]))
         else:
             differences.extend(content_differences(current, model, unsafe, imports))
     if differences:
         return differences, notes
     notes.append(f"re-made {os.path.basename(str(model))} from {original} in {len(chain)} step(s): identical")
     return differences, notes
+
+
+def _recorded_recipe(model, n: int, step: dict, weights: dict):
+    """Step ``n``'s recorded recipe, compiled without includes, its `load weights from` files checked."""
+    from .errors import RecipeError
+    try:
+        recipe = compile_recipe(step["recipe"]["text"], f"<step {n}>", allow_include=False)
+    except RecipeError as exc:
+        first = exc.diagnostics[0]
+        if first.message.startswith("`include "):
+            raise ModelFileError(f"{model}: step {n}'s recorded recipe holds {first.message[:-len(' is not allowed here')]}"
+                                 ", which a record never does (includes are inlined when a recipe is recorded): "
+                                 "the record was altered; nothing was read or run") from None
+        where = f"{first.span.line}:{first.span.column}: " if first.span else ""
+        raise ModelFileError(f"{model}: step {n}'s recorded recipe does not compile: {where}{first.message[:200]}") \
+            from None
+    recorded = step.get("load_weights") or {}
+    for stmt in recipe.program.flat():
+        if stmt.keyword == "load" and stmt.path not in weights and stmt.path not in recorded:
+            raise UsageError(f"{model}: step {n} loads weights from {stmt.path!r}, and the record holds no sha256 of "
+                             f"that file, so verify does not read it; if you trust it, pass "
+                             f"--load-weights {stmt.path}=FILE")
+    return recipe
+
+
+def _weights_chooser(n: int, step: dict, weights: dict):
+    """Context.load_layers's ``weights_file`` for step ``n``: the file the user named for a recorded
+    `load weights from` path, else the recorded path when its sha256 is the recorded one."""
+    from .keras_io.files import check_readable, sha256_file
+    recorded = step.get("load_weights") or {}
+
+    def choose(written: str, resolved: str) -> str:
+        if written in weights:
+            return weights[written]
+        check_readable(pathlib.Path(resolved))  # a regular file: hashing a FIFO would block
+        if sha256_file(resolved) != recorded.get(written):
+            raise ModelFileError(f"{resolved} is not the file step {n} read (its sha256 is not the recorded one), "
+                                 f"so verify does not load it; if you trust it, pass --load-weights {written}={resolved}")
+        return resolved
+    return choose
+
+
+def _short_value(value) -> str:
+    import json
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:80] + "…"
+
+
+def _record_differences(n: int, recorded: dict, remade: dict) -> list[str]:
+    """Every field of a recorded step that re-making it does not give (the library versions and the
+    input of a later step are reported apart)."""
+    out = []
+    fields = [("recipe name", lambda s: s["recipe"].get("name")), ("recipe version", lambda s: s["recipe"].get("version")),
+              ("recipe text", lambda s: s["recipe"]["text"]), ("seed", lambda s: s["seed"]), ("params", lambda s: s["params"]),
+              ("load_weights", lambda s: s.get("load_weights") or {})]
+    for name, get in fields:
+        if get(recorded) != get(remade):
+            out.append(f"step {n}: the record says {name} {_short_value(get(recorded))}, re-making it gives "
+                       f"{_short_value(get(remade))}")
+    extra = sorted(set(recorded) - set(remade) - {"versions"}) + \
+        sorted(set(recorded["recipe"]) - set(remade["recipe"]))
+    if extra:
+        out.append(f"step {n}: the record holds fields modelxform does not write: {', '.join(extra)[:200]}")
+    return out

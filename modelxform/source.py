@@ -8,6 +8,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# An error shows at most this many characters of its source line (a 100 MB one-line recipe is not echoed),
+# starting up to EXCERPT_CONTEXT characters before the position.
+MAX_EXCERPT = 160
+EXCERPT_CONTEXT = 60
+
 
 @dataclass(frozen=True)
 class Span:
@@ -56,6 +61,13 @@ class Source:
         else:
             width = max(len(text) - start + 1, 1)
         width = max(1, min(width, max(len(text) - start + 1, 1)))
+        if len(text) > MAX_EXCERPT:  # a long line: the part around the position, not the whole line
+            left = max(0, min(start - 1 - EXCERPT_CONTEXT, len(text) - MAX_EXCERPT))
+            right = left + MAX_EXCERPT
+            shown = ("…" if left else "") + text[left:right] + ("…" if right < len(text) else "")
+            offset = start - 1 - left + (1 if left else 0)
+            width = max(1, min(width, right - (start - 1)))
+            return f"    {shown}\n    {' ' * offset}{'^' * width}"
         return f"    {text}\n    {' ' * (start - 1)}{'^' * width}"
 
     def span_at(self, pos: int, length: int = 1) -> Span:

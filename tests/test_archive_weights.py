@@ -537,7 +537,7 @@ def _h5_file(path):
     (lambda p: save_model(FACTORIES["subclassed"](), p), "not a functional or Sequential model"),
     (_h5_file, "(not a .keras file: never opened as an archive)"),
     (_custom_layer_file, "layer class Twice"),
-    (_lambda_file, "layer class Lambda"),
+    (_lambda_file, "a config that safe mode refuses"),
     (_compiled_file, "a compiled one"),
     (_shared_policy_file, "shared objects other than dtype policies"),
     (lambda p: p.write_bytes(b"not a zip") and None, "BadZipFile"),

@@ -376,7 +376,7 @@ MODEL_ERRORS = {
     "empty": "file is empty",
     "random": "not a .keras archive",
     "zip-without-config": "no config.json",
-    "zip-with-bad-config": "cannot load the model",
+    "zip-with-bad-config": "config.json is not valid JSON",
     "truncated": "not a .keras archive",
     "h5-not-a-model": "holds no Keras model",
     "h5-random": "not a readable HDF5 file",

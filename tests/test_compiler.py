@@ -124,13 +124,27 @@ def test_include_inlines_relative_to_including_file(tmp_path, monkeypatch):
 
 
 def test_include_error_points_into_the_included_file(tmp_path):
-    (tmp_path / "inc.recipe").write_text("select all\nscale kernel\n")
+    (tmp_path / "inc.recipe").write_text("select all\nscale kernel $factor\n")
     main = tmp_path / "main.recipe"
     main.write_text('include "inc.recipe"\n')
     with pytest.raises(RecipeError) as info:
         load_recipe(main)
     assert info.value.line == 2 and info.value.filename.endswith("inc.recipe")
-    assert "scale kernel" in info.value.render()
+    assert "scale kernel $factor" in info.value.render()
+
+
+def test_an_included_file_that_does_not_parse_is_reported_at_the_include(tmp_path):
+    """It did not read as recipe text, so none of it is quoted (issue 16): the include names where it
+    stopped parsing, and checking it on its own shows the error."""
+    (tmp_path / "inc.recipe").write_text("select all\nscale kernel\n")
+    main = tmp_path / "main.recipe"
+    main.write_text('include "inc.recipe"\n')
+    with pytest.raises(RecipeError) as info:
+        load_recipe(main)
+    assert (info.value.line, info.value.column, info.value.filename) == (1, 1, str(main))
+    assert info.value.message == "cannot include 'inc.recipe': it is not a recipe (a syntax error at line 2, column 13)"
+    assert info.value.hint.startswith("to see the error, check it on its own: modelxform check ")
+    assert "scale kernel" not in info.value.render()
 
 
 def test_unused_param_and_missing_version_are_warnings():

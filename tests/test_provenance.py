@@ -98,13 +98,27 @@ def test_verify_names_a_tampered_weight(tmp_path, model_file):
     assert "dense_2: kernel differs (max abs difference 0.001)" in r.out
 
 
-def test_h5_output_gets_a_sidecar_record(tmp_path, model_file):
+def test_h5_output_carries_its_record_inside(tmp_path, model_file):
+    """The record is an attribute of the HDF5 file (Keras ignores it), so model and record are written and
+    renamed together (issue 16); a sidecar OUT.provenance.json of an earlier version is still read."""
+    import h5py
+    from modelxform.keras_io.files import H5_PROVENANCE_ATTRIBUTE
     original = model_file("cnn")
     out = tmp_path / "out.h5"
-    assert run_cli("apply", EXAMPLE, original, "-o", out, "--seed", 7).status == 0
     side = tmp_path / "out.provenance.json"
-    assert side.is_file()
-    assert json.loads(side.read_text())["chain"][0]["input_sha256"] == sha256_file(original)
+    side.write_text("{}")  # an earlier version's record of an earlier file
+    assert run_cli("apply", EXAMPLE, original, "-o", out, "--seed", 7).status == 0
+    assert not side.exists()  # removed: no longer true
+    with h5py.File(out, "r") as f:
+        record = json.loads(f.attrs[H5_PROVENANCE_ATTRIBUTE])
+    assert record == read_provenance(out)
+    assert record["chain"][0]["input_sha256"] == sha256_file(original)
+    assert run_cli("verify", out, "--input", original).status == 0
+    # an .h5 file written before, with its record beside it
+    with h5py.File(out, "r+") as f:
+        del f.attrs[H5_PROVENANCE_ATTRIBUTE]
+    side.write_text(json.dumps(record))
+    assert read_provenance(out) == record
     assert run_cli("verify", out, "--input", original).status == 0
 
 

@@ -351,8 +351,8 @@ def test_invalid_utf8_file(tmp_path, data, position, suffix):
 @pytest.mark.parametrize("kind,fragment", [
     ("binary", "cannot include 'inc.recipe': recipe is not valid UTF-8"),
     ("too-large", "larger than"),
-    ("fifo", "does not exist"),  # never opened, so reading cannot block
-    ("directory", "does not exist"),
+    ("fifo", "cannot include 'inc.recipe': it is a FIFO (named pipe), not a recipe file"),  # never opened
+    ("directory", "cannot include 'inc.recipe': it is a directory, not a recipe file"),
     ("deep-brackets", "nested more than"),
 ])
 def test_hostile_included_file(tmp_path, kind, fragment):

@@ -39,6 +39,7 @@ class Outcome:
     worker: str | None = None
     started: float | None = field(default=None, repr=False)  # time.perf_counter() when handed to a worker
     offset: float | None = None  # seconds from the start of the batch to the job's start
+    cleaned: list = field(default_factory=list, repr=False)  # stale temporary files removed beside its output
 
     def to_dict(self) -> dict:
         return {"model": self.job.model_name, "recipe": self.job.recipe_name, "params": self.job.params,
@@ -53,13 +54,13 @@ def already_done(job: Job, recipe, input_sha256: str) -> str | None:
     """The output's sha256 when ``job.output`` exists and the last entry of its provenance chain says
     it was made from this input (sha256), this recipe (sha256), this seed and these params; else None."""
     from ..errors import ModelxformError
-    from ..keras_io.files import read_provenance, sha256_file
-    from ..provenance import _jsonable, recipe_sha256
+    from ..keras_io.files import sha256_file
+    from ..provenance import _jsonable, read_record, recipe_sha256
     from ..engine.plan import Params, effective_seed, resolve_params
     if not os.path.isfile(job.output):
         return None
     try:
-        record = read_provenance(job.output)
+        record = read_record(job.output)
     except ModelxformError:
         return None
     chain = (record or {}).get("chain") or []
@@ -95,7 +96,8 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
               force: bool = False, dry_run: bool = False, on_event=None) -> list[Outcome]:
     """Run every job of ``zoo``; returns one Outcome per job, in the zoo's order.
 
-    ``on_event(kind, outcome)`` is called with kind "skipped" (decided before anything runs), "start"
+    ``on_event(kind, outcome)`` is called with kind "cleaned" (temporary files of an earlier, killed run
+    removed beside its output: ``outcome.cleaned``), "skipped" (decided before anything runs), "start"
     and "finish". A dry run loads each model and resolves each recipe's plan, writing nothing. On
     Ctrl-C, KeyboardInterrupt propagates after the running jobs were stopped and recorded; the
     outcomes list (``exc.outcomes``) says what was done.
@@ -104,6 +106,8 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
     on_event = on_event or (lambda kind, outcome: None)
     batch_start = time.perf_counter()
     outcomes = [Outcome(job) for job in zoo.jobs]
+    if not dry_run:
+        _remove_stale_temp_files(outcomes, on_event)
     if not dry_run and not force:
         hashes = _input_hashes([job.model for job in zoo.jobs])
         for outcome in outcomes:
@@ -154,6 +158,17 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
     finally:
         _remove_empty(missing)
     return outcomes
+
+
+def _remove_stale_temp_files(outcomes: list[Outcome], on_event) -> None:
+    """Temporary files beside the outputs that saves killed in an earlier run left (their process is no
+    longer running; keras_io.files.stale_temp_files): removed before anything runs, each reported as a
+    "cleaned" event."""
+    from ..keras_io.files import remove_stale_temp_files
+    for outcome in outcomes:
+        outcome.cleaned = remove_stale_temp_files(outcome.job.output)
+        if outcome.cleaned:
+            on_event("cleaned", outcome)
 
 
 def _size(outcome: Outcome) -> int:

@@ -16,20 +16,24 @@ import time
 
 # Test-only hook: a job whose model file has this stem kills its own worker process with os._exit,
 # as a segfault or the kernel's OOM killer would. The test suite uses it to check that such a crash is
-# reported for that job and that the others still run. Nothing else reads it; never set it otherwise.
+# reported for that job and that the others still run. "STEM:saving" does so once the output's
+# temporary file is written, before it is renamed (as a kill while saving would); "STEM:slow-save"
+# waits there for a minute instead (for a signal to arrive while saving). Nothing else reads it; never
+# set it otherwise.
 CRASH_ENV = "MODELXFORM_TEST_CRASH_ON"
 
 _recipes: dict = {}  # a worker compiles each recipe once: (path, mtime, size) -> Recipe
 _in_job = False
 _interrupted = False
+_terminated = False  # SIGTERM came: finish (or stop) the job at hand, send its result, and end
 
 
-def _recipe(path: str):
+def _recipe(path: str, include_root: str | None = None):
     from ..session import load_recipe
     st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
+    key = (path, st.st_mtime_ns, st.st_size, include_root)
     if key not in _recipes:
-        _recipes[key] = load_recipe(path)
+        _recipes[key] = load_recipe(path, include_root=include_root)
     return _recipes[key]
 
 
@@ -46,8 +50,11 @@ def run_job(payload: dict) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.update(payload.get("env") or {})
     crash = os.environ.get(CRASH_ENV)
-    if crash and os.path.splitext(os.path.basename(payload["model"]))[0] == crash:
+    stem = os.path.splitext(os.path.basename(payload["model"]))[0]
+    if crash == stem:
         os._exit(70)
+    if crash in (f"{stem}:saving", f"{stem}:slow-save"):
+        _stop_while_saving(crash.endswith(":saving"))
     if _interrupted:  # Ctrl-C came while this worker was between jobs: do not start another
         _interrupted = False
         result.update(status="interrupted", error="interrupted before it started", duration=0.0)
@@ -55,7 +62,7 @@ def run_job(payload: dict) -> dict:
     _in_job = True
     try:
         from ..session import apply_file, plan_file
-        recipe = _recipe(payload["recipe"])
+        recipe = _recipe(payload["recipe"], payload.get("include_root"))
         imports = list(payload.get("imports") or [])
         root = payload.get("import_root")
         if imports and root and root not in sys.path:  # ZOO.yaml's folder first (docs/batch.md)
@@ -75,9 +82,11 @@ def run_job(payload: dict) -> dict:
     except ModelxformError as exc:
         result["error"] = exc.render()
         result["exit_code"] = int(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from ..errors import Terminated
         result["status"] = "interrupted"
-        result["error"] = "interrupted; nothing was written for this job"
+        result["error"] = ("terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted") + \
+            "; nothing was written for this job"
     except MemoryError:
         result["error"] = "out of memory while running this job; nothing was written"
     except Exception as exc:  # a bug or an unexpected Keras failure: report it with the job, go on
@@ -87,6 +96,21 @@ def run_job(payload: dict) -> dict:
         _in_job = _interrupted = False
     result["duration"] = time.perf_counter() - start
     return result
+
+
+def _stop_while_saving(crash: bool) -> None:
+    """The test hook of CRASH_ENV: die (or wait) once the output's temporary file is written."""
+    from ..keras_io import files
+    original = files.write_atomically
+
+    def write_atomically(dest, write, failure=None):
+        def then_stop(tmp):
+            write(tmp)
+            if crash:
+                os._exit(70)
+            time.sleep(60)
+        return original(dest, then_stop, failure)
+    files.write_atomically = write_atomically
 
 
 def _on_sigint(signum, frame):
@@ -99,10 +123,22 @@ def _on_sigint(signum, frame):
         raise KeyboardInterrupt
 
 
+def _on_sigterm(signum, frame):
+    """SIGTERM (the pool stopping a worker, a cluster or container shutting down) is handled like
+    Ctrl-C: the running job stops and removes its temporary file; between jobs the worker just ends."""
+    global _interrupted, _terminated
+    from ..errors import Terminated
+    _interrupted = _terminated = True
+    if _in_job:
+        raise Terminated
+    _exit_now()
+
+
 def worker_main(conn, log_path: str | None, threads: int | None = None) -> None:
     """The loop of a local worker process: take a job, run it, send the result, until told to stop.
     TensorFlow is imported by the first job that needs it and stays imported for the next ones."""
     signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if threads:
         # N workers on N cores: each TensorFlow sizing its thread pools for the whole machine makes them
         # fight over the cores (Eigen's threads spin while they wait). Read by TensorFlow at start-up.
@@ -131,6 +167,8 @@ def worker_main(conn, log_path: str | None, threads: int | None = None) -> None:
         try:
             conn.send(result)
         except (OSError, ValueError):
+            _exit_now()
+        if _terminated:
             _exit_now()
 
 

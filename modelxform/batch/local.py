@@ -5,7 +5,9 @@ main process never imports it anyway), imports TensorFlow once, and takes job af
 pipe. The pool knows which job each worker holds, so when a worker dies — a crash in native code, the
 kernel's OOM killer, a kill -9 — exactly that job is reported failed (with the worker's exit signal
 and its last output), a fresh worker takes its place, and the other jobs carry on. Nothing partial is
-left behind: outputs are written to a temporary file and renamed (keras_io.files.save_model).
+left behind: outputs are written to a temporary file and renamed (keras_io.files.save_model), and the
+temporary file of a worker that died while saving (which it could not remove itself) is removed by the
+pool, recognised by its name (keras_io.files.stale_temp_files). SIGTERM reaches a worker as Ctrl-C does.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class _Worker:
         self.process.start()
         child.close()
         self.job: dict | None = None
+        self.last_job: dict | None = None
 
     def last_words(self, limit: int = 12) -> str:
         try:
@@ -83,7 +86,7 @@ def run_local(payloads: list[dict], workers: int, on_start, on_result) -> None:
             while queue or any(w.job is not None for w in pool):
                 for w in pool:
                     if w.job is None and queue and w.process.is_alive():
-                        w.job = queue.popleft()
+                        w.job = w.last_job = queue.popleft()
                         try:
                             w.conn.send(w.job)
                         except (OSError, ValueError):
@@ -104,6 +107,7 @@ def run_local(payloads: list[dict], workers: int, on_start, on_result) -> None:
                         w.process.join()
                         if w.job is not None:
                             job, w.job = w.job, None
+                            _remove_leftovers(job, w.process.pid)
                             message = describe_exit(w.process.exitcode)
                             words = w.last_words()
                             if words:
@@ -119,9 +123,24 @@ def run_local(payloads: list[dict], workers: int, on_start, on_result) -> None:
                 pool[:] = survivors
         except KeyboardInterrupt:
             _interrupt(pool, on_result)
+            _shutdown(pool)
+            # Every worker is gone now. One that stopped cleanly removed its temporary file; one that
+            # _shutdown had to kill, or that died on the way, could not: remove what is left of theirs.
+            for w in pool:
+                if w.last_job is not None:
+                    _remove_leftovers(w.last_job, w.process.pid)
+            pool.clear()
             raise
         finally:
             _shutdown(pool)
+
+
+def _remove_leftovers(job: dict, pid: int) -> None:
+    """A worker that died while saving could not remove its temporary file: remove it now (only that
+    worker's, recognised by its name; keras_io.files.stale_temp_files)."""
+    from ..keras_io.files import remove_stale_temp_files
+    if job.get("output"):
+        remove_stale_temp_files(job["output"], pid=pid)
 
 
 def _receive(w: _Worker) -> dict | None:
@@ -162,6 +181,7 @@ def _interrupt(pool: list[_Worker], on_result) -> None:
         job, w.job = w.job, None
         on_result({"index": job["index"], "status": "interrupted", "error": "interrupted",
                    "exit_code": None, "sha256": None, "statements": None, "duration": None, "worker": None})
+    return busy
 
 
 def _shutdown(pool: list[_Worker]) -> None:

@@ -57,13 +57,15 @@ class Job:
     imports: tuple = ()  # modules registering custom layers, imported before the model is loaded
     unsafe: bool = False  # load with Keras safe mode off (Lambda layers)
     import_root: str = ""  # ZOO.yaml's folder: where `imports` are looked for first
+    include_root: str | None = None  # --include-root: the folder the recipes may include files from
 
     def payload(self, kind: str = "apply") -> dict:
         """What a worker needs to run the job: plain data, so it pickles for processes and Ray."""
         env = {k: os.environ[k] for k in ("SOURCE_DATE_EPOCH",) if k in os.environ}
         return {"index": self.index, "kind": kind, "model": self.model, "recipe": self.recipe,
                 "params": dict(self.params), "seed": self.seed, "output": self.output, "env": env,
-                "imports": list(self.imports), "unsafe": self.unsafe, "import_root": self.import_root}
+                "imports": list(self.imports), "unsafe": self.unsafe, "import_root": self.import_root,
+                "include_root": self.include_root}
 
 
 @dataclass
@@ -171,26 +173,27 @@ def _compose(source: Source):
         raise ZooError(diagnostics[0].message, diagnostics=diagnostics) from None
 
 
-def load_zoo(path: str | os.PathLike) -> Zoo:
+def load_zoo(path: str | os.PathLike, *, include_root: str | None = None) -> Zoo:
     """Read and check a ZOO.yaml; raises ZooError (all problems at once) or returns the jobs.
+    ``include_root``: the folder the recipes may include files from (compiler.compile_recipe).
 
     >>> zoo = load_zoo("zoo.yaml")          # doctest: +SKIP
     >>> [job.output_name for job in zoo.jobs]  # doctest: +SKIP
     ['out/cnn/prep-factor=0.5.keras', 'out/cnn/prep-factor=0.8.keras']
     """
+    from ..lang.files import ReadRefused, read_bounded
+    from ..lang.parser import MAX_RECIPE_BYTES
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise ZooError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ZooError(f"{path}: is a directory, not a batch file") from None
+        data = read_bounded(path, MAX_RECIPE_BYTES)  # a regular file, checked before it is read
+        text = data.decode("utf-8")
+    except ReadRefused as exc:
+        if exc.kind == "directory":
+            raise ZooError(f"{path}: is a directory, not a batch file") from None
+        raise ZooError(f"{path}: {exc.reason}" + (", not a batch file" if exc.kind == "special" else "")) from None
     except UnicodeDecodeError as exc:
         raise ZooError(f"{path}: is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                        f"{exc.start})") from None
-    except OSError as exc:
-        raise ZooError(f"{path}: cannot read: {exc.strerror or exc}") from None
     source = Source(text, path)
     root_node = _compose(source)
     root = os.path.dirname(os.path.abspath(path))
@@ -264,7 +267,7 @@ def load_zoo(path: str | os.PathLike) -> Zoo:
                 matrix_keys[name] = key_node
 
     models = _read_models(reader, top.get("models", (None, None))[1], zoo) if "models" in top else []
-    recipes = _read_recipes(reader, top.get("recipes", (None, None))[1]) if "recipes" in top else {}
+    recipes = _read_recipes(reader, top.get("recipes", (None, None))[1], include_root) if "recipes" in top else {}
     zoo.recipes = {p: r for p, (r, _) in recipes.items() if r is not None}
 
     if reader.errors or template is None:
@@ -275,9 +278,9 @@ def load_zoo(path: str | os.PathLike) -> Zoo:
     _expand(reader, zoo, models, recipes, matrix, seed, template, template_node)
     if reader.errors:
         raise ZooError(reader.errors[0].message, diagnostics=reader.errors)
-    if imports or unsafe:
-        zoo.jobs = [dataclasses.replace(job, imports=tuple(imports), unsafe=unsafe, import_root=root)
-                    for job in zoo.jobs]
+    if imports or unsafe or include_root is not None:
+        zoo.jobs = [dataclasses.replace(job, imports=tuple(imports), unsafe=unsafe, import_root=root,
+                                        include_root=include_root) for job in zoo.jobs]
     return zoo
 
 
@@ -404,7 +407,7 @@ def _plain(params: dict) -> dict:
     return {k: v[1] for k, v in params.items()}
 
 
-def _read_recipes(reader: _Reader, node) -> dict:
+def _read_recipes(reader: _Reader, node, include_root=None) -> dict:
     """absolute path -> (Recipe or None, node)"""
     from ..lang.compiler import load_recipe
     from ..errors import RecipeError
@@ -427,7 +430,7 @@ def _read_recipes(reader: _Reader, node) -> dict:
                 out[p] = (None, item)
                 continue
             try:
-                recipe = load_recipe(p)
+                recipe = load_recipe(p, include_root=include_root)
             except RecipeError as exc:
                 # the recipe's own errors, each with its file, line and column
                 reader.errors.extend(exc.diagnostics)

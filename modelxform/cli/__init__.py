@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 
 from ..console import Console
 from ..errors import ExitCode, ModelxformError
@@ -22,8 +24,9 @@ exit status:
   0  ok
   1  a recipe assert failed (fmt --check: a file is not formatted; verify: the model differs)
   2  usage error, or a recipe that does not compile
-  3  a model file could not be read or written
+  3  a model file (or its provenance record) could not be read or written
   4  a statement could not be applied to this model
+  130, 143  interrupted (Ctrl-C), terminated (SIGTERM); nothing partial is left
 
 example:
   modelxform apply example.recipe cnn.keras -o out.keras --seed 7
@@ -92,6 +95,21 @@ def recipe_inputs(args, console):
             yield item, item, exc
 
 
+def add_include_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-root", metavar="DIR", default=None,
+                   help="only let recipes include files inside DIR (symbolic links resolved); default: "
+                        "$MODELXFORM_INCLUDE_ROOT, else anywhere. For recipes you did not write, e.g. in CI")
+
+
+def include_root(args):
+    """--include-root as given (checked to be a folder), or None for $MODELXFORM_INCLUDE_ROOT / anywhere."""
+    from ..errors import UsageError
+    root = getattr(args, "include_root", None)
+    if root is not None and not os.path.isdir(root):
+        raise UsageError(f"--include-root {root}: no such folder")
+    return root
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for every random choice (overrides the recipe's)")
     p.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
@@ -147,8 +165,41 @@ def parse_params(items: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     console = console or Console()
-    # TensorFlow's C++ start-up chatter is not for our users; set before any import of it.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        # TensorFlow's C++ start-up chatter is not for our users; set before any import of it.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        with _sigterm_as_interrupt():
+            return _main(argv, console)
+    except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM) at any moment, imports included
+        return _interrupted(exc, console)
+    except Exception as exc:
+        # Python wraps what interrupts some steps of an import (a dataclass's __set_name__, say) in a
+        # RuntimeError: still Ctrl-C
+        cause = _interruption_in(exc)
+        if cause is None:
+            raise
+        return _interrupted(cause, console)
+
+
+def _interrupted(exc: KeyboardInterrupt, console) -> int:
+    from ..errors import Terminated
+    terminated = isinstance(exc, Terminated)
+    console.error(f"{'terminated' if terminated else 'interrupted'}; nothing was written")
+    return 143 if terminated else 130
+
+
+def _interruption_in(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt an exception was raised from (its __cause__ or __context__ chain), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _main(argv, console) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -166,6 +217,27 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             console.error("".join(traceback.format_exception(exc)))
         console.error(exc.render())
         return int(exc.exit_code)
-    except KeyboardInterrupt:
-        console.error("interrupted; nothing was written")
-        return 130
+
+
+class _sigterm_as_interrupt:
+    """While a command runs, SIGTERM raises Terminated (a KeyboardInterrupt) where Ctrl-C would raise
+    KeyboardInterrupt, so that the same cleanup runs: temporary files are removed, a batch stops its
+    workers. Only in the main thread (signal handlers can be set nowhere else); the previous handler
+    is restored afterwards (main() also runs inside other programs and tests)."""
+
+    def __enter__(self):
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                from ..errors import Terminated
+                raise Terminated
+            try:
+                self._previous = signal.signal(signal.SIGTERM, handler)
+            except (ValueError, OSError):
+                self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False

@@ -1,7 +1,7 @@
 """modelxform apply RECIPE MODEL -o OUT — apply a recipe and save the result atomically."""
 from __future__ import annotations
 
-from . import add_model_options, add_run_options, parse_params, print_plan
+from . import add_include_option, add_model_options, add_run_options, include_root, parse_params, print_plan
 from ..errors import UsageError
 
 
@@ -21,13 +21,14 @@ def add_parser(subparsers):
     p.add_argument("--in-place", action="store_true", help="allow OUT to be MODEL itself (or omit -o)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_model_options(p)
+    add_include_option(p)
     return p
 
 
 def run(args, console) -> int:
     from ..session import apply_file, load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, include_root=include_root(args))
     output = args.output
     if output is None and not args.in_place and not args.dry_run:
         raise UsageError("apply needs -o OUT (or --in-place to overwrite MODEL, or --dry-run)")

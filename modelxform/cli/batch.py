@@ -6,6 +6,7 @@ import json
 import os
 import time
 
+from . import add_include_option, include_root
 from ..errors import ExitCode, UsageError
 
 STATUS_ORDER = ("done", "skipped", "failed", "interrupted", "not run")
@@ -32,6 +33,7 @@ def add_parser(subparsers):
     p.add_argument("--force", action="store_true", help="redo jobs whose output is already up to date")
     p.add_argument("--report", metavar="REPORT.json",
                    help="write a JSON report: per job status, duration, output, sha256 and error")
+    add_include_option(p)
     return p
 
 
@@ -49,7 +51,7 @@ def run(args, console) -> int:
     if args.executor == "ray":
         from ..batch.ray_executor import import_ray
         import_ray()  # fail now, with the install hint, not after reading the zoo
-    zoo = load_zoo(args.zoo)
+    zoo = load_zoo(args.zoo, include_root=include_root(args))
     workers = args.workers or os.cpu_count() or 1
     models = len(dict.fromkeys(job.model for job in zoo.jobs))
     recipes = len(dict.fromkeys(job.recipe for job in zoo.jobs))
@@ -63,8 +65,9 @@ def run(args, console) -> int:
         outcomes = run_batch(zoo, workers=workers, executor=args.executor, ray_address=args.ray_address,
                              force=args.force, dry_run=args.dry_run, on_event=progress.event)
     except KeyboardInterrupt as exc:
+        from ..errors import Terminated
         outcomes = getattr(exc, "outcomes", None)
-        interrupted = True
+        interrupted = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
         if outcomes is None:
             raise
     finally:
@@ -80,9 +83,10 @@ def run(args, console) -> int:
         console.print(f"report: {args.report}")
     if interrupted:
         left = sum(o.status in ("interrupted", "not run") for o in outcomes)
-        console.error(f"interrupted: {left} job{'s' if left != 1 else ''} left; run the same command again to "
+        console.error(f"{'terminated' if interrupted == 'SIGTERM' else 'interrupted'}: {left} "
+                      f"job{'s' if left != 1 else ''} left; run the same command again to "
                       "finish them (finished jobs are skipped)")
-        return 130
+        return 143 if interrupted == "SIGTERM" else 130
     return status
 
 
@@ -125,6 +129,11 @@ class _Progress:
             self.bar.start()
 
     def event(self, kind: str, outcome) -> None:
+        if kind == "cleaned":
+            n = len(outcome.cleaned)
+            self.console.error(f"removed {n} temporary file{'s' if n != 1 else ''} that a killed earlier run left "
+                               f"beside {outcome.job.output_name}")
+            return
         if kind == "start":
             self.running[outcome.job.index] = outcome.job.model_name
             if self.bar is None and not self.skipped_reported and self.counts["skipped"]:

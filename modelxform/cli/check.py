@@ -1,7 +1,7 @@
 """modelxform check RECIPE… — parse and static checks, without loading any model."""
 from __future__ import annotations
 
-from . import add_recipe_arguments, recipe_inputs
+from . import add_include_option, add_recipe_arguments, include_root, recipe_inputs
 from ..errors import ExitCode, RecipeError
 
 
@@ -11,17 +11,19 @@ def add_parser(subparsers):
                                           "`-` reads a recipe from standard input.")
     add_recipe_arguments(p)
     p.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    add_include_option(p)
     return p
 
 
 def run(args, console) -> int:
     from ..lang.compiler import compile_recipe
     status = ExitCode.OK
+    root = include_root(args)
     for name, _, text in recipe_inputs(args, console):
         try:
             if isinstance(text, RecipeError):
                 raise text
-            recipe = compile_recipe(text, name)
+            recipe = compile_recipe(text, name, include_root=root)
         except RecipeError as exc:
             console.error(exc.render())
             status = ExitCode.USAGE

@@ -63,12 +63,10 @@ def run(args, console) -> int:
     model_b = load_model(args.b, unsafe=args.unsafe, imports=args.imports)
     d = diff(snapshot(model_a, name=str(args.a)), snapshot(model_b, name=str(args.b)))
     if args.html:
-        from ..keras_io.files import read_provenance, sha256_file
+        from ..keras_io.files import sha256_file
+        from ..provenance import read_record
         from ..report_html import statements_from_provenance, write_report
-        try:
-            record = read_provenance(args.b)
-        except Exception:  # an unreadable record only costs the statement names
-            record = None
+        record = read_record(args.b)  # a malformed record is refused (exit 3), as everywhere
         statements = statements_from_provenance(record, sha256_file(args.a)) if record else []
         write_report(args.html, d, title=f"diff: {pathlib.Path(args.a).name} -> {pathlib.Path(args.b).name}",
                      subtitle=f"A = {args.a}, B = {args.b}" + ("; statements from B's provenance record"

@@ -36,11 +36,13 @@ def add_parser(subparsers):
 
 def run(args, console) -> int:
     from ..export import export_savedmodel
-    from ..keras_io.files import load_model, read_provenance
+    from ..errors import ModelxformError
+    from ..keras_io.files import load_model
+    from ..provenance import read_record
     model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     try:
-        record = read_provenance(args.model)
-    except Exception:  # an unreadable record is no reason not to export
+        record = read_record(args.model)  # only a well-formed record travels along
+    except ModelxformError:  # an unreadable record is no reason not to export
         record = None
     export_savedmodel(model, args.directory, provenance=record, overwrite=args.force)
     ins = ", ".join(f"{getattr(t, 'name', '?')} {tuple(t.shape)}" for t in model.inputs)

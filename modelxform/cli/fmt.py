@@ -5,7 +5,7 @@ import os
 import pathlib
 import tempfile
 
-from . import add_recipe_arguments, recipe_inputs
+from . import add_include_option, add_recipe_arguments, include_root, recipe_inputs
 from ..errors import ExitCode, RecipeError
 
 
@@ -20,6 +20,7 @@ def add_parser(subparsers):
     p.add_argument("--stdout", action="store_true", help="print the formatted text instead of rewriting")
     p.add_argument("--to", choices=("recipe", "yaml"),
                    help="print the recipe converted to the text (recipe) or YAML form; rewrites nothing")
+    add_include_option(p)
     return p
 
 
@@ -39,14 +40,15 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 def run(args, console) -> int:
     from ..lang.fmt import convert, format_text
     status = ExitCode.OK
+    root = include_root(args)
     for name, path, text in recipe_inputs(args, console):
         try:
             if isinstance(text, RecipeError):
                 raise text
             if args.to:
-                console.out.write(convert(text, name, args.to))
+                console.out.write(convert(text, name, args.to, include_root=root))
                 continue
-            formatted = format_text(text, name)
+            formatted = format_text(text, name, include_root=root)
         except RecipeError as exc:
             console.error(exc.render())
             status = ExitCode.USAGE

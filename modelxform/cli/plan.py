@@ -1,7 +1,7 @@
 """modelxform plan RECIPE MODEL — what each statement would do, without writing anything."""
 from __future__ import annotations
 
-from . import add_model_options, add_run_options, parse_params, print_plan
+from . import add_include_option, add_model_options, add_run_options, include_root, parse_params, print_plan
 
 
 def add_parser(subparsers):
@@ -19,12 +19,13 @@ def add_parser(subparsers):
                    help="write a visual report (one HTML file that works offline: the graph laid out by "
                         "Graphviz, layers coloured by change, details on hover/click)")
     add_model_options(p)
+    add_include_option(p)
     return p
 
 
 def run(args, console) -> int:
     from ..session import load_recipe, plan_file
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, include_root=include_root(args))
     plan = plan_file(recipe, args.model, seed=args.seed, params=parse_params(args.params), unsafe=args.unsafe,
                      imports=args.imports, html=getattr(args, "html", None))
     return print_plan(plan, args, console, html=getattr(args, "html", None))

@@ -20,11 +20,12 @@ def run(args, console) -> int:
     import pathlib
 
     from ..errors import ModelFileError
-    from ..keras_io.files import read_provenance
-    from ..provenance import render
-    if not pathlib.Path(args.model).is_file():
+    from ..keras_io.files import check_readable
+    from ..provenance import read_record, render
+    if not pathlib.Path(args.model).exists():
         raise ModelFileError(f"{args.model}: no such file")
-    record = read_provenance(args.model)
+    check_readable(pathlib.Path(args.model))
+    record = read_record(args.model)
     if record is None:
         raise UsageError(f"{args.model}: has no modelxform provenance record")
     if args.json:

@@ -43,10 +43,17 @@ class Context:
     returns :meth:`report`, with array work deferred by ``report.then(fn)``.
     """
 
-    def __init__(self, source, seed: int, params: Params):
+    def __init__(self, source, seed: int, params: Params, *, unsafe: bool = False, imports=(),
+                 weights_file=None):
         from ..keras_io.archive import Archive
         self.seed = seed
         self.params = params
+        self.unsafe = unsafe  # --unsafe: rebuilds and `load weights from` may load what safe mode refuses
+        self.imports = tuple(imports)
+        # `load weights from PATH`: weights_file(written path, resolved path) -> the file to read (verify
+        # decides which recorded paths may be read); the sha256 of every file read, by written path
+        self.weights_file = weights_file
+        self.weights_sha256: dict[str, str] = {}
         self.selection: list[str] | None = None
         # layers whose weight shapes a `set` changed: the recipe must reinitialise them (path -> statement)
         self.obligations: dict[str, object] = {}
@@ -108,7 +115,7 @@ class Context:
             return
         from ..keras_io.files import import_keras
         import_keras()
-        base = GraphEditor(self.archive.current_config(), self.seed)
+        base = GraphEditor(self.archive.current_config(), self.seed, self.unsafe)
         self._model = base.build(self.archive.layers)
 
     def prepare(self, stmt) -> None:
@@ -188,10 +195,10 @@ class Context:
             if self._model is None:
                 from ..keras_io.files import import_keras
                 import_keras()  # (quietly, before anything else imports it)
-                self._editor = GraphEditor(self.archive.current_config(), self.seed)
+                self._editor = GraphEditor(self.archive.current_config(), self.seed, self.unsafe)
             else:
                 refuse_subclassed(self._model, f"`{stmt}`", stmt.span)
-                self._editor = GraphEditor(self._model, self.seed)
+                self._editor = GraphEditor(self._model, self.seed, self.unsafe)
         return self._editor
 
     def flush(self) -> None:
@@ -318,14 +325,20 @@ class Context:
         return not self.on_archive and model_kind(self.model) == "subclassed"
 
     def load_layers(self, path: str, stmt) -> list:
-        """The layers of another model file (``load weights from``), loaded once per run."""
+        """The layers of another model file (``load weights from``), loaded once per run; its sha256 is
+        kept for the provenance record (verify reads the file again only if it still matches)."""
         from ..errors import ModelxformError
-        from ..keras_io.files import load_model
+        from ..keras_io.files import load_model, sha256_file
         if path not in self.loaded:
             try:
-                self.loaded[path] = walk(load_model(path))
+                chosen = self.weights_file(stmt.path, path) if self.weights_file is not None else path
+                self.loaded[path] = walk(load_model(chosen, unsafe=self.unsafe, imports=self.imports))
+                self.weights_sha256[stmt.path] = sha256_file(chosen)  # (a regular file: load_model checked)
             except ModelxformError as exc:
                 raise type(exc)(f"load weights from {stmt.path!r}: {exc.message}", span=stmt.span) from None
+            except OSError as exc:
+                raise ApplyError(f"load weights from {stmt.path!r}: cannot read it: {exc.strerror or exc}",
+                                 span=stmt.span) from None
         return self.loaded[path]
 
     # -- checks ------------------------------------------------------------------------------------

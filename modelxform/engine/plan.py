@@ -54,6 +54,7 @@ class Plan:
     dry_run: bool = False
     before: tuple = (0, 0)
     after: tuple = (0, 0)
+    weights_files: dict = field(default_factory=dict)  # `load weights from` path as written -> sha256 read
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, "params": self.params, "dry_run": self.dry_run,

@@ -14,17 +14,20 @@ from .plan import Params, Plan, effective_seed, resolve_params
 
 
 def run(recipe, source, *, seed: int | None = None, params: dict | None = None,
-        apply: bool = True) -> tuple[Context, Plan]:
+        apply: bool = True, unsafe: bool = False, imports=(), weights_file=None) -> tuple[Context, Plan]:
     """Run ``recipe`` on ``source`` (a keras_io.archive.Archive, or a Keras model that becomes the
-    working copy); returns the context (whose model is the result) and the Plan."""
+    working copy); returns the context (whose model is the result) and the Plan. ``unsafe`` and
+    ``imports`` are --unsafe and --import (for rebuilds and `load weights from`); ``weights_file``
+    chooses the file a `load weights from` reads (Context.load_layers)."""
     values = Params(resolve_params(recipe, params))
     seed_value = effective_seed(recipe, seed, values)
-    ctx = Context(source, seed_value, values)
+    ctx = Context(source, seed_value, values, unsafe=unsafe, imports=imports, weights_file=weights_file)
     plan = Plan(seed=seed_value, params=dict(values.values), dry_run=not apply)
     try:
         plan.before = ctx.summary()
         _run_statements(recipe, ctx, plan, apply)
         plan.after = ctx.summary()
+        plan.weights_files = dict(ctx.weights_sha256)
     except ModelxformError as exc:
         attach_sources(exc, recipe)
         raise

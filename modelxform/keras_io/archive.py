@@ -13,7 +13,14 @@ break, opening the archive raises :class:`NotApplicable` and the caller loads th
   weights, optimizer state, assets);
 - a layer class missing from :data:`VARIABLE_TABLE`, a quantized, LoRA or renorm layer, a dtype policy
   other than plain float ones, shared objects other than dtype policies, a frozen nested model, a
-  subclassed model, arrays whose shapes do not fit the config (Keras would refuse to load them).
+  subclassed model, arrays whose shapes do not fit the config (Keras would refuse to load them);
+- anything in a layer's config that only Keras can resolve (:func:`_check_settings`): an object other
+  than a Keras initializer, regularizer, constraint or dtype policy, an activation name Keras does not
+  know, an initializer named by a string.
+
+Before any of that, the archive is checked as every model file is (safety.py): members over their size
+limits are refused, and so is a config holding what Keras safe mode refuses (exit 3, the message
+``load_model`` gives) — unless ``unsafe``, when such a config is left to Keras.
 
 tests/test_archive_weights.py and tests/test_archive_structure.py hold the results to those of the loaded
 model, bit for bit.
@@ -33,12 +40,12 @@ import zipfile
 import numpy as np
 
 from ..errors import ModelFileError
+from . import safety
 from .config import MODEL_CLASS_NAMES as MODEL_CLASSES
 from .config import layers_of
 from .layers import LayerInfo, snake_case
+from .safety import CONFIG_MEMBER, METADATA_MEMBER, PROVENANCE_MEMBER
 
-CONFIG_MEMBER = "config.json"
-METADATA_MEMBER = "metadata.json"
 WEIGHTS_MEMBER = "model.weights.h5"
 
 
@@ -313,6 +320,49 @@ def _normalised_config(config):
     return config
 
 
+# The activations keras.activations.get resolves by name (its ALL_OBJECTS_DICT; tests/test_hostile_input.py
+# compares this snapshot with the installed Keras): any other name is refused by Keras on load.
+KERAS_ACTIVATIONS = frozenset({
+    "celu", "elu", "exponential", "gelu", "glu", "hard_shrink", "hard_sigmoid", "hard_silu", "hard_swish",
+    "hard_tanh", "leaky_relu", "linear", "log_sigmoid", "log_softmax", "mish", "relu", "relu6", "selu",
+    "sigmoid", "silu", "soft_shrink", "softmax", "softplus", "softsign", "sparse_plus", "sparse_sigmoid",
+    "sparsemax", "squareplus", "swish", "tanh", "tanh_shrink", "threshold"})
+# The modules of the objects a layer's config may hold on the archive path: initializers, regularizers,
+# constraints and dtype policies, which Keras resolves from its own modules. Anything else (a function,
+# a class from another module, a Keras API that is not a modelling object) is Keras's to judge.
+_SETTING_MODULES = frozenset({"keras", "keras.initializers", "keras.regularizers", "keras.constraints"})
+_MODEL_MODULES = ("keras", "keras.src.models.functional", "keras.models")
+
+
+def _check_settings(config: dict, name: str) -> None:
+    """Raise NotApplicable when a layer's config holds something only Keras can resolve (see
+    _SETTING_MODULES), so that the archive never writes out a config Keras would not load."""
+    stack = [(None, config)]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, dict):
+            if "class_name" in value:
+                cls, module = value.get("class_name"), value.get("module")
+                if not (isinstance(cls, str) and cls.isidentifier() and not cls.startswith("_")
+                        and cls != "function" and module in _SETTING_MODULES
+                        and value.get("registered_name") in (None, cls)):
+                    raise NotApplicable(f"{name}: {key} holds {str(cls)[:40]!r} from {str(module)[:40]!r}")
+            stack.extend(value.items())
+        elif isinstance(value, list):
+            stack.extend((key, v) for v in value)
+        elif isinstance(value, str) and isinstance(key, str):
+            if key == "activation" and value not in KERAS_ACTIVATIONS:
+                raise NotApplicable(f"{name}: activation {value[:40]!r}")
+            if key.endswith(("_initializer", "_regularizer", "_constraint")):
+                raise NotApplicable(f"{name}: {key} named by a string")
+
+
+def _check_model_entry(entry: dict) -> None:
+    if entry.get("module") not in _MODEL_MODULES or entry.get("registered_name") not in (
+            None, "Functional", "Sequential"):
+        raise NotApplicable(f"model class {str(entry.get('class_name'))[:40]} from {str(entry.get('module'))[:40]}")
+
+
 def _check_policy(config: dict) -> None:
     policy = config.get("dtype")
     if policy is None:
@@ -325,9 +375,10 @@ def _check_policy(config: dict) -> None:
 class Archive:
     """A .keras file opened for the fast path: its layers as ArchiveLayerInfo, its arrays by offset.
 
-    Raises NotApplicable for anything the Keras path must handle (see the module docstring)."""
+    Raises NotApplicable for anything the Keras path must handle (see the module docstring), and
+    ModelFileError for what no path may read (safety.py)."""
 
-    def __init__(self, path):
+    def __init__(self, path, *, unsafe: bool = False):
         import h5py
         from importlib import metadata
 
@@ -341,13 +392,19 @@ class Archive:
         try:
             with zipfile.ZipFile(self._fh) as zf:
                 infos = zf.infolist()
+                safety.check_archive(zf, self.path)  # sizes, before anything is read
                 names = [i.filename for i in infos]
                 if names not in ([METADATA_MEMBER, CONFIG_MEMBER, WEIGHTS_MEMBER],
-                                 [METADATA_MEMBER, CONFIG_MEMBER, WEIGHTS_MEMBER, "modelxform.json"]):
+                                 [METADATA_MEMBER, CONFIG_MEMBER, WEIGHTS_MEMBER, PROVENANCE_MEMBER]):
                     raise NotApplicable(f"archive members {names}")
-                metadata_json = json.loads(zf.read(METADATA_MEMBER))
-                self.config_text = zf.read(CONFIG_MEMBER).decode("utf-8")
-            if list(metadata_json) != ["keras_version", "date_saved"] or \
+                metadata_json = safety.read_json_member(zf, METADATA_MEMBER, self.path)
+                config_bytes = safety.read_member(zf, CONFIG_MEMBER, self.path)
+            self.config = safety.parse_json(config_bytes, self.path, CONFIG_MEMBER)
+            # safe mode, on the config as the file holds it, before anything else reads it
+            if safety.unsafe_content(self.config) is not None:
+                safety.check_safe(self.config, self.path, unsafe=unsafe)
+                raise NotApplicable("a config that safe mode refuses (--unsafe: Keras loads it)")
+            if not isinstance(metadata_json, dict) or list(metadata_json) != ["keras_version", "date_saved"] or \
                     metadata_json["keras_version"] != metadata.version("keras"):
                 raise NotApplicable("written by another Keras version")
             self.keras_version = metadata_json["keras_version"]
@@ -356,7 +413,8 @@ class Archive:
                 raise NotApplicable("compressed or encrypted weights")
             self.h5_start = _data_offset(self._fh, weights)
             self.h5_size = weights.file_size
-            self.config = json.loads(self.config_text)
+            if not isinstance(self.config, dict):
+                raise NotApplicable("config.json is not a model entry")
             self.output_config = _normalised_config(self.config)
             with h5py.File(_Window(self._fh.fileno(), self.h5_start, self.h5_size), "r") as h5:
                 if h5.userblock_size:
@@ -406,6 +464,7 @@ class Archive:
         top = self.output_config
         if top.get("class_name") not in MODEL_CLASSES or top.get("compile_config") not in (None, {}):
             raise NotApplicable("not a functional or Sequential model, or a compiled one")
+        _check_model_entry(top)
         layers: list[ArchiveLayerInfo] = []
         expected: set[str] = set()
         self._visit(h5, top, "", "", (), layers, expected)
@@ -434,8 +493,7 @@ class Archive:
             cfg = entry["config"]
             name = cfg["name"]
             if cls in MODEL_CLASSES and isinstance(cfg.get("layers"), list):
-                if entry.get("module") not in ("keras", "keras.src.models.functional", "keras.models"):
-                    raise NotApplicable(f"model class from {entry.get('module')}")
+                _check_model_entry(entry)
                 self._visit(h5, entry, sub, f"{prefix}{name}/", ancestors + (cls,), out, expected)
                 continue
             if entry.get("module") != "keras.layers" or entry.get("registered_name") is not None:
@@ -449,6 +507,7 @@ class Archive:
             if names is None:
                 raise NotApplicable(f"layer class {cls}")
             _check_policy(cfg)
+            _check_settings(cfg, name)
             if not isinstance(cfg.get("trainable"), bool):
                 raise NotApplicable("a layer without a trainable flag")
             vars_group = self._check_group(h5, sub, {"vars"}, len(names), name)

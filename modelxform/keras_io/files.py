@@ -69,30 +69,60 @@ def import_keras():
 
 def check_readable(path: pathlib.Path) -> None:
     """The file exists, is a readable, non-empty file; else a ModelFileError saying which."""
-    if not path.exists():
-        raise ModelFileError(f"{path}: no such file")
-    if path.is_dir():
+    import stat
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise ModelFileError(f"{path}: is a directory, not a model file")
+    if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end
+        from ..lang.files import file_kind
+        raise ModelFileError(f"{path}: is {file_kind(st.st_mode)}, not a model file")
     if not os.access(path, os.R_OK):
         raise ModelFileError(f"{path}: permission denied")
-    if path.stat().st_size == 0:
+    if st.st_size == 0:
         raise ModelFileError(f"{path}: file is empty")
 
 
+# What Keras says when its safe mode refuses to load something (keras/src/saving/serialization_lib.py and
+# the layers' from_config), and how modelxform names it. safety.unsafe_content finds these in the config
+# before Keras reads it; this is the fallback should Keras refuse something that check missed.
+_SAFE_MODE_REFUSALS = (
+    ("deserialization of a `Lambda` layer", "a Lambda layer whose function is Python code"),
+    ("deserialization of a Python lambda", "a serialized Python lambda"),
+    ("deserialization of a `TFSMLayer`", "a TFSMLayer, which loads an external SavedModel"),
+    ("deserialization of a `torch.nn.Module`", "a TorchModuleWrapper holding a pickled torch module"),
+    ("loading of a vocabulary file outside of the model archive",
+     "a lookup layer that reads its vocabulary from a file outside the archive"),
+    ("`safe_mode=False`", "Python code or a reference to an outside file"),
+)
+
+
 def _explain_load_error(path: pathlib.Path, exc: Exception) -> str:
+    from .safety import refusal
     text = str(exc)
-    if "Lambda" in text or "safe_mode" in text:
-        return (f"{path}: the model contains a Lambda layer (arbitrary Python code), which safe mode "
-                "refuses to load; if you trust this file, rerun with --unsafe")
+    for marker, what in _SAFE_MODE_REFUSALS:  # Keras's own words when its safe mode refuses something
+        if marker in text:
+            return refusal(path, what)
+    if "Exception encountered:" in text:  # a model's from_config wraps the layer's error: the cause is inside
+        text = text.rsplit("Exception encountered:", 1)[1]
     if "Could not locate" in text or "Unknown layer" in text or "unknown layer" in text.lower():
-        first = text.strip().splitlines()[0]
-        return (f"{path}: the model uses a custom layer Keras does not know ({first}); "
+        first = _clip(text.strip().splitlines()[0])
+        return (f"{path}: the model uses a custom layer (or function) Keras does not know ({first}); "
                 "pass --import MODULE for the module that registers it")
     damaged = _explain_weights_error(text) if path.suffix.lower() == ".keras" else None
     if damaged:
         return f"{path}: {damaged}"
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    first = _clip(text.strip().splitlines()[0]) if text.strip() else type(exc).__name__
     return f"{path}: cannot load the model: {first}"
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """Keras's messages can quote a whole config: one line, and not all of it."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 # Keras reports weights that do not fit the architecture as "A total of N objects could not be
@@ -128,28 +158,46 @@ def _explain_weights_error(text: str) -> str | None:
     return None
 
 
+def read_config(p: pathlib.Path, fmt: str, *, unsafe: bool = False):
+    """The model config a .keras or .h5 file holds, read within the limits of safety.py and refused
+    when it holds what Keras safe mode refuses (unless ``unsafe``); ModelFileError for a file that is
+    not a model. Reads no weights and imports no TensorFlow."""
+    from . import safety
+    if fmt == "keras":
+        try:
+            if not zipfile.is_zipfile(p):
+                raise ModelFileError(f"{p}: not a .keras archive (a .keras file is a zip)")
+            with zipfile.ZipFile(p) as zf:
+                safety.check_archive(zf, p)
+                if safety.CONFIG_MEMBER not in zf.namelist():
+                    raise ModelFileError(f"{p}: the archive has no config.json; it is not a Keras model")
+                config = safety.read_json_member(zf, safety.CONFIG_MEMBER, p)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ModelFileError(f"{p}: not a readable .keras archive ({str(exc)[:200]})") from None
+    else:
+        try:
+            import h5py
+            with h5py.File(p, "r") as f:
+                text = safety.read_h5_attribute(f, "model_config", p, "the model config")
+                if text is None:
+                    raise ModelFileError(f"{p}: this HDF5 file holds no Keras model (no model_config)")
+        except ModelFileError:
+            raise
+        except Exception as exc:
+            raise ModelFileError(f"{p}: not a readable HDF5 file ({str(exc)[:200]})") from None
+        config = safety.parse_json(text, p, "the model config")
+    safety.check_safe(config, p, unsafe=unsafe)
+    return config
+
+
 def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
     """Load a .keras or .h5 model with Keras safe mode (unless ``unsafe``), without compiling it."""
     p = pathlib.Path(path)
     fmt = model_format(p)
     check_readable(p)
-    # the cheap checks first: a file that is not a model is refused without importing TensorFlow
-    if fmt == "keras" and not zipfile.is_zipfile(p):
-        raise ModelFileError(f"{p}: not a .keras archive (a .keras file is a zip)")
-    if fmt == "keras":
-        with zipfile.ZipFile(p) as zf:
-            if "config.json" not in zf.namelist():
-                raise ModelFileError(f"{p}: the archive has no config.json; it is not a Keras model")
-    if fmt == "h5":
-        try:
-            import h5py
-            with h5py.File(p, "r") as f:
-                if "model_config" not in f.attrs:
-                    raise ModelFileError(f"{p}: this HDF5 file holds no Keras model (no model_config)")
-        except ModelFileError:
-            raise
-        except Exception as exc:
-            raise ModelFileError(f"{p}: not a readable HDF5 file ({exc})") from None
+    # the cheap checks first: a file that is not a model is refused without importing TensorFlow, and
+    # its config is checked for what safe mode refuses before Keras reads it (safety.py)
+    read_config(p, fmt, unsafe=unsafe)
     keras = import_keras()  # before --import modules, which usually import keras themselves
     import_modules(imports)
     # Keras numbers the objects it names by how many of that name this process made before (a second
@@ -159,16 +207,29 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
     from keras.src.utils import naming
     naming.reset_uids()
     try:
-        with _quiet():
+        with _quiet(), _lower_case_suffix(p) as readable:
             if fmt == "keras":
-                model = keras.saving.load_model(p, compile=False, safe_mode=not unsafe)
+                model = keras.saving.load_model(readable, compile=False, safe_mode=not unsafe)
             else:
-                model = keras.models.load_model(p, compile=False, safe_mode=not unsafe)
+                model = keras.models.load_model(readable, compile=False, safe_mode=not unsafe)
     except ModelFileError:
         raise
     except Exception as exc:  # Keras raises many types here; all mean "this file cannot be loaded"
         raise ModelFileError(_explain_load_error(p, exc)) from exc
     return model
+
+
+@contextlib.contextmanager
+def _lower_case_suffix(p: pathlib.Path):
+    """``p``, or where its suffix is not lower case (OUT.H5), a symbolic link to it that has one: Keras
+    tells formats apart by lower-case suffixes only."""
+    if p.suffix == p.suffix.lower():
+        yield p
+        return
+    with tempfile.TemporaryDirectory(prefix="modelxform-") as folder:
+        link = pathlib.Path(folder) / ("model" + p.suffix.lower())
+        link.symlink_to(p.resolve())
+        yield link
 
 
 @contextlib.contextmanager
@@ -194,7 +255,7 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-PROVENANCE_MEMBER = "modelxform.json"
+from .safety import PROVENANCE_MEMBER  # noqa: E402  (the member holding the record)
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -344,15 +405,23 @@ def _write_members(out_path, members, date_time, stamp, provenance) -> None:
             put(PROVENANCE_MEMBER, json.dumps(provenance, indent=1, sort_keys=True).encode(), zipfile.ZIP_DEFLATED)
 
 
+# An .h5 output keeps its provenance record in this attribute of the file's root group, which Keras
+# ignores when it loads the model: model and record are one file, written and renamed at once. Files
+# written by modelxform before (issue 16) have it in a sidecar, OUT.provenance.json, which is still read.
+H5_PROVENANCE_ATTRIBUTE = "modelxform_provenance"
+
+
 def sidecar_path(path: str | os.PathLike) -> pathlib.Path:
     p = pathlib.Path(path)
     return p.with_name(p.stem + ".provenance.json")
 
 
 def read_provenance(path: str | os.PathLike) -> dict | None:
-    """The provenance record of a model file written by modelxform, or None."""
-    import json
+    """The provenance record of a model file written by modelxform as JSON data, or None; read within
+    the limits of safety.py (provenance.read_record also checks that it is a well-formed record)."""
+    from . import safety
     p = pathlib.Path(path)
+    what = "its provenance record"
     try:
         if model_format(p) == "keras":
             if not zipfile.is_zipfile(p):
@@ -360,11 +429,31 @@ def read_provenance(path: str | os.PathLike) -> dict | None:
             with zipfile.ZipFile(p) as zf:
                 if PROVENANCE_MEMBER not in zf.namelist():
                     return None
-                return json.loads(zf.read(PROVENANCE_MEMBER))
-        side = sidecar_path(p)
-        return json.loads(side.read_text()) if side.is_file() else None
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ModelFileError(f"{p}: unreadable provenance record: {exc}") from None
+                data = safety.read_member(zf, PROVENANCE_MEMBER, p)
+            return safety.parse_json(data, p, f"{what} ({PROVENANCE_MEMBER})")
+        data = None
+        if p.is_file():
+            import h5py
+            try:
+                with h5py.File(p, "r") as f:
+                    data = safety.read_h5_attribute(f, H5_PROVENANCE_ATTRIBUTE, p, what)
+            except ModelFileError:
+                raise
+            except Exception:  # noqa: BLE001 - not an HDF5 file: it has no record in it (loading says why)
+                data = None
+        if data is None:
+            side = sidecar_path(p)
+            if not side.exists():
+                return None
+            from ..lang.files import ReadRefused, read_bounded
+            try:
+                data = read_bounded(side, safety.MEMBER_LIMITS[PROVENANCE_MEMBER])
+            except ReadRefused as exc:
+                raise ModelFileError(f"{side}: {exc.reason}") from None
+            return safety.parse_json(data, side, what)
+        return safety.parse_json(data, p, what)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ModelFileError(f"{p}: unreadable provenance record: {_clip(str(exc))}") from None
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -380,7 +469,8 @@ def save_model(model, path: str | os.PathLike, provenance: dict | None = None) -
     """Write ``model`` to ``path`` atomically (temporary file in the same folder, then rename).
 
     A .keras output is byte-reproducible (see _normalise_keras_archive) and carries ``provenance`` as
-    the member modelxform.json; an .h5 output gets it in a sidecar OUT.provenance.json.
+    the member modelxform.json; an .h5 output as the attribute H5_PROVENANCE_ATTRIBUTE of its root group,
+    so that model and record are replaced together (a sidecar of an earlier version is removed).
     """
     dest = pathlib.Path(path)
     fmt = model_format(dest)
@@ -393,8 +483,10 @@ def save_model(model, path: str | os.PathLike, provenance: dict | None = None) -
         if fmt == "keras":
             _normalise_keras_archive(tmp, provenance)
         elif provenance is not None:
-            _write_sidecar(dest, provenance)
+            _write_h5_record(tmp, provenance)
     write_atomically(dest, write, failure="cannot save the model")
+    if fmt == "h5" and provenance is not None:
+        _unlink(sidecar_path(dest))  # an earlier version's record of an earlier file: no longer true
 
 
 def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> None:
@@ -409,8 +501,10 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
         raise ModelFileError(f"{dest}: folder {folder} does not exist")
     if dest.is_dir():
         raise ModelFileError(f"{dest}: is a directory")
+    remove_stale_temp_files(dest)  # what saves of this output that were killed left behind
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=dest.suffix, dir=folder)
+        # Keras chooses the format by a lower-case suffix: out.H5 is written through .….h5
+        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(dest), suffix=dest.suffix.lower(), dir=folder)
     except OSError as exc:
         raise ModelFileError(f"{dest}: cannot write in {folder}: {exc.strerror or exc}") from None
     os.close(fd)
@@ -432,23 +526,80 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
         _unlink(tmp)
         if failure is None:
             raise
-        raise ModelFileError(f"{dest}: {failure}: {exc}") from exc
+        detail = _clip(" ".join(str(exc).replace(str(tmp), str(dest)).split()))  # no temporary name in it
+        raise ModelFileError(f"{dest}: {failure}: {detail}") from exc
     except BaseException:
         _unlink(tmp)
         raise
 
 
-def _write_sidecar(dest: pathlib.Path, provenance: dict) -> None:
-    import json
-    side = sidecar_path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{side.name}.", dir=side.parent)
+# Temporary files are named so that they are recognisable (docs/robustness.md#after-a-kill):
+# .OUTPUT.modelxform-tmp-HOST-PID-XXXXXXXX.SUFFIX (and ….norm while an archive is normalised), beside
+# OUTPUT. A kill cannot remove its own; stale_temp_files finds those whose process is gone.
+TEMP_TAG = "modelxform-tmp"
+_TEMP_NAME = re.compile(r"^\.(?P<output>.+)\." + TEMP_TAG + r"-(?P<host>[A-Za-z0-9.-]*)-(?P<pid>\d+)-[A-Za-z0-9_]+"
+                        r"\.(?:keras|h5|hdf5)(?:\.norm)?$")
+
+
+def _host() -> str:
+    import socket
+    return re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:40]
+
+
+def temp_prefix(dest: pathlib.Path, pid: int | None = None) -> str:
+    return f".{dest.name}.{TEMP_TAG}-{_host()}-{os.getpid() if pid is None else pid}-"
+
+
+def _alive(pid: int) -> bool:
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(provenance, fh, indent=1, sort_keys=True)
-        os.replace(tmp, side)
-    except BaseException:
-        _unlink(pathlib.Path(tmp))
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (EPERM: it exists, under another user)
+        return True
+    return True
+
+
+def stale_temp_files(output: str | os.PathLike, pid: int | None = None) -> list[pathlib.Path]:
+    """The temporary files left beside ``output`` by saves that were killed: made on this machine by
+    process ``pid``, or (without ``pid``) by any process that is no longer running. Files of running
+    processes and of other machines (a shared file system) are left alone."""
+    dest = pathlib.Path(output)
+    folder = dest.parent if str(dest.parent) else pathlib.Path(".")
+    host = _host()
+    found = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for name in names:
+        m = _TEMP_NAME.match(name)
+        if not m or m.group("output") != dest.name or m.group("host") != host:
+            continue
+        owner = int(m.group("pid"))
+        if (owner == pid) if pid is not None else (owner != os.getpid() and not _alive(owner)):
+            found.append(folder / name)
+    return sorted(found)
+
+
+def remove_stale_temp_files(output: str | os.PathLike, pid: int | None = None) -> list[pathlib.Path]:
+    """Remove stale_temp_files(output, pid); returns the ones removed."""
+    removed = []
+    for path in stale_temp_files(output, pid):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _write_h5_record(path: pathlib.Path, provenance: dict) -> None:
+    import json
+
+    import h5py
+    with h5py.File(path, "r+") as f:
+        f.attrs[H5_PROVENANCE_ATTRIBUTE] = json.dumps(provenance, indent=1, sort_keys=True)
 
 
 def _umask() -> int:

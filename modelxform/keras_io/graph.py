@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +59,7 @@ class GraphEditor:
 
     model: object
     seed: int
+    unsafe: bool = False  # --unsafe: the rebuild may deserialize what safe mode refuses (a Lambda's code)
     config: dict = field(init=False)
     base_config: dict = field(init=False)
     fresh: dict = field(default_factory=dict)  # path -> parts that seed its new weights
@@ -491,7 +494,7 @@ class GraphEditor:
     def _find_culprit(self, old_layers):
         """Replay the queued edits one at a time from the original config to find the first failure."""
         replay = GraphEditor.__new__(GraphEditor)
-        replay.model, replay.seed = self.model, self.seed
+        replay.model, replay.seed, replay.unsafe = self.model, self.seed, self.unsafe
         replay.base_config = self.base_config
         replay.config = copy.deepcopy(self.base_config)
         replay.fresh, replay.edits, replay.origin, replay.reshape, replay.reshaped = {}, [], {}, {}, {}
@@ -518,19 +521,71 @@ class GraphEditor:
         # and argument; no forward pass on real data is needed to know the graph holds.
         try:
             with LazyVariables() as lazy:
-                new_model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+                new_model = keras.saving.deserialize_keras_object(config, safe_mode=not self.unsafe)
         except Exception:  # noqa: BLE001 - built the ordinary way below, which says what is wrong
             lazy = None
             try:
-                new_model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+                new_model = keras.saving.deserialize_keras_object(config, safe_mode=not self.unsafe)
             except Exception as exc:  # Keras reports shape and argument problems as many exception types
                 raise ApplyError(f"the edited model does not build: {_first_line(exc)}") from exc
+        if lazy is not None:
+            check_memory(new_model)  # before a value is given to any variable: a refusal, not an OOM
         try:
             self.reshaped = transfer_weights(old_layers, new_model, fresh, self.seed, self.origin, self.reshape)
         finally:
             if lazy is not None:
                 lazy.initialise_the_rest()
         return new_model
+
+
+def memory_limit() -> int | None:
+    """The bytes of memory this process may use at most: physical memory, a cgroup (container) limit and
+    RLIMIT_AS, whichever is smallest; None when none can be read."""
+    import resource
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as fh:
+                text = fh.read().strip()
+            if text.isdigit():
+                limits.append(int(text))
+        except OSError:
+            pass
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
+            limits.append(soft)
+    except (ValueError, OSError):
+        pass
+    limits = [n for n in limits if n > 0]
+    return min(limits) if limits else None
+
+
+def _bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def check_memory(model) -> None:
+    """Refuse (ApplyError, exit 4) a rebuilt model whose variables could not fit in memory, before they
+    are given values: `append Dense(units=100000000000)` would otherwise end in TensorFlow's
+    ResourceExhaustedError after a long wait."""
+    total, count = 0, 0
+    for var in model.weights:
+        size = math.prod(int(d) for d in var.shape)
+        dtype = str(var.dtype)
+        count += size
+        total += size * (2 if dtype == "bfloat16" else np.dtype(dtype).itemsize)
+    limit = memory_limit()
+    if limit is not None and total > limit:
+        raise ApplyError(f"the edited model would hold {count:,} parameters ({_bytes(total)}), more than this "
+                         f"machine's memory ({_bytes(limit)})", hint="check the sizes in the statement")
 
 
 def _restore_single_refs(config: dict, base: dict) -> None:

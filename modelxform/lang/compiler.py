@@ -20,7 +20,8 @@ from ..statements.header import Include, Param, RecipeHeader, Seed, requires_pro
 from . import safe_regex
 from .keras_names import INITIALIZERS, LAYER_CLASSES
 from .names import CAMEL, MODEL_CLASSES, canonical_type, is_layer_type, suggest  # noqa: F401  (re-exported)
-from .parser import parse
+from .files import ReadRefused, read_bounded
+from .parser import MAX_RECIPE_BYTES, parse
 
 MAX_INCLUDE_DEPTH = 16
 MAX_PRED_DEPTH = 64
@@ -374,9 +375,26 @@ class Recipe:
 
 
 
-def compile_recipe(text: str, filename: str | os.PathLike | None = None, *, recipe_class=Recipe) -> Recipe:
-    """Compile recipe text. Includes are resolved relative to ``filename`` (or the working folder).
-    ``recipe_class``: what to return (modelxform.Recipe adds plan() and apply()).
+INCLUDE_ROOT_ENV = "MODELXFORM_INCLUDE_ROOT"  # confines includes to a folder (docs/language.md#include)
+
+
+def include_root_from(include_root: str | os.PathLike | None) -> pathlib.Path | None:
+    """The folder includes are confined to: ``include_root``, else $MODELXFORM_INCLUDE_ROOT, else none."""
+    chosen = os.fspath(include_root) if include_root is not None else os.environ.get(INCLUDE_ROOT_ENV) or None
+    return pathlib.Path(chosen).resolve() if chosen else None
+
+
+def compile_recipe(text: str, filename: str | os.PathLike | None = None, *, recipe_class=Recipe,
+                   include_root: str | os.PathLike | None = None, allow_include: bool = True) -> Recipe:
+    """Compile recipe text. Includes are resolved relative to the including file (``filename``, or the
+    working folder for text without one); with ``include_root`` (or $MODELXFORM_INCLUDE_ROOT) only files
+    inside that folder may be included, symbolic links resolved. ``allow_include=False`` refuses every
+    include (verify: a recorded recipe never holds one). ``recipe_class``: what to return
+    (modelxform.Recipe adds plan() and apply()).
+
+    An included file is read only when it is a regular file of at most MAX_RECIPE_BYTES bytes, and its
+    text is quoted in an error only when it read as recipe text (it parsed): otherwise the error is at the
+    `include` and says no more than where the file stopped reading as a recipe.
 
     >>> compile_recipe('select all; freeze').program.statements[1]
     Freeze()
@@ -387,11 +405,19 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None, *, reci
     errors: list[Diagnostic] = []
     warnings: list[Diagnostic] = []
     root = pathlib.Path(name).resolve() if name else None
+    confine = include_root_from(include_root) if allow_include else None
 
     def loader(path: str, span: Span | None, parent):
         """Compile an included file (text or YAML); ``parent`` has .filename, .stack and .error()."""
+        if not allow_include:
+            parent.error(f"`include {ir.quote(path)}` is not allowed here", span)
+            return None
         base = pathlib.Path(parent.filename).resolve().parent if parent.filename else pathlib.Path.cwd()
         target = (base / path).resolve()
+        if confine is not None and not target.is_relative_to(confine):
+            parent.error(f"cannot include {path!r}: it is outside the include root {confine}", span,
+                         hint=f"includes are confined to that folder (--include-root, ${INCLUDE_ROOT_ENV})")
+            return None
         if len(parent.stack) >= MAX_INCLUDE_DEPTH:
             parent.error(f"includes are nested more than {MAX_INCLUDE_DEPTH} deep", span)
             return None
@@ -400,26 +426,41 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None, *, reci
             parent.error(f"include cycle: {chain}", span)
             return None
         where = f"next to {pathlib.Path(parent.filename).name}" if parent.filename else "in the working folder"
-        if not target.is_file():
-            parent.error(f"included file {path!r} does not exist {where}", span)
+        try:
+            data = read_bounded(target, MAX_RECIPE_BYTES)
+        except ReadRefused as exc:
+            if exc.kind == "missing":
+                parent.error(f"included file {path!r} does not exist {where}", span)
+            elif exc.kind in ("directory", "special"):
+                parent.error(f"cannot include {path!r}: it {exc.reason}, not a recipe file", span)
+            else:
+                parent.error(f"cannot include {path!r}: it {exc.reason}" if exc.kind == "too-large"
+                             else f"cannot include {path!r}: {exc.reason}", span)
             return None
         try:
-            sub_text = read_recipe_text(target)
-        except RecipeError as exc:
-            parent.error(f"cannot include {path!r}: {exc.message.split(': ', 1)[-1]}", span)
+            sub_text = data.decode("utf-8")
+        except UnicodeDecodeError:  # (no byte or position of a file that is not text)
+            parent.error(f"cannot include {path!r}: recipe is not valid UTF-8 text", span)
             return None
         rel = os.path.relpath(target) if not os.path.isabs(path) else str(target)
         sub_source = Source(sub_text, rel)
-        sources[rel] = sub_source
         try:
-            program, sub_errors = compile_unit(sub_source, parent.stack + (str(target),))
+            program, sub_errors = compile_unit(sub_source, parent.stack + (str(target),), included=True)
         except RecipeError as exc:
+            reason = getattr(exc, "not_recipe_text", None)
+            if reason:  # not recipe text: say where it stopped reading as one, quote nothing of it
+                where_in = f" at line {exc.line}, column {exc.column}" if exc.line else ""
+                parent.error(f"cannot include {path!r}: it is not a recipe ({reason}{where_in})", span,
+                             hint=f"to see the error, check it on its own: modelxform check {rel}")
+                return None
+            sources[rel] = sub_source
             errors.extend(exc.diagnostics)
             return None
+        sources[rel] = sub_source
         errors.extend(sub_errors)
         return program
 
-    def compile_unit(unit: Source, stack: tuple) -> tuple[ir.Program, list[Diagnostic]]:
+    def compile_unit(unit: Source, stack: tuple, included: bool = False) -> tuple[ir.Program, list[Diagnostic]]:
         if not is_yaml_name(unit.filename):
             compiler = _Compiler(unit, stack, loader)
             return compiler.compile(), compiler.errors
@@ -429,7 +470,7 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None, *, reci
         def include(path, span, reader, node):
             sub = loader(path, span, parent)
             return Include(path, sub, span=span) if sub is not None else None
-        program, yaml_errors = read_yaml(unit, include, compile_fragment)
+        program, yaml_errors = read_yaml(unit, include, compile_fragment, included=included)
         return program, yaml_errors + parent.errors
 
     program, unit_errors = compile_unit(source, (str(root),) if root else ())
@@ -463,23 +504,26 @@ def compile_fragment(text: str):
 
 
 def read_recipe_text(path: str | os.PathLike) -> str:
-    """Read a recipe file as UTF-8, turning every I/O problem into a RecipeError."""
-    p = pathlib.Path(path)
+    """Read a recipe file as UTF-8, turning every I/O problem into a RecipeError. Only a regular file of
+    at most MAX_RECIPE_BYTES bytes is read (lang/files.py): a FIFO or a device is refused, not waited on."""
     try:
-        if p.is_dir():
-            raise RecipeError(f"{path}: is a directory, not a recipe file")
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such recipe file") from None
-    except PermissionError:
-        raise RecipeError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        data = read_bounded(path, MAX_RECIPE_BYTES)
+    except ReadRefused as exc:
+        if exc.kind == "missing":
+            raise RecipeError(f"{path}: no such recipe file") from None
+        if exc.kind in ("directory", "special"):
+            raise RecipeError(f"{path}: {exc.reason}, not a recipe file") from None
+        if exc.kind == "too-large":
+            raise RecipeError(f"recipe is larger than {MAX_RECIPE_BYTES} bytes",
+                              span=Span(1, 1, 1, 2, os.fspath(path))) from None
+        raise RecipeError(f"{path}: {exc.reason}") from None
     return decode_recipe(data, str(path))
 
 
 def decode_recipe(data: bytes, name: str) -> str:
     """Recipe bytes (a file's, or standard input's) as text: UTF-8, or an error at the first bad byte."""
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe is larger than {MAX_RECIPE_BYTES} bytes", span=Span(1, 1, 1, 2, name))
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -489,9 +533,11 @@ def decode_recipe(data: bytes, name: str) -> str:
                           span=Span(line, col, line, col + 1, name)) from None
 
 
-def load_recipe(path: str | os.PathLike, *, recipe_class=Recipe) -> Recipe:
-    """Read and compile a recipe file (``.recipe`` or ``.yaml``)."""
-    return compile_recipe(read_recipe_text(path), os.fspath(path), recipe_class=recipe_class)
+def load_recipe(path: str | os.PathLike, *, recipe_class=Recipe,
+                include_root: str | os.PathLike | None = None) -> Recipe:
+    """Read and compile a recipe file (``.recipe`` or ``.yaml``); ``include_root``: see compile_recipe."""
+    return compile_recipe(read_recipe_text(path), os.fspath(path), recipe_class=recipe_class,
+                          include_root=include_root)
 
 
 def parse_value(text: str):

@@ -25,7 +25,7 @@ def _comments(text: str) -> list[tuple[int, str, bool]]:
     return out
 
 
-def format_text(text: str, filename: str | None = None) -> str:
+def format_text(text: str, filename: str | None = None, *, include_root=None) -> str:
     """The canonical form of a recipe. Raises RecipeError when it does not compile.
 
     >>> format_text('select   where type=Dense ; scale kernel 0.50  # halve')
@@ -34,8 +34,8 @@ def format_text(text: str, filename: str | None = None) -> str:
     from .compiler import is_yaml_name
     if is_yaml_name(filename):
         from .yaml_form import to_yaml
-        return to_yaml(compile_recipe(text, filename).program)
-    program = compile_recipe(text, filename).program
+        return to_yaml(compile_recipe(text, filename, include_root=include_root).program)
+    program = compile_recipe(text, filename, include_root=include_root).program
     lines = text.splitlines()
     comments = _comments(text)
     out: list[str] = []
@@ -65,9 +65,9 @@ def format_text(text: str, filename: str | None = None) -> str:
     return "\n".join(out) + "\n" if out else ""
 
 
-def convert(text: str, filename: str | None, to: str) -> str:
+def convert(text: str, filename: str | None, to: str, *, include_root=None) -> str:
     """The recipe in the other form: ``to`` is "yaml" or "recipe". Both compile to equal programs.
     Comments survive text -> text formatting only (YAML has no place for them here)."""
     from .yaml_form import to_yaml
-    program = compile_recipe(text, filename).program
+    program = compile_recipe(text, filename, include_root=include_root).program
     return to_yaml(program) if to == "yaml" else str(program)

@@ -174,7 +174,10 @@ def parse(source: Source) -> lark.Tree:
     try:
         tree = get_parser().parse(text + "\n")
     except UnexpectedInput as exc:
-        raise _syntax_error(exc, source) from None
+        error = _syntax_error(exc, source)
+        # an included file that does not parse is not recipe text: its text is not quoted (compiler.py)
+        error.not_recipe_text = "a syntax error"
+        raise error from None
     _check_limits(source)
     return tree
 

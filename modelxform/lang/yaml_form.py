@@ -254,7 +254,16 @@ _CORE_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", 
 
 
 def compose(source: Source):
-    """The YAML node tree, refusing anchors/aliases and oversized documents."""
+    """The YAML node tree, refusing anchors/aliases and oversized documents. Every refusal is marked
+    ``not_recipe_text`` (an included file that does not compose is not quoted; compiler.py)."""
+    try:
+        return _compose(source)
+    except RecipeError as exc:
+        exc.not_recipe_text = "not a YAML document a recipe can be"
+        raise
+
+
+def _compose(source: Source):
     def refuse(message, mark):
         return RecipeError(message, source=source, span=Span(mark.line + 1, mark.column + 1, mark.line + 1,
                                                              mark.column + 2, source.filename))
@@ -306,10 +315,11 @@ def compose(source: Source):
         raise RecipeError(f"invalid YAML: {exc}", source=source, span=Span(1, 1, 1, 2, source.filename)) from None
 
 
-def read_yaml(source: Source, include, fragment) -> tuple[ir.Program, list[Diagnostic]]:
+def read_yaml(source: Source, include, fragment, included: bool = False) -> tuple[ir.Program, list[Diagnostic]]:
     """YAML text -> (Program, errors). ``include(path, span, reader, node)`` compiles an included file,
     ``fragment(text)`` one statement of text syntax (the compiler passes both: this module does not
-    import it)."""
+    import it). An ``included`` file that is not a list of statements is no YAML recipe: a RecipeError
+    marked ``not_recipe_text`` (its text is not quoted)."""
     root = compose(source)
     reader = _Reader(source)
     reader.fragment = fragment
@@ -317,6 +327,8 @@ def read_yaml(source: Source, include, fragment) -> tuple[ir.Program, list[Diagn
     found = []
     if root is None:
         return ir.Program((), filename=source.filename), reader.errors
+    if included:
+        _refuse_non_recipe(source, root)
     if not isinstance(root, yaml.SequenceNode):
         reader.error(root, "a YAML recipe is a list of statements, e.g. `- select: all`")
         return ir.Program((), filename=source.filename), reader.errors
@@ -325,6 +337,27 @@ def read_yaml(source: Source, include, fragment) -> tuple[ir.Program, list[Diagn
         if stmt is not None:
             found.append(stmt)
     return ir.Program(tuple(found), filename=source.filename), reader.errors
+
+
+def _refuse_non_recipe(source: Source, root) -> None:
+    """An included YAML file must look like a recipe (a list of statement words or one-key mappings
+    with statement keys) before any message may quote it."""
+    def refuse(node, reason):
+        mark = node.start_mark
+        exc = RecipeError(reason, span=Span(mark.line + 1, mark.column + 1, mark.line + 1, mark.column + 2,
+                                            source.filename))
+        exc.not_recipe_text = reason
+        raise exc
+    if not isinstance(root, yaml.SequenceNode):
+        refuse(root, "a YAML document that is not a list of statements")
+    for node in root.value:
+        if isinstance(node, yaml.ScalarNode) and node.value in statements.BARE_YAML:
+            continue
+        if not isinstance(node, yaml.MappingNode) or len(node.value) != 1:
+            refuse(node, "a list item that is not a statement")
+        key = node.value[0][0]
+        if not (isinstance(key, yaml.ScalarNode) and key.value in statements.BY_YAML_KEY):
+            refuse(key, "a key that is not a statement")
 
 
 # ---- IR -> YAML -----------------------------------------------------------------------------------

@@ -98,8 +98,22 @@ class AssertEquivalent(Check):
             if got.shape != want.shape:
                 raise AssertionFailed(f"assert equivalent failed: output {k} has shape {got.shape}, was "
                                       f"{want.shape}", span=self.span)
-            worst = max(worst, float(np.max(np.abs(got.astype("float64") - want.astype("float64"))))
-                        if got.size else 0.0)
+            got, want = got.astype("float64"), want.astype("float64")
+            # NaN and infinities are no numbers to subtract (NaN - x is NaN, which max() and `>` ignore):
+            # a value is the same only where both are NaN or both the same infinity
+            finite_got, finite_want = np.isfinite(got), np.isfinite(want)
+            same = (finite_got & finite_want) | (np.isnan(got) & np.isnan(want)) | \
+                (np.isinf(got) & np.isinf(want) & (got == want))
+            if not same.all():
+                n = int((~same).sum())
+                became = ~same & ~finite_got & finite_want
+                what = (f"{n} NaN or infinite value{'s' if n != 1 else ''} where the input model's output is finite"
+                        if became.sum() == n else
+                        f"{n} value{'s' if n != 1 else ''} that are NaN or infinite in one model and not the same "
+                        "in the other")
+                raise AssertionFailed(f"assert equivalent failed: output {k} has {what}", span=self.span)
+            both = finite_got & finite_want
+            worst = max(worst, float(np.max(np.abs(got[both] - want[both]))) if both.any() else 0.0)
         if worst > tolerance:
             raise AssertionFailed(f"assert equivalent failed: outputs differ by up to {worst:.3g} "
                                   f"(tolerance {tolerance:g})", span=self.span)

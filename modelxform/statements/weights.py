@@ -549,18 +549,29 @@ def _map_variables(ctx, stmt, target: str, fn, describe: str):
         if info.path not in report.layers:
             report.layers.append(info.path)
         report.changes.append(f"{info.path}: {var.name} {_shape(var)} {describe}")
-        report.then(lambda info=info, var=var: _change(info, var, fn))
+        report.then(lambda info=info, var=var: _change(info, var, fn, report))
     if missing:
         report.notes.append(f"skipped {len(missing)} selected layer(s) without {target!r}: "
                             + ", ".join(i.path for i in missing[:5]) + (" …" if len(missing) > 5 else ""))
     return report
 
 
-def _change(info, var, fn) -> None:
+def _change(info, var, fn, report=None) -> None:
     old = _private_array(var)
     dtype = old.dtype
-    new = np.asarray(fn(info, var, old))
-    var.assign(new.astype(dtype, copy=False))
+    # Overflow (scale 1e38 twice) and invalid operations are said in the statement's report, once per
+    # variable with how many values are no longer finite, not printed by numpy as RuntimeWarnings.
+    trouble: list[str] = []
+    with np.errstate(over="call", invalid="call", divide="call", under="ignore",
+                     call=lambda kind, flag: trouble.append(kind)):
+        new = np.asarray(fn(info, var, old)).astype(dtype, copy=False)
+    if trouble and report is not None:
+        bad = int(np.count_nonzero(~np.isfinite(new))) if new.dtype.kind == "f" else 0
+        kinds = " and ".join(sorted(set(trouble)))
+        report.notes.append(f"{info.path}: {var.name}: {kinds} in the arithmetic; {bad} of {new.size} values "
+                            "are now infinite or NaN" if bad else
+                            f"{info.path}: {var.name}: {kinds} in the arithmetic")
+    var.assign(new)
 
 
 def _keras_initializer(ctx, stmt, call: Call):

@@ -12,7 +12,7 @@ RECIPES = sorted(p for p in (ROOT / "recipes").iterdir() if p.suffix in (".recip
 # which model each recipe is written for; a new recipe must be added here (and so gets tested)
 TARGETS = {"example": "cnn", "freeze-features": "cnn", "perturb-dense": "cnn", "feature-extractor": "cnn",
            "new-head": "cnn", "resnet50-finetune": "resnet50", "resnet50-features": "resnet50",
-           "dropout-before-classifier": "cnn", "resnet50-headless": "resnet50"}
+           "dropout-before-classifier": "cnn", "resnet50-headless": "resnet50", "resnet50-deploy": "resnet50"}
 
 _MODELS = {}
 
@@ -176,3 +176,22 @@ def test_resnet50_headless_is_a_frozen_pooled_backbone():
     probe = keras.Model(model.inputs, model.get_layer("conv5_block3_out").output)
     want = np.asarray(probe(x)).mean(axis=(1, 2))
     np.testing.assert_allclose(np.asarray(new(x)), want, rtol=0, atol=1e-5)
+
+
+def test_resnet50_deploy_folds_every_batchnorm_and_fixes_the_input():
+    import keras
+    path = ROOT / "recipes" / "resnet50-deploy.recipe"
+    model = target_model(path)
+    new, plan = load_recipe(path).apply(model)
+    assert not [l for l in new.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert sum(1 for c in plan.statements[0].changes if " folded into " in c) == 53
+    assert plan.statements[0].notes == []
+    assert tuple(new.inputs[0].shape) == (1, 224, 224, 3) and tuple(new.outputs[0].shape) == (1, 10)
+    # the default statistics make the fold nearly the identity; the folded function is checked against
+    # the input model at 224x224 on one image
+    x = np.random.default_rng(3).standard_normal((1, 224, 224, 3)).astype("float32")
+    import keras as k
+    reference = k.Model.from_config(model.get_config())  # the same graph, built for any input size
+    reference.set_weights(model.get_weights())
+    want = np.asarray(reference(x, training=False))
+    np.testing.assert_allclose(np.asarray(new(x, training=False)), want, rtol=0, atol=1e-4 * max(1, np.abs(want).max()))

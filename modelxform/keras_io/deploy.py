@@ -581,7 +581,7 @@ def _plan_container(plan: ChannelPlan, graph: Graph, infos: dict, names: list[st
             what.append(f"channels {spaces.size[made[name]]} -> {kept_count[root]}")
             plan.edits.append(_set_width(path, kind, kept_count[root]))
         elif kind == "BatchNormalization" or kind in DEPTHWISE:
-            before, after = count_of(src)
+            before, after = count_of(out_struct)
             what.append(f"channels {before} -> {after}")
         if reads and kind not in ("BatchNormalization",) + DEPTHWISE:
             before, after = count_of(src)

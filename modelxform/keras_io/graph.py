@@ -598,7 +598,8 @@ class GraphEditor:
         # and argument; no forward pass on real data is needed to know the graph holds.
         try:
             with LazyVariables() as lazy:
-                new_model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+                # a copy: deserializing changes the config it reads, and a failure is built again below
+                new_model = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=True)
         except Exception:  # noqa: BLE001 - built the ordinary way below, which says what is wrong
             lazy = None
             try:

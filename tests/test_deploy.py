@@ -390,6 +390,10 @@ def test_prune_channels_refuses_what_it_cannot_propagate_through():
     assert info.value.message == "prune channels: cannot prune conv2: mix (Reshape) does not keep the channel axis"
 
     with pytest.raises(ApplyError) as info:
+        apply("select shared\nprune channels 50%", make_shared())
+    assert info.value.message == "prune channels: cannot prune shared: it is called 2 times (a shared layer)"
+
+    with pytest.raises(ApplyError) as info:
         apply("select flatten, dropout\nprune channels 50%", make_cnn())
     assert info.value.message == ("prune channels acts on Conv and Dense layers, and the selection holds none "
                                   "(it holds Dropout, Flatten)")

@@ -491,6 +491,9 @@ def _plan_container(plan: ChannelPlan, graph: Graph, infos: dict, names: list[st
     # the groups the selection chooses
     roots: dict[int, list[str]] = {}
     for name in names:
+        if name not in made:
+            raise ApplyError(f"prune channels: cannot prune {graph.path(name)}: it is called "
+                             f"{len(graph.calls[name])} times (a shared layer)")
         root = spaces.find(made[name])
         reason = spaces.why(root)
         if reason is not None:

@@ -520,6 +520,7 @@ def test_the_resnet50_deploy_recipe_folds_then_fixes_the_input():
 # ==== keras.applications ===================================================================================
 
 def _app(factory, seed, pixels=False, **bn):
+    keras.utils.set_random_seed(1234 + seed)  # keras.applications draws unseeded initial values
     model = randomize_batchnorm(factory(weights=None, input_shape=(32, 32, 3), classes=10,
                                         classifier_activation=None), seed, **bn)
     rng = np.random.default_rng(0)

@@ -36,6 +36,7 @@ CASES = [
     ("recipe-resnet50-finetune", "resnet50", "recipes/resnet50-finetune.recipe", 7, ()),
     ("recipe-resnet50-features", "resnet50", "recipes/resnet50-features.yaml", 7, ()),
     ("recipe-resnet50-headless", "resnet50", "recipes/resnet50-headless.recipe", 7, ()),
+    ("recipe-resnet50-deploy", "resnet50", "recipes/resnet50-deploy.recipe", 7, ()),
     # the benchmark cases (benchmarks/README.md), on the same architectures at a small input size
     ("bench-cnn-design-card", "cnn", "recipes/example.recipe", 7, ()),
     ("bench-vgg16-replace-pooling", "vgg16", "benchmarks/recipes/replace-pooling.recipe", 0, ()),
@@ -44,6 +45,7 @@ CASES = [
     ("bench-resnet50-freeze-but-conv5", "resnet50", "benchmarks/recipes/freeze-but-conv5.recipe", 0, ()),
     ("bench-resnet50-replace-one", "resnet50", "benchmarks/recipes/replace-one.recipe", 0, ()),
     ("bench-resnet50-replace-ten", "resnet50", "benchmarks/recipes/replace-ten.recipe", 0, ()),
+    ("bench-resnet50-fold-batchnorm", "resnet50", "benchmarks/recipes/fold-batchnorm.recipe", 0, ()),
 ]
 
 

@@ -253,10 +253,21 @@ def test_insert_before_a_merge_layer_is_an_error():
     assert snapshot(model) == before
 
 
-def test_insert_after_a_shared_layer_is_an_error():
+def test_insert_after_a_shared_layer_follows_every_call():
+    """(issue 15: it was an error) The new layer is applied after each call and is itself shared;
+    tests/test_deploy.py checks the outputs by hand."""
+    model = make_shared()
+    new, _ = apply("insert Dropout(rate=0.1) after shared\nassert equivalent", model)
+    calls = len(model.get_layer("shared")._inbound_nodes)
+    assert len(new.get_layer("shared")._inbound_nodes) == calls == len(new.get_layer("dropout")._inbound_nodes)
+    assert [producers(new.get_layer("dropout"), k) for k in range(calls)] == [["shared"]] * calls
+    assert producers(new.get_layer("add")) == ["dropout", "dropout"]
+
+
+def test_insert_before_a_shared_layer_is_an_error():
     model = make_shared()
     with pytest.raises(ApplyError) as info:
-        apply("insert Dropout(rate=0.1) after shared", model)
+        apply("insert Dropout(rate=0.1) before shared", model)
     assert "shared" in info.value.message
     assert f"{len(model.get_layer('shared')._inbound_nodes)} times" in info.value.message
 

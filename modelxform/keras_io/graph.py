@@ -863,7 +863,7 @@ def transfer_weights(old_layers, new_model, fresh: dict, seed: int, origin: dict
             init_fresh(info, fresh[info.path], seed)
             continue
         if info.path in computed:
-            set_variables(info.layer, computed[info.path](old))
+            set_variables(info.weights, computed[info.path](old), info.path)
             continue
         before = old.get(origin.get(info.path, info.path))
         if before is None:

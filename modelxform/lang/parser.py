@@ -325,7 +325,8 @@ def _parses(text: str) -> bool:
     return True
 
 
-_BARE_KEYWORDS = tuple(kind.keyword for kind in statements.KINDS if kind.yaml_bare)  # freeze, unfreeze, shuffle
+# statements written as their keyword alone (freeze, unfreeze, shuffle, unwrap), not `fold batchnorm`
+_BARE_KEYWORDS = tuple(kind.keyword for kind in statements.KINDS if kind.yaml_bare and str(kind()) == kind.keyword)
 
 
 def _bare_statement_with_argument(exc: UnexpectedToken, source: Source) -> RecipeError | None:

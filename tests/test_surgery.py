@@ -22,6 +22,7 @@ keras = pytest.importorskip("keras")
 
 from modelxform.keras_io import graph as graph_module  # noqa: E402  (after keras)
 from modelxform.keras_io.layers import walk  # noqa: E402
+from modelxform.keras_io.backend import keras_backend  # noqa: E402
 
 SEED = 7
 
@@ -958,7 +959,9 @@ def test_tap_a_layer_inside_a_nested_model():
 def test_assert_equivalent_holds_after_removing_dropout():
     new, report = apply("remove dropout\nassert equivalent", make_cnn())
     assert "dropout" not in names(new)
-    assert report.statements[1].notes == ["holds: largest difference 0 (tolerance 1e-05)"]
+    backend = keras_backend()
+    assert report.statements[1].notes == [f"holds: largest difference 0 (tolerance 1e-05, the default for {backend} on CPU)"]
+    assert report.statements[1].record == ["holds (the default tolerance)"]
 
 
 BN_INSERT = "insert BatchNormalization() before dense_2"
@@ -979,7 +982,8 @@ def test_assert_equivalent_fails_for_batchnorm_with_default_statistics():
     with pytest.raises(AssertionFailed) as info:
         apply(BN_INSERT + "\nassert equivalent", model)
     err = info.value
-    m = re.fullmatch(r"assert equivalent failed: outputs differ by up to (\S+) \(tolerance 1e-05\)", err.message)
+    m = re.fullmatch(r"assert equivalent failed: outputs differ by up to (\S+) \(tolerance 1e-05, the default for "
+                     rf"{keras_backend()} on CPU\)", err.message)
     assert m, err.message
     reported = float(m.group(1))
     assert reported > 1e-5
@@ -993,7 +997,7 @@ def test_assert_equivalent_with_a_tolerance():
     assert per_sample.max() < 1e-2
     new, report = apply(BN_INSERT + "\nassert equivalent tolerance 1e-2", model)
     note = report.statements[1].notes[0]
-    m = re.fullmatch(r"holds: largest difference (\S+) \(tolerance 0\.01\)", note)
+    m = re.fullmatch(r"holds: largest difference (\S+) \(tolerance 0\.01, the recipe's\)", note)
     assert m, note
     assert 1e-5 < float(m.group(1)) < 1e-2
     with pytest.raises(AssertionFailed):

@@ -20,6 +20,9 @@ class StatementReport:
     notes: list = field(default_factory=list)  # things worth knowing that are not changes
     work: list = field(default_factory=list, repr=False, compare=False)  # deferred array work, run by apply
     rebuilt: list = field(default_factory=list, repr=False)  # paths whose shapes the next rebuild reports
+    # what the provenance record keeps instead of the changes and notes, where those depend on the
+    # backend or the device (assert equivalent's largest difference); None: the changes or notes
+    record: list | None = field(default=None, repr=False, compare=False)
 
     @property
     def location(self) -> str:

@@ -83,7 +83,8 @@ def versions_text(versions: dict) -> str:
     after Keras (a record made before the backend was recorded names tensorflow among the others)."""
     backend = versions.get("backend")
     parts = []
-    for lib, version in versions.items():
+    first = ("modelxform", "keras", "numpy", "python")
+    for lib, version in sorted(versions.items(), key=lambda kv: (first.index(kv[0]) if kv[0] in first else 9, kv[0])):
         if lib in ("backend", backend):
             continue
         parts.append(f"{lib} {version}")

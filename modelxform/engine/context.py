@@ -306,7 +306,7 @@ class Context:
         if len(shapes) != len(inputs) or any(a[1:] != tuple(np.shape(b))[1:] for a, b in zip(shapes, inputs)):
             return shapes, None
         outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
-        return shapes, [np.asarray(o) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+        return shapes, [_to_numpy(o) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
 
     @staticmethod
     def default_tolerance() -> tuple[float, str]:
@@ -323,7 +323,13 @@ class Context:
         inputs = probe_inputs(model, generator(self.seed, "assert equivalent probe"), batch=4)
         outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        self.reference = inputs, [np.asarray(o) for o in outputs]
+        self.reference = inputs, [_to_numpy(o) for o in outputs]
+
+
+def _to_numpy(tensor):
+    """A model output as a numpy array, on any backend (a torch output tracks gradients)."""
+    import keras
+    return keras.ops.convert_to_numpy(tensor)
 
 
 def _layer_facts(model) -> dict:

@@ -214,6 +214,41 @@ def test_a_missing_backend_is_one_line(tmp_path):
     assert (tmp_path / "w.keras").is_file()
 
 
+PROBE_TF = """
+import io, json, sys
+from modelxform.cli import main
+from modelxform.console import Console
+seen = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    seen.append([main(argv, Console(out, err)), "tensorflow" in sys.modules, err.getvalue()])
+print("SEEN " + json.dumps(seen))
+"""
+
+
+def test_on_jax_an_installed_tensorflow_is_imported_only_when_needed(tmp_path):
+    """Keras on JAX imports an installed TensorFlow to serialise a model (2.5 s, 400 MiB); modelxform's
+    command line keeps it out until something needs it: a layer that uses TensorFlow on every backend
+    (StringLookup) still loads, and export works (through jax2tf)."""
+    from conftest import make_cnn
+    from modelxform.keras_io.files import import_keras, save_model
+    keras = import_keras()
+    save_model(make_cnn(), tmp_path / "cnn.keras")
+    lookup = keras.layers.StringLookup(name="lookup", vocabulary=["a", "b", "c"])
+    words = keras.Input((1,), dtype="string", name="words")
+    save_model(keras.Model(words, lookup(words), name="lookup_model"), tmp_path / "lookup.keras")
+    env = backend_env(tmp_path, "jax")
+    env["PYTHONPATH"] = str(ROOT / "tests")  # TensorFlow importable
+    jobs = [["apply", str(ROOT / "recipes/example.recipe"), "cnn.keras", "-o", "out.keras", "--seed", "7"],
+            ["inspect", "lookup.keras"], ["export", "out.keras", "served"]]
+    proc = subprocess.run([sys.executable, "-c", PROBE_TF, json.dumps(jobs)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("SEEN "))[5:])
+    assert [s[:2] for s in seen] == [[0, False], [0, True], [0, True]], seen
+    assert (tmp_path / "served" / "saved_model.pb").is_file()
+
+
 # The tests run a second time under JAX: the Keras internals keras_io uses, the archive engine against
 # the Keras engine on the CNN (large arrays in blocks included), new and reinitialised weights, and
 # assert equivalent's tolerance.

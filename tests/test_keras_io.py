@@ -63,15 +63,17 @@ def test_the_keras_internals_keras_io_uses_are_there():
     """Each private name keras_io uses (variables.py, files.py, layers.py), with where it is used."""
     from keras.src.backend.common import global_state, stateless_scope
     from keras.src.saving import saving_lib
+    from keras.src.utils import module_utils
     missing = []
     for owner, names, user in [
+        (module_utils.tensorflow, ["_available", "available"], "backend.tensorflow_probe"),
         (saving_lib, ["_serialize_model_as_json", "_save_state", "H5IOStore", "DiskIOStore"],
          "files._write_keras_archive"),
         (saving_lib.H5IOStore, ["_get_h5_file", "_create_h5_group", "__setitem__"], "files._write_keras_archive"),
         (global_state, ["get_global_attribute", "set_global_attribute"], "variables.LazyVariables"),
         (stateless_scope, ["StatelessScope"], "variables.LazyVariables"),
     ]:
-        missing += [f"{owner.__name__}.{n} ({user})" for n in names if not hasattr(owner, n)]
+        missing += [f"{getattr(owner, '__name__', owner)}.{n} ({user})" for n in names if not hasattr(owner, n)]
     assert missing == []
 
 

@@ -74,7 +74,7 @@ def random_input(model, seed=0, batch=4):
 
 def outputs(model, x):
     out = model(x, training=False)
-    return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
+    return [keras.ops.convert_to_numpy(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 def activation(model, layer_name, x):
@@ -1213,7 +1213,7 @@ class App:
         # EfficientNet rescales its input by 1/255 itself: give it pixel values, or its activations hardly vary
         self.x = np.random.default_rng(0).uniform(0, 255, (2, *model.inputs[0].shape[1:])).astype("float32") \
             if pixels else random_input(model, seed=0, batch=2)
-        self.y = np.asarray(model(self.x, training=False))
+        self.y = keras.ops.convert_to_numpy(model(self.x, training=False))
         self.weights = weights_by_path(model)
         self.snapshot = snapshot(model)
         assert np.all(np.isfinite(self.y))
@@ -1224,11 +1224,11 @@ class App:
         return new, report
 
     def predict(self, model):
-        return np.asarray(model(self.x, training=False))
+        return keras.ops.convert_to_numpy(model(self.x, training=False))
 
     def inner(self, model, name):
         """The activation of layer ``name`` of ``model`` on the fixture's input."""
-        return np.asarray(keras.Model(model.inputs, model.get_layer(name).output)(self.x, training=False))
+        return keras.ops.convert_to_numpy(keras.Model(model.inputs, model.get_layer(name).output)(self.x, training=False))
 
     def assert_informative(self, name=None):
         """The output (or layer ``name``'s activation) depends on the input: a comparison of it means something."""

@@ -152,10 +152,60 @@ def accelerator(backend: str) -> str | None:
     return None
 
 
+_OWN_PROCESS = False
+
+
+def own_process() -> None:
+    """Say that this process is modelxform's own (the command line, a batch worker): Keras may then be
+    kept from importing TensorFlow needlessly on another backend (tensorflow_probe). A program that
+    calls the session API in its own process keeps Keras's behaviour."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
+
+
+def owns_process() -> bool:
+    return _OWN_PROCESS
+
+
+def tensorflow_probe(enabled: bool) -> None:
+    """Whether Keras may import TensorFlow when it merely asks whether it is installed.
+
+    On the JAX and torch backends Keras still imports TensorFlow, where it is installed, the first time
+    it serialises a model (keras.src.saving.serialization_lib asks ``tf.available`` before checking
+    whether a value is a tf.TensorShape): 2.5 s and 400 MiB for nothing, since no value of a model
+    built on another backend is one. In modelxform's own processes (own_process) import_keras turns
+    that off for the other backends — Keras then behaves as where TensorFlow is not installed, which is
+    how modelxform is tested there — and the few things that do need TensorFlow turn it back on: export, and the layers that use it whatever
+    the backend (StringLookup, TextVectorization, …: see needs_tensorflow). Uses the private
+    ``_available`` of Keras's LazyModule for TensorFlow (tests/test_keras_io.py checks it is there)."""
+    if "keras" not in sys.modules:
+        return
+    from keras.src.utils import module_utils
+    handle = module_utils.tensorflow
+    if enabled:
+        if handle._available is False:
+            handle._available = None  # asked again, and TensorFlow imported, on the next question
+    elif handle._available is None and "tensorflow" not in sys.modules:
+        handle._available = False
+
+
+def needs_tensorflow(exc: BaseException) -> bool:
+    """Whether ``exc`` is Keras refusing a layer that needs TensorFlow (StringLookup and the like say
+    "requires TensorFlow") while TensorFlow is installed but kept from Keras (tensorflow_probe): the
+    caller then turns the probe back on and tries again."""
+    if "requires TensorFlow" not in str(exc) or "tensorflow" in sys.modules or keras_backend() == "tensorflow":
+        return False
+    if not _importable("tensorflow"):
+        return False
+    tensorflow_probe(True)
+    return True
+
+
 def require_tensorflow(what: str) -> None:
     """A UsageError (exit 2) saying that ``what`` needs TensorFlow, unless it can be imported (on any
     Keras backend: Keras exports a JAX model through jax2tf, which needs TensorFlow too)."""
     from ..errors import UsageError
+    tensorflow_probe(True)
     if "tensorflow" in sys.modules:
         return
     try:

@@ -73,6 +73,9 @@ def import_keras():
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+    from .backend import owns_process, tensorflow_probe
+    if backend != "tensorflow" and owns_process():
+        tensorflow_probe(False)  # (Keras would import TensorFlow, where installed, to serialise a model)
     # TensorFlow leaves a few hundred thousand long-lived objects behind; keep the collector from
     # walking them again at every full collection while a model is built (a tenth of a second each)
     import gc
@@ -165,17 +168,19 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
             raise ModelFileError(f"{p}: not a readable HDF5 file ({exc})") from None
     keras = import_keras()  # before --import modules, which usually import keras themselves
     import_modules(imports)
-    try:
-        with _quiet():
-            if fmt == "keras":
-                model = keras.saving.load_model(p, compile=False, safe_mode=not unsafe)
-            else:
-                model = keras.models.load_model(p, compile=False, safe_mode=not unsafe)
-    except ModelFileError:
-        raise
-    except Exception as exc:  # Keras raises many types here; all mean "this file cannot be loaded"
-        raise ModelFileError(_explain_load_error(p, exc)) from exc
-    return model
+    from .backend import needs_tensorflow
+    for attempt in (1, 2):
+        try:
+            with _quiet():
+                if fmt == "keras":
+                    return keras.saving.load_model(p, compile=False, safe_mode=not unsafe)
+                return keras.models.load_model(p, compile=False, safe_mode=not unsafe)
+        except ModelFileError:
+            raise
+        except Exception as exc:  # Keras raises many types here; all mean "this file cannot be loaded"
+            if attempt == 1 and needs_tensorflow(exc):
+                continue  # a layer that needs TensorFlow whatever the backend: let Keras import it
+            raise ModelFileError(_explain_load_error(p, exc)) from exc
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ from ..errors import ApplyError
 from ..rng import derive_seed
 from .config import (ConfigLayer, container_of, entry_at, histories, is_model_entry, layers_of, model_entries,
                      tensor_refs, walk as walk_config)
+from .backend import needs_tensorflow
 from .initializers import initial_values
 from .layers import LayerInfo, walk
 from .variables import LazyVariables, copy_variables, set_variables
@@ -489,13 +490,16 @@ class GraphEditor:
         # and argument; no forward pass on real data is needed to know the graph holds.
         try:
             with LazyVariables() as lazy:
-                new_model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+                new_model = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=True)
         except Exception:  # noqa: BLE001 - built the ordinary way below, which says what is wrong
             lazy = None
             try:
-                new_model = keras.saving.deserialize_keras_object(config, safe_mode=True)
+                new_model = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=True)
             except Exception as exc:  # Keras reports shape and argument problems as many exception types
-                raise ApplyError(f"the edited model does not build: {_first_line(exc)}") from exc
+                if not needs_tensorflow(exc):
+                    raise ApplyError(f"the edited model does not build: {_first_line(exc)}") from exc
+                # a layer that needs TensorFlow whatever the backend (StringLookup, …): let Keras import it
+                new_model = keras.saving.deserialize_keras_object(config, safe_mode=True)
         try:
             self.reshaped = transfer_weights(old_layers, new_model, fresh, self.seed, self.origin, self.reshape)
         finally:

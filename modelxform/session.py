@@ -286,7 +286,7 @@ def verify_file(model, original, *, unsafe: bool = False, imports=()) -> tuple[l
             if n < len(chain) and sha256_file(out) != chain[n].get("input_sha256"):
                 notes.append(f"step {n + 1}'s recorded input is not byte-identical to the re-made step {n} output"
                              + (" (they differ in the backend the provenance records)"
-                                if step.get("versions", {}).get("backend") != here.get("backend") else ""))
+                                if backend_of(step.get("versions", {})) != here.get("backend") else ""))
             current = out
         if model_format(model) == "keras":
             if sha256_file(current) != sha256_file(model):

@@ -3,7 +3,8 @@
 Structural statements do not touch a live model. They edit a copy of the model's serialized config
 (the same JSON that a .keras file stores) and the model is rebuilt from it once per run of consecutive
 structural statements. Weights then move across by layer path; layers a statement created get fresh
-weights from their own configured initializers, seeded from the recipe's seed. Because the config is
+weights from their own configured initializers, seeded from the recipe's seed (initializers.py: the same
+values on every backend). Because the config is
 Keras's own serialization, shared layers stay shared (one layer entry, several inbound nodes) and nested
 models stay nested models. The config format itself is read through config.py; variables are filled
 through variables.py.
@@ -11,7 +12,6 @@ through variables.py.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import os
@@ -24,6 +24,8 @@ from ..errors import ApplyError
 from ..rng import derive_seed
 from .config import (ConfigLayer, NotInGraph, container_of, entry_at, flat_order, histories, io_refs,
                      is_model_entry, layers_of, model_entries, tensor_refs, walk as walk_config)
+from .backend import needs_tensorflow
+from .initializers import initial_values
 from .layers import LayerInfo, walk
 from .variables import LazyVariables, copy_variables, set_variables
 
@@ -636,9 +638,12 @@ class GraphEditor:
         except Exception:  # noqa: BLE001 - built the ordinary way below, which says what is wrong
             lazy = None
             try:
-                new_model = keras.saving.deserialize_keras_object(config, safe_mode=not self.unsafe)
+                new_model = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=not self.unsafe)
             except Exception as exc:  # Keras reports shape and argument problems as many exception types
-                raise ApplyError(f"the edited model does not build: {_build_failure(exc)}") from exc
+                if not needs_tensorflow(exc):
+                    raise ApplyError(f"the edited model does not build: {_build_failure(exc)}") from exc
+                # a layer that needs TensorFlow whatever the backend (StringLookup, …): let Keras import it
+                new_model = keras.saving.deserialize_keras_object(config, safe_mode=not self.unsafe)
         if lazy is not None:
             check_memory(new_model)  # before a value is given to any variable: a refusal, not an OOM
         try:
@@ -916,26 +921,17 @@ def initializer_for(layer, variable_name: str):
     return None
 
 
-def seeded(initializer, seed_value: int):
-    """A copy of ``initializer`` with its seed set (initializers without a seed are returned as is)."""
-    params = inspect.signature(type(initializer).__init__).parameters
-    if "seed" not in params:
-        return initializer
-    cfg = initializer.get_config()
-    cfg["seed"] = seed_value
-    return type(initializer).from_config(cfg)
-
-
 def init_fresh(info: LayerInfo, parts, seed: int) -> None:
-    """Initialise every variable of a layer a statement created, reproducibly from the seed."""
+    """Initialise every variable of a layer a statement created, reproducibly from the seed, with the
+    same values on every backend (initializers.initial_values)."""
     values = []
     for var in info.weights:
         init = initializer_for(info.layer, var.name)
         if init is None:
             raise ApplyError(f"layer {info.path}: cannot initialise variable {var.name!r} reproducibly "
                              "(its config names no initializer for it)")
-        init = seeded(init, derive_seed(seed, *parts, info.path, var.name) % (2**31 - 1))
-        values.append(np.asarray(init(tuple(var.shape), dtype=var.dtype)))
+        var_seed = derive_seed(seed, *parts, info.path, var.name) % (2**31 - 1)
+        values.append(initial_values(init, tuple(var.shape), var.dtype, var_seed))
     if values:
         set_variables(info.weights, values, info.path)
 

@@ -5,7 +5,6 @@ statement touches keep bit-identical weights.
 """
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Union
@@ -611,10 +610,10 @@ def _keras_initializer(ctx, stmt, call: Call):
 
 
 def _init_values(ctx, stmt, info, var, init, explicit_seed: bool):
-    if not explicit_seed and "seed" in inspect.signature(type(init).__init__).parameters:
-        init = ctx.seeded(init, ctx.derive_seed(stmt, info.path, var.name) % (2**31 - 1))
+    # the recipe's seed, per statement, layer and variable, unless the recipe gave the initializer one
+    seed = None if explicit_seed else ctx.derive_seed(stmt, info.path, var.name) % (2**31 - 1)
     try:
-        return np.asarray(init(tuple(var.shape), dtype=var.dtype))
+        return ctx.initial_values(init, tuple(var.shape), var.dtype, seed)
     except Exception as exc:
         raise ApplyError(f"{info.path}: {var.name}: initializer failed: {exc}", span=stmt.span) from None
 

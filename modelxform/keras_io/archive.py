@@ -209,6 +209,15 @@ class ArchiveLayer:
     def count_params(self) -> int:
         return sum(v.size for v in self.weights)
 
+    @property
+    def quantization_mode(self) -> str | None:
+        """The mode of a quantized policy in the layer's config. The archive declines quantized layers
+        (their arrays are int8 or packed int4 with scales, which no pass may treat as floats), so a layer
+        here never has one; weight statements check it all the same."""
+        policy = self.entry["config"].get("dtype")
+        mode = policy.get("config", {}).get("mode") if isinstance(policy, dict) else None
+        return mode.split("/")[0] if isinstance(mode, str) else None
+
 
 class ArchiveVariable:
     """A stand-in for a Keras variable whose array lives in the archive: ``numpy()`` reads it,

@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 
 from ..errors import ModelFileError, UsageError
+from .finetune import LORA_MEMBER, lora_member, restore_lora, unshare_policies
 
 FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
 
@@ -168,6 +169,12 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
         raise
     except Exception as exc:  # Keras raises many types here; all mean "this file cannot be loaded"
         raise ModelFileError(_explain_load_error(p, exc)) from exc
+    unshare_policies(model)  # so that it can be saved again (a Keras bug, keras_io/finetune.py)
+    if fmt == "keras":
+        try:
+            restore_lora(model, p)  # what Keras's loader zeroes or drops (keras_io/finetune.py)
+        except Exception as exc:  # noqa: BLE001 - a member that does not fit this model
+            raise ModelFileError(f"{p}: cannot restore the LoRA factors it keeps: {exc}") from exc
     return model
 
 
@@ -210,26 +217,27 @@ def build_time():
     return datetime.datetime(1980, 1, 1, tzinfo=datetime.timezone.utc)
 
 
-def _normalise_keras_archive(path: pathlib.Path, provenance: dict | None) -> None:
+def _normalise_keras_archive(path: pathlib.Path, provenance: dict | None, lora: bytes | None = None) -> None:
     """Rewrite a .keras zip so that it depends only on the model: Keras stamps the save time into
     metadata.json and the weights member's zip header. Members keep their order and compression;
-    the provenance record becomes one more member, which keras.models.load_model ignores."""
+    the LoRA factors (``lora``, keras_io/finetune.py) and the provenance record become members of their
+    own, which keras.models.load_model ignores."""
     moment = build_time()
     stamp = moment.strftime("%Y-%m-%d@%H:%M:%S")
     date_time = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
     with zipfile.ZipFile(path) as src:
         members = [(info, src.read(info.filename)) for info in src.infolist()
-                   if info.filename != PROVENANCE_MEMBER]
+                   if info.filename not in (PROVENANCE_MEMBER, LORA_MEMBER)]
     out_path = path.with_name(path.name + ".norm")
     try:
-        _write_members(out_path, members, date_time, stamp, provenance)
+        _write_members(out_path, members, date_time, stamp, provenance, lora)
     except BaseException:
         _unlink(out_path)
         raise
     os.replace(out_path, path)
 
 
-def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None) -> bool:
+def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None, lora: bytes | None = None) -> bool:
     """Write ``model`` to ``path`` as a .keras archive in the normalised form at once, without writing
     the archive twice (model.save, then _normalise_keras_archive) and without holding the weights file
     in memory (model.save does, for a model it thinks fits). It takes the steps of
@@ -308,6 +316,8 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None) -> 
             info.file_size = weights_size  # what writestr sets before it writes
             with dst.open(info, "w") as out:
                 shutil.copyfileobj(weights_file, out, 8 << 20)
+            if lora is not None:
+                put(LORA_MEMBER, lora, zipfile.ZIP_STORED)
             if provenance is not None:
                 put(PROVENANCE_MEMBER, json.dumps(provenance, indent=1, sort_keys=True).encode(),
                     zipfile.ZIP_DEFLATED)
@@ -329,7 +339,7 @@ def _member_writer(dst: zipfile.ZipFile, date_time):
     return put
 
 
-def _write_members(out_path, members, date_time, stamp, provenance) -> None:
+def _write_members(out_path, members, date_time, stamp, provenance, lora=None) -> None:
     import json
     with zipfile.ZipFile(out_path, "w") as dst:
         put = _member_writer(dst, date_time)
@@ -340,6 +350,8 @@ def _write_members(out_path, members, date_time, stamp, provenance) -> None:
                     meta["date_saved"] = stamp
                 data = json.dumps(meta).encode()
             put(info.filename, data, info.compress_type)
+        if lora is not None:
+            put(LORA_MEMBER, lora, zipfile.ZIP_STORED)
         if provenance is not None:
             put(PROVENANCE_MEMBER, json.dumps(provenance, indent=1, sort_keys=True).encode(), zipfile.ZIP_DEFLATED)
 
@@ -385,13 +397,19 @@ def save_model(model, path: str | os.PathLike, provenance: dict | None = None) -
     dest = pathlib.Path(path)
     fmt = model_format(dest)
 
+    unshare_policies(model)
+    lora = lora_member(model)
+    if lora is not None and fmt != "keras":
+        raise ModelFileError(f"{dest}: the model has LoRA adapters, whose factors modelxform keeps only in a "
+                             ".keras file (an .h5 file would hold the merged kernels, factors zeroed)")
+
     def write(tmp: pathlib.Path) -> None:
-        if fmt == "keras" and _write_keras_archive(model, tmp, provenance):
+        if fmt == "keras" and _write_keras_archive(model, tmp, provenance, lora):
             return
         with _quiet():
             model.save(tmp)
         if fmt == "keras":
-            _normalise_keras_archive(tmp, provenance)
+            _normalise_keras_archive(tmp, provenance, lora)
         elif provenance is not None:
             _write_sidecar(dest, provenance)
     write_atomically(dest, write, failure="cannot save the model")
@@ -477,12 +495,15 @@ def working_copy(model):
     of its layers — saved and loaded."""
     import keras
 
+    from .finetune import copy_lora_structure
     from .graph import transfer_weights
     from .layers import model_kind, walk
     if model_kind(model) != "subclassed":
         config = keras.saving.serialize_keras_object(model)
         clone = keras.saving.deserialize_keras_object(config, safe_mode=True)
-        transfer_weights(walk(model), clone, {}, 0)
+        source = walk(model)
+        copy_lora_structure(source, clone)  # a config rebuilds sublayers without their LoRA
+        transfer_weights(source, clone, {}, 0)
         return clone
     with tempfile.TemporaryDirectory(prefix="modelxform-") as tmp:
         path = os.path.join(tmp, "copy.keras")

@@ -63,7 +63,23 @@ def row_blocks(shape: tuple, itemsize: int):
 
 
 def is_large(shape: tuple, dtype) -> bool:
-    return len(shape) >= 1 and math.prod(shape) * np.dtype(dtype).itemsize > LARGE_ARRAY
+    return len(shape) >= 1 and math.prod(shape) * numpy_dtype(dtype).itemsize > LARGE_ARRAY
+
+
+def numpy_dtype(name) -> np.dtype:
+    """A Keras dtype name as a numpy dtype (bfloat16 and float8 through ml_dtypes, as Keras does)."""
+    name = str(name)
+    if name == "bfloat16" or name.startswith("float8"):
+        import ml_dtypes
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)
+
+
+def as_dtype(array: np.ndarray, dtype) -> np.ndarray:
+    """``array`` in the variable's dtype: a `cast` rebuild fills bfloat16 variables from float32 arrays
+    (numpy's rounding to nearest even, as TensorFlow's cast)."""
+    target = numpy_dtype(dtype)
+    return array if array.dtype == target else array.astype(target)
 
 
 def copy_variables(weights: list, sources, name: str = "") -> None:
@@ -77,7 +93,7 @@ def copy_variables(weights: list, sources, name: str = "") -> None:
         if tuple(source.shape) != shape:
             raise ApplyError(f"layer {name}: {var.name} has shape {shape}, the array {tuple(source.shape)}")
         if not is_large(shape, var.dtype):
-            _set_variable(var, np.asarray(source.numpy()))
+            _set_variable(var, as_dtype(np.asarray(source.numpy()), var.dtype))
             continue
         import tensorflow as tf
         if _deferred(var):
@@ -85,9 +101,10 @@ def copy_variables(weights: list, sources, name: str = "") -> None:
                 var._initialize(tf.zeros(shape, dtype=var.dtype))
             var._initializer = None
         read_rows = getattr(source, "read_rows", None) or (lambda a, b: read_variable_rows(source, a, b))
-        for start, stop in row_blocks(shape, np.dtype(var.dtype).itemsize):
+        for start, stop in row_blocks(shape, numpy_dtype(var.dtype).itemsize):
             # scatter_update writes those rows in place (a slice assignment would copy the whole array)
-            var._value.scatter_update(tf.IndexedSlices(read_rows(start, stop), tf.range(start, stop)))
+            var._value.scatter_update(tf.IndexedSlices(as_dtype(read_rows(start, stop), var.dtype),
+                                                       tf.range(start, stop)))
 
 
 def read_variable_rows(var, start: int, stop: int) -> np.ndarray:

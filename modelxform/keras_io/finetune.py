@@ -176,6 +176,9 @@ def quantize_refusal(model, info, mode: str) -> str | None:
         return f"{info.path} has LoRA adapters: `merge lora` first (Keras would merge and re-quantize them " \
                "at every save, and zero them at every load)"
     import keras
+    if not _quantizable(layer):
+        return f"{info.path} ({cls}) cannot be quantized: Keras quantizes Dense, EinsumDense and Embedding layers " \
+               "(and classes that implement `quantize`)"
     if mode == "float8" and isinstance(layer, keras.layers.Embedding):
         return f"{info.path} (Embedding) cannot be quantized to float8: Keras has int8 and int4 for embeddings"
     kind, holder, holder_path = policy_holder(model, info)
@@ -183,6 +186,19 @@ def quantize_refusal(model, info, mode: str) -> str | None:
         return f"{info.path} is inside {holder_path or 'the model'} ({type(holder).__name__}), whose saved " \
                "config does not record its layers' dtype policies: the file written would not load"
     return None
+
+
+def _quantizable(layer) -> bool:
+    """Whether ``layer.quantize`` is implemented for the layer's class: Keras's Dense, EinsumDense and
+    Embedding refuse their subclasses unless these define ``quantize`` themselves (keras_hub's
+    ReversibleEmbedding does)."""
+    import keras
+    owner = next((c for c in type(layer).__mro__ if "quantize" in c.__dict__), None)
+    if owner is None or owner is keras.layers.Layer:
+        return False
+    if owner in (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding):
+        return type(layer) is owner
+    return True
 
 
 def _saves_sublayer_policies(model) -> bool:

@@ -344,9 +344,9 @@ class WeightChange:
         rel = self.relative_l2
         return {"name": self.name, "shape": [list(self.shape_a), list(self.shape_b)],
                 "max_abs_diff": self.max_abs_diff,
-                "relative_l2": ("inf" if rel is not None and math.isinf(rel) else rel),
-                "dtype": [self.dtype_a, self.dtype_b] if self.dtype_a != self.dtype_b else None,
-                "status": self.status}
+                "relative_l2": ("inf" if rel is not None and math.isinf(rel) else rel)} | \
+            ({"dtype": [self.dtype_a, self.dtype_b]} if self.dtype_a != self.dtype_b else {}) | \
+            ({"status": self.status} if self.status != "changed" else {})
 
 
 @dataclass
@@ -388,9 +388,9 @@ class LayerChange:
                 "weights": [w.to_dict() for w in self.weights],
                 "config": {k: list(v) for k, v in self.config.items()},
                 "trainable": list(self.trainable) if self.trainable else None,
-                "inputs": [list(self.inbound[0]), list(self.inbound[1])] if self.inbound else None,
-                "policy": list(self.policy) if self.policy else None,
-                "lora": [_lora_dict(x) for x in self.lora] if self.lora else None}
+                "inputs": [list(self.inbound[0]), list(self.inbound[1])] if self.inbound else None} | \
+            ({"policy": list(self.policy)} if self.policy else {}) | \
+            ({"lora": [_lora_dict(x) for x in self.lora]} if self.lora else {})
 
 
 def _lora_text(state) -> str:

@@ -12,7 +12,8 @@ RECIPES = sorted(p for p in (ROOT / "recipes").iterdir() if p.suffix in (".recip
 # which model each recipe is written for; a new recipe must be added here (and so gets tested)
 TARGETS = {"example": "cnn", "freeze-features": "cnn", "perturb-dense": "cnn", "feature-extractor": "cnn",
            "new-head": "cnn", "resnet50-finetune": "resnet50", "resnet50-features": "resnet50",
-           "dropout-before-classifier": "cnn", "resnet50-headless": "resnet50", "bert-finetune": "bert_classifier"}
+           "dropout-before-classifier": "cnn", "resnet50-headless": "resnet50", "bert-finetune": "bert_classifier",
+           "lora-attention": "bert", "int8-deploy": "attention"}
 
 _MODELS = {}
 
@@ -26,6 +27,13 @@ def target_model(path):
             pytest.importorskip("keras_hub")
             from conftest import make_bert_classifier
             _MODELS[kind] = make_bert_classifier()
+        elif kind == "bert":
+            pytest.importorskip("keras_hub")
+            from conftest import make_bert
+            _MODELS[kind] = make_bert()
+        elif kind == "attention":
+            from conftest import make_attention
+            _MODELS[kind] = make_attention()
         else:
             import keras
             _MODELS[kind] = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
@@ -196,3 +204,51 @@ def test_bert_finetune_trains_the_last_block_and_a_new_head(tmp_path):
     assert trainable == block | {"logits/kernel", "logits/bias"}
     assert model.get_layer("logits").units == 3
     assert result.plan.after[1] == result.plan.before[1] + 65  # a third class: 64 more weights and a bias
+
+
+# the fine-tuning prep recipes, each applied to a keras_hub backbone and to a model of Keras layers
+
+@pytest.fixture(scope="module")
+def prep_inputs(tmp_path_factory):
+    pytest.importorskip("keras_hub")
+    from conftest import make_attention, make_bert
+    from modelxform.keras_io.files import save_model
+    folder = tmp_path_factory.mktemp("prep")
+    out = {}
+    for kind, factory in (("bert", make_bert), ("attention", make_attention)):
+        out[kind] = folder / f"{kind}.keras"
+        save_model(factory(), out[kind])
+    return out
+
+
+ATTENTION_PATHS = {"bert": [f"transformer_layer_{n}/self_attention_layer/{w}" for n in (0, 1) for w in ("query", "value")],
+                   "attention": ["mha/query", "mha/value"]}
+
+
+@pytest.mark.parametrize("kind", ["bert", "attention"])
+def test_lora_attention_adapts_every_query_and_value(prep_inputs, kind, tmp_path):
+    import modelxform
+    out = tmp_path / "lora.keras"
+    result = modelxform.apply_file(ROOT / "recipes" / "lora-attention.recipe", prep_inputs[kind], out)
+    model = modelxform.load_model(out)
+    from modelxform.keras_io.layers import walk
+    lora = {i.path: (i.layer.lora_rank, i.layer.lora_alpha) for i in walk(model) if getattr(i.layer, "lora_enabled", False)}
+    assert lora == {p: (8, 16) for p in ATTENTION_PATHS[kind]}
+    assert any(line.startswith("    trainable parameters: ") for line in result.plan.lines())
+
+
+@pytest.mark.parametrize("kind", ["bert", "attention"])
+def test_int8_deploy_quantizes_every_dense_and_einsum_dense(prep_inputs, kind, tmp_path):
+    import keras
+    import modelxform
+    out = tmp_path / "int8.keras"
+    modelxform.apply_file(ROOT / "recipes" / "int8-deploy.recipe", prep_inputs[kind], out)
+    model = keras.saving.load_model(out)
+    from modelxform.keras_io.layers import walk
+    modes = {type(i.layer).__name__: set() for i in walk(model)}
+    for i in walk(model):
+        modes[type(i.layer).__name__].add(getattr(i.layer, "quantization_mode", None))
+    assert modes["EinsumDense"] == {"int8"} and modes["Dense"] == {"int8"}
+    assert modes["LayerNormalization"] == {None}
+    if kind == "bert":  # (the attention model's file is mostly HDF5's own structure)
+        assert out.stat().st_size < 0.6 * prep_inputs[kind].stat().st_size

@@ -140,7 +140,7 @@ class MergeLora(FinetuneStatement):
     (kernel + alpha/rank · A·B) and drop LoRA: the same outputs, plain layers again."""
 
     span: Span | None = field(**SPAN)
-    keyword = "merge"
+    keyword = "merge lora"
     rules = ("merge_stmt",)
     yaml_key = "merge_lora"
     yaml_bare = True

@@ -191,7 +191,7 @@ def cases() -> list[dict]:
              mx=apply(RECIPES / "replace-ten.recipe", "resnet50.keras"),
              script=script("replace_activations.py", "resnet50.keras", *TEN)),
         dict(name="transformer-quantize-int8", model="transformer.keras", kind="finetune",
-             what="select where type in (Dense, EinsumDense); quantize int8 (108.9M-parameter encoder of Keras layers)",
+             what="select where type in (Dense, EinsumDense); quantize int8 (108.5M-parameter encoder of Keras layers)",
              mx=apply(RECIPES / "quantize-int8.recipe", "transformer.keras"),
              script=script("quantize_int8.py", "transformer.keras"), memory_target=True),
         dict(name="transformer-lora-attention", model="transformer.keras", kind="finetune",

@@ -5,6 +5,7 @@ loudly)."""
 from __future__ import annotations
 
 import io
+import time
 import zipfile
 
 import numpy as np
@@ -437,6 +438,7 @@ def test_outputs_are_reproducible_and_carry_provenance(files, tmp_path, text):
     from modelxform.keras_io.files import read_provenance
     a, b = tmp_path / "a.keras", tmp_path / "b.keras"
     run(text, files["attention"], a, seed=3)
+    time.sleep(1.1)  # nothing in the file may depend on the clock (HDF5 stamps objects unless told not to)
     run(text, files["attention"], b, seed=3)
     assert sha256_file(a) == sha256_file(b)
     record = read_provenance(a)
@@ -480,3 +482,79 @@ def test_plan_reports_without_writing(files):
     from modelxform import plan_file
     plan = plan_file(compile_recipe('select head\nquantize int4\n'), files["attention"])
     assert any("head: float32 -> int4/128_from_float32" in line for line in plan.lines())
+
+
+@pytest.mark.parametrize("text", ['select where type=Dense\nlora rank 2\n', 'select dense_1, dense_3\nquantize int8\n',
+                                  'select where type in (Conv2D, Dense)\ncast bfloat16\n',
+                                  'select dense_2\nlora rank 2\nmerge lora\n'],
+                         ids=["lora", "quantize", "cast", "merge"])
+def test_both_ways_in_give_the_same_bytes(model_file, monkeypatch, tmp_path, text):
+    """From the archive (built once, without Keras's loader) and from the model loaded with Keras."""
+    source = model_file("cnn")
+    run(text, source, tmp_path / "archive.keras")
+    monkeypatch.setenv("MODELXFORM_FASTPATH", "0")
+    run(text, source, tmp_path / "keras.keras")
+    assert sha256_file(tmp_path / "archive.keras") == sha256_file(tmp_path / "keras.keras")
+
+
+def test_cast_and_lora_in_sequential_and_nested_models(model_file, tmp_path):
+    keras = _keras()
+    out = tmp_path / "seq-out.keras"
+    run("select fc1\ncast float16\nselect fc2\nlora rank 2\n", model_file("sequential"), out)
+    model = load_model(out)
+    assert str(model.get_layer("fc1").kernel.dtype) == "float16" and model.get_layer("fc2").lora_enabled
+    out = tmp_path / "nested-out.keras"
+    run("select backbone/block/conv_a\ncast bfloat16\nselect head\nquantize int8\n", model_file("nested"), out)
+    layers = layers_by_path(keras.saving.load_model(out))
+    assert str(layers["backbone/block/conv_a"].kernel.dtype) == "bfloat16"
+    assert str(layers["backbone/conv1"].kernel.dtype) == "float32" and layers["head"].quantization_mode == "int8"
+
+
+def test_the_keras_internals_used_are_there():
+    """keras_io/finetune.py and files.py (the loader) reach into these; a Keras release without them must fail here."""
+    keras = _keras()
+    from keras.src.layers.convolutional.base_conv import BaseConv
+    from keras.src.saving import saving_lib
+    for name in ("_model_from_config", "_load_state", "_raise_loading_failure", "H5IOStore"):
+        assert callable(getattr(saving_lib, name)), name
+    dense = keras.layers.Dense(3)
+    dense.build((None, 4))
+    assert isinstance(dense._dtype_policy, keras.DTypePolicy) and dense._kernel is not None
+    assert issubclass(keras.layers.Conv2D, BaseConv)
+    emb = keras.layers.Embedding(5, 2)
+    emb.build((None,))
+    emb.enable_lora(1)
+    assert emb._embeddings is not None and emb.lora_embeddings_a.shape == (5, 1)
+
+
+def test_the_loader_reads_the_weights_in_place_and_loads_what_keras_loads(tmp_path, monkeypatch):
+    import modelxform.keras_io.files as files_module
+    keras = _keras()
+    path = tmp_path / "wide.keras"
+    save_model(make_wide(), path)
+    seen = []
+    from keras.src.saving import saving_lib
+    original = saving_lib.H5IOStore.__init__
+
+    def spy(self, path_or_io, *args, **kwargs):
+        seen.append(type(path_or_io).__name__)
+        original(self, path_or_io, *args, **kwargs)
+    monkeypatch.setattr(saving_lib.H5IOStore, "__init__", spy)
+    model = files_module.load_model(path)
+    assert seen == ["BytesIO"]  # (an empty one: WindowStore opens the window instead)
+    assert isinstance(model, keras.Model)
+    want = keras.saving.load_model(path)
+    assert model.get_config() == want.get_config()
+    assert [v.path for v in model.weights] == [v.path for v in want.weights]
+    for a, b in zip(model.weights, want.weights):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+    # a file whose weights do not fit is refused as Keras refuses it
+    other = tmp_path / "other.keras"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(other, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json":
+                data = data.replace(b'"units": 8', b'"units": 4', 1)
+            dst.writestr(item, data)
+    with pytest.raises(ModelxformError, match="the weights do not fit the model"):
+        files_module.load_model(other)

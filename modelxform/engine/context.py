@@ -334,21 +334,19 @@ class Context:
         import math
         return int(sum(math.prod(v.shape) for v in self.model.trainable_weights))
 
-    @staticmethod
-    def lora_state(info):
+    def lora_state(self, info):
         """(rank, alpha) of a LoRA layer, else None (an archive's layers never have LoRA: it declines
         them)."""
+        if self.on_archive:
+            return None
         from ..keras_io.finetune import lora_state
-        return None if getattr(info.layer, "entry", None) is not None else lora_state(info.layer)
+        return lora_state(info.layer)
 
     @staticmethod
     def quantization_mode(info):
-        """A quantized layer's mode (int8, int4, float8), else None."""
-        layer = info.layer
-        if getattr(layer, "entry", None) is not None:  # an archive's layer: it declines quantized ones
-            return layer.quantization_mode
-        from ..keras_io.finetune import quantization_mode
-        return quantization_mode(layer)
+        """A quantized layer's mode (int8, int4, float8), else None: a Keras layer's, or what an archive's
+        layer's config says (the archive declines quantized layers, so none has one)."""
+        return getattr(info.layer, "quantization_mode", None)
 
     @staticmethod
     def policy_name(info) -> str:

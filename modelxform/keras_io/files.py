@@ -160,9 +160,10 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
     from keras.src.utils import naming
     naming.reset_uids()
     try:
-        with _quiet(), _weights_read_from_disk(p if fmt == "keras" else None):
+        with _quiet():
             if fmt == "keras":
-                model = keras.saving.load_model(p, compile=False, safe_mode=not unsafe)
+                model = _load_keras_archive(p, safe_mode=not unsafe) or \
+                    keras.saving.load_model(p, compile=False, safe_mode=not unsafe)
             else:
                 model = keras.models.load_model(p, compile=False, safe_mode=not unsafe)
     except ModelFileError:
@@ -178,38 +179,58 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
     return model
 
 
-# Above this size, Keras's loader is told to read model.weights.h5 from a file rather than from a copy in
-# memory (see _weights_read_from_disk).
-WEIGHTS_IN_MEMORY = 64 << 20
-
-
-@contextlib.contextmanager
-def _weights_read_from_disk(path):
-    """Keras's loader reads a .keras file's model.weights.h5 into memory whole (io.BytesIO) when it thinks
-    the machine has room (saving_lib.is_memory_sufficient), so that the weights are held twice while the
-    model loads: once as that copy, once in the variables. For a large file, have it take its other way
-    — the member extracted beside the file, read from there by h5py — which holds them once (a
-    108M-parameter model peaks 0.4 GB lower). saving_lib is private; tests/test_finetune.py checks the
-    function is there and that a large file loads the same either way."""
-    if path is None:
-        yield
-        return
+def _load_keras_archive(path: pathlib.Path, safe_mode: bool):
+    """Load a .keras file as keras.saving.load_model does (keras.src.saving.saving_lib's
+    _load_model_from_fileobj: the model from config.json, then its variables from model.weights.h5), but
+    with h5py reading the weights member where it lies in the zip (the archive's byte-range window) rather
+    than from a copy in memory: Keras reads the whole member into an io.BytesIO when it thinks the machine
+    has room, so the weights are held twice while the model loads (a 108M-parameter model peaks 0.4 GB
+    higher), or else extracts it to a temporary file. Returns None, having loaded nothing, where those
+    steps are not available (another Keras version) or the archive is not plain (a compressed weights
+    member, assets): the caller then uses keras.saving.load_model. tests/test_finetune.py compares both."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            size = zf.getinfo("model.weights.h5").file_size
         from keras.src.saving import saving_lib
-        original = saving_lib.is_memory_sufficient
-    except (KeyError, OSError, zipfile.BadZipFile, ImportError, AttributeError):
-        yield
-        return
-    if size <= WEIGHTS_IN_MEMORY:
-        yield
-        return
-    saving_lib.is_memory_sufficient = lambda model: False
-    try:
-        yield
-    finally:
-        saving_lib.is_memory_sufficient = original
+        from_config, load_state = saving_lib._model_from_config, saving_lib._load_state
+        raise_failure, h5_store = saving_lib._raise_loading_failure, saving_lib.H5IOStore
+    except (ImportError, AttributeError):
+        return None
+    import io
+
+    from .archive import _data_offset, _Window
+    with open(path, "rb") as fh:
+        with zipfile.ZipFile(fh) as zf:
+            names = zf.namelist()
+            if "model.weights.h5" not in names or any(n.startswith("assets/") for n in names):
+                return None
+            info = zf.getinfo("model.weights.h5")
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+                return None
+            config_json = zf.read("config.json").decode("utf-8")
+        try:
+            start = _data_offset(fh, info)
+        except Exception:  # noqa: BLE001 - an unusual header: Keras's own loader will say
+            return None
+        import h5py
+
+        class WindowStore(h5_store):  # H5IOStore takes a path or a BytesIO; this one opens the window
+            def __init__(self, window):
+                self._window = window
+                super().__init__(io.BytesIO(), mode="r")
+
+            def _get_h5_file(self, path_or_io, mode=None):
+                return h5py.File(self._window, mode="r")
+
+        model = from_config(config_json, None, False, safe_mode)
+        store = WindowStore(_Window(fh.fileno(), start, info.file_size))
+        failed, messages = set(), {}
+        try:
+            load_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set(),
+                       failed_saveables=failed, error_msgs=messages)
+        finally:
+            store.close()
+        if failed:
+            raise_failure(messages)
+    return model
 
 
 @contextlib.contextmanager

@@ -387,7 +387,7 @@ def lora_member(model) -> bytes | None:
     import h5py
     buffer = io.BytesIO()
     index = []
-    with h5py.File(buffer, "w", track_order=True) as h5:
+    with h5py.File(buffer, "w") as h5:
         h5.attrs["format"] = LORA_FORMAT
         for n, info in enumerate(entries):
             layer = info.layer
@@ -395,7 +395,7 @@ def lora_member(model) -> bytes | None:
             a_name, b_name, base_name = _factor_names(layer)
             a = np.asarray(getattr(layer, a_name).numpy())
             b = np.asarray(getattr(layer, b_name).numpy())
-            group = h5.create_group(str(n), track_order=True)
+            group = h5.create_group(str(n))
             group.create_dataset("a", data=a, track_times=False)
             group.create_dataset("b", data=b, track_times=False)
             record = {"path": info.path, "keras_path": layer.path, "class": type(layer).__name__,

@@ -196,7 +196,7 @@ def _load_keras_archive(path: pathlib.Path, safe_mode: bool):
         return None
     import io
 
-    from .archive import _data_offset, _Window
+    from .zipmember import Window, member_offset
     with open(path, "rb") as fh:
         with zipfile.ZipFile(fh) as zf:
             names = zf.namelist()
@@ -207,7 +207,7 @@ def _load_keras_archive(path: pathlib.Path, safe_mode: bool):
                 return None
             config_json = zf.read("config.json").decode("utf-8")
         try:
-            start = _data_offset(fh, info)
+            start = member_offset(fh, info)
         except Exception:  # noqa: BLE001 - an unusual header: Keras's own loader will say
             return None
         import h5py
@@ -221,7 +221,7 @@ def _load_keras_archive(path: pathlib.Path, safe_mode: bool):
                 return h5py.File(self._window, mode="r")
 
         model = from_config(config_json, None, False, safe_mode)
-        store = WindowStore(_Window(fh.fileno(), start, info.file_size))
+        store = WindowStore(Window(fh.fileno(), start, info.file_size))
         failed, messages = set(), {}
         try:
             load_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set(),

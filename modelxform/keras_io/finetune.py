@@ -31,8 +31,6 @@ from .variables import numpy_dtype
 
 LORA_MEMBER = "modelxform.lora.h5"
 LORA_FORMAT = "modelxform-lora/1"
-QUANT_MODES = ("int8", "float8", "int4")
-CAST_POLICIES = ("bfloat16", "float16", "float32", "mixed_bfloat16", "mixed_float16")
 
 
 # ---- what a layer is ----------------------------------------------------------------------------

@@ -108,3 +108,64 @@ def test_which_layer_feeds_which_is_read_where_check_moves_reads_it():
     dense_2 = model.get_layer("dense_2")
     assert dense_2.input._keras_history[0] is model.get_layer("dropout")
     assert [n.operation.name for n in model.get_layer("dense_1")._outbound_nodes] == ["dropout"]
+
+
+# ---- streams.py: CRC-32 arithmetic and file-to-file copies (issue 19) ----------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 1 << 16))
+def test_crc32_zeros_is_zlibs_crc_of_zero_bytes(crc, count):
+    import zlib
+    from modelxform.keras_io.streams import crc32_zeros
+    assert crc32_zeros(crc, count) == zlib.crc32(bytes(count), crc)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=4096), st.data())
+def test_edited_crc_is_the_crc_of_the_edited_bytes(data, draw):
+    """Ranges replaced in order (some in several pieces, some empty) give the CRC zlib computes over
+    the whole edited data."""
+    import zlib
+    from modelxform.keras_io.streams import EditedCrc
+    edited = bytearray(data)
+    crc = EditedCrc(zlib.crc32(data), len(data))
+    at = 0
+    for _ in range(draw.draw(st.integers(0, 6))):
+        start = draw.draw(st.integers(at, len(data)))
+        stop = draw.draw(st.integers(start, len(data)))
+        middle = draw.draw(st.integers(start, stop))
+        for a, b in ((start, middle), (middle, stop)):
+            new = draw.draw(st.binary(min_size=b - a, max_size=b - a))
+            crc.replace(a, data[a:b], new)
+            edited[a:b] = new
+        at = stop
+    assert crc.value == zlib.crc32(bytes(edited))
+
+
+def test_edited_crc_refuses_ranges_out_of_order():
+    from modelxform.keras_io.streams import EditedCrc
+    crc = EditedCrc(0, 10)
+    crc.replace(4, b"ab", b"cd")
+    with pytest.raises(ValueError, match="in order"):
+        crc.replace(3, b"a", b"b")
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_copy_range_copies_between_offsets(tmp_path, monkeypatch, kernel):
+    import os
+    from modelxform.keras_io import streams
+    monkeypatch.setattr(streams, "_kernel_copy", kernel and hasattr(os, "copy_file_range"))
+    monkeypatch.setattr(streams, "_CHUNK", 1000)
+    data = os.urandom(10_000)
+    (tmp_path / "a").write_bytes(data)
+    (tmp_path / "b").write_bytes(b"x" * 50)
+    with open(tmp_path / "a", "rb") as src, open(tmp_path / "b", "r+b") as dst:
+        streams.copy_range(src.fileno(), 123, 7000, dst.fileno(), 20)
+        with pytest.raises(streams.ModelFileError, match="unexpected end of file"):
+            streams.copy_range(src.fileno(), 9000, 2000, dst.fileno(), 8000)
+    out = (tmp_path / "b").read_bytes()
+    assert out[:20] == b"x" * 20 and out[20:7020] == data[123:7123]

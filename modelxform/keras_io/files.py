@@ -384,6 +384,22 @@ def member_info(name: str, date_time, compress) -> zipfile.ZipInfo:
     return info
 
 
+def member_writer_settable(out) -> bool:
+    """Whether ``out`` (what ``ZipFile.open(info, "w")`` returned) is CPython's writer of a stored member,
+    whose size and CRC-32 set_member_written can give it after the bytes were written past it, straight
+    into the zip file (Python 3.8 to 3.13 keep them in these attributes; elsewhere the bytes go through
+    ``out.write``)."""
+    return (type(out).__name__ == "_ZipWriteFile" and getattr(out, "_compressor", True) is None
+            and all(isinstance(getattr(out, a, None), int) for a in ("_file_size", "_compress_size", "_crc")))
+
+
+def set_member_written(out, size: int, crc: int) -> None:
+    """Tell a stored member's writer that ``size`` bytes with CRC-32 ``crc`` were written after its
+    header, as ``out.write`` would have counted them; closing it then writes the header as for them."""
+    out._file_size = out._compress_size = size
+    out._crc = crc
+
+
 def _member_writer(dst: zipfile.ZipFile, date_time):
     def put(name, data, compress):
         dst.writestr(member_info(name, date_time, compress), data)

@@ -169,3 +169,18 @@ def test_copy_range_copies_between_offsets(tmp_path, monkeypatch, kernel):
             streams.copy_range(src.fileno(), 9000, 2000, dst.fileno(), 8000)
     out = (tmp_path / "b").read_bytes()
     assert out[:20] == b"x" * 20 and out[20:7020] == data[123:7123]
+
+
+def test_a_saved_model_is_the_same_whichever_way_its_weights_reach_the_zip(tmp_path, monkeypatch):
+    """The weights file Keras's steps write is copied into the archive file to file, its CRC read off the
+    page cache; through the zip writer (where its CRC cannot be set) the bytes are the same."""
+    from conftest import make_cnn
+    from modelxform.keras_io import files
+    model = make_cnn()
+    files.save_model(model, tmp_path / "direct.keras", provenance={"k": 1})
+    monkeypatch.setattr(files, "member_writer_settable", lambda out: False)
+    files.save_model(model, tmp_path / "through.keras", provenance={"k": 1})
+    assert (tmp_path / "direct.keras").read_bytes() == (tmp_path / "through.keras").read_bytes()
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "direct.keras") as zf:
+        assert zf.testzip() is None  # every member's CRC holds

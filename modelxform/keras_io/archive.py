@@ -379,6 +379,7 @@ class Archive:
         self._patches: dict = {}  # dataset key -> the new array, or (spill offset, nbytes)
         self._changes: dict = {}  # dataset key -> elementwise changes not yet applied (ArchiveVariable.defer)
         self._cursors: dict = {}  # dataset key -> _Cursor of a read by rows in progress
+        self.lazy_variables: list = []  # weak references to Keras variables whose values are still here
         self._in_memory = 0  # bytes of the arrays held in _patches
         self._largest = 0  # bytes of the largest array read
         self._digest = None  # the input's sha256, computed by a thread (see hash_input)
@@ -445,7 +446,18 @@ class Archive:
                 config["trainable"] = bool(layer_info.layer.trainable)
         return self.output_config
 
+    def forget_lazy_variables(self) -> None:
+        """The models built from this archive will not be used again (the run is over): closing it
+        need not give their variables the values they still take from it (variables.FromSource)."""
+        self.lazy_variables.clear()
+
     def close(self) -> None:
+        from .variables import materialise
+        for ref in self.lazy_variables:  # a model built from the archive may outlive it: fill it first
+            var = ref()
+            if var is not None and not self._fh.closed:
+                materialise(var)
+        self.lazy_variables.clear()
         if self._digest is not None:
             self._digest.stop()
         self._fh.close()

@@ -368,7 +368,17 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None) -> 
             info = member_info("model.weights.h5", date_time, zipfile.ZIP_STORED)
             info.file_size = weights_size  # what writestr sets before it writes
             with dst.open(info, "w") as out:
-                shutil.copyfileobj(weights_file, out, 8 << 20)
+                if member_writer_settable(out):  # copied file to file; its CRC read off the page cache
+                    from .streams import copy_range, crc_of_range, preallocate
+                    dst.fp.flush()
+                    base = dst.fp.tell()
+                    preallocate(dst.fp.fileno(), base, weights_size)
+                    copy_range(weights_file.fileno(), 0, weights_size, dst.fp.fileno(), base)
+                    crc = crc_of_range(weights_file.fileno(), 0, weights_size)
+                    dst.fp.seek(base + weights_size)
+                    set_member_written(out, weights_size, crc)
+                else:
+                    shutil.copyfileobj(weights_file, out, 8 << 20)
             if provenance is not None:
                 put(PROVENANCE_MEMBER, json.dumps(provenance, indent=1, sort_keys=True).encode(),
                     zipfile.ZIP_DEFLATED)

@@ -79,6 +79,18 @@ def read_exact(fd: int, buffer, offset: int) -> None:
         done += got
 
 
+def crc_of_range(fd: int, offset: int, size: int) -> int:
+    """The CRC-32 of ``size`` bytes of ``fd`` at ``offset``."""
+    crc, buffer = 0, bytearray(min(_CHUNK, max(size, 1)))
+    done = 0
+    while done < size:
+        view = memoryview(buffer)[:min(len(buffer), size - done)]
+        read_exact(fd, view, offset + done)
+        crc = crc32(view, crc)
+        done += len(view)
+    return crc
+
+
 def write_all(fd: int, data, offset: int) -> None:
     view = memoryview(data).cast("B")
     done = 0

@@ -17,6 +17,7 @@ CRC either, where the bytes are the input's: the damage stays detectable, as wit
 from __future__ import annotations
 
 import errno
+import io
 import os
 
 from ..errors import ModelFileError
@@ -167,3 +168,68 @@ class EditedCrc:
     def value(self) -> int:
         rest = self._size - self._at
         return self._original ^ crc32_zeros(self._old, rest) ^ crc32_zeros(self._new, rest)
+
+
+class FileWindow(io.RawIOBase):
+    """A file that is the region of another from ``start`` on: what is written into it (by h5py's file
+    object driver) lands at ``start + offset`` of the other, so that a zip member can be written in
+    place. It behaves as a new file would: its size is how far it was written or truncated, and what
+    lies between is zeros (the region is expected to be fresh: preallocated, or past the other's end)."""
+
+    def __init__(self, fd: int, start: int):
+        super().__init__()
+        self._fd, self._start = fd, start
+        self._pos = 0
+        self.size = 0
+        self._written = 0  # how far bytes were ever written: beyond it, the region holds zeros
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, pos, whence=0):
+        base = {0: 0, 1: self._pos, 2: self.size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buffer):
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self.size - self._pos))
+        done = 0
+        while done < n:
+            got = os.preadv(self._fd, [view[done:n]], self._start + self._pos + done)
+            if got <= 0:  # past the other file's end: zeros, as in a file extended by truncate
+                view[done:n] = bytes(n - done)
+                break
+            done += got
+        self._pos += n
+        return n
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        write_all(self._fd, view, self._start + self._pos)
+        self._pos += len(view)
+        self.size = max(self.size, self._pos)
+        self._written = max(self._written, self._pos)
+        return len(view)
+
+    def truncate(self, size=None):
+        size = self._pos if size is None else size
+        if size > self.size and self.size < self._written:  # bytes written once, then cut off: zero them
+            stop = min(size, self._written)
+            zeros = bytes(min(_CHUNK, stop - self.size))
+            for at in range(self.size, stop, len(zeros)):
+                write_all(self._fd, zeros[:min(len(zeros), stop - at)], self._start + at)
+        self.size = size
+        return size
+
+    def flush(self):
+        pass

@@ -171,16 +171,68 @@ def test_copy_range_copies_between_offsets(tmp_path, monkeypatch, kernel):
     assert out[:20] == b"x" * 20 and out[20:7020] == data[123:7123]
 
 
-def test_a_saved_model_is_the_same_whichever_way_its_weights_reach_the_zip(tmp_path, monkeypatch):
-    """The weights file Keras's steps write is copied into the archive file to file, its CRC read off the
-    page cache; through the zip writer (where its CRC cannot be set) the bytes are the same."""
+@pytest.mark.parametrize("way", ["through the zip writer", "through a temporary file"])
+def test_a_saved_model_is_the_same_whichever_way_its_weights_reach_the_zip(tmp_path, monkeypatch, way):
+    """Keras's weights file is written in place inside the zip (its CRC read off the page cache); through
+    the zip writer (where its CRC cannot be set), or first into a temporary file (where its size could
+    change the member's header), the bytes are the same."""
+    import zipfile
     from conftest import make_cnn
     from modelxform.keras_io import files
     model = make_cnn()
     files.save_model(model, tmp_path / "direct.keras", provenance={"k": 1})
-    monkeypatch.setattr(files, "member_writer_settable", lambda out: False)
-    files.save_model(model, tmp_path / "through.keras", provenance={"k": 1})
-    assert (tmp_path / "direct.keras").read_bytes() == (tmp_path / "through.keras").read_bytes()
-    import zipfile
+    if way == "through the zip writer":
+        monkeypatch.setattr(files, "member_writer_settable", lambda out: False)
+    else:
+        monkeypatch.setattr(files, "_weights_file_size_hint", lambda model: None)
+    files.save_model(model, tmp_path / "other.keras", provenance={"k": 1})
+    assert (tmp_path / "direct.keras").read_bytes() == (tmp_path / "other.keras").read_bytes()
     with zipfile.ZipFile(tmp_path / "direct.keras") as zf:
         assert zf.testzip() is None  # every member's CRC holds
+
+
+def test_the_size_hint_decides_the_zip_header_as_the_exact_size_would():
+    """Bounds that straddle zipfile's zip64 threshold give no hint; others give one on the same side."""
+    import zipfile
+    from modelxform.keras_io import files
+
+    class Var:
+        def __init__(self, shape):
+            self.shape, self.dtype = shape, "float32"
+
+    class Model:
+        def __init__(self, *shapes):
+            self.weights = [Var(s) for s in shapes]
+    limit = zipfile.ZIP64_LIMIT
+    small = files._weights_file_size_hint(Model((1000, 1000)))
+    assert small is not None and small * 1.05 <= limit
+    rows = int(limit / 1.05 / 4 / 1000)  # one array just under the threshold: the HDF5 structure may cross it
+    assert files._weights_file_size_hint(Model((rows, 1000))) is None
+    big = files._weights_file_size_hint(Model((rows + 20_000, 1000)))
+    assert big is not None and big * 1.05 > limit
+
+
+def test_a_file_window_behaves_as_a_new_file(tmp_path):
+    """Writes land at the window's offset; its size is how far it was written or truncated; bytes
+    written, cut off and then reached again by an extension read as zeros, as in a file."""
+    import os
+    from modelxform.keras_io.streams import FileWindow
+    path = tmp_path / "f"
+    path.write_bytes(b"H" * 10)
+    with open(path, "r+b") as fh:
+        w = FileWindow(fh.fileno(), 10)
+        assert w.seek(0, 2) == 0 and w.read() == b""
+        w.write(b"abcdef")
+        w.seek(2)
+        assert w.read(3) == b"cde" and w.tell() == 5
+        w.truncate(3)
+        assert w.seek(0, 2) == 3
+        w.truncate(8)  # extended past what was cut off: zeros, then past anything written: zeros
+        w.seek(0)
+        assert w.read() == b"abc" + bytes(5)
+        w.seek(20)
+        w.write(b"z")
+        assert w.size == 21
+        w.seek(12)
+        assert w.read(9) == bytes(8) + b"z"
+    assert path.read_bytes()[:13] == b"H" * 10 + b"abc" and os.path.getsize(path) == 31

@@ -3,6 +3,15 @@
     .venv/bin/python benchmarks/run.py                 # set up (once), then 5 runs of each side per case
     .venv/bin/python benchmarks/run.py --runs 3 --only vgg16-scale-dense,check-500
     .venv/bin/python benchmarks/run.py --setup-only
+    .venv/bin/python benchmarks/run.py --backend jax --only resnet50-replace-pooling
+    .venv/bin/python benchmarks/run.py --backend torch --python .venv-torch/bin/python --only …
+    .venv/bin/python benchmarks/run.py --also jax --also torch=.venv-torch/bin/python --no-keras-path \
+        --only resnet50-replace-pooling       # every backend in the same run, alternating
+
+With --backend, modelxform runs with KERAS_BACKEND set to it (and the --python interpreter, for a
+virtual environment that has that backend), against the same hand-written scripts on TensorFlow: the
+comparison a JAX or PyTorch user makes with the script they would otherwise run. The input models
+are the same files (built once, under TensorFlow).
 
 Every run is a fresh process (what a user or a CI job pays: interpreter, imports, load, edit, save). The
 two sides alternate run by run, so that a slow spell of the machine hits both. Reported per case: the
@@ -37,6 +46,10 @@ WORK = HERE / ".work"
 RECIPES = HERE / "recipes"
 SCRIPTS = HERE / "scripts"
 PY = sys.executable
+MXPY = PY  # the interpreter modelxform runs with (--python)
+BACKEND = "tensorflow"  # the Keras backend modelxform runs on (--backend); the scripts run on TensorFlow
+ALSO: list = []  # (backend, python): modelxform on these backends too, in the same run (--also)
+KERAS_PATH = True  # also run modelxform with the fast path off (--no-keras-path: skip)
 TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 
 TEN = ["conv2_block1_1_relu", "conv2_block1_2_relu", "conv2_block1_out", "conv2_block2_1_relu",
@@ -118,7 +131,7 @@ def generated_recipe(n: int) -> str:
 # ---- cases -------------------------------------------------------------------------------------------
 
 def cases() -> list[dict]:
-    mx = [PY, "-m", "modelxform"]
+    mx = [MXPY, "-m", "modelxform"]
     w = WORK
 
     def apply(recipe, model, *extra):
@@ -156,6 +169,10 @@ def cases() -> list[dict]:
              what="10 × replace <activation> with Activation(activation=\"relu\")",
              mx=apply(RECIPES / "replace-ten.recipe", "resnet50.keras"),
              script=script("replace_activations.py", "resnet50.keras", *TEN)),
+        dict(name="resnet50-fold-batchnorm", model="resnet50.keras", kind="structural",
+             what="fold batchnorm (53 BatchNormalization layers into their convolutions)",
+             mx=apply(RECIPES / "fold-batchnorm.recipe", "resnet50.keras"),
+             script=script("fold_batchnorm.py", "resnet50.keras")),
         dict(name="check-500", model=None, kind="front-end", what="modelxform check on a 500-statement recipe",
              mx=mx + ["check", str(w / "check-500.recipe")], script=None),
         dict(name="fmt-500", model=None, kind="front-end", what="modelxform fmt --check on the same recipe",
@@ -205,13 +222,13 @@ PROBE = """\
 import sys
 from modelxform.cli import main
 status = main(sys.argv[1:])
-sys.stderr.write(f"FASTPATH {'tensorflow' not in sys.modules}\\n")
+sys.stderr.write(f"FASTPATH {'keras' not in sys.modules}\\n")
 sys.exit(status)
 """
 
 
 def took_fast_path(argv, env) -> bool:
-    proc = subprocess.run([PY, "-c", PROBE, *argv[3:]], env=env, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([MXPY, "-c", PROBE, *argv[3:]], env=env, cwd=ROOT, capture_output=True, text=True)
     return "FASTPATH True" in proc.stderr
 
 
@@ -245,14 +262,18 @@ def same_model(a, b) -> bool:
 
 
 def run_case(case, runs, log, baseline: str | None = None) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    script_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT), KERAS_BACKEND="tensorflow")
+    env = dict(script_env, KERAS_BACKEND=BACKEND)
     variants = {"modelxform": (case["mx"], env)}
     if baseline:
         # the same command from another checkout (e.g. before a refactoring), in the same run
         variants["modelxform, baseline"] = (case["mx"], dict(env, PYTHONPATH=baseline))
     if case["script"]:
-        variants["script"] = (case["script"], env)
-    if case["kind"] in ("weight-only", "structural"):
+        variants["script"] = (case["script"], script_env)
+    for backend, python in ALSO:
+        # the same command on another backend (and interpreter), alternating with the others
+        variants[f"modelxform on {backend}"] = ([python, *case["mx"][1:]], dict(script_env, KERAS_BACKEND=backend))
+    if case["kind"] in ("weight-only", "structural") and KERAS_PATH:
         # with the fast path and the archive run off: the input model is loaded, as before both existed
         variants["modelxform, Keras path"] = (case["mx"], dict(env, MODELXFORM_FASTPATH="0"))
     ok = case.get("ok", (0,))
@@ -321,6 +342,12 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
     for r in results["cases"]:
         if r["kind"] == "structural" and "ratio" in r:
             out.append((f"structural ≤ 1.0× script: {r['name']}", f"{r['ratio']:.2f}×", r["ratio"] <= 1.0))
+            jax = r["median_s"]["modelxform"] if results.get("backend") == "jax" else \
+                r["median_s"].get("modelxform on jax")
+            if jax is not None and r["name"].startswith("resnet50"):
+                ratio = jax / r["median_s"]["script"]
+                out.append((f"structural ResNet50 on JAX ≤ 0.6× the TensorFlow script (issue 18): {r['name']}",
+                            f"{ratio:.2f}×", ratio <= 0.6))
         if r["kind"] == "weight-only" and "ratio" in r:
             out.append((f"weight-only ≤ 0.3× script: {r['name']}", f"{r['ratio']:.2f}×", r["ratio"] <= 0.3))
         if r["kind"] == "front-end":
@@ -337,7 +364,7 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
             x = r["peak_rss_bytes"]["modelxform"] / r["weight_bytes"]
             runtime = results.get("runtime_rss_bytes")
             beyond = "" if not runtime or r["kind"] != "structural" else (
-                f"; beyond the {runtime / 2**20:.0f} MiB of Python, TensorFlow and Keras imported: "
+                f"; beyond the {runtime / 2**20:.0f} MiB of Python, Keras and its backend imported: "
                 f"{(r['peak_rss_bytes']['modelxform'] - runtime) / r['weight_bytes']:.2f}×")
             out.append((f"peak memory ≤ {limit}× weight bytes: {r['name']}",
                         f"{r['peak_rss_bytes']['modelxform'] / 2**20:.0f} MiB = {x:.2f}× "
@@ -349,7 +376,9 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     loads = ", ".join(f"{r['name']} {r.get('load_average_before', float('nan')):.1f}/"
                       f"{r.get('load_average_after', float('nan')):.1f}" for r in results["cases"])
-    lines = [f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_bytes'] / 2**30:.1f} GiB memory, "
+    backend = results.get("backend", "tensorflow")
+    lines = [f"modelxform on the {backend} backend; the scripts on tensorflow. "
+             f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_bytes'] / 2**30:.1f} GiB memory, "
              f"Python {m['python']}; {m['date']}; {results['runs']} runs per side; peak RSS from {m['rss_from']}; "
              f"1-minute load average before/after each case: {loads}.",
              "",
@@ -378,6 +407,25 @@ def markdown(results: dict) -> str:
     lines += ["", "| issue-7 target | figure | met |", "|---|---|---|"]
     for target, figure, met in targets(results):
         lines.append(f"| {target} | {figure} | {'yes' if met else 'no'} |")
+    also = sorted({k for r in results["cases"] for k in r["median_s"] if k.startswith("modelxform on ")})
+    if also:
+        backend = results.get("backend", "tensorflow")
+        head = f"| case | script (tensorflow) | modelxform on {backend} | ratio | " + " | ".join(
+            f"{k} | ratio | peak RSS" for k in also) + " |"
+        lines += ["", head, "|---|" + "---:|" * (3 + 3 * len(also))]
+        for r in results["cases"]:
+            med, rss = r["median_s"], r["peak_rss_bytes"]
+            if "script" not in med:
+                continue
+            cells = [r["name"], f"{med['script']:.2f} s", f"{med['modelxform']:.2f} s",
+                     f"{med['modelxform'] / med['script']:.2f}×"]
+            for k in also:
+                cells += ([f"{med[k]:.2f} s", f"{med[k] / med['script']:.2f}×", f"{rss[k] / 2**20:.0f} MiB"]
+                          if k in med else ["–", "–", "–"])
+            lines.append("| " + " | ".join(cells) + " |")
+        runtimes = results.get("runtimes") or {}
+        lines += ["", "`python -c 'import keras, BACKEND'` alone: " + ", ".join(
+            f"{b} {t:.2f} s / {m / 2**20:.0f} MiB" for b, (t, m) in runtimes.items())]
     based = [r for r in results["cases"] if "modelxform, baseline" in r["median_s"]]
     if based:
         lines += ["", "| case | modelxform | baseline checkout | ratio | peak RSS | baseline peak RSS |",
@@ -402,24 +450,49 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="runs of each side per case (default 5)")
     parser.add_argument("--only", default="", help="comma-separated case names")
     parser.add_argument("--setup-only", action="store_true")
+    parser.add_argument("--backend", default="tensorflow", choices=("tensorflow", "jax", "torch"),
+                        help="the Keras backend modelxform runs on (the scripts run on TensorFlow)")
+    parser.add_argument("--python", metavar="PYTHON",
+                        help="the interpreter modelxform runs with (a virtual environment with that backend)")
+    parser.add_argument("--also", action="append", default=[], metavar="BACKEND[=PYTHON]",
+                        help="also run modelxform on this backend (with this interpreter), in the same run")
+    parser.add_argument("--no-keras-path", action="store_true",
+                        help="skip the runs with the fast path off (MODELXFORM_FASTPATH=0)")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also run modelxform from the checkout DIR (e.g. `git worktree add DIR REV`), "
                              "alternating with this one: its figures appear as 'modelxform, baseline'")
     args = parser.parse_args(argv)
+    global MXPY, BACKEND, ALSO, KERAS_PATH
+    MXPY, BACKEND = args.python or PY, args.backend
+    ALSO = [(a.split("=", 1)[0], a.split("=", 1)[1] if "=" in a else PY) for a in args.also]
+    KERAS_PATH = not args.no_keras_path
     log = lambda text: print(text, flush=True)  # noqa: E731
     build_times = setup(log)
     if args.setup_only:
         return 0
     chosen = [c for c in cases() if not args.only or c["name"] in args.only.split(",")]
-    results = {"machine": machine(), "runs": args.runs, "setup_seconds": build_times, "cases": []}
+    results = {"machine": machine(), "runs": args.runs, "setup_seconds": build_times, "cases": [],
+               "backend": BACKEND}
     # what any Keras process holds before it reads a model: the floor under every structural figure
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    results["runtime_rss_bytes"] = max(measure([PY, "-c", "import keras, tensorflow"], env)[1] for _ in range(3))
-    log(f"runtime: python -c 'import keras, tensorflow' peaks at {results['runtime_rss_bytes'] / 2**20:.0f} MiB")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND=BACKEND)
+    floor = [MXPY, "-c", f"import keras, {BACKEND}"]
+    samples = [measure(floor, env) for _ in range(3)]
+    results["runtime_rss_bytes"] = max(rss for _, rss in samples)
+    results["runtime_s"] = statistics.median(wall for wall, _ in samples)
+    log(f"runtime: python -c 'import keras, {BACKEND}' takes {results['runtime_s']:.2f} s and peaks at "
+        f"{results['runtime_rss_bytes'] / 2**20:.0f} MiB")
+    results["runtimes"] = {BACKEND: (results["runtime_s"], results["runtime_rss_bytes"])}
+    for backend, python in ALSO:
+        samples = [measure([python, "-c", f"import keras, {backend}"], dict(env, KERAS_BACKEND=backend))
+                   for _ in range(3)]
+        results["runtimes"][backend] = (statistics.median(w for w, _ in samples), max(r for _, r in samples))
+        log(f"runtime: python -c 'import keras, {backend}' takes {results['runtimes'][backend][0]:.2f} s and "
+            f"peaks at {results['runtimes'][backend][1] / 2**20:.0f} MiB")
     for case in chosen:
         log(f"{case['name']}: {case['what']}")
         results["cases"].append(run_case(case, args.runs, log, args.baseline))
-    out = WORK / "results.json"
+    out = WORK / ("results.json" if BACKEND == "tensorflow" and not ALSO else
+                  f"results-{'-'.join([BACKEND] + [b for b, _ in ALSO])}.json")
     previous = json.loads(out.read_text()) if out.exists() and args.only else None
     if previous:  # --only: keep the other cases' last results
         names = {c["name"] for c in results["cases"]}

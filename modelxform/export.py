@@ -2,7 +2,8 @@
 
 The SavedModel is written atomically: into a temporary folder beside the destination, then renamed into
 place, so a crash leaves either no folder or a complete one. It is what TensorFlow Serving, TFLite's
-converter and ``tf.saved_model.load`` read::
+converter and ``tf.saved_model.load`` read. It needs TensorFlow, whatever Keras's backend (under JAX, Keras converts
+the model with jax2tf); without TensorFlow, export is refused with a UsageError (exit status 2)::
 
     from modelxform.export import export_savedmodel
     export_savedmodel(model, "serving/model/1")
@@ -32,6 +33,8 @@ def export_savedmodel(model, directory, *, provenance: dict | None = None, overw
     ``directory`` must not exist, or be empty; with ``overwrite`` an existing SavedModel folder is
     replaced (the old one is moved aside first and deleted after the new one is in place).
     """
+    from .keras_io.backend import require_tensorflow
+    require_tensorflow("export")
     dest = pathlib.Path(directory)
     parent = dest.parent if str(dest.parent) else pathlib.Path(".")
     if not parent.is_dir():

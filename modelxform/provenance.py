@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import json
 
 from .errors import ModelFileError
 from .keras_io.backend import library_versions
@@ -42,7 +43,7 @@ def entry(recipe, report, input_sha256: str, versions: dict | None = None) -> di
     statements = []
     for s in report.statements:
         line = f"{s.statement}"
-        details = s.changes or s.notes
+        details = s.record if s.record is not None else (s.changes or s.notes)
         if details:
             line += " :: " + "; ".join(details[:20]) + (f"; … ({len(details) - 20} more)" if len(details) > 20 else "")
         statements.append(line)
@@ -151,11 +152,43 @@ def render(record: dict) -> list[str]:
         lines.append(f"   input sha256 {step.get('input_sha256', '?')}")
         params = ", ".join(f"{k}={v}" for k, v in step.get("params", {}).items()) or "none"
         lines.append(f"   seed {step.get('seed')}, params {params}")
-        versions = step.get("versions", {})
-        lines.append("   made with " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        lines.append("   made with " + versions_text(step.get("versions", {})))
         for statement in step.get("statements", []):
             lines.append(f"   - {statement}")
     return lines
+
+
+def versions_text(versions: dict) -> str:
+    """``modelxform 0.2.0, keras 3.15.1 on jax 0.10.2, numpy 2.4.6, python 3.11.7``: Keras's backend
+    after Keras (a record made before the backend was recorded names tensorflow among the others)."""
+    backend = versions.get("backend")
+    parts = []
+    first = ("modelxform", "keras", "numpy", "python")
+    for lib, version in sorted(versions.items(), key=lambda kv: (first.index(kv[0]) if kv[0] in first else 9, kv[0])):
+        if lib in ("backend", backend):
+            continue
+        parts.append(f"{lib} {version}")
+        if lib == "keras" and backend:
+            parts[-1] += f" on {backend} {versions.get(backend)}"
+    return ", ".join(parts)
+
+
+def backend_of(versions: dict) -> str:
+    """The backend a record's versions name (``tensorflow`` for a record made before they did)."""
+    return str(versions.get("backend") or ("tensorflow" if "tensorflow" in versions else "unknown"))
+
+
+def same_but_backend(a: dict | None, b: dict | None) -> bool:
+    """Whether two provenance records are the same but for the Keras backend (and its libraries'
+    versions) each step was made with."""
+    from .keras_io.backend import BACKEND_LIBRARIES
+
+    def strip(record):
+        record = json.loads(json.dumps(record))
+        for step in record.get("chain", []) if isinstance(record, dict) else []:
+            step["versions"] = {k: v for k, v in (step.get("versions") or {}).items() if k not in BACKEND_LIBRARIES}
+        return record
+    return a is not None and b is not None and strip(a) == strip(b)
 
 
 def content_differences(remade, model_path, unsafe, imports) -> list[str]:

@@ -160,8 +160,8 @@ def build_view(d, *, title: str, subtitle: str = "", statements=None) -> View:
             plan_tag = s.get("tag")  # the statement kind's plan_tag (modelxform/statements/)
             if plan_tag == "weights" and p in b.layers and b.layers[p].weights:
                 tag(p, "weights")
-            elif plan_tag == "replaced" and p in b.layers:
-                tag(p, "replaced")
+            elif plan_tag in STATUS_COLORS and plan_tag != "weights" and (p in b.layers or p in b.input_names):
+                tag(p, plan_tag)  # replaced, config (an input whose shape `set input shape` changed), …
 
     order = [key for key, _, _, _ in STATUSES]
     nodes: list[Node] = []
@@ -196,7 +196,8 @@ def build_view(d, *, title: str, subtitle: str = "", statements=None) -> View:
         spec = next((i for i in b.inputs if i["name"] == name), None)
         removed = spec is None
         spec = spec or next(i for i in a.inputs if i["name"] == name)
-        nodes.append(Node(nid(name), name, "Input", "input", ["removed"] if removed else [], "",
+        input_tags = ["removed"] if removed else [t for t in tags.get(name, []) if t != "removed"]
+        nodes.append(Node(nid(name), name, "Input", "input", input_tags, "",
                           {"path": name, "type": "Input", "output_shape": spec["shape"], "dtype": spec["dtype"],
                            "lines": [], "statements": []}))
     for path, facts in b.layers.items():

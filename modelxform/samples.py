@@ -8,7 +8,8 @@ import sys
 
 
 def cnn(seed: int = 0):
-    """The design card's CNN: conv2d_1, a MaxPooling2D, conv2d_2, flatten and three Dense layers."""
+    """The design card's CNN: conv2d_1, a MaxPooling2D, conv2d_2, flatten and three Dense layers; the
+    same weights on every Keras backend."""
     from .keras_io.files import import_keras
     keras = import_keras()
     init = lambda n: keras.initializers.GlorotUniform(seed=seed + n)  # noqa: E731
@@ -26,7 +27,16 @@ def cnn(seed: int = 0):
                            bias_initializer=keras.initializers.RandomNormal(seed=seed + 14))(x)
     outputs = keras.layers.Dense(10, activation="softmax", name="dense_3", kernel_initializer=init(5),
                                  bias_initializer=keras.initializers.RandomNormal(seed=seed + 15))(x)
-    return keras.Model(inputs, outputs, name="cnn")
+    model = keras.Model(inputs, outputs, name="cnn")
+    # The values those seeded initializers give under Keras's numpy backend, whatever the backend here
+    # (Keras's own draws differ from backend to backend): the same sample CNN everywhere.
+    from .keras_io.graph import initializer_for
+    from .keras_io.initializers import initial_values
+    for layer in model.layers:
+        if layer.weights:
+            layer.set_weights([initial_values(initializer_for(layer, v.name), tuple(v.shape), v.dtype, None)
+                               for v in layer.weights])
+    return model
 
 
 SAMPLES = {"cnn": cnn}

@@ -99,16 +99,14 @@ def open_model(path, *, unsafe: bool = False, imports=(), archive: bool = True):
     from .keras_io.files import check_readable, load_model
     if archive and not imports and os.environ.get(DISABLE_ENV, "1").strip() != "0" \
             and pathlib.Path(path).suffix.lower() == ".keras":
-        from .keras_io.backend import keras_backend
-        if keras_backend() == "tensorflow":
-            check_readable(pathlib.Path(path))  # load_model's first check, and its message
-            from .keras_io.archive import Archive
-            try:
-                return Archive(path, unsafe=unsafe)
-            except ModelFileError:  # what no path may read (too large, refused by safe mode)
-                raise
-            except Exception as exc:  # noqa: BLE001 - Keras reads it, or says what is wrong with it
-                log.debug("the archive cannot stand in for the model: %s: %s", type(exc).__name__, exc)
+        check_readable(pathlib.Path(path))  # load_model's first check, and its message
+        from .keras_io.archive import Archive
+        try:
+            return Archive(path, unsafe=unsafe)
+        except ModelFileError:  # what no path may read (too large, refused by safe mode)
+            raise
+        except Exception as exc:  # noqa: BLE001 - Keras reads it, or says what is wrong with it
+            log.debug("the archive cannot stand in for the model: %s: %s", type(exc).__name__, exc)
     return load_model(path, unsafe=unsafe, imports=imports)
 
 
@@ -134,6 +132,9 @@ def apply_file(recipe, model, output=None, *, seed: int | None = None, params: d
     if output is None and not dry_run:
         raise UsageError("apply needs an output file (or in_place, or dry_run)")
     savedmodel = format == "savedmodel"
+    if savedmodel and not dry_run:
+        from .keras_io.backend import require_tensorflow
+        require_tensorflow("--format savedmodel")
     if output is not None:
         if not savedmodel:
             fmt = model_format(output)
@@ -264,6 +265,19 @@ def load_model(path, *, unsafe: bool = False, imports=()):
     return model
 
 
+def _same_but_backend(a, b) -> bool:
+    """Whether two .keras files hold the same bytes in every member but the provenance record, and
+    records that differ only in the backend each step was made on."""
+    from .keras_io.files import PROVENANCE_MEMBER, member_digests, read_provenance
+    from .provenance import same_but_backend
+    da, db = member_digests(a), member_digests(b)
+    if da is None or db is None:
+        return False
+    da.pop(PROVENANCE_MEMBER, None)
+    db.pop(PROVENANCE_MEMBER, None)
+    return da == db and same_but_backend(read_provenance(a), read_provenance(b))
+
+
 def verify_file(model, original, *, unsafe: bool = False, imports=(),
                 weights: dict | None = None) -> tuple[list[str], list[str]]:
     """Re-run the chain of recipes recorded in ``model``'s provenance from ``original`` and compare.
@@ -280,9 +294,9 @@ def verify_file(model, original, *, unsafe: bool = False, imports=(),
     """
     import tempfile
 
-    from .keras_io.backend import library_versions
+    from .keras_io.backend import BACKEND_LIBRARIES, library_versions
     from .keras_io.files import load_model, model_format, sha256_file
-    from .provenance import content_differences, read_record, recipe_sha256
+    from .provenance import backend_of, content_differences, read_record, recipe_sha256
 
     weights = dict(weights or {})
     load_model(original, unsafe=unsafe, imports=imports)  # a clear error for a bad ORIGINAL first
@@ -299,9 +313,15 @@ def verify_file(model, original, *, unsafe: bool = False, imports=(),
         return differences, notes
     here = library_versions() or {}
     for n, step in enumerate(chain, start=1):
-        for lib, version in (step.get("versions") or {}).items():
-            if lib != "python" and here.get(lib) != version:
+        versions = step.get("versions", {})
+        for lib, version in versions.items():
+            # the backend does not change a byte of the model: re-making on another one is a note
+            if lib != "python" and lib not in BACKEND_LIBRARIES and here.get(lib) != version:
                 differences.append(f"step {n} was made with {lib} {version}; this is {lib} {here.get(lib)}")
+        made_on, now_on = backend_of(versions), here.get("backend")
+        if (made_on, versions.get(made_on)) != (now_on, here.get(now_on)):
+            notes.append(f"step {n} was made on {made_on} {versions.get(made_on)}; re-made on {now_on} "
+                         f"{here.get(now_on)} (the outputs do not depend on Keras's backend)")
     suffix = pathlib.Path(model).suffix.lower()
     current, so_far = pathlib.Path(original), None
     with tempfile.TemporaryDirectory(prefix="modelxform-verify-") as tmp:
@@ -317,17 +337,22 @@ def verify_file(model, original, *, unsafe: bool = False, imports=(),
             if so_far["chain"][-1]["statements"] != step["statements"]:
                 differences.append(f"step {n}: the statements now report differently than recorded")
             differences.extend(_record_differences(n, step, so_far["chain"][-1]))
-            if n < len(chain) and sha256_file(out) != chain[n]["input_sha256"]:
-                notes.append(f"step {n + 1}'s recorded input is not byte-identical to the re-made step {n} output")
+            if n < len(chain) and sha256_file(out) != chain[n].get("input_sha256"):
+                notes.append(f"step {n + 1}'s recorded input is not byte-identical to the re-made step {n} output"
+                             + (" (they differ in the backend the provenance records)"
+                                if backend_of(step.get("versions", {})) != here.get("backend") else ""))
             current = out
         extra = sorted(set(record) - {"format", "chain"})
         if extra:
             differences.append(f"the record holds fields modelxform does not write: {', '.join(extra)[:200]}")
         if model_format(model) == "keras":
             if sha256_file(current) != sha256_file(model):
-                differences.extend(content_differences(current, model, unsafe, imports)
-                                   or ([] if differences else
-                                       ["the files differ in bytes (metadata), not in config, weights or record"]))
+                if _same_but_backend(current, model):
+                    notes.append("the re-made file differs only in the Keras backend its provenance records")
+                else:
+                    differences.extend(content_differences(current, model, unsafe, imports)
+                                       or ([] if differences else
+                                           ["the files differ in bytes (metadata), not in config, weights or record"]))
         else:
             differences.extend(content_differences(current, model, unsafe, imports))
     if differences:

@@ -121,6 +121,42 @@ def model_file(tmp_path):
     return make
 
 
+# The input models of the pinned output bytes (tests/test_output_bytes.py, tests/test_backends.py).
+PINNED_KINDS = ("cnn", "vgg16", "resnet50")
+
+
+def build_pinned_input(kind: str):
+    keras = _keras()
+    keras.utils.set_random_seed(1234)  # keras.applications draws unseeded initial values
+    if kind == "cnn":
+        return make_cnn()
+    # a named input: an unnamed one is called input_layer_N, N counting the inputs made in this process
+    image = keras.Input((32, 32, 3), name="image")
+    if kind == "vgg16":
+        return keras.applications.VGG16(weights=None, input_tensor=image, classes=10)
+    return keras.applications.ResNet50(weights=None, input_tensor=image, classes=10)
+
+
+@pytest.fixture(scope="session")
+def pinned_inputs(tmp_path_factory):
+    """pinned_inputs(kind) -> the path of that pinned input model, built once per session. The CNN is
+    the same on every backend; keras.applications' weights are those this process's backend draws."""
+    from modelxform.keras_io.files import load_model, save_model
+    folder = tmp_path_factory.mktemp("pinned-inputs")
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            # a model saved straight after building records its dtype policies' id()s (shared_object_id),
+            # which differ from process to process; saved again after loading, its bytes are reproducible
+            built = folder / f"{kind}-built.keras"
+            save_model(build_pinned_input(kind), built)
+            cache[kind] = folder / f"{kind}.keras"
+            save_model(load_model(built), cache[kind])
+        return cache[kind]
+    return get
+
+
 def weights_by_path(model) -> dict[str, list[np.ndarray]]:
     from modelxform.keras_io.layers import walk
     return {info.path: [np.asarray(w) for w in info.layer.get_weights()] for info in walk(model)}

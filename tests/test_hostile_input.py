@@ -727,7 +727,7 @@ def test_assert_equivalent_unit():
             self.reference = (None, [np.array(want, "float32")])
             self._got = [np.array(got, "float32")]
 
-        def probe_outputs(self):
+        def probe_outputs(self, stmt=None):
             return None, self._got
 
         def number(self, value, stmt):

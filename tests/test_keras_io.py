@@ -63,21 +63,24 @@ def test_the_keras_internals_keras_io_uses_are_there():
     """Each private name keras_io uses (variables.py, files.py, layers.py), with where it is used."""
     from keras.src.backend.common import global_state, stateless_scope
     from keras.src.saving import saving_lib
+    from keras.src.utils import module_utils
     missing = []
     for owner, names, user in [
+        (module_utils.tensorflow, ["_available", "available"], "backend.tensorflow_probe"),
         (saving_lib, ["_serialize_model_as_json", "_save_state", "H5IOStore", "DiskIOStore"],
          "files._write_keras_archive"),
         (saving_lib.H5IOStore, ["_get_h5_file", "_create_h5_group", "__setitem__"], "files._write_keras_archive"),
         (global_state, ["get_global_attribute", "set_global_attribute"], "variables.LazyVariables"),
         (stateless_scope, ["StatelessScope"], "variables.LazyVariables"),
     ]:
-        missing += [f"{owner.__name__}.{n} ({user})" for n in names if not hasattr(owner, n)]
+        missing += [f"{getattr(owner, '__name__', owner)}.{n} ({user})" for n in names if not hasattr(owner, n)]
     assert missing == []
 
 
 def test_lazy_variables_defer_and_fill():
     """Under LazyVariables a built layer's variables hold no value; copy_variables gives them theirs,
-    a block of rows at a time for large arrays (TensorFlow's scatter_update and sparse_read)."""
+    a block of rows at a time for large arrays (on every backend: tests/test_backends.py runs this
+    file under JAX)."""
     from modelxform.keras_io import variables
     with variables.LazyVariables() as lazy:
         layer = keras.layers.Dense(3, name="d")
@@ -100,6 +103,42 @@ def test_lazy_variables_defer_and_fill():
         variables.LARGE_ARRAY, variables.BLOCK_BYTES = old
     np.testing.assert_array_equal(big.kernel.numpy(), values)
     np.testing.assert_array_equal(rows, values[2:5])
+
+
+def test_a_large_array_fills_a_deferred_variable_without_a_second_copy(monkeypatch):
+    """Rows go a block at a time into the variable: on TensorFlow by scatter_update into its tensor; on
+    JAX and torch into a host buffer that the backend then adopts as the variable's value (JAX's
+    device_put of a 64-byte-aligned buffer on a CPU, torch.from_numpy) — the buffer is the variable's
+    memory, not copied once more. Reading rows back gives them without a full copy either."""
+    from modelxform.keras_io import variables
+    monkeypatch.setattr(variables, "LARGE_ARRAY", 8)
+    monkeypatch.setattr(variables, "BLOCK_BYTES", 40)
+    buffers = []
+    real = variables._aligned_empty
+    monkeypatch.setattr(variables, "_aligned_empty", lambda *a: buffers.append(real(*a)) or buffers[-1])
+    with variables.LazyVariables():
+        layer = keras.layers.Dense(5, name="big")
+        layer.build((None, 33))
+    values = np.random.default_rng(1).standard_normal((33, 5)).astype("float32")
+    blocks = []
+    reads = variables.row_blocks((33, 5), 4)
+    variables.copy_variables(layer, [variables._Array(values), variables._Array(np.ones(5, "float32"))])
+    assert keras.ops.is_tensor(layer.kernel.value) and not isinstance(layer.kernel.value, np.ndarray)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.kernel.value), values)
+    for start, stop in reads:
+        blocks.append(variables.read_variable_rows(layer.kernel, start, stop))
+    assert len(blocks) > 3
+    np.testing.assert_array_equal(np.concatenate(blocks), values)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        assert buffers == []
+    elif backend == "jax":
+        (host,) = [b for b in buffers if b.shape == (33, 5)]
+        assert host.ctypes.data % 64 == 0
+        assert np.asarray(layer.kernel.value).ctypes.data == host.ctypes.data  # adopted, not copied
+    elif backend == "torch":
+        (host,) = [b for b in buffers if b.shape == (33, 5)]
+        assert layer.kernel.value.data_ptr() == host.ctypes.data
 
 
 def test_which_layer_feeds_which_is_read_where_check_moves_reads_it():

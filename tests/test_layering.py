@@ -1,6 +1,7 @@
 """The package's layers import one way only (docs/architecture.md): import-linter checks the contracts
 in .importlinter — the layer order, the language free of Keras, TensorFlow, h5py, the engine and
-keras_io, batch free of the CLI, and no import cycles (function-level imports included)."""
+keras_io, batch free of the CLI, only keras_io importing a Keras backend's library (TensorFlow, JAX,
+torch), and no import cycles (function-level imports included)."""
 from __future__ import annotations
 
 import os

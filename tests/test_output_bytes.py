@@ -9,7 +9,8 @@ output format or a version bump, regenerate them with
 
     MODELXFORM_UPDATE_PINS=1 ./dev test tests/test_output_bytes.py
 
-and say in the commit why the bytes changed.
+and say in the commit why the bytes changed. tests/test_backends.py holds the outputs made under
+KERAS_BACKEND=jax to the same digests (the provenance's record of the backend aside).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import os
 
 import pytest
 
-from conftest import ROOT, make_cnn, run_cli
-from modelxform.keras_io.files import load_model, save_model, sha256_file
+from conftest import PINNED_KINDS, ROOT, run_cli
+from modelxform.keras_io.files import sha256_file
 
 PINS = ROOT / "tests" / "golden" / "output_sha256.json"
 UPDATE = os.environ.get("MODELXFORM_UPDATE_PINS") == "1"
@@ -36,6 +37,7 @@ CASES = [
     ("recipe-resnet50-finetune", "resnet50", "recipes/resnet50-finetune.recipe", 7, ()),
     ("recipe-resnet50-features", "resnet50", "recipes/resnet50-features.yaml", 7, ()),
     ("recipe-resnet50-headless", "resnet50", "recipes/resnet50-headless.recipe", 7, ()),
+    ("recipe-resnet50-deploy", "resnet50", "recipes/resnet50-deploy.recipe", 7, ()),
     # the benchmark cases (benchmarks/README.md), on the same architectures at a small input size
     ("bench-cnn-design-card", "cnn", "recipes/example.recipe", 7, ()),
     ("bench-vgg16-replace-pooling", "vgg16", "benchmarks/recipes/replace-pooling.recipe", 0, ()),
@@ -44,34 +46,13 @@ CASES = [
     ("bench-resnet50-freeze-but-conv5", "resnet50", "benchmarks/recipes/freeze-but-conv5.recipe", 0, ()),
     ("bench-resnet50-replace-one", "resnet50", "benchmarks/recipes/replace-one.recipe", 0, ()),
     ("bench-resnet50-replace-ten", "resnet50", "benchmarks/recipes/replace-ten.recipe", 0, ()),
+    ("bench-resnet50-fold-batchnorm", "resnet50", "benchmarks/recipes/fold-batchnorm.recipe", 0, ()),
 ]
 
 
-def _build(kind: str):
-    import keras
-    keras.utils.set_random_seed(1234)  # keras.applications draws unseeded initial values
-    if kind == "cnn":
-        return make_cnn()
-    # a named input: an unnamed one is called input_layer_N, N counting the inputs made in this process
-    image = keras.Input((32, 32, 3), name="image")
-    if kind == "vgg16":
-        return keras.applications.VGG16(weights=None, input_tensor=image, classes=10)
-    return keras.applications.ResNet50(weights=None, input_tensor=image, classes=10)
-
-
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pinned-inputs")
-    out = {}
-    for kind in ("cnn", "vgg16", "resnet50"):
-        # a model saved straight after building records its dtype policies' id()s (shared_object_id),
-        # which differ from process to process; saved again after loading, its bytes are reproducible
-        built = folder / f"{kind}-built.keras"
-        save_model(_build(kind), built)
-        path = folder / f"{kind}.keras"
-        save_model(load_model(built), path)
-        out[kind] = path
-    return out
+def inputs(pinned_inputs):
+    return {kind: pinned_inputs(kind) for kind in PINNED_KINDS}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ RECIPES = sorted(p for p in (ROOT / "recipes").iterdir() if p.suffix in (".recip
 # which model each recipe is written for; a new recipe must be added here (and so gets tested)
 TARGETS = {"example": "cnn", "freeze-features": "cnn", "perturb-dense": "cnn", "feature-extractor": "cnn",
            "new-head": "cnn", "resnet50-finetune": "resnet50", "resnet50-features": "resnet50",
-           "dropout-before-classifier": "cnn", "resnet50-headless": "resnet50", "bert-finetune": "bert_classifier"}
+           "dropout-before-classifier": "cnn", "resnet50-headless": "resnet50", "bert-finetune": "bert_classifier",
+           "resnet50-deploy": "resnet50"}
 
 _MODELS = {}
 
@@ -82,16 +83,16 @@ def test_freeze_features_freezes_convs_and_reinitialises_only_the_classifier(cnn
         assert_bit_identical(before[path], after[path])
     assert not np.array_equal(before["dense_3"][0], after["dense_3"][0])
     # the new values come from the layer's own configured initializer, seeded by the documented rule:
-    # seed, the statement's canonical text, its occurrence, the layer path and the variable name
+    # seed, the statement's canonical text, its occurrence, the layer path and the variable name; drawn
+    # as Keras's numpy backend draws them, whatever the backend (docs/language.md#randomness)
     import keras
+    from modelxform.keras_io.initializers import numpy_values
     from modelxform.rng import derive_seed
     config = cnn.get_layer("dense_3").get_config()
     for index, var in enumerate(("kernel", "bias")):
-        init_config = dict(config[f"{var}_initializer"])
-        init_config["config"] = dict(init_config["config"], seed=derive_seed(7, "reinit weights", 0, "dense_3", var)
-                                     % (2**31 - 1))
-        init = keras.initializers.get(init_config)
-        expected = np.asarray(init(after["dense_3"][index].shape, dtype="float32"))
+        init = keras.initializers.get(config[f"{var}_initializer"])
+        seed = derive_seed(7, "reinit weights", 0, "dense_3", var) % (2**31 - 1)
+        expected = numpy_values(init, after["dense_3"][index].shape, "float32", seed)
         assert after["dense_3"][index].tobytes() == expected.tobytes()
 
 
@@ -196,3 +197,20 @@ def test_bert_finetune_trains_the_last_block_and_a_new_head(tmp_path):
     assert trainable == block | {"logits/kernel", "logits/bias"}
     assert model.get_layer("logits").units == 3
     assert result.plan.after[1] == result.plan.before[1] + 65  # a third class: 64 more weights and a bias
+
+
+def test_resnet50_deploy_folds_every_batchnorm_and_fixes_the_input():
+    import keras
+    path = ROOT / "recipes" / "resnet50-deploy.recipe"
+    model = target_model(path)
+    new, plan = load_recipe(path).apply(model)
+    assert not [l for l in new.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert sum(1 for c in plan.statements[0].changes if " folded into " in c) == 53
+    assert plan.statements[0].notes == []
+    assert tuple(new.inputs[0].shape) == (1, 224, 224, 3) and tuple(new.outputs[0].shape) == (1, 10)
+    # the same model at 224x224 without the fold, on one image
+    reference, _ = compile_recipe("set input shape (1, 224, 224, 3)").apply(model)
+    x = np.random.default_rng(3).standard_normal((1, 224, 224, 3)).astype("float32")
+    want = np.asarray(reference(x, training=False))
+    np.testing.assert_allclose(np.asarray(new(x, training=False)), want, rtol=0,
+                               atol=1e-4 * max(1, np.abs(want).max()))

@@ -148,7 +148,8 @@ def test_what_runs_on_the_archive_is_what_the_kind_says(kind):
     """The archive (no TensorFlow) runs weight statements whose arrays numpy changes; structural edits of
     the config; anything else builds the model — declared by each kind, not listed elsewhere."""
     archive_kinds = {"Select", "Scale", "AddNoise", "Clip", "Prune", "Freeze", "Unfreeze", "AssertCount"}
-    config_kinds = {"Replace", "Tap", "Insert", "Cut", "Append", "SetConfig", "Rename"}
+    config_kinds = {"Replace", "Tap", "Insert", "Cut", "Append", "SetConfig", "Rename", "FoldBatchNorm",
+                    "SetInputShape", "PruneChannels"}
     needs = kind.needs if isinstance(kind.needs, str) else "depends"
     if kind.__name__ in archive_kinds:
         assert needs == "archive"

@@ -22,6 +22,7 @@ keras = pytest.importorskip("keras")
 
 from modelxform.keras_io import graph as graph_module  # noqa: E402  (after keras)
 from modelxform.keras_io.layers import walk  # noqa: E402
+from modelxform.keras_io.backend import keras_backend  # noqa: E402
 
 SEED = 7
 
@@ -73,7 +74,7 @@ def random_input(model, seed=0, batch=4):
 
 def outputs(model, x):
     out = model(x, training=False)
-    return [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
+    return [keras.ops.convert_to_numpy(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 def activation(model, layer_name, x):
@@ -253,10 +254,21 @@ def test_insert_before_a_merge_layer_is_an_error():
     assert snapshot(model) == before
 
 
-def test_insert_after_a_shared_layer_is_an_error():
+def test_insert_after_a_shared_layer_follows_every_call():
+    """(issue 15: it was an error) The new layer is applied after each call and is itself shared;
+    tests/test_deploy.py checks the outputs by hand."""
+    model = make_shared()
+    new, _ = apply("insert Dropout(rate=0.1) after shared\nassert equivalent", model)
+    calls = len(model.get_layer("shared")._inbound_nodes)
+    assert len(new.get_layer("shared")._inbound_nodes) == calls == len(new.get_layer("dropout")._inbound_nodes)
+    assert [producers(new.get_layer("dropout"), k) for k in range(calls)] == [["shared"]] * calls
+    assert producers(new.get_layer("add")) == ["dropout", "dropout"]
+
+
+def test_insert_before_a_shared_layer_is_an_error():
     model = make_shared()
     with pytest.raises(ApplyError) as info:
-        apply("insert Dropout(rate=0.1) after shared", model)
+        apply("insert Dropout(rate=0.1) before shared", model)
     assert "shared" in info.value.message
     assert f"{len(model.get_layer('shared')._inbound_nodes)} times" in info.value.message
 
@@ -993,7 +1005,9 @@ def test_tap_a_layer_inside_a_nested_model():
 def test_assert_equivalent_holds_after_removing_dropout():
     new, report = apply("remove dropout\nassert equivalent", make_cnn())
     assert "dropout" not in names(new)
-    assert report.statements[1].notes == ["holds: largest difference 0 (tolerance 1e-05)"]
+    backend = keras_backend()
+    assert report.statements[1].notes == [f"holds: largest difference 0 (tolerance 1e-05, the default for {backend} on CPU)"]
+    assert report.statements[1].record == ["holds (the default tolerance)"]
 
 
 BN_INSERT = "insert BatchNormalization() before dense_2"
@@ -1014,7 +1028,8 @@ def test_assert_equivalent_fails_for_batchnorm_with_default_statistics():
     with pytest.raises(AssertionFailed) as info:
         apply(BN_INSERT + "\nassert equivalent", model)
     err = info.value
-    m = re.fullmatch(r"assert equivalent failed: outputs differ by up to (\S+) \(tolerance 1e-05\)", err.message)
+    m = re.fullmatch(r"assert equivalent failed: outputs differ by up to (\S+) \(tolerance 1e-05, the default for "
+                     rf"{keras_backend()} on CPU\)", err.message)
     assert m, err.message
     reported = float(m.group(1))
     assert reported > 1e-5
@@ -1028,7 +1043,7 @@ def test_assert_equivalent_with_a_tolerance():
     assert per_sample.max() < 1e-2
     new, report = apply(BN_INSERT + "\nassert equivalent tolerance 1e-2", model)
     note = report.statements[1].notes[0]
-    m = re.fullmatch(r"holds: largest difference (\S+) \(tolerance 0\.01\)", note)
+    m = re.fullmatch(r"holds: largest difference (\S+) \(tolerance 0\.01, the recipe's\)", note)
     assert m, note
     assert 1e-5 < float(m.group(1)) < 1e-2
     with pytest.raises(AssertionFailed):
@@ -1244,7 +1259,7 @@ class App:
         # EfficientNet rescales its input by 1/255 itself: give it pixel values, or its activations hardly vary
         self.x = np.random.default_rng(0).uniform(0, 255, (2, *model.inputs[0].shape[1:])).astype("float32") \
             if pixels else random_input(model, seed=0, batch=2)
-        self.y = np.asarray(model(self.x, training=False))
+        self.y = keras.ops.convert_to_numpy(model(self.x, training=False))
         self.weights = weights_by_path(model)
         self.snapshot = snapshot(model)
         assert np.all(np.isfinite(self.y))
@@ -1255,11 +1270,11 @@ class App:
         return new, report
 
     def predict(self, model):
-        return np.asarray(model(self.x, training=False))
+        return keras.ops.convert_to_numpy(model(self.x, training=False))
 
     def inner(self, model, name):
         """The activation of layer ``name`` of ``model`` on the fixture's input."""
-        return np.asarray(keras.Model(model.inputs, model.get_layer(name).output)(self.x, training=False))
+        return keras.ops.convert_to_numpy(keras.Model(model.inputs, model.get_layer(name).output)(self.x, training=False))
 
     def assert_informative(self, name=None):
         """The output (or layer ``name``'s activation) depends on the input: a comparison of it means something."""

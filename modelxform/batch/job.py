@@ -49,6 +49,8 @@ def run_job(payload: dict) -> dict:
               "statements": None, "worker": f"{socket.gethostname()}:{os.getpid()}"}
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.update(payload.get("env") or {})
+    from ..keras_io.backend import own_process
+    own_process()
     crash = os.environ.get(CRASH_ENV)
     stem = os.path.splitext(os.path.basename(payload["model"]))[0]
     if crash == stem:

@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     try:
         # TensorFlow's C++ start-up chatter is not for our users; set before any import of it.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from ..keras_io.backend import own_process
+        own_process()  # (on JAX or torch, Keras need not import an installed TensorFlow for nothing)
         with _sigterm_as_interrupt():
             return _main(argv, console)
     except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM) at any moment, imports included

@@ -17,7 +17,10 @@ The SavedModel is written with Keras's model.export(DIR, format="tf_saved_model"
 DIR is written atomically (a temporary folder beside it, then a rename). MODEL's provenance record,
 if it has one, is kept in DIR/assets.extra/modelxform.json.
 
-exit status: 0 written; 2 usage error; 3 MODEL could not be read, or DIR could not be written.
+It needs TensorFlow, whatever Keras's backend (KERAS_BACKEND=jax converts the model with jax2tf);
+without TensorFlow it stops at once with one line and exit status 2.
+
+exit status: 0 written; 2 usage error (also: TensorFlow is not installed); 3 MODEL could not be read, or DIR could not be written.
 """
 
 
@@ -37,8 +40,10 @@ def add_parser(subparsers):
 def run(args, console) -> int:
     from ..export import export_savedmodel
     from ..errors import ModelxformError
+    from ..keras_io.backend import require_tensorflow
     from ..keras_io.files import load_model
     from ..provenance import read_record
+    require_tensorflow("export")  # before the model is loaded
     model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     try:
         record = read_record(args.model)  # only a well-formed record travels along

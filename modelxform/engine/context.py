@@ -38,8 +38,9 @@ class Context:
     :attr:`selection`, :meth:`forget`, :meth:`closest`. Structure: :meth:`editor`, :meth:`flush`,
     :meth:`layer_class`, :meth:`default_layer_name`, :meth:`built_layers`, :meth:`io_shapes`,
     :meth:`check_moves`, :attr:`obligations`, :meth:`keras`. Weights:
-    :meth:`own_initializer`, :meth:`seeded`, :meth:`is_subclassed`, :meth:`load_layers`. Checks:
-    :meth:`param_count`, :meth:`output_shapes`, :meth:`probe_outputs`, :attr:`reference`. A pass
+    :meth:`own_initializer`, :meth:`initial_values`, :meth:`is_subclassed`, :meth:`load_layers`. Checks:
+    :meth:`param_count`, :meth:`output_shapes`, :meth:`probe_outputs`, :attr:`reference`,
+    :meth:`default_tolerance`. A pass
     returns :meth:`report`, with array work deferred by ``report.then(fn)``.
     """
 
@@ -308,9 +309,11 @@ class Context:
         return initializer_for(layer, variable_name)
 
     @staticmethod
-    def seeded(initializer, seed_value: int):
-        from ..keras_io.graph import seeded
-        return seeded(initializer, seed_value)
+    def initial_values(initializer, shape: tuple, dtype, seed: int | None):
+        """``initializer``'s values for a variable, seeded with ``seed`` (None: the initializer's own),
+        the same on every backend for Keras's own initializers (keras_io.initializers)."""
+        from ..keras_io.initializers import initial_values
+        return initial_values(initializer, shape, dtype, seed)
 
     def flag_targets(self, infos: list, flag: bool) -> list:
         """Where to set trainable flags for ``infos`` so that a saved file keeps them
@@ -361,6 +364,12 @@ class Context:
                                              if None not in a[1:]):
             return shapes, None
         return shapes, self._probe(lambda: call_model(model, inputs), stmt)
+
+    @staticmethod
+    def default_tolerance() -> tuple[float, str]:
+        """``assert equivalent``'s tolerance for this backend and device, and which it is."""
+        from ..keras_io.backend import default_tolerance
+        return default_tolerance()
 
     def take_reference(self, stmt=None) -> None:
         """Seeded random probe inputs and the input model's outputs on them, for `assert equivalent`."""

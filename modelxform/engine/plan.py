@@ -23,6 +23,9 @@ class StatementReport:
     work: list = field(default_factory=list, repr=False, compare=False)  # deferred array work, run by apply
     rebuilt: list = field(default_factory=list, repr=False)  # paths whose shapes the next rebuild reports
     unsaved: list = field(default_factory=list)  # what a written file could not keep: apply refuses
+    # what the provenance record keeps instead of the changes and notes, where those depend on the
+    # backend or the device (assert equivalent's largest difference); None: the changes or notes
+    record: list | None = field(default=None, repr=False, compare=False)
 
     @property
     def location(self) -> str:

@@ -1,41 +1,215 @@
-"""Which Keras backend and library versions this process would use, read without importing them."""
+"""Which Keras backend this process uses, and the library versions it runs with.
+
+modelxform chooses its backend as every Keras program does: ``KERAS_BACKEND`` when set and not empty,
+else the ``"backend"`` key of Keras's config file (``$KERAS_HOME/keras.json``, else
+``~/.keras/keras.json``, or ``/tmp/.keras/keras.json`` where the home folder is not writable), else
+``tensorflow``. :func:`keras_backend` reads that choice without importing Keras or the backend (the
+archive engine, ``check`` and ``fmt`` never import them); once Keras is imported, its own answer counts.
+"""
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import sys
 
-import numpy as np
+# The library that each backend is, by its distribution names (the first one installed counts).
+BACKEND_DISTRIBUTIONS = {
+    "tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tf-nightly"),
+    "jax": ("jax",),
+    "torch": ("torch",),
+    "numpy": ("numpy",),
+    "openvino": ("openvino",),
+}
+# Libraries whose version can differ between the run that made a file and the one that re-makes it
+# without changing a byte of the model (the weights and the config do not depend on the backend).
+BACKEND_LIBRARIES = frozenset({"backend", "tensorflow", "jax", "jaxlib", "torch", "openvino"})
 
-def keras_backend() -> str:
-    """The backend Keras would pick (KERAS_BACKEND, else keras.json, else tensorflow), without
-    importing it."""
+
+def keras_home() -> str:
+    """The folder Keras reads keras.json from (keras/src/backend/config.py)."""
+    if "KERAS_HOME" in os.environ:
+        return os.environ["KERAS_HOME"]
+    base = os.path.expanduser("~")
+    if not os.access(base, os.W_OK):
+        base = "/tmp"
+    return os.path.join(base, ".keras")
+
+
+def backend_choice() -> tuple[str, str]:
+    """(the backend Keras picks or picked, where that choice comes from), without importing Keras."""
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend"):
+        try:
+            return str(keras.backend.backend()), "the Keras already imported"
+        except Exception:  # noqa: BLE001 - a half-imported keras: read the choice as Keras would
+            pass
     chosen = os.environ.get("KERAS_BACKEND")
     if chosen:
-        return chosen
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    for folder in (home, os.path.join(tempfile.gettempdir(), ".keras")):
+        return chosen, "KERAS_BACKEND"
+    path = os.path.expanduser(os.path.join(keras_home(), "keras.json"))
+    try:
+        with open(path) as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return "tensorflow", "the default"
+    if isinstance(config, dict) and config.get("backend"):
+        return str(config["backend"]), path
+    return "tensorflow", "the default"
+
+
+def keras_backend() -> str:
+    """The backend Keras uses in this process (see the module's docstring), without importing it."""
+    return backend_choice()[0]
+
+
+def _distribution_version(names) -> str | None:
+    from importlib import metadata
+    for name in names:
         try:
-            with open(os.path.join(folder, "keras.json")) as fh:
-                return str(json.load(fh).get("backend", "tensorflow"))
-        except FileNotFoundError:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
             continue
-        except (OSError, ValueError):
-            return "unknown"
-    return "tensorflow"
+    return None
+
+
+def backend_version(backend: str | None = None) -> str | None:
+    """The version of the library behind ``backend`` (default: this process's), or None."""
+    backend = backend or keras_backend()
+    module = sys.modules.get(backend)
+    version = getattr(module, "__version__", None) if module is not None else None
+    return str(version) if version else _distribution_version(BACKEND_DISTRIBUTIONS.get(backend, (backend,)))
 
 
 def library_versions() -> dict | None:
-    """provenance.library_versions() from the installed distributions' metadata (importing keras and
-    tensorflow to ask them is what this module avoids); None when a distribution is not found."""
-    import sys
+    """What a provenance record says the output was made with: modelxform, Keras, the Keras backend and
+    its library's version, numpy and Python — read from the installed distributions' metadata
+    (importing Keras and its backend to ask them is what this module avoids). None when Keras is not
+    installed."""
     from importlib import metadata
+
+    import numpy as np
 
     from ..version import __version__
     try:
         keras_version = metadata.version("keras")
-        tf_version = metadata.version("tensorflow")
     except metadata.PackageNotFoundError:
         return None
-    return {"modelxform": __version__, "keras": keras_version, "tensorflow": tf_version,
-            "numpy": np.__version__, "python": ".".join(map(str, sys.version_info[:3]))}
+    backend = keras_backend()
+    return {"modelxform": __version__, "keras": keras_version, "backend": backend,
+            backend: backend_version(backend), "numpy": np.__version__,
+            "python": ".".join(map(str, sys.version_info[:3]))}
+
+
+def missing_backend_message(exc: ImportError) -> str | None:
+    """One line for a Keras import that failed because its backend's library is missing, or None."""
+    backend, origin = backend_choice()
+    library = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch", "openvino": "openvino"}.get(backend)
+    missing = getattr(exc, "name", None) or ""
+    if library is None or missing.split(".")[0] not in (library, "jaxlib" if library == "jax" else library):
+        return None
+    others = [b for b in ("tensorflow", "jax", "torch") if b != backend and _importable(b)]
+    where = {"KERAS_BACKEND": "KERAS_BACKEND", "the default": "Keras's default"}.get(origin, origin)
+    hint = (f"; choose an installed one with KERAS_BACKEND={others[0]}" if others
+            else "; install it (pip install tensorflow, or jax, or torch)")
+    return (f"Keras's backend is {backend} (from {where}), but {library} is not installed"
+            f"{hint}")
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def default_tolerance() -> tuple[float, str]:
+    """``assert equivalent``'s default tolerance for this process's backend and device, and a few words
+    saying which: on a CPU every backend computes in float32 and the same graph gives the same outputs
+    to about 1e-6; on a GPU, TensorFlow and JAX run float32 matrix products in TF32 by default (10-bit
+    mantissa), and JAX on a TPU in bfloat16 passes, so outputs of a rebuilt graph may move by ~1e-3."""
+    backend = keras_backend()
+    device = accelerator(backend)
+    tolerance = {None: 1e-5, "gpu": 1e-3, "tpu": 1e-2}.get(device, 1e-3)
+    return tolerance, f"the default for {backend} on {device.upper() if device else 'CPU'}"
+
+
+def accelerator(backend: str) -> str | None:
+    """"gpu" or "tpu" when the backend computes on one by default, else None (CPU). Keras is imported."""
+    try:
+        if backend == "jax":
+            import jax
+            platform = jax.default_backend()
+            return None if platform == "cpu" else ("tpu" if platform == "tpu" else "gpu")
+        if backend == "torch":
+            import torch
+            return "gpu" if torch.cuda.is_available() else None
+        if backend == "tensorflow":
+            import tensorflow as tf
+            return "gpu" if tf.config.list_logical_devices("GPU") else None
+    except Exception:  # noqa: BLE001 - a backend that cannot say runs where Keras puts it: assume CPU
+        return None
+    return None
+
+
+_OWN_PROCESS = False
+
+
+def own_process() -> None:
+    """Say that this process is modelxform's own (the command line, a batch worker): Keras may then be
+    kept from importing TensorFlow needlessly on another backend (tensorflow_probe). A program that
+    calls the session API in its own process keeps Keras's behaviour."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
+
+
+def owns_process() -> bool:
+    return _OWN_PROCESS
+
+
+def tensorflow_probe(enabled: bool) -> None:
+    """Whether Keras may import TensorFlow when it merely asks whether it is installed.
+
+    On the JAX and torch backends Keras still imports TensorFlow, where it is installed, the first time
+    it serialises a model (keras.src.saving.serialization_lib asks ``tf.available`` before checking
+    whether a value is a tf.TensorShape): 2.5 s and 400 MiB for nothing, since no value of a model
+    built on another backend is one. In modelxform's own processes (own_process) import_keras turns
+    that off for the other backends — Keras then behaves as where TensorFlow is not installed, which is
+    how modelxform is tested there — and the few things that do need TensorFlow turn it back on: export, and the layers that use it whatever
+    the backend (StringLookup, TextVectorization, …: see needs_tensorflow). Uses the private
+    ``_available`` of Keras's LazyModule for TensorFlow (tests/test_keras_io.py checks it is there)."""
+    if "keras" not in sys.modules:
+        return
+    from keras.src.utils import module_utils
+    handle = module_utils.tensorflow
+    if enabled:
+        if handle._available is False:
+            handle._available = None  # asked again, and TensorFlow imported, on the next question
+    elif handle._available is None and "tensorflow" not in sys.modules:
+        handle._available = False
+
+
+def needs_tensorflow(exc: BaseException) -> bool:
+    """Whether ``exc`` is Keras refusing a layer that needs TensorFlow (StringLookup and the like say
+    "requires TensorFlow") while TensorFlow is installed but kept from Keras (tensorflow_probe): the
+    caller then turns the probe back on and tries again."""
+    if "requires TensorFlow" not in str(exc) or "tensorflow" in sys.modules or keras_backend() == "tensorflow":
+        return False
+    if not _importable("tensorflow"):
+        return False
+    tensorflow_probe(True)
+    return True
+
+
+def require_tensorflow(what: str) -> None:
+    """A UsageError (exit 2) saying that ``what`` needs TensorFlow, unless it can be imported (on any
+    Keras backend: Keras exports a JAX model through jax2tf, which needs TensorFlow too)."""
+    from ..errors import UsageError
+    tensorflow_probe(True)
+    if "tensorflow" in sys.modules:
+        return
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        raise UsageError(f"{what} writes a TensorFlow SavedModel and needs TensorFlow, which is not installed "
+                         f"(Keras runs on {keras_backend()} here); install tensorflow to export") from None

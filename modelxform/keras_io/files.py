@@ -37,29 +37,45 @@ def import_modules(modules) -> None:
 
 
 def import_keras():
-    """Import Keras (and TensorFlow) with TensorFlow's C++ start-up messages about absent GPUs kept
-    off the terminal. The messages are written straight to file descriptor 2, so Python cannot
-    filter them; they are captured and shown only if the import fails."""
+    """Import Keras with its backend's start-up messages kept off the terminal (TensorFlow's C++
+    messages about absent GPUs, JAX's about absent TPUs): they are written straight to file descriptor
+    2, so Python cannot filter them; they are captured and shown only if the import fails. The backend
+    is the one Keras picks (KERAS_BACKEND, else keras.json; keras_io.backend); TensorFlow is imported
+    only when it is that backend. A backend that is not installed is a UsageError saying which."""
     import sys
     if "keras" in sys.modules:
         import keras
         return keras
+    from .backend import keras_backend, missing_backend_message
+    backend = keras_backend()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
             import keras
-            import tensorflow as tf
-            tf.config.list_physical_devices()
-        except BaseException:
+            if backend == "tensorflow":
+                import tensorflow as tf
+                tf.config.list_physical_devices()
+            elif backend == "jax":
+                import jax
+                jax.devices()  # (JAX looks for accelerators, and logs about it, on first use)
+        except BaseException as exc:
             os.dup2(saved, 2)
+            message = missing_backend_message(exc) if isinstance(exc, ImportError) else None
+            if message is not None:
+                for name in [m for m in sys.modules if m == "keras" or m.startswith("keras.")]:
+                    del sys.modules[name]  # half imported: let a later import fail the same way
+                raise UsageError(message) from None
             captured.seek(0)
             sys.stderr.write(captured.read().decode("utf-8", "replace"))
             raise
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+    from .backend import owns_process, tensorflow_probe
+    if backend != "tensorflow" and owns_process():
+        tensorflow_probe(False)  # (Keras would import TensorFlow, where installed, to serialise a model)
     # TensorFlow leaves a few hundred thousand long-lived objects behind; keep the collector from
     # walking them again at every full collection while a model is built (a tenth of a second each)
     import gc
@@ -205,18 +221,20 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
     # loads into the same names in a batch worker's tenth job as in a fresh process (keras.src.utils.
     # naming is private; tests/test_keras_io.py checks it is there)
     from keras.src.utils import naming
-    naming.reset_uids()
-    try:
-        with _quiet(), _lower_case_suffix(p) as readable:
-            if fmt == "keras":
-                model = keras.saving.load_model(readable, compile=False, safe_mode=not unsafe)
-            else:
-                model = keras.models.load_model(readable, compile=False, safe_mode=not unsafe)
-    except ModelFileError:
-        raise
-    except Exception as exc:  # Keras raises many types here; all mean "this file cannot be loaded"
-        raise ModelFileError(_explain_load_error(p, exc)) from exc
-    return model
+    from .backend import needs_tensorflow
+    for attempt in (1, 2):
+        naming.reset_uids()
+        try:
+            with _quiet(), _lower_case_suffix(p) as readable:
+                if fmt == "keras":
+                    return keras.saving.load_model(readable, compile=False, safe_mode=not unsafe)
+                return keras.models.load_model(readable, compile=False, safe_mode=not unsafe)
+        except ModelFileError:
+            raise
+        except Exception as exc:  # Keras raises many types here; all mean "this file cannot be loaded"
+            if attempt == 1 and needs_tensorflow(exc):
+                continue  # a layer that needs TensorFlow whatever the backend: let Keras import it
+            raise ModelFileError(_explain_load_error(p, exc)) from exc
 
 
 @contextlib.contextmanager
@@ -536,6 +554,23 @@ def read_provenance(path: str | os.PathLike) -> dict | None:
         return safety.parse_json(data, p, what)
     except (OSError, zipfile.BadZipFile) as exc:
         raise ModelFileError(f"{p}: unreadable provenance record: {_clip(str(exc))}") from None
+
+
+def member_digests(path: str | os.PathLike) -> dict | None:
+    """{member name: sha256} of a zip archive, in order (None when it is not one)."""
+    import hashlib
+    try:
+        with zipfile.ZipFile(path) as zf:
+            out = {}
+            for info in zf.infolist():
+                h = hashlib.sha256()
+                with zf.open(info) as fh:
+                    for block in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(block)
+                out[info.filename] = (h.hexdigest(), info.compress_type, info.date_time)
+            return out
+    except (OSError, zipfile.BadZipFile):
+        return None
 
 
 def sha256_file(path: str | os.PathLike) -> str:

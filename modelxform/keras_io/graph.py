@@ -3,7 +3,8 @@
 Structural statements do not touch a live model. They edit a copy of the model's serialized config
 (the same JSON that a .keras file stores) and the model is rebuilt from it once per run of consecutive
 structural statements. Weights then move across by layer path; layers a statement created get fresh
-weights from their own configured initializers, seeded from the recipe's seed. Because the config is
+weights from their own configured initializers, seeded from the recipe's seed (initializers.py: the same
+values on every backend). Because the config is
 Keras's own serialization, shared layers stay shared (one layer entry, several inbound nodes) and nested
 models stay nested models. The config format itself is read through config.py; variables are filled
 through variables.py.
@@ -11,10 +12,10 @@ through variables.py.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,8 @@ from ..errors import ApplyError
 from ..rng import derive_seed
 from .config import (ConfigLayer, NotInGraph, container_of, entry_at, flat_order, histories, io_refs,
                      is_model_entry, layers_of, model_entries, tensor_refs, walk as walk_config)
+from .backend import needs_tensorflow
+from .initializers import initial_values
 from .layers import LayerInfo, walk
 from .variables import LazyVariables, copy_variables, set_variables
 
@@ -67,6 +70,11 @@ class GraphEditor:
     origin: dict = field(default_factory=dict)  # new path -> old path, for renamed layers
     reshape: dict = field(default_factory=dict)  # statement allowing weight shapes to change (set …)
     reshaped: dict = field(default_factory=dict)  # after build: path -> the statement that reshaped it
+    # path -> fn(old layers by path) -> the layer's arrays in ``layer.weights`` order: weights a statement
+    # computes from the model before the edits (fold batchnorm, prune channels) instead of copying them
+    computed: dict = field(default_factory=dict)
+    input_statement: object = None  # `set input shape …`, when one changed an input (for its error messages)
+    nested_inputs: set = field(default_factory=set)  # nested models whose input shapes the rebuild must find
 
     def __post_init__(self):
         # Keras's in-memory config mixes tuples and lists (an inbound node's args are a tuple); its JSON
@@ -125,6 +133,7 @@ class GraphEditor:
         if new_name != old_name:
             self._rename_references(path, old_name, new_name)
         new_path = "/".join(path.split("/")[:-1] + [new_name])
+        self.computed.pop(path, None)
         self.fresh[new_path] = fresh_parts
 
     def _rename_references(self, path: str, old: str, new: str) -> None:
@@ -305,11 +314,14 @@ class GraphEditor:
             return new_path
         nodes = anchor.get("inbound_nodes") or []
         if where == "after":
-            if len(nodes) > 1:
-                raise ApplyError(f"insert after {path}: the layer is called {len(nodes)} times (a shared layer); "
-                                 "say which call by inserting before its consumers instead", span=span)
-            entry = self._new_entry(serialized, [[[anchor["config"]["name"], 0, 0, {}]]])
-            self._retarget(container, [anchor["config"]["name"], 0, 0], [name, 0, 0])
+            # A shared anchor (called n times) gets the new layer after every call, and the new layer is
+            # itself shared: one entry called n times, its k-th call on the anchor's k-th output (Keras
+            # creates a layer's nodes in the order its config lists them).
+            anchor_name = anchor["config"]["name"]
+            calls = max(1, len(nodes))
+            entry = self._new_entry(serialized, [[[anchor_name, k, 0, {}]] for k in range(calls)])
+            for k in range(calls):
+                self._retarget(container, [anchor_name, k, 0], [name, k, 0])
             layers.insert(index + 1, entry)
         else:
             if anchor.get("class_name") == "InputLayer":
@@ -331,6 +343,7 @@ class GraphEditor:
         if self._is_sequential(container):
             del layers[index]
             return
+        self.computed.pop(path, None)
         inputs = self._single_input(entry, f"remove {path}", span)
         name = entry["config"]["name"]
         for k, source in enumerate(inputs):
@@ -452,12 +465,99 @@ class GraphEditor:
         self.reshape[path] = statement
         # Keras rebuilds a layer from its recorded input shape before calling it; a field such as `units`
         # changes what the next layers receive, so let every layer build from what it now receives.
-        def strip(model_entry):
-            for e in layers_of(model_entry):
-                e.pop("build_config", None)
-                if is_model_entry(e):
-                    strip(e)
-        strip(self.config)
+        _strip_build_configs(self.config)
+
+    def inputs(self) -> list[tuple[str, list]]:
+        """(name, batch shape) of the model's inputs, in order (a Sequential model has one)."""
+        cfg = self.config["config"]
+        if self._is_sequential(self.config):
+            layers = layers_of(self.config)
+            if layers and layers[0].get("class_name") == "InputLayer":
+                return [(layers[0]["config"]["name"], list(layers[0]["config"]["batch_shape"]))]
+            shape = cfg.get("build_input_shape")
+            return [(cfg["name"] + "_input", list(shape) if shape else None)]
+        by_name = {e["config"]["name"]: e for e in layers_of(self.config)}
+        out = []
+        for name, _, _ in tensor_refs(cfg.get("input_layers")):
+            entry = by_name.get(name)
+            shape = entry["config"].get("batch_shape") if entry is not None else None
+            out.append((name, list(shape) if shape is not None else None))
+        return out
+
+    def set_input_shape(self, index: int, shape: list, statement) -> None:
+        """Give input ``index`` the batch shape ``shape``; every layer then builds from what it receives
+        (weights whose shape depends on the input size are refused at the rebuild, naming the layer).
+        Keras checks what a nested model receives against its declared input shape, so nested models
+        are built first with open input shapes and then given the shapes they receive (_build)."""
+        self.input_statement = statement
+        if self._is_sequential(self.config):
+            self._set_sequential_input(self.config, shape)
+        else:
+            target_name = self.inputs()[index][0]
+            entry = next(e for e in layers_of(self.config) if e["config"]["name"] == target_name)
+            entry["config"]["batch_shape"] = list(shape)
+        for item in walk_config(self.config, models=True, leaves=False):
+            self.nested_inputs.add(item.path)
+            _open_inputs(item.entry)
+        _strip_build_configs(self.config)
+        self.config.pop("build_config", None)  # a Sequential model records its own input shape there too
+
+    @staticmethod
+    def _set_sequential_input(entry: dict, shape) -> None:
+        layers = layers_of(entry)
+        if layers and layers[0].get("class_name") == "InputLayer":
+            layers[0]["config"]["batch_shape"] = list(shape)
+        else:
+            entry["config"]["build_input_shape"] = list(shape)
+
+    def _close_inputs(self, config: dict, built, depth: int) -> None:
+        """Give the nested models ``depth`` levels down whose inputs set_input_shape opened the shapes they
+        receive in ``built`` (the model built from ``config``)."""
+        from .layers import nested_models
+        models = {"": built, **nested_models(built)}
+        for path in sorted(p for p in self.nested_inputs if p.count("/") == depth):
+            parent_path = "/".join(path.split("/")[:-1])
+            parent, name = entry_at(config, parent_path) if parent_path else config, path.split("/")[-1]
+            entry = next(e for e in layers_of(parent) if e["config"]["name"] == name)
+            parent_model = models.get(parent_path)
+            shapes = _received_shapes(parent, entry, parent_model)
+            if shapes is None:
+                continue
+            if self._is_sequential(entry):
+                if len(shapes) == 1:
+                    self._set_sequential_input(entry, shapes[0])
+                continue
+            refs = tensor_refs(entry["config"].get("input_layers"))
+            if len(refs) != len(shapes):
+                continue
+            by_name = {e["config"]["name"]: e for e in layers_of(entry)}
+            for ref, received in zip(refs, shapes):
+                inner = by_name.get(ref[0])
+                if inner is not None and inner.get("class_name") == "InputLayer":
+                    inner["config"]["batch_shape"] = list(received)
+
+    # -- deployment transforms (keras_io/deploy.py) ---------------------------------------------
+    def batchnorm_folds(self, infos: dict, wanted: set | None = None):
+        """(folds, skips): the BatchNormalization layers that fold into the layer before them, and the
+        others with the reason (``infos``: path -> LayerInfo of the model as it stands)."""
+        from .deploy import batchnorm_folds
+        return batchnorm_folds(self.config, infos, wanted)
+
+    def fold_batchnorm(self, folds) -> None:
+        from .deploy import fold_edit
+        fold_edit(self, folds)
+
+    def plan_channel_pruning(self, infos: dict, selected: list[str], percent: float):
+        """What pruning ``percent`` % of the selected layers' output channels does (deploy.ChannelPlan);
+        an ApplyError names a layer the pruned channels cannot pass through."""
+        from .deploy import plan_channel_pruning
+        from .shapes import ShapeFinder
+        return plan_channel_pruning(self.config, infos, selected, percent, ShapeFinder(self.config))
+
+    def prune_channels(self, plan) -> None:
+        for edit in plan.edits:
+            edit(self)
+        _strip_build_configs(self.config)  # the shrunk layers build from what they now receive
 
     def rename(self, path: str, new_name: str, span=None) -> str:
         container, layers, index = self._layer_list(path)
@@ -476,6 +576,8 @@ class GraphEditor:
         self.origin[new_path] = self.origin.pop(path, path)
         if path in self.fresh:
             self.fresh[new_path] = self.fresh.pop(path)
+        if path in self.computed:
+            self.computed[new_path] = self.computed.pop(path)
         return new_path
 
     # -- rebuild -------------------------------------------------------------------------------
@@ -498,6 +600,7 @@ class GraphEditor:
         replay.base_config = self.base_config
         replay.config = copy.deepcopy(self.base_config)
         replay.fresh, replay.edits, replay.origin, replay.reshape, replay.reshaped = {}, [], {}, {}, {}
+        replay.computed, replay.input_statement, replay.nested_inputs = {}, None, set()
         replay.closed = False
         for edit in self.edits:
             try:
@@ -517,21 +620,35 @@ class GraphEditor:
         import keras
         config = copy.deepcopy(config)
         _restore_single_refs(config, self.base_config)
+        # nested models whose inputs set_input_shape opened learn their shapes one level at a time: a
+        # model inside another receives what its parent, once closed, computes
+        for depth in sorted({path.count("/") for path in self.nested_inputs}):
+            try:
+                with LazyVariables():  # (deserializing changes the config it reads: give it a copy)
+                    opened = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=not self.unsafe)
+            except Exception:  # noqa: BLE001 - built below, which says what is wrong
+                break
+            self._close_inputs(config, opened, depth)
         # Building a functional model calls every layer on symbolic tensors, which checks every shape
         # and argument; no forward pass on real data is needed to know the graph holds.
         try:
             with LazyVariables() as lazy:
-                new_model = keras.saving.deserialize_keras_object(config, safe_mode=not self.unsafe)
+                # a copy: deserializing changes the config it reads, and a failure is built again below
+                new_model = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=not self.unsafe)
         except Exception:  # noqa: BLE001 - built the ordinary way below, which says what is wrong
             lazy = None
             try:
-                new_model = keras.saving.deserialize_keras_object(config, safe_mode=not self.unsafe)
+                new_model = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=not self.unsafe)
             except Exception as exc:  # Keras reports shape and argument problems as many exception types
-                raise ApplyError(f"the edited model does not build: {_first_line(exc)}") from exc
+                if not needs_tensorflow(exc):
+                    raise ApplyError(f"the edited model does not build: {_build_failure(exc)}") from exc
+                # a layer that needs TensorFlow whatever the backend (StringLookup, …): let Keras import it
+                new_model = keras.saving.deserialize_keras_object(config, safe_mode=not self.unsafe)
         if lazy is not None:
             check_memory(new_model)  # before a value is given to any variable: a refusal, not an OOM
         try:
-            self.reshaped = transfer_weights(old_layers, new_model, fresh, self.seed, self.origin, self.reshape)
+            self.reshaped = transfer_weights(old_layers, new_model, fresh, self.seed, self.origin, self.reshape,
+                                             self.computed, self.input_statement)
         finally:
             if lazy is not None:
                 lazy.initialise_the_rest()
@@ -588,6 +705,69 @@ def check_memory(model) -> None:
                          f"machine's memory ({_bytes(limit)})", hint="check the sizes in the statement")
 
 
+def _open_inputs(model_entry: dict) -> None:
+    """A nested model's declared input shapes with every dimension but the last unknown."""
+    if model_entry.get("class_name") == "Sequential":
+        layers = layers_of(model_entry)
+        if layers and layers[0].get("class_name") == "InputLayer":
+            shape = layers[0]["config"].get("batch_shape")
+            if shape:
+                layers[0]["config"]["batch_shape"] = [None] * (len(shape) - 1) + [shape[-1]]
+        elif model_entry["config"].get("build_input_shape"):
+            shape = model_entry["config"]["build_input_shape"]
+            model_entry["config"]["build_input_shape"] = [None] * (len(shape) - 1) + [shape[-1]]
+        return
+    names = {r[0] for r in tensor_refs(model_entry["config"].get("input_layers"))}
+    for entry in layers_of(model_entry):
+        if entry["config"]["name"] in names and entry.get("class_name") == "InputLayer":
+            shape = entry["config"].get("batch_shape")
+            if shape:
+                entry["config"]["batch_shape"] = [None] * (len(shape) - 1) + [shape[-1]]
+
+
+def _received_shapes(parent: dict, entry: dict, parent_model) -> list | None:
+    """The shapes of the tensors the layer ``entry`` of ``parent`` (a model entry) is called on, read off
+    ``parent_model`` (parent built): the producers' outputs, through the public ``layer.output``."""
+    if parent_model is None:
+        return None
+    name = entry["config"]["name"]
+    if parent.get("class_name") == "Sequential":
+        layers = [e for e in layers_of(parent)]
+        position = next(i for i, e in enumerate(layers) if e["config"]["name"] == name)
+        earlier = [e for e in layers[:position] if e.get("class_name") != "InputLayer"]
+        try:
+            if earlier:
+                return [tuple(parent_model.get_layer(earlier[-1]["config"]["name"]).output.shape)]
+            return [tuple(parent_model.inputs[0].shape)]
+        except Exception:  # noqa: BLE001 - a shared or multi-output layer: no single answer
+            return None
+    nodes = entry.get("inbound_nodes") or []
+    if len(nodes) != 1:
+        return None
+    shapes = []
+    for hist in histories(nodes[0]):
+        producer, node, tensor = hist[:3]
+        if node != 0:
+            return None
+        try:
+            output = parent_model.get_layer(producer).output
+        except Exception:  # noqa: BLE001
+            return None
+        if isinstance(output, (list, tuple)):
+            output = output[tensor]
+        shapes.append(tuple(output.shape))
+    return shapes
+
+
+def _strip_build_configs(model_entry: dict) -> None:
+    """Forget every layer's recorded input shape: Keras builds a layer from it before calling it, and
+    an edit that changes what layers receive must let each build from what it now receives."""
+    for entry in layers_of(model_entry):
+        entry.pop("build_config", None)
+        if is_model_entry(entry):
+            _strip_build_configs(entry)
+
+
 def _restore_single_refs(config: dict, base: dict) -> None:
     """Edits keep inputs and outputs as lists of references; where the model had a single input or
     output (Keras writes [name, node, index] then, and the model takes and returns a bare tensor), and
@@ -618,9 +798,29 @@ def _json_default(obj):
     raise TypeError(f"cannot serialise {type(obj).__name__} in a model config")
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _build_failure(exc: Exception) -> str:
+    """What went wrong when Keras built an edited config, naming the layer whose call failed. Keras's
+    own message often names only the class ("Exception encountered when calling Reshape.call()", the
+    reason in bold on a later line); the layer is the one functional.process_node was calling, read
+    off the traceback (Keras's private function; tests/test_deploy.py fails if that stops working)."""
+    text = _ANSI.sub("", str(exc)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = lines[0] if lines else type(exc).__name__
+    if reason.startswith("Exception encountered when calling") and len(lines) > 1:
+        reason = lines[1]
+    layer = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "process_node":
+            candidate = tb.tb_frame.f_locals.get("layer")
+            layer = candidate if hasattr(candidate, "name") else layer
+        tb = tb.tb_next
+    if layer is not None and getattr(layer, "name", None) and repr(layer.name) not in reason:
+        return f"layer {layer.name} ({type(layer).__name__}): {reason}"
+    return reason
 
 
 def sequential_to_functional(config: dict) -> dict:
@@ -651,18 +851,24 @@ def sequential_to_functional(config: dict) -> dict:
 
 
 def transfer_weights(old_layers, new_model, fresh: dict, seed: int, origin: dict | None = None,
-                     reshape: dict | None = None) -> dict:
+                     reshape: dict | None = None, computed: dict | None = None, input_statement=None) -> dict:
     """Copy every kept layer's weights from ``old_layers`` (LayerInfos of the model before) into the
-    rebuilt model (by path, following renames); initialise
-    new layers from the seed. A layer whose weight shapes changed is an error, unless a statement in
-    ``reshape`` (``set units = …``) allowed it: then it is initialised afresh and returned, so that the
-    runner can insist the recipe reinitialises it."""
+    rebuilt model (by path, following renames); initialise new layers from the seed; give the layers in
+    ``computed`` (path -> fn(old layers by path) -> arrays) the arrays a statement computed for them.
+    A layer whose weight shapes changed is an error, unless a statement in ``reshape`` (``set units =
+    …``) allowed it: then it is initialised afresh and returned, so that the runner can insist the
+    recipe reinitialises it. ``input_statement`` (``set input shape …``) words that error as a weight
+    that depends on the input size."""
     old = {info.path: info for info in old_layers}
     origin = origin or {}
+    computed = computed or {}
     reshaped = {}
     for info in walk(new_model):
         if info.path in fresh:
             init_fresh(info, fresh[info.path], seed)
+            continue
+        if info.path in computed:
+            set_variables(info.weights, computed[info.path](old), info.path)
             continue
         before = old.get(origin.get(info.path, info.path))
         if before is None:
@@ -674,6 +880,13 @@ def transfer_weights(old_layers, new_model, fresh: dict, seed: int, origin: dict
             init_fresh(info, (str(statement), "reshaped"), seed)
             reshaped[info.path] = statement
             continue
+        if new_shapes != old_shapes and input_statement is not None and len(new_shapes) == len(old_shapes):
+            detail = "; ".join(f"{v.name} {tuple(o)} would need {tuple(n)}" for v, o, n in
+                               zip(info.layer.weights, old_shapes, new_shapes) if o != n)
+            raise ApplyError(f"the weights of {info.path} ({type(info.layer).__name__}) depend on the input size: "
+                             f"{detail}; nothing was written",
+                             hint="keep the input size this layer was built for, or replace the layer in the same "
+                                  "recipe")
         if new_shapes != old_shapes:
             detail = "; ".join(f"{v.name} {tuple(o)} -> {tuple(n)}" for v, o, n in
                                zip(info.weights, old_shapes, new_shapes) if o != n) or \
@@ -708,26 +921,17 @@ def initializer_for(layer, variable_name: str):
     return None
 
 
-def seeded(initializer, seed_value: int):
-    """A copy of ``initializer`` with its seed set (initializers without a seed are returned as is)."""
-    params = inspect.signature(type(initializer).__init__).parameters
-    if "seed" not in params:
-        return initializer
-    cfg = initializer.get_config()
-    cfg["seed"] = seed_value
-    return type(initializer).from_config(cfg)
-
-
 def init_fresh(info: LayerInfo, parts, seed: int) -> None:
-    """Initialise every variable of a layer a statement created, reproducibly from the seed."""
+    """Initialise every variable of a layer a statement created, reproducibly from the seed, with the
+    same values on every backend (initializers.initial_values)."""
     values = []
     for var in info.weights:
         init = initializer_for(info.layer, var.name)
         if init is None:
             raise ApplyError(f"layer {info.path}: cannot initialise variable {var.name!r} reproducibly "
                              "(its config names no initializer for it)")
-        init = seeded(init, derive_seed(seed, *parts, info.path, var.name) % (2**31 - 1))
-        values.append(np.asarray(init(tuple(var.shape), dtype=var.dtype)))
+        var_seed = derive_seed(seed, *parts, info.path, var.name) % (2**31 - 1)
+        values.append(initial_values(init, tuple(var.shape), var.dtype, var_seed))
     if values:
         set_variables(info.weights, values, info.path)
 

@@ -4,8 +4,10 @@ A structural edit rebuilds the model from its edited config; its variables are t
 model before the edit (Keras variables) or straight from a .keras archive (archive.ArchiveVariable).
 Two things keep that cheap: the rebuild creates its variables without random initial values
 (:class:`LazyVariables`, which uses Keras's stateless scope), and a large array moves a block of rows
-at a time, so that no second full copy of it is made. Both use Keras and TensorFlow internals; each use
-says why, and tests/test_keras_io.py fails loudly when a Keras release changes them.
+at a time, so that no second full copy of it is made. Both use Keras internals, and each backend's own
+way of writing a tensor in place or adopting a buffer (TensorFlow, JAX, torch); each use says why, and
+tests/test_keras_io.py fails loudly when a Keras release changes them (tests/test_backends.py runs
+them under JAX).
 """
 from __future__ import annotations
 
@@ -86,13 +88,7 @@ def materialise(var) -> None:
     init = getattr(var, "_initializer", None)
     if not isinstance(init, FromSource) or var._value is not None:
         return
-    import tensorflow as tf
-    shape = tuple(var.shape)
-    with tf.init_scope():
-        var._initialize(tf.zeros(shape, dtype=var.dtype))
-    var._initializer = None
-    for start, stop in row_blocks(shape, np.dtype(var.dtype).itemsize):
-        var._value.scatter_update(tf.IndexedSlices(init.source.read_rows(start, stop), tf.range(start, stop)))
+    _fill_by_rows(var, tuple(var.shape), init.source.read_rows)
 
 
 # Arrays larger than this are moved a block of rows at a time (into a rebuilt model's variables, and
@@ -126,30 +122,103 @@ def copy_variables(weights: list, sources, name: str = "") -> None:
             _set_variable(var, np.asarray(source.numpy()))
             continue
         in_file = pending_source(source) or (source if hasattr(source, "archive") else None)
-        if in_file is not None and _deferred(var) and np.dtype(in_file.dtype) == np.dtype(var.dtype):
+        if in_file is not None and _deferred(var) and str(in_file.dtype) == str(var.dtype):
             var._initializer = FromSource(in_file, var)  # its values stay in the file until needed
             continue
         if pending_source(source) is not None:
             materialise(source)
+        read_rows = getattr(source, "read_rows", None) or (lambda a, b: read_variable_rows(source, a, b))
+        _fill_by_rows(var, shape, read_rows)
+
+
+def _backend() -> str:
+    import keras
+    return keras.backend.backend()
+
+
+def _fill_by_rows(var, shape: tuple, read_rows) -> None:
+    """Fill ``var`` with ``read_rows(start, stop)``, a block of rows at a time, holding one full copy of
+    the array (the variable's), not two."""
+    blocks = row_blocks(shape, np.dtype(str(var.dtype)).itemsize)
+    if _backend() == "tensorflow":
         import tensorflow as tf
         if _deferred(var):
-            with tf.init_scope():
+            with tf.init_scope():  # (a variable made inside a tf.function is lifted out of it)
                 var._initialize(tf.zeros(shape, dtype=var.dtype))
             var._initializer = None
-        read_rows = getattr(source, "read_rows", None) or (lambda a, b: read_variable_rows(source, a, b))
-        for start, stop in row_blocks(shape, np.dtype(var.dtype).itemsize):
+        for start, stop in blocks:
             # scatter_update writes those rows in place (a slice assignment would copy the whole array)
             var._value.scatter_update(tf.IndexedSlices(read_rows(start, stop), tf.range(start, stop)))
+        return
+    # Elsewhere the rows go into a host buffer that the backend then adopts without copying it (JAX's
+    # device_put of a 64-byte-aligned buffer, torch.from_numpy); assigning a block at a time through
+    # the backend's ops copies the whole array per block (jax: 6.7 s and +1.2 GiB for 400 MiB).
+    host = _aligned_empty(shape, np.dtype(str(var.dtype)))
+    for start, stop in blocks:
+        host[start:stop] = read_rows(start, stop)
+    tensor = _adopt(host)
+    if tensor is host:
+        _set_variable(var, host)
+    elif _deferred(var):
+        var._initialize(tensor)
+        var._initializer = None
+    else:
+        var.assign(tensor)
+    del host, tensor  # the backend owns that memory now (JAX assumes nobody writes to it again)
+
+
+def _aligned_empty(shape: tuple, dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an ``align``-byte boundary (XLA's CPU client wraps
+    such a buffer instead of copying it)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _adopt(host: np.ndarray):
+    """A backend tensor over ``host``'s memory where the backend can wrap it (JAX on CPU, torch), else
+    a copy of it (JAX on an accelerator: a transfer), else ``host`` itself."""
+    backend = _backend()
+    if backend == "jax":
+        import jax
+        return jax.device_put(host)  # zero-copy on CPU for an aligned buffer; a transfer to a GPU
+    if backend == "torch":
+        import torch
+        if host.dtype.name == "bfloat16":  # torch.from_numpy knows no ml_dtypes type: share the bits
+            return torch.from_numpy(host.view(np.int16)).view(torch.bfloat16)
+        try:
+            return torch.from_numpy(host)
+        except TypeError:
+            return host
+    return host
 
 
 def read_variable_rows(var, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of a Keras variable, read on their own (a gather of those rows; slicing the
-    variable would read all of it first)."""
+    """Rows ``start:stop`` of a Keras variable, read on their own (reading the whole variable as a
+    numpy array would copy all of it first, for every block)."""
     source = pending_source(var)
-    if source is not None:
+    if source is not None:  # a variable whose values are still in the archive (FromSource)
         return source.read_rows(start, stop)
-    import tensorflow as tf
-    return np.asarray(var._value.sparse_read(tf.range(start, stop)))
+    backend = _backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        return np.asarray(var._value.sparse_read(tf.range(start, stop)))  # a gather of those rows
+    value = var.value
+    if backend == "jax":
+        devices = value.devices() if hasattr(value, "devices") else ()
+        if all(getattr(d, "platform", "") == "cpu" for d in devices):
+            return np.asarray(value)[start:stop]  # a read-only view of the buffer on a CPU
+        return np.asarray(value[start:stop])
+    if backend == "torch":
+        import torch
+        rows = value.detach()[start:stop].cpu()
+        if rows.dtype == torch.bfloat16:  # (numpy knows bfloat16 only through ml_dtypes)
+            import ml_dtypes
+            return rows.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return rows.numpy()
+    import keras
+    return np.asarray(keras.ops.convert_to_numpy(value[start:stop]))
 
 
 def _deferred(var) -> bool:
@@ -157,13 +226,20 @@ def _deferred(var) -> bool:
 
 
 def _set_variable(var, value) -> None:
-    if _deferred(var):
+    """``var.assign(value)``, also for a variable LazyVariables left without a value: Keras's own
+    deferred initialisation (``_initialize``) with ``value`` instead of the initializer's."""
+    if not _deferred(var):
+        var.assign(value)
+        return
+    if _backend() == "tensorflow":
         import tensorflow as tf
         with tf.init_scope():
             var._initialize(value)
-        var._initializer = None
     else:
-        var.assign(value)
+        # JaxVariable._initialize keeps what it is given (a numpy array would stay one): convert first,
+        # as Keras's _initialize_with_initializer does; torch's wraps the tensor in a Parameter
+        var._initialize(var._convert_to_tensor(value, dtype=var.dtype))
+    var._initializer = None
 
 
 class _Array:

@@ -242,10 +242,11 @@ class _Compiler:
         return call
 
     def constructor(self, node) -> ir.Call:
+        """A layer constructor, as Keras users write it: ``Dense(10, activation="relu")``. Positional
+        arguments stay positional here (the compiler does not know the class's signature); the pass maps
+        them to the class's parameters when the recipe is bound to a model."""
         call = self.call(node)
         self.check_type_name(call.name, node, strict=True)
-        if call.args:
-            self.error("layer constructors take keyword arguments only, e.g. Dropout(rate=0.5)", node)
         return ir.Call(canonical_type(call.name), call.args, call.kwargs, span=call.span)
 
     def layer_ref(self, node, what: str) -> ir.Ref:

@@ -75,6 +75,12 @@ SYNTAX_EXAMPLES: dict[str, list[str]] = {
         ["clip", "clip kernel", "clip kernel 1", "clip kernel 1 ;"],
     "`prune` needs a target and a percentage, e.g. `prune kernel 50%`":
         ["prune", "prune kernel", "prune kernel 50", "prune kernel 0.5"],
+    "`prune channels` needs a percentage, e.g. `prune channels 25%`":
+        ["prune channels", "prune channels 25", "prune channels 0.25"],
+    "`fold` is written `fold batchnorm`":
+        ["fold", "fold bn", "fold batchnorms"],
+    "`set input shape` needs a shape, e.g. `set input shape (None, 96, 96, 3)` or `set input 1 shape (None, 128)`":
+        ["set input", "set input shape", "set input 1", "set input shape 96", "set input shape ("],
     "`reinit` needs a target, e.g. `reinit kernel` or `reinit kernel with he_normal`":
         ["reinit", "reinit kernel with", "reinit with he_normal"],
     "`set` needs a target and a value, e.g. `set bias to zeros`":
@@ -319,7 +325,8 @@ def _parses(text: str) -> bool:
     return True
 
 
-_BARE_KEYWORDS = tuple(kind.keyword for kind in statements.KINDS if kind.yaml_bare)  # freeze, unfreeze, shuffle
+# statements written as their keyword alone (freeze, unfreeze, shuffle, unwrap), not `fold batchnorm`
+_BARE_KEYWORDS = tuple(kind.keyword for kind in statements.KINDS if kind.yaml_bare and str(kind()) == kind.keyword)
 
 
 def _bare_statement_with_argument(exc: UnexpectedToken, source: Source) -> RecipeError | None:

@@ -60,8 +60,6 @@ class Replace(StructuralStatement):
             c.check_type_name(replacement.name, repl_node, strict=True)
             replacement = Call(c.canonical_type(replacement.name), replacement.args, replacement.kwargs,
                                span=replacement.span)
-            if replacement.args:
-                c.error("layer constructors take keyword arguments only, e.g. Dense(units=10)", repl_node)
         return cls(source, replacement, span=span)
 
     @classmethod
@@ -99,7 +97,7 @@ class Replace(StructuralStatement):
             except ApplyError as exc:
                 raise (ctx.not_a_node(self.source) or exc) from None
         cls = ctx.layer_class(self.replacement.name, self.span)
-        kwargs = {k: ctx.value(v, self) for k, v in self.replacement.kwargs}
+        kwargs = {} if self.replacement.bare else constructor_arguments(ctx, self, cls, self.replacement)
         taken = {leaf.path for leaf in leaves}
         report = ctx.report(self)
         plans = []
@@ -212,7 +210,8 @@ class Tap(StructuralStatement):
 
 @dataclass(frozen=True)
 class Insert(StructuralStatement):
-    """``insert Dropout(rate=0.5) after fc1`` / ``insert BatchNormalization() before conv2d_2``."""
+    """``insert Dropout(0.5) after fc1`` / ``insert BatchNormalization() before conv2d_2``; after a
+    shared layer, the new layer follows every call of it (and is itself shared)."""
 
     layer: Call
     where: str  # "after" or "before"
@@ -748,12 +747,36 @@ def entry_path(ctx, editor, ref: Ref, what: str) -> str:
                      span=ref.span)
 
 
+def constructor_arguments(ctx, stmt, cls, call: Call) -> dict:
+    """A constructor's arguments by name: positional ones (``Dense(10, activation="relu")``,
+    ``Dropout(0.5)``) are named through the class's signature, as Python would bind them."""
+    kwargs = {k: ctx.value(v, stmt) for k, v in call.kwargs}
+    if not call.args:
+        return kwargs
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    names = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    if len(call.args) > len(names):
+        takes = f"({', '.join(names)})" if names else "none"
+        raise ApplyError(f"{call}: {cls.__name__} takes {len(names)} positional argument"
+                         f"{'s' if len(names) != 1 else ''} {takes}, not {len(call.args)}", span=stmt.span,
+                         hint=f"name the others, e.g. {cls.__name__}(…, name=value)")
+    named = {}
+    for name, value in zip(names, call.args):
+        if name in kwargs:
+            raise ApplyError(f"{call}: {cls.__name__}'s argument {name!r} is given by position and by name",
+                             span=stmt.span)
+        named[name] = ctx.value(value, stmt)
+    named.update(kwargs)
+    return named
+
+
 def new_layer(ctx, stmt, call: Call) -> dict:
     """The serialized config of a new layer ``call`` constructs; unnamed, it gets Keras's default name for
     its class without the process-wide counter (which would make names, and the seeded weights derived
     from them, depend on what else ran in the process)."""
     cls = ctx.layer_class(call.name, stmt.span)
-    kwargs = {k: ctx.value(v, stmt) for k, v in call.kwargs}
+    kwargs = constructor_arguments(ctx, stmt, cls, call)
     kwargs.setdefault("name", ctx.default_layer_name(cls.__name__))
     return ctx.keras().saving.serialize_keras_object(construct(cls, kwargs, stmt.span))
 

@@ -5,7 +5,6 @@ statement touches keep bit-identical weights.
 """
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Union
@@ -109,15 +108,8 @@ class AddNoise(WeightStatement):
                     + (f" (did you mean {guess!r}?)" if guess else "")
                     + "; use normal(mean=…, stddev=…) or uniform(low=…, high=…)", node.children[0])
         else:
-            if dist.args:
-                c.error(f"{dist.name}(…) takes keyword arguments: {', '.join(a + '=' for a in allowed)}",
-                        node.children[0])
-            for key, value in dist.kwargs:
-                if key not in allowed:
-                    c.error(f"{dist.name}() has no argument {key!r}; it takes {', '.join(allowed)}",
-                            node.children[0])
-                elif not isinstance(value, (int, float, ParamRef)) or isinstance(value, bool):
-                    c.error(f"{dist.name}({key}=…) must be a number", node.children[0])
+            for problem in _noise_problems(dist):
+                c.error(problem, node.children[0])
         return cls(dist, c.target(node.children[1]), span=span)
 
     @classmethod
@@ -131,22 +123,31 @@ class AddNoise(WeightStatement):
             return None
         name = dists[0]
         args_node = f[name]
-        kwargs = []
-        if r.is_mapping(args_node):
+        positional, kwargs = [], []
+        if r.is_sequence(args_node):  # normal: [0, 0.1], as normal(0, 0.1)
+            positional = [r.number(v, name) for v in r.items(args_node)]
+        elif r.is_mapping(args_node):
             args = r.mapping(args_node, name, {k: False for k in NOISE_DISTRIBUTIONS[name]})
             kwargs = [(k, r.number(v, k)) for k, v in (args or {}).items()]
         elif not r.is_null(args_node):
-            r.error(args_node, f"{name} takes a mapping of its arguments")
-        call = Call(name, (), tuple(kwargs), span=r.span(args_node))
+            r.error(args_node, f"{name} takes a list or a mapping of its arguments")
+        call = Call(name, tuple(positional), tuple(kwargs), span=r.span(args_node))
+        for problem in _noise_problems(call):
+            r.error(args_node, problem)
         return cls(call, _target(f, r), span=span)
 
     def yaml(self, w):
+        dist = self.distribution
+        if dist.args:
+            return {"add_noise": {"target": self.target, dist.name: [w.value(v) for v in dist.args]}}
         return {"add_noise": {"target": self.target,
-                              self.distribution.name: {k: w.value(v) for k, v in self.distribution.kwargs} or None}}
+                              dist.name: {k: w.value(v) for k, v in dist.kwargs} or None}}
 
     def run(self, ctx):
         dist = self.distribution
-        args = {k: ctx.number(v, self) for k, v in dist.kwargs}
+        names = NOISE_DISTRIBUTIONS[dist.name]
+        args = {k: ctx.number(v, self) for k, v in zip(names, dist.args)}  # normal(0, 0.1): mean, stddev
+        args.update({k: ctx.number(v, self) for k, v in dist.kwargs})
         if dist.name == "normal":
             mean, stddev = args.get("mean", 0.0), args.get("stddev", 1.0)
             if stddev < 0:
@@ -509,6 +510,27 @@ class LoadWeights(WeightStatement):
 
 # ---- what the passes share ---------------------------------------------------------------------
 
+def _noise_problems(dist: Call) -> list[str]:
+    """What is wrong with the arguments of ``normal(…)``/``uniform(…)``: positional ones are taken in the
+    order (mean, stddev) / (low, high), as numpy and Keras order them."""
+    allowed = NOISE_DISTRIBUTIONS[dist.name]
+    problems = []
+    if len(dist.args) > len(allowed):
+        problems.append(f"{dist.name}() takes at most {len(allowed)} arguments ({', '.join(allowed)}), "
+                        f"not {len(dist.args)}")
+    given = list(allowed[:len(dist.args)])
+    for key, _ in dist.kwargs:
+        if key not in allowed:
+            problems.append(f"{dist.name}() has no argument {key!r}; it takes {', '.join(allowed)}")
+        elif key in given:
+            problems.append(f"{dist.name}(): {key} is given by position and by name")
+        given.append(key)
+    for key, value in list(zip(allowed, dist.args)) + list(dist.kwargs):
+        if key in allowed and (not isinstance(value, (int, float, ParamRef)) or isinstance(value, bool)):
+            problems.append(f"{dist.name}({key}=…) must be a number")
+    return problems
+
+
 def _variables(ctx, stmt, target: str):
     """(layer, variable) pairs of the selection that ``target`` names; an error when none do."""
     pairs, missing = [], []
@@ -651,10 +673,10 @@ def _keras_initializer(ctx, stmt, call: Call):
 
 
 def _init_values(ctx, stmt, info, var, init, explicit_seed: bool):
-    if not explicit_seed and "seed" in inspect.signature(type(init).__init__).parameters:
-        init = ctx.seeded(init, ctx.derive_seed(stmt, info.path, var.name) % (2**31 - 1))
+    # the recipe's seed, per statement, layer and variable, unless the recipe gave the initializer one
+    seed = None if explicit_seed else ctx.derive_seed(stmt, info.path, var.name) % (2**31 - 1)
     try:
-        return np.asarray(init(tuple(var.shape), dtype=var.dtype))
+        return ctx.initial_values(init, tuple(var.shape), var.dtype, seed)
     except Exception as exc:
         raise ApplyError(f"{info.path}: {var.name}: initializer failed: {exc}", span=stmt.span) from None
 

@@ -736,10 +736,14 @@ def test_assert_equivalent_unit():
         def report(self, stmt, **fields):
             return fields
 
+        @staticmethod
+        def default_tolerance():
+            return 1e-5, "a CPU's"
+
     stmt = AssertEquivalent()
     nan, inf = float("nan"), float("inf")
     assert stmt.run(Ctx([1.0, nan, inf, -inf], [1.0, nan, inf, -inf]))["notes"] == [
-        "holds: largest difference 0 (tolerance 1e-05)"]
+        "holds: largest difference 0 (tolerance 1e-05, a CPU's)"]
     for got, want in ([nan, 1.0], [1.0, nan], [inf, 1.0], [inf, -inf], [nan, inf]):
         with pytest.raises(AssertionFailed, match="NaN or infinite"):
             stmt.run(Ctx([0.0, got], [0.0, want]))

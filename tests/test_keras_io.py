@@ -122,7 +122,7 @@ def test_a_large_array_fills_a_deferred_variable_without_a_second_copy(monkeypat
     values = np.random.default_rng(1).standard_normal((33, 5)).astype("float32")
     blocks = []
     reads = variables.row_blocks((33, 5), 4)
-    variables.copy_variables(layer, [variables._Array(values), variables._Array(np.ones(5, "float32"))])
+    variables.copy_variables(layer.weights, [variables._Array(values), variables._Array(np.ones(5, "float32"))])
     assert keras.ops.is_tensor(layer.kernel.value) and not isinstance(layer.kernel.value, np.ndarray)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.kernel.value), values)
     for start, stop in reads:

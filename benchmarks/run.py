@@ -75,6 +75,33 @@ print(f"{name}: built in {built - start:.1f} s, saved in {time.perf_counter() - 
 """
 
 
+# A BERT-base-sized encoder built from Keras layers (issue 14): a token Embedding, then 12 blocks of
+# MultiHeadAttention (its query, key, value and output projections are EinsumDense sublayers), Add,
+# LayerNormalization and two Dense layers; 108.5M parameters, random weights.
+TRANSFORMER = """\
+import os, sys, time
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import keras
+path = sys.argv[1]
+start = time.perf_counter()
+keras.utils.set_random_seed(0)
+vocab, hidden, blocks, heads, ffn, length = 30522, 768, 12, 12, 3072, 128
+ids = keras.Input((length,), dtype="int32", name="token_ids")
+x = keras.layers.Embedding(vocab, hidden, name="token_embedding")(ids)
+for n in range(blocks):
+    a = keras.layers.MultiHeadAttention(heads, hidden // heads, name=f"attention_{n}")(x, x)
+    x = keras.layers.LayerNormalization(name=f"attention_norm_{n}")(keras.layers.Add(name=f"attention_add_{n}")([x, a]))
+    f = keras.layers.Dense(ffn, activation="gelu", name=f"ffn_in_{n}")(x)
+    f = keras.layers.Dense(hidden, name=f"ffn_out_{n}")(f)
+    x = keras.layers.LayerNormalization(name=f"ffn_norm_{n}")(keras.layers.Add(name=f"ffn_add_{n}")([x, f]))
+model = keras.Model(ids, x, name="transformer")
+built = time.perf_counter()
+model.save(path)
+print(f"transformer: {model.count_params():,} parameters, built in {built - start:.1f} s, "
+      f"saved in {time.perf_counter() - built:.1f} s")
+"""
+
+
 def setup(log=print) -> dict:
     """Build the models and the generated recipe into .work/ (skipping what exists); their timings."""
     WORK.mkdir(exist_ok=True)
@@ -98,6 +125,13 @@ def setup(log=print) -> dict:
                                  capture_output=True, text=True).stdout.strip()
             timings[name] = time.perf_counter() - start
             log(f"setup: {out} ({timings[name]:.1f} s as a whole process, {path.stat().st_size / 1e6:.0f} MB)")
+    path = WORK / "transformer.keras"
+    if not path.exists():
+        start = time.perf_counter()
+        out = subprocess.run([PY, "-c", TRANSFORMER, str(path)], check=True, env=env, cwd=ROOT,
+                             capture_output=True, text=True).stdout.strip()
+        timings["transformer"] = time.perf_counter() - start
+        log(f"setup: {out} ({timings['transformer']:.1f} s as a whole process, {path.stat().st_size / 1e6:.0f} MB)")
     big = WORK / "check-500.recipe"
     if not big.exists():
         big.write_text(generated_recipe(500))
@@ -173,6 +207,14 @@ def cases() -> list[dict]:
              what="fold batchnorm (53 BatchNormalization layers into their convolutions)",
              mx=apply(RECIPES / "fold-batchnorm.recipe", "resnet50.keras"),
              script=script("fold_batchnorm.py", "resnet50.keras")),
+        dict(name="transformer-quantize-int8", model="transformer.keras", kind="finetune",
+             what="select where type in (Dense, EinsumDense); quantize int8 (108.5M-parameter encoder of Keras layers)",
+             mx=apply(RECIPES / "quantize-int8.recipe", "transformer.keras"),
+             script=script("quantize_int8.py", "transformer.keras"), memory_target=True),
+        dict(name="transformer-lora-attention", model="transformer.keras", kind="finetune",
+             what='select "*/query", "*/value"; lora rank 8 (the same encoder)',
+             mx=apply(RECIPES / "lora-attention.recipe", "transformer.keras"),
+             script=script("lora_attention.py", "transformer.keras")),
         dict(name="check-500", model=None, kind="front-end", what="modelxform check on a 500-statement recipe",
              mx=mx + ["check", str(w / "check-500.recipe")], script=None),
         dict(name="fmt-500", model=None, kind="front-end", what="modelxform fmt --check on the same recipe",
@@ -277,7 +319,7 @@ def run_case(case, runs, log, baseline: str | None = None) -> dict:
         # with the fast path and the archive run off: the input model is loaded, as before both existed
         variants["modelxform, Keras path"] = (case["mx"], dict(env, MODELXFORM_FASTPATH="0"))
     ok = case.get("ok", (0,))
-    result = {k: v for k, v in case.items() if k not in ("mx", "script")}
+    result = {k: v for k, v in case.items() if k not in ("mx", "script")}  # (memory_target kept)
     result["load_average_before"] = os.getloadavg()[0]  # other work on the machine skews the figures
     result["weight_bytes"] = weight_bytes(case["model"])
     if case["kind"] == "weight-only":
@@ -350,6 +392,12 @@ def targets(results: dict) -> list[tuple[str, str, bool | None]]:
                             f"{ratio:.2f}×", ratio <= 0.6))
         if r["kind"] == "weight-only" and "ratio" in r:
             out.append((f"weight-only ≤ 0.3× script: {r['name']}", f"{r['ratio']:.2f}×", r["ratio"] <= 0.3))
+        if r["kind"] == "finetune" and "ratio" in r:
+            out.append((f"fine-tuning prep ≤ 1.0× script: {r['name']}", f"{r['ratio']:.2f}×", r["ratio"] <= 1.0))
+            if r.get("memory_target"):
+                mine, theirs = r["peak_rss_bytes"]["modelxform"], r["peak_rss_bytes"]["script"]
+                out.append((f"peak memory ≤ the script's: {r['name']}",
+                            f"{mine / 2**20:.0f} MiB vs {theirs / 2**20:.0f} MiB", mine <= theirs))
         if r["kind"] == "front-end":
             t = r["median_s"]["modelxform"]
             out.append((f"check/fmt ≤ 0.3 s whole process: {r['name']}", f"{t:.2f} s", t <= 0.3))

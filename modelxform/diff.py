@@ -46,6 +46,8 @@ class LayerFacts:
     container: str = ""  # path of the nested model that holds it ("" for the top level)
     calls: int = 1  # how often the layer is called in the graph (> 1: shared)
     inbound: list = field(default_factory=list)  # node ids feeding it (layer paths or input names)
+    policy: str = ""  # its own dtype policy (int8_from_float32, bfloat16, …; a map's entry for its path)
+    lora: tuple | None = None  # (rank, alpha) of a LoRA layer
 
     @property
     def shared(self) -> bool:
@@ -53,7 +55,7 @@ class LayerFacts:
 
     def signature(self) -> tuple:
         """What stays the same when only the name changes."""
-        return (self.type, _canonical(self.config),
+        return (self.type, _canonical(self.config), self.policy, self.lora,
                 tuple((w.dtype.str, w.shape, w.tobytes()) for _, w in self.weights))
 
 
@@ -79,6 +81,9 @@ class Snapshot:
     @property
     def input_names(self) -> list[str]:
         return [i["name"] for i in self.inputs]
+
+
+_NOT_CONFIG = ("name", "trainable", "dtype", "lora_rank", "lora_alpha", "quantization_config")
 
 
 def _shape_text(shape) -> str:
@@ -115,6 +120,7 @@ def _canonical(config) -> str:
 def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapshot:
     """Read ``model`` into a Snapshot (copies of its weights included unless ``weights`` is False, as
     ``inspect`` needs none; the model is not changed)."""
+    from .keras_io.finetune import lora_state, policy_name
     from .keras_io.layers import graph_config, model_kind, node_aliases
     kind = model_kind(model)
     infos = walk(model)
@@ -139,7 +145,9 @@ def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapsho
             config = layer.get_config()
         except Exception:
             config = {}
-        config = {k: v for k, v in _plain(config).items() if k not in ("name", "trainable")}
+        # the dtype policy, quantization and LoRA are compared as what they mean (policy, lora), not as
+        # config text: a sublayer's policy lives in a map held by the layer around it
+        config = {k: v for k, v in _plain(config).items() if k not in _NOT_CONFIG}
         own = info.weights
         names = [v.name for v in own]
         arrays = [np.array(v.numpy(), copy=True) for v in own] if weights else []
@@ -149,7 +157,8 @@ def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapsho
             trainable_params=int(sum(int(np.prod(v.shape)) for v in own if v.trainable)) if layer.trainable else 0,
             input_shape=_tensor_shape(lambda: layer.input), output_shape=_tensor_shape(lambda: layer.output),
             container="/".join(info.path.split("/")[:-1]), calls=max(1, conn.calls.get(info.path, 1)),
-            inbound=list(conn.inbound.get(info.path, [])))
+            inbound=list(conn.inbound.get(info.path, [])), policy=policy_name(layer),
+            lora=lora_state(layer))
     model_inputs = list(getattr(model, "inputs", None) or [])
     input_names = conn.input_names if len(conn.input_names) == len(model_inputs) else \
         [getattr(t, "name", None) or f"input_{i}" for i, t in enumerate(model_inputs)]
@@ -306,12 +315,26 @@ class WeightChange:
     name: str
     shape_a: tuple
     shape_b: tuple
-    max_abs_diff: float | None  # None when the shapes differ
+    max_abs_diff: float | None  # None when the shapes or kinds differ
     relative_l2: float | None  # ||b - a|| / ||a||; inf when a is all zeros and b is not
+    dtype_a: str = ""  # the dtypes, when they differ (a cast, a quantized kernel)
+    dtype_b: str = ""
+    status: str = "changed"  # or "added", "removed": a variable only one of the layers has
 
     def text(self) -> str:
+        if self.status != "changed":
+            shape = self.shape_b if self.status == "added" else self.shape_a
+            dtype = self.dtype_b if self.status == "added" else self.dtype_a
+            return f"{self.name} {_shape_text(shape)} {dtype}: {self.status}"
+        kinds = f"{self.dtype_a} -> {self.dtype_b}" if self.dtype_a != self.dtype_b else ""
         if self.shape_a != self.shape_b:
-            return f"{self.name}: shape {_shape_text(self.shape_a)} -> {_shape_text(self.shape_b)}"
+            return f"{self.name}: shape {_shape_text(self.shape_a)} -> {_shape_text(self.shape_b)}" + \
+                (f", {kinds}" if kinds else "")
+        if self.max_abs_diff is None:
+            return f"{self.name} {_shape_text(self.shape_a)}: {kinds}"
+        if kinds:
+            return (f"{self.name} {_shape_text(self.shape_a)}: {kinds}, max |diff| {self.max_abs_diff:.4g}, "
+                    f"relative L2 {self.relative_l2:.4g}")
         if self.relative_l2 is not None and math.isinf(self.relative_l2):  # no size to be relative to
             return f"{self.name} {_shape_text(self.shape_a)}: max |diff| {self.max_abs_diff:.4g}, was all zeros"
         return (f"{self.name} {_shape_text(self.shape_a)}: max |diff| {self.max_abs_diff:.4g}, "
@@ -321,7 +344,9 @@ class WeightChange:
         rel = self.relative_l2
         return {"name": self.name, "shape": [list(self.shape_a), list(self.shape_b)],
                 "max_abs_diff": self.max_abs_diff,
-                "relative_l2": ("inf" if rel is not None and math.isinf(rel) else rel)}
+                "relative_l2": ("inf" if rel is not None and math.isinf(rel) else rel)} | \
+            ({"dtype": [self.dtype_a, self.dtype_b]} if self.dtype_a != self.dtype_b else {}) | \
+            ({"status": self.status} if self.status != "changed" else {})
 
 
 @dataclass
@@ -333,12 +358,24 @@ class LayerChange:
     trainable: tuple | None = None  # (old, new)
     inbound: tuple | None = None  # (old sources, new sources), sources in B's names
     renamed_from: str | None = None
+    policy: tuple | None = None  # (old, new) dtype policy names
+    lora: tuple | None = None  # (old, new): (rank, alpha) or None
 
     def empty(self) -> bool:
-        return not (self.config or self.weights or self.trainable or self.inbound)
+        return not (self.config or self.weights or self.trainable or self.inbound or self.policy or self.lora)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the change quantizes the layer (its new policy is a quantized one)."""
+        return bool(self.policy) and "_from_" in self.policy[1] and "_from_" not in self.policy[0]
 
     def lines(self) -> list[str]:
-        out = [w.text() for w in self.weights]
+        out = []
+        if self.policy:
+            out.append(f"dtype policy: {self.policy[0]} -> {self.policy[1]}")
+        if self.lora:
+            out.append(f"LoRA: {_lora_text(self.lora[0])} -> {_lora_text(self.lora[1])}")
+        out += [w.text() for w in self.weights]
         out += [f"config {k}: {_short(a)} -> {_short(b)}" for k, (a, b) in self.config.items()]
         if self.trainable:
             out.append(f"trainable: {self.trainable[0]} -> {self.trainable[1]}")
@@ -351,7 +388,17 @@ class LayerChange:
                 "weights": [w.to_dict() for w in self.weights],
                 "config": {k: list(v) for k, v in self.config.items()},
                 "trainable": list(self.trainable) if self.trainable else None,
-                "inputs": [list(self.inbound[0]), list(self.inbound[1])] if self.inbound else None}
+                "inputs": [list(self.inbound[0]), list(self.inbound[1])] if self.inbound else None} | \
+            ({"policy": list(self.policy)} if self.policy else {}) | \
+            ({"lora": [_lora_dict(x) for x in self.lora]} if self.lora else {})
+
+
+def _lora_text(state) -> str:
+    return "none" if state is None else f"rank {state[0]}, alpha {state[1]:g}"
+
+
+def _lora_dict(state):
+    return None if state is None else {"rank": state[0], "alpha": state[1]}
 
 
 def _short(value, limit: int = 60) -> str:
@@ -395,6 +442,8 @@ class ModelDiff:
                 "weights changed": sum(1 for c in self.changed if c.weights),
                 "config changed": sum(1 for c in self.changed if c.config),
                 "trainable changed": sum(1 for c in self.changed if c.trainable),
+                "dtype policy changed": sum(1 for c in self.changed if c.policy),
+                "LoRA changed": sum(1 for c in self.changed if c.lora),
                 "rewired": sum(1 for c in self.changed if c.inbound)}
 
     def to_dict(self) -> dict:
@@ -449,20 +498,30 @@ def _io_text(items) -> str:
 
 
 def compare_weights(path: str, a: list, b: list) -> list[WeightChange]:
-    """The weights of one layer that differ (by position; named after B's variables)."""
+    """The weights of one layer that differ: matched by name where each name is one variable's in both
+    lists (a quantized or LoRA layer gains and loses variables), else by position (named after B's)."""
+    names_a, names_b = [n for n, _ in a], [n for n, _ in b]
+    if len(set(names_a)) == len(names_a) and len(set(names_b)) == len(names_b):
+        by_a = dict(a)
+        pairs = [(n, by_a.get(n), w) for n, w in b] + [(n, w, None) for n, w in a if n not in dict(b)]
+    else:
+        pairs = [(b[k][0] if k < len(b) else a[k][0], a[k][1] if k < len(a) else None,
+                  b[k][1] if k < len(b) else None) for k in range(max(len(a), len(b)))]
     out = []
-    for k in range(max(len(a), len(b))):
-        name = b[k][0] if k < len(b) else a[k][0]
-        x = a[k][1] if k < len(a) else None
-        y = b[k][1] if k < len(b) else None
+    for name, x, y in pairs:
         if x is None or y is None:
             out.append(WeightChange(path, name, tuple(x.shape) if x is not None else (),
-                                    tuple(y.shape) if y is not None else (), None, None))
+                                    tuple(y.shape) if y is not None else (), None, None,
+                                    _dtype(x), _dtype(y), "added" if x is None else "removed"))
             continue
+        kinds = (_dtype(x), _dtype(y)) if _dtype(x) != _dtype(y) else ("", "")
         if x.shape != y.shape:
-            out.append(WeightChange(path, name, tuple(x.shape), tuple(y.shape), None, None))
+            out.append(WeightChange(path, name, tuple(x.shape), tuple(y.shape), None, None, *kinds))
             continue
         if x.dtype == y.dtype and x.tobytes() == y.tobytes():
+            continue
+        if not (_is_float(x) and _is_float(y)):  # int8 values against floats: no difference to measure
+            out.append(WeightChange(path, name, tuple(x.shape), tuple(y.shape), None, None, *kinds))
             continue
         xd, yd = x.astype(np.float64), y.astype(np.float64)
         delta = yd - xd
@@ -472,8 +531,16 @@ def compare_weights(path: str, a: list, b: list) -> list[WeightChange]:
         norm_a = float(np.linalg.norm(np.nan_to_num(xd)))
         norm_d = float(np.linalg.norm(delta))
         rel = norm_d / norm_a if norm_a > 0 else (0.0 if norm_d == 0 else math.inf)
-        out.append(WeightChange(path, name, tuple(x.shape), tuple(y.shape), max_abs, rel))
+        out.append(WeightChange(path, name, tuple(x.shape), tuple(y.shape), max_abs, rel, *kinds))
     return out
+
+
+def _dtype(array) -> str:
+    return "" if array is None else str(array.dtype)
+
+
+def _is_float(array) -> bool:
+    return str(array.dtype) in ("bfloat16", "float16", "float32", "float64")
 
 
 def diff(a: Snapshot, b: Snapshot) -> ModelDiff:
@@ -522,6 +589,10 @@ def diff(a: Snapshot, b: Snapshot) -> ModelDiff:
                          if _canonical(fa.config.get(k)) != _canonical(fb.config.get(k))}
         if fa.trainable != fb.trainable:
             change.trainable = (fa.trainable, fb.trainable)
+        if fa.policy != fb.policy:
+            change.policy = (fa.policy, fb.policy)
+        if fa.lora != fb.lora:
+            change.lora = (fa.lora, fb.lora)
         if a.connected and b.connected:
             before = in_b_names(fa.inbound)
             if before != fb.inbound:

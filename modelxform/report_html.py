@@ -1,5 +1,6 @@
 """The visual report: one self-contained HTML file drawing a model's graph, with every layer coloured
-by what happened to it (added, removed, replaced, renamed, weights changed, frozen, tapped, …).
+by what happened to it (added, removed, replaced, renamed, quantized, cast, LoRA, weights changed,
+frozen, tapped, …).
 
 The layout is Graphviz's ``dot`` (a layered layout made for directed graphs: it keeps a 400-layer
 DenseNet readable, with nested models drawn as boxes around their layers). This module writes the graph
@@ -33,6 +34,9 @@ STATUSES = [
     ("replaced", "replaced", "#f58518", "same path, another layer type (or a `replace` statement)"),
     ("renamed", "renamed", "#72b7b2", "another name, same type, config and weights"),
     ("tapped", "tapped", "#b279a2", "became a model output"),
+    ("quantized", "quantized", "#3b3b98", "its dtype policy became a quantized one (int8, int4, float8)"),
+    ("cast", "dtype changed", "#bcbd22", "its dtype policy changed (bfloat16, float16, mixed, …)"),
+    ("lora", "LoRA", "#17becf", "LoRA adapters added, changed or merged"),
     ("weights", "weights changed", "#4c78a8", "at least one weight array differs"),
     ("frozen", "frozen", "#9ecae9", "trainable: True -> False"),
     ("unfrozen", "unfrozen", "#eeca3b", "trainable: False -> True"),
@@ -134,6 +138,10 @@ def build_view(d, *, title: str, subtitle: str = "", statements=None) -> View:
         if o["layer"] and o["layer"] not in outs_a and o["layer"] not in d.added:
             tag(o["layer"], "tapped")
     for c in d.changed:
+        if c.policy:
+            tag(c.path, "quantized" if c.quantized else "cast")
+        if c.lora:
+            tag(c.path, "lora")
         if c.weights:
             tag(c.path, "weights")
         if c.trainable:

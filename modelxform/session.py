@@ -251,9 +251,18 @@ def plan_file(recipe, model, *, seed: int | None = None, params: dict | None = N
 
 def load_model(path, *, unsafe: bool = False, imports=()):
     """Load a model file (.keras or .h5) with Keras, safe mode on unless ``unsafe``, and put back what
-    Keras's loader leaves out: the trainable flag of a frozen composite layer (a MultiHeadAttention, a
-    keras_hub TransformerEncoder) is saved, but Keras does not pass it on to the variables of the layers
-    it builds, so they would train.
+    Keras's loader leaves out:
+
+    - the trainable flag of a frozen composite layer (a MultiHeadAttention, a keras_hub
+      TransformerEncoder) is saved, but Keras does not pass it on to the variables of the layers it
+      builds, so they would train;
+    - the LoRA factors a file written by modelxform keeps (``lora``): Keras's loader zeroes both
+      factors (a model trained from it gets no gradient for them), gives Dense and Embedding layers
+      alpha = rank, and drops LoRA from sublayers and keras_hub Backbone layers; they are restored as
+      the file holds them;
+    - a quantized layer built with a DTypePolicyMap (in a keras_hub Backbone, in a composite layer)
+      gets its own entry of the map as its policy, so that the model can be saved again (Keras 3.15
+      fails to, with "Invalid dtype: object").
 
     >>> model = modelxform.load_model("prepared.keras")   # doctest: +SKIP
     >>> model.fit(...)                                     # doctest: +SKIP

@@ -13,7 +13,7 @@ RECIPES = sorted(p for p in (ROOT / "recipes").iterdir() if p.suffix in (".recip
 TARGETS = {"example": "cnn", "freeze-features": "cnn", "perturb-dense": "cnn", "feature-extractor": "cnn",
            "new-head": "cnn", "resnet50-finetune": "resnet50", "resnet50-features": "resnet50",
            "dropout-before-classifier": "cnn", "resnet50-headless": "resnet50", "bert-finetune": "bert_classifier",
-           "resnet50-deploy": "resnet50"}
+           "resnet50-deploy": "resnet50", "lora-attention": "bert", "int8-deploy": "attention"}
 
 _MODELS = {}
 
@@ -27,6 +27,13 @@ def target_model(path):
             pytest.importorskip("keras_hub")
             from conftest import make_bert_classifier
             _MODELS[kind] = make_bert_classifier()
+        elif kind == "bert":
+            pytest.importorskip("keras_hub")
+            from conftest import make_bert
+            _MODELS[kind] = make_bert()
+        elif kind == "attention":
+            from conftest import make_attention
+            _MODELS[kind] = make_attention()
         else:
             import keras
             _MODELS[kind] = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
@@ -214,3 +221,51 @@ def test_resnet50_deploy_folds_every_batchnorm_and_fixes_the_input():
     want = np.asarray(reference(x, training=False))
     np.testing.assert_allclose(np.asarray(new(x, training=False)), want, rtol=0,
                                atol=1e-4 * max(1, np.abs(want).max()))
+
+
+# the fine-tuning prep recipes, each applied to a keras_hub backbone and to a model of Keras layers
+
+@pytest.fixture(scope="module")
+def prep_inputs(tmp_path_factory):
+    pytest.importorskip("keras_hub")
+    from conftest import make_attention, make_bert
+    from modelxform.keras_io.files import save_model
+    folder = tmp_path_factory.mktemp("prep")
+    out = {}
+    for kind, factory in (("bert", make_bert), ("attention", make_attention)):
+        out[kind] = folder / f"{kind}.keras"
+        save_model(factory(), out[kind])
+    return out
+
+
+ATTENTION_PATHS = {"bert": [f"transformer_layer_{n}/self_attention_layer/{w}" for n in (0, 1) for w in ("query", "value")],
+                   "attention": ["mha/query", "mha/value"]}
+
+
+@pytest.mark.parametrize("kind", ["bert", "attention"])
+def test_lora_attention_adapts_every_query_and_value(prep_inputs, kind, tmp_path):
+    import modelxform
+    out = tmp_path / "lora.keras"
+    result = modelxform.apply_file(ROOT / "recipes" / "lora-attention.recipe", prep_inputs[kind], out)
+    model = modelxform.load_model(out)
+    from modelxform.keras_io.layers import walk
+    lora = {i.path: (i.layer.lora_rank, i.layer.lora_alpha) for i in walk(model) if getattr(i.layer, "lora_enabled", False)}
+    assert lora == {p: (8, 16) for p in ATTENTION_PATHS[kind]}
+    assert any(line.startswith("    trainable parameters: ") for line in result.plan.lines())
+
+
+@pytest.mark.parametrize("kind", ["bert", "attention"])
+def test_int8_deploy_quantizes_every_dense_and_einsum_dense(prep_inputs, kind, tmp_path):
+    import keras
+    import modelxform
+    out = tmp_path / "int8.keras"
+    modelxform.apply_file(ROOT / "recipes" / "int8-deploy.recipe", prep_inputs[kind], out)
+    model = keras.saving.load_model(out)
+    from modelxform.keras_io.layers import walk
+    modes = {type(i.layer).__name__: set() for i in walk(model)}
+    for i in walk(model):
+        modes[type(i.layer).__name__].add(getattr(i.layer, "quantization_mode", None))
+    assert modes["EinsumDense"] == {"int8"} and modes["Dense"] == {"int8"}
+    assert modes["LayerNormalization"] == {None}
+    if kind == "bert":  # (the attention model's file is mostly HDF5's own structure)
+        assert out.stat().st_size < 0.6 * prep_inputs[kind].stat().st_size

@@ -110,8 +110,8 @@ def test_plan_html_colours_and_statements(tmp_path, cnn_path):
         assert fill == (STATUS_COLORS[tags[0]] if tags else "#ffffff"), path
     assert {"image", "output 0", "output 1"} <= set(groups)
     counts = {s["key"]: s["count"] for s in data["statuses"]}
-    assert counts == {"removed": 1, "added": 0, "replaced": 1, "renamed": 0, "tapped": 1, "weights": 1,
-                      "frozen": 1, "unfrozen": 0, "config": 0, "rewired": 1}
+    assert counts == {"removed": 1, "added": 0, "replaced": 1, "renamed": 0, "tapped": 1, "quantized": 0, "cast": 0,
+                      "lora": 0, "weights": 1, "frozen": 1, "unfrozen": 0, "config": 0, "rewired": 1}
 
 
 @needs_dot

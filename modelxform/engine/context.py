@@ -344,6 +344,90 @@ class Context:
                                  span=stmt.span) from None
         return self.loaded[path]
 
+    # -- fine-tuning prep: LoRA, quantization, dtype policies (keras_io/finetune.py) ----------------
+    def trainable_params(self) -> int:
+        """How many parameters training would change (the model's trainable weights)."""
+        import math
+        return int(sum(math.prod(v.shape) for v in self.model.trainable_weights))
+
+    def lora_state(self, info):
+        """(rank, alpha) of a LoRA layer, else None (an archive's layers never have LoRA: it declines
+        them)."""
+        if self.on_archive:
+            return None
+        from ..keras_io.finetune import lora_state
+        return lora_state(info.layer)
+
+    @staticmethod
+    def quantization_mode(info):
+        """A quantized layer's mode (int8, int4, float8), else None: a Keras layer's, or what an archive's
+        layer's config says (the archive declines quantized layers, so none has one)."""
+        return getattr(info.layer, "quantization_mode", None)
+
+    @staticmethod
+    def policy_name(info) -> str:
+        from ..keras_io.finetune import policy_name
+        return policy_name(info.layer)
+
+    @staticmethod
+    def variable_bytes(info) -> int:
+        from ..keras_io.finetune import variable_bytes
+        return variable_bytes(info.layer)
+
+    @staticmethod
+    def lora_refusal(info):
+        from ..keras_io.finetune import lora_refusal
+        return lora_refusal(info)
+
+    @staticmethod
+    def enable_lora(info, rank: int, alpha):
+        """Enable LoRA on the layer with both factors zero; returns the (A, B) variables."""
+        from ..keras_io.finetune import enable_lora
+        return enable_lora(info.layer, rank, alpha)
+
+    @staticmethod
+    def merge_lora(info) -> None:
+        from ..keras_io.finetune import merge_lora
+        merge_lora(info.layer)
+
+    def quantize_refusal(self, info, mode: str):
+        from ..keras_io.finetune import quantize_refusal
+        return quantize_refusal(self.model, info, mode)
+
+    def quantize(self, infos, mode: str, block_size) -> None:
+        """Quantize the layers in place, each so that the saved config records its policy."""
+        from ..keras_io.finetune import quantize, reset_functions
+        for info in infos:
+            quantize(self.model, info, mode, block_size)
+        reset_functions(self.model)
+
+    def cast_refusal(self, info, policy: str):
+        from ..keras_io.finetune import cast_refusal
+        return cast_refusal(self.model, info, policy)
+
+    def cast(self, infos, policy: str, stmt) -> None:
+        """Give the layers the dtype policy ``policy``: written into the model's config (where Keras saves
+        each one's policy), the model rebuilt once from it, its arrays carried across (cast)."""
+        from ..keras_io.finetune import apply_cast, cast_plan, has_lora, policy_name
+        model = self.current_model()
+        lora = has_lora(model)
+        if lora:
+            raise ApplyError(f"`{stmt}` rebuilds the model, and a rebuilt model loses the LoRA factors of "
+                             f"{lora[0]}" + (f" and {len(lora) - 1} more" if len(lora) > 1 else ""),
+                             span=stmt.span, hint="cast before `lora`, or `merge lora` first")
+        editor = GraphEditor(model, self.seed)
+        apply_cast(editor, cast_plan(model, infos, policy), policy, model)
+        try:
+            new_model = editor.build(walk(model))
+        except ApplyError as exc:
+            raise ApplyError(f"`{stmt}`: {exc.message}", span=stmt.span, hint=exc.hint) from exc
+        by_path = {i.path: i.layer for i in walk(new_model)}
+        wrong = [i.path for i in infos if policy_name(by_path[i.path]) != policy]
+        if wrong:
+            raise ApplyError(f"`{stmt}`: {wrong[0]} did not take the policy {policy} when rebuilt (the layer "
+                             "around it does not pass its dtype policy on to it)", span=stmt.span)
+        self._model = new_model
+
     # -- checks ------------------------------------------------------------------------------------
     def param_count(self) -> int:
         return int(self.current_model().count_params())

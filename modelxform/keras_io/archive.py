@@ -27,12 +27,10 @@ model, bit for bit.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import pathlib
-import struct
 import tempfile
 import threading
 import zipfile
@@ -45,6 +43,8 @@ from .config import layers_of
 from .layers import LayerInfo, snake_case
 from .safety import CONFIG_MEMBER, METADATA_MEMBER, PROVENANCE_MEMBER
 from .streams import EditedCrc, copy_range, preallocate, read_exact, write_all
+from .zipmember import Window as _Window
+from .zipmember import member_offset
 
 WEIGHTS_MEMBER = "model.weights.h5"
 
@@ -216,6 +216,15 @@ class ArchiveLayer:
     def count_params(self) -> int:
         return sum(v.size for v in self.weights)
 
+    @property
+    def quantization_mode(self) -> str | None:
+        """The mode of a quantized policy in the layer's config. The archive declines quantized layers
+        (their arrays are int8 or packed int4 with scales, which no pass may treat as floats), so a layer
+        here never has one; weight statements check it all the same."""
+        policy = self.entry["config"].get("dtype")
+        mode = policy.get("config", {}).get("mode") if isinstance(policy, dict) else None
+        return mode.split("/")[0] if isinstance(mode, str) else None
+
 
 class ArchiveVariable:
     """A stand-in for a Keras variable whose array lives in the archive: ``numpy()`` reads it,
@@ -256,45 +265,11 @@ class ArchiveVariable:
         self.archive.defer(self, change)
 
 
-class _Window(io.RawIOBase):
-    """A read-only file over one byte range of another (the stored h5 member inside the zip), for h5py."""
-
-    def __init__(self, fd: int, start: int, size: int):
-        super().__init__()
-        self._fd, self._start, self._size, self._pos = fd, start, size, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self._pos
-
-    def seek(self, pos, whence=0):
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
-
-    def readinto(self, buffer):
-        n = max(0, min(len(buffer), self._size - self._pos))
-        if n == 0:
-            return 0
-        got = os.preadv(self._fd, [memoryview(buffer)[:n]], self._start + self._pos)
-        self._pos += got
-        return got
-
-
 def _data_offset(fh, info: zipfile.ZipInfo) -> int:
-    """Where a member's bytes start in the zip file (after its local header)."""
-    fh.seek(info.header_offset)
-    header = fh.read(zipfile.sizeFileHeader)
-    fields = struct.unpack(zipfile.structFileHeader, header)
-    if fields[zipfile._FH_SIGNATURE] != zipfile.stringFileHeader:
-        raise NotApplicable("bad local header")
-    return (info.header_offset + zipfile.sizeFileHeader + fields[zipfile._FH_FILENAME_LENGTH]
-            + fields[zipfile._FH_EXTRA_FIELD_LENGTH])
+    try:
+        return member_offset(fh, info)
+    except ValueError as exc:
+        raise NotApplicable(str(exc)) from None
 
 
 def _normalised_config(config):

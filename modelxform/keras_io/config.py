@@ -232,6 +232,6 @@ def flat_order(refs) -> list[list]:
 def model_entries(config: dict, path: str = ""):
     """(path, model entry) of the top model and every nested model entry in it."""
     yield path, config
-    for entry in layers_of(config):
+    for entry in config["config"].get("layers") or []:  # (none listed: a keras_hub Backbone's config)
         if is_model_entry(entry):
             yield from model_entries(entry, (path + "/" if path else "") + name_of(entry))

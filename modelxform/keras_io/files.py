@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 
 from ..errors import ModelFileError, UsageError
+from .finetune import LORA_MEMBER, lora_member, restore_lora, unshare_policies
 
 FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
 
@@ -222,19 +223,30 @@ def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
     # naming is private; tests/test_keras_io.py checks it is there)
     from keras.src.utils import naming
     from .backend import needs_tensorflow
+    model = None
     for attempt in (1, 2):
         naming.reset_uids()
         try:
             with _quiet(), _lower_case_suffix(p) as readable:
                 if fmt == "keras":
-                    return keras.saving.load_model(readable, compile=False, safe_mode=not unsafe)
-                return keras.models.load_model(readable, compile=False, safe_mode=not unsafe)
+                    model = _load_keras_archive(readable, safe_mode=not unsafe) or \
+                        keras.saving.load_model(readable, compile=False, safe_mode=not unsafe)
+                else:
+                    model = keras.models.load_model(readable, compile=False, safe_mode=not unsafe)
+            break
         except ModelFileError:
             raise
         except Exception as exc:  # Keras raises many types here; all mean "this file cannot be loaded"
             if attempt == 1 and needs_tensorflow(exc):
                 continue  # a layer that needs TensorFlow whatever the backend: let Keras import it
             raise ModelFileError(_explain_load_error(p, exc)) from exc
+    unshare_policies(model)  # so that it can be saved again (a Keras bug, keras_io/finetune.py)
+    if fmt == "keras":
+        try:
+            restore_lora(model, p)  # what Keras's loader zeroes or drops (keras_io/finetune.py)
+        except Exception as exc:  # noqa: BLE001 - a member that does not fit this model
+            raise ModelFileError(f"{p}: cannot restore the LoRA factors it keeps: {exc}") from exc
+    return model
 
 
 @contextlib.contextmanager
@@ -248,6 +260,60 @@ def _lower_case_suffix(p: pathlib.Path):
         link = pathlib.Path(folder) / ("model" + p.suffix.lower())
         link.symlink_to(p.resolve())
         yield link
+
+
+def _load_keras_archive(path: pathlib.Path, safe_mode: bool):
+    """Load a .keras file as keras.saving.load_model does (keras.src.saving.saving_lib's
+    _load_model_from_fileobj: the model from config.json, then its variables from model.weights.h5), but
+    with h5py reading the weights member where it lies in the zip (the archive's byte-range window) rather
+    than from a copy in memory: Keras reads the whole member into an io.BytesIO when it thinks the machine
+    has room, so the weights are held twice while the model loads (a 108M-parameter model peaks 0.4 GB
+    higher), or else extracts it to a temporary file. Returns None, having loaded nothing, where those
+    steps are not available (another Keras version) or the archive is not plain (a compressed weights
+    member, assets): the caller then uses keras.saving.load_model. tests/test_finetune.py compares both."""
+    try:
+        from keras.src.saving import saving_lib
+        from_config, load_state = saving_lib._model_from_config, saving_lib._load_state
+        raise_failure, h5_store = saving_lib._raise_loading_failure, saving_lib.H5IOStore
+    except (ImportError, AttributeError):
+        return None
+    import io
+
+    from .zipmember import Window, member_offset
+    with open(path, "rb") as fh:
+        with zipfile.ZipFile(fh) as zf:
+            names = zf.namelist()
+            if "model.weights.h5" not in names or any(n.startswith("assets/") for n in names):
+                return None
+            info = zf.getinfo("model.weights.h5")
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+                return None
+            config_json = zf.read("config.json").decode("utf-8")
+        try:
+            start = member_offset(fh, info)
+        except Exception:  # noqa: BLE001 - an unusual header: Keras's own loader will say
+            return None
+        import h5py
+
+        class WindowStore(h5_store):  # H5IOStore takes a path or a BytesIO; this one opens the window
+            def __init__(self, window):
+                self._window = window
+                super().__init__(io.BytesIO(), mode="r")
+
+            def _get_h5_file(self, path_or_io, mode=None):
+                return h5py.File(self._window, mode="r")
+
+        model = from_config(config_json, None, False, safe_mode)
+        store = WindowStore(Window(fh.fileno(), start, info.file_size))
+        failed, messages = set(), {}
+        try:
+            load_state(model, weights_store=store, assets_store=None, inner_path="", visited_saveables=set(),
+                       failed_saveables=failed, error_msgs=messages)
+        finally:
+            store.close()
+        if failed:
+            raise_failure(messages)
+    return model
 
 
 @contextlib.contextmanager
@@ -289,32 +355,34 @@ def build_time():
     return datetime.datetime(1980, 1, 1, tzinfo=datetime.timezone.utc)
 
 
-def _normalise_keras_archive(path: pathlib.Path, provenance: dict | None) -> None:
+def _normalise_keras_archive(path: pathlib.Path, provenance: dict | None, lora: bytes | None = None) -> None:
     """Rewrite a .keras zip so that it depends only on the model: Keras stamps the save time into
     metadata.json and the weights member's zip header. Members keep their order and compression;
-    the provenance record becomes one more member, which keras.models.load_model ignores."""
+    the LoRA factors (``lora``, keras_io/finetune.py) and the provenance record become members of their
+    own, which keras.models.load_model ignores."""
     moment = build_time()
     stamp = moment.strftime("%Y-%m-%d@%H:%M:%S")
     date_time = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
     with zipfile.ZipFile(path) as src:
         members = [(info, src.read(info.filename)) for info in src.infolist()
-                   if info.filename != PROVENANCE_MEMBER]
+                   if info.filename not in (PROVENANCE_MEMBER, LORA_MEMBER)]
     out_path = path.with_name(path.name + ".norm")
     try:
-        _write_members(out_path, members, date_time, stamp, provenance)
+        _write_members(out_path, members, date_time, stamp, provenance, lora)
     except BaseException:
         _unlink(out_path)
         raise
     os.replace(out_path, path)
 
 
-def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None) -> bool:
+def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None, lora: bytes | None = None) -> bool:
     """Write ``model`` to ``path`` as a .keras archive in the normalised form at once, without writing
     the archive twice (model.save, then _normalise_keras_archive) and without holding the weights file
     in memory (model.save does, for a model it thinks fits). It takes the steps of
     keras.src.saving.saving_lib.save_model, with one difference: the weights file is written through a
-    Python file object on disk beside ``path`` (h5py's fileobj driver, as model.save does into memory),
-    then streamed into the zip. So its bytes are the same whatever the machine's free memory, and they
+    Python file object (h5py's fileobj driver, as model.save does into memory): in place, where the
+    member's bytes go inside the zip (streams.FileWindow), or, where its size cannot be bounded
+    beforehand or zipfile's internals differ, into a file beside ``path`` then copied in. So its bytes are the same whatever the machine's free memory, and they
     are those of model.save for a model that fits in memory (model.save writes a larger model through a
     temporary file, with h5py's default driver, which lays the file out differently; so does its
     choice depend on psutil being installed). Returns False, having written nothing, where those steps
@@ -413,6 +481,8 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None) -> 
                     weights_file.seek(0)
                     with dst.open(info, "w") as out:
                         shutil.copyfileobj(weights_file, out, 8 << 20)
+            if lora is not None:
+                put(LORA_MEMBER, lora, zipfile.ZIP_STORED)
             if provenance is not None:
                 put(PROVENANCE_MEMBER, json.dumps(provenance, indent=1, sort_keys=True).encode(),
                     zipfile.ZIP_DEFLATED)
@@ -490,7 +560,7 @@ def _member_writer(dst: zipfile.ZipFile, date_time):
     return put
 
 
-def _write_members(out_path, members, date_time, stamp, provenance) -> None:
+def _write_members(out_path, members, date_time, stamp, provenance, lora=None) -> None:
     import json
     with zipfile.ZipFile(out_path, "w") as dst:
         put = _member_writer(dst, date_time)
@@ -501,6 +571,8 @@ def _write_members(out_path, members, date_time, stamp, provenance) -> None:
                     meta["date_saved"] = stamp
                 data = json.dumps(meta).encode()
             put(info.filename, data, info.compress_type)
+        if lora is not None:
+            put(LORA_MEMBER, lora, zipfile.ZIP_STORED)
         if provenance is not None:
             put(PROVENANCE_MEMBER, json.dumps(provenance, indent=1, sort_keys=True).encode(), zipfile.ZIP_DEFLATED)
 
@@ -592,13 +664,19 @@ def save_model(model, path: str | os.PathLike, provenance: dict | None = None) -
     dest = pathlib.Path(path)
     fmt = model_format(dest)
 
+    unshare_policies(model)
+    lora = lora_member(model)
+    if lora is not None and fmt != "keras":
+        raise ModelFileError(f"{dest}: the model has LoRA adapters, whose factors modelxform keeps only in a "
+                             ".keras file (an .h5 file would hold the merged kernels, factors zeroed)")
+
     def write(tmp: pathlib.Path) -> None:
-        if fmt == "keras" and _write_keras_archive(model, tmp, provenance):
+        if fmt == "keras" and _write_keras_archive(model, tmp, provenance, lora):
             return
         with _quiet():
             model.save(tmp)
         if fmt == "keras":
-            _normalise_keras_archive(tmp, provenance)
+            _normalise_keras_archive(tmp, provenance, lora)
         elif provenance is not None:
             _write_h5_record(tmp, provenance)
     write_atomically(dest, write, failure="cannot save the model")
@@ -745,12 +823,15 @@ def working_copy(model):
     of its layers — saved and loaded."""
     import keras
 
+    from .finetune import copy_lora_structure
     from .graph import transfer_weights
     from .layers import model_kind, walk
     if model_kind(model) != "subclassed":
         config = keras.saving.serialize_keras_object(model)
         clone = keras.saving.deserialize_keras_object(config, safe_mode=True)
-        transfer_weights(walk(model), clone, {}, 0)
+        source = walk(model)
+        copy_lora_structure(source, clone)  # a config rebuilds sublayers without their LoRA
+        transfer_weights(source, clone, {}, 0)
         return clone
     with tempfile.TemporaryDirectory(prefix="modelxform-") as tmp:
         path = os.path.join(tmp, "copy.keras")

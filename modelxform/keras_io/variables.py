@@ -105,7 +105,23 @@ def row_blocks(shape: tuple, itemsize: int):
 
 
 def is_large(shape: tuple, dtype) -> bool:
-    return len(shape) >= 1 and math.prod(shape) * np.dtype(dtype).itemsize > LARGE_ARRAY
+    return len(shape) >= 1 and math.prod(shape) * numpy_dtype(dtype).itemsize > LARGE_ARRAY
+
+
+def numpy_dtype(name) -> np.dtype:
+    """A Keras dtype name as a numpy dtype (bfloat16 and float8 through ml_dtypes, as Keras does)."""
+    name = str(name)
+    if name == "bfloat16" or name.startswith("float8"):
+        import ml_dtypes
+        return np.dtype(getattr(ml_dtypes, name))
+    return np.dtype(name)
+
+
+def as_dtype(array: np.ndarray, dtype) -> np.ndarray:
+    """``array`` in the variable's dtype: a `cast` rebuild fills bfloat16 variables from float32 arrays
+    (numpy's rounding to nearest even, as TensorFlow's cast)."""
+    target = numpy_dtype(dtype)
+    return array if array.dtype == target else array.astype(target)
 
 
 def copy_variables(weights: list, sources, name: str = "") -> None:
@@ -119,7 +135,7 @@ def copy_variables(weights: list, sources, name: str = "") -> None:
         if tuple(source.shape) != shape:
             raise ApplyError(f"layer {name}: {var.name} has shape {shape}, the array {tuple(source.shape)}")
         if not is_large(shape, var.dtype):
-            _set_variable(var, np.asarray(source.numpy()))
+            _set_variable(var, as_dtype(np.asarray(source.numpy()), var.dtype))
             continue
         in_file = pending_source(source) or (source if hasattr(source, "archive") else None)
         if in_file is not None and _deferred(var) and str(in_file.dtype) == str(var.dtype):
@@ -139,7 +155,7 @@ def _backend() -> str:
 def _fill_by_rows(var, shape: tuple, read_rows) -> None:
     """Fill ``var`` with ``read_rows(start, stop)``, a block of rows at a time, holding one full copy of
     the array (the variable's), not two."""
-    blocks = row_blocks(shape, np.dtype(str(var.dtype)).itemsize)
+    blocks = row_blocks(shape, numpy_dtype(var.dtype).itemsize)
     if _backend() == "tensorflow":
         import tensorflow as tf
         if _deferred(var):
@@ -148,14 +164,15 @@ def _fill_by_rows(var, shape: tuple, read_rows) -> None:
             var._initializer = None
         for start, stop in blocks:
             # scatter_update writes those rows in place (a slice assignment would copy the whole array)
-            var._value.scatter_update(tf.IndexedSlices(read_rows(start, stop), tf.range(start, stop)))
+            var._value.scatter_update(tf.IndexedSlices(as_dtype(read_rows(start, stop), var.dtype),
+                                                       tf.range(start, stop)))
         return
     # Elsewhere the rows go into a host buffer that the backend then adopts without copying it (JAX's
     # device_put of a 64-byte-aligned buffer, torch.from_numpy); assigning a block at a time through
     # the backend's ops copies the whole array per block (jax: 6.7 s and +1.2 GiB for 400 MiB).
-    host = _aligned_empty(shape, np.dtype(str(var.dtype)))
+    host = _aligned_empty(shape, numpy_dtype(var.dtype))
     for start, stop in blocks:
-        host[start:stop] = read_rows(start, stop)
+        host[start:stop] = as_dtype(read_rows(start, stop), var.dtype)
     tensor = _adopt(host)
     if tensor is host:
         _set_variable(var, host)

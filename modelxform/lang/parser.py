@@ -93,6 +93,14 @@ SYNTAX_EXAMPLES: dict[str, list[str]] = {
     "`assert` checks `count`, `params` or `output shape`, e.g. `assert count == 3`":
         ["assert", "assert count", "assert count 3", "assert params", "assert output",
          "assert output shape", "assert output shape (None, 10)", "assert foo"],
+    "`lora` is written `lora rank 8`, optionally with `alpha 16`":
+        ["lora", "lora rank", "lora 8", "lora rank 8 alpha", "lora rank 8 16"],
+    "`merge` is written `merge lora`: it folds the selected layers' LoRA factors into their kernels":
+        ["merge", "merge all"],
+    "`quantize` names a mode: `quantize int8`, `quantize float8`, `quantize int4` (optionally `block size 64`)":
+        ["quantize", "quantize 8", "quantize int4 block", "quantize int4 block size"],
+    "`cast` names a dtype policy, e.g. `cast bfloat16`":
+        ["cast", "cast 16"],
     "`param` is written `param name = value`":
         ["param", "param x", "param x 3", "param x ="],
     "`recipe` is written `recipe \"name\" version \"1.0.0\"`":

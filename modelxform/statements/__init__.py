@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from .checks import AssertCount, AssertEquivalent, AssertParams, AssertShape
 from .deploy import FoldBatchNorm, PruneChannels, SetInputShape
+from .finetune import Cast, Lora, MergeLora, Quantize
 from .header import Include, Param, RecipeHeader, Requires, Seed
 from .select import SelAll, Select, Selector, SelRefs, SelSample, SelWhere
 from .structure import Append, Cut, Insert, Remove, Rename, Replace, SetConfig, Shuffle, Swap, Tap, Unwrap
@@ -23,8 +24,8 @@ from .weights import AddNoise, Clip, Fill, Freeze, LoadWeights, Prune, Reinit, S
 # in the order the docs and the parser's hints list them
 KINDS: tuple = (RecipeHeader, Requires, Seed, Param, Include, Select, Scale, AddNoise, Reinit, Fill, Clip, Prune,
                 Freeze, Unfreeze, Unwrap, Replace, Tap, Insert, Remove, Swap, Shuffle, Cut, Append, SetConfig, Rename,
-                LoadWeights, FoldBatchNorm, SetInputShape, PruneChannels, AssertEquivalent, AssertCount, AssertParams,
-                AssertShape)
+                LoadWeights, FoldBatchNorm, SetInputShape, PruneChannels, Lora, MergeLora, Quantize, Cast,
+                AssertEquivalent, AssertCount, AssertParams, AssertShape)
 
 HEADER_TYPES: tuple = tuple(kind for kind in KINDS if kind.role == "header")
 
@@ -69,5 +70,5 @@ __all__ = ["KINDS", "HEADER_TYPES", "index_by", "BY_RULE", "BY_YAML_KEY", "BARE_
            "RecipeHeader", "Requires", "Seed", "Param", "Include", "Select", "SelAll", "SelRefs", "SelWhere",
            "SelSample", "Selector", "Scale", "AddNoise", "Reinit", "Fill", "Clip", "Prune", "Freeze", "Unfreeze",
            "LoadWeights", "Replace", "Tap", "Insert", "Remove", "Swap", "Shuffle", "Cut", "Append", "SetConfig",
-           "Rename", "Unwrap", "FoldBatchNorm", "SetInputShape", "PruneChannels", "AssertEquivalent", "AssertCount",
-           "AssertParams", "AssertShape"]
+           "Rename", "Unwrap", "FoldBatchNorm", "SetInputShape", "PruneChannels", "Lora", "MergeLora", "Quantize",
+           "Cast", "AssertEquivalent", "AssertCount", "AssertParams", "AssertShape"]

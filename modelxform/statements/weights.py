@@ -485,6 +485,7 @@ class LoadWeights(WeightStatement):
         for info in ctx.selected(self):
             if not info.weights:
                 continue
+            refuse_quantized(ctx, self, info, [v.name for v in info.weights])
             match = by_path.get(info.path)
             how = "path"
             if match is None and len(by_name.get(info.name, [])) == 1:
@@ -536,7 +537,8 @@ def _variables(ctx, stmt, target: str):
     pairs, missing = [], []
     for info in ctx.selected(stmt):
         found = [v for v in info.weights
-                 if (target == "weights" and np.dtype(v.dtype).kind == "f") or v.name == target]
+                 if (target == "weights" and _is_float(v)) or v.name == target]
+        refuse_quantized(ctx, stmt, info, [v.name for v in found])
         if found:
             pairs.extend((info, v) for v in found)
         else:
@@ -549,6 +551,25 @@ def _variables(ctx, stmt, target: str):
                                "the selection holds only layers without weights (e.g. pooling, dropout)")
                          + "; `modelxform inspect MODEL --weights` lists every layer's variables")
     return pairs, missing
+
+
+def _is_float(v) -> bool:
+    dtype = str(v.dtype)
+    return dtype in ("bfloat16", "float16", "float32", "float64") or (not dtype.startswith("float8")
+                                                                       and np.dtype(dtype).kind == "f")
+
+
+def refuse_quantized(ctx, stmt, info, names) -> None:
+    """Weight statements change float arrays; a quantized layer's kernel holds int8 (or two int4 values
+    packed in each int8) with scales, and float8's scales and histories drive its quantizer: none of them
+    may be treated as float weights. Only its bias is one."""
+    mode = ctx.quantization_mode(info)
+    touched = [n for n in names if n != "bias"]
+    if mode is not None and touched:
+        raise ApplyError(f"`{stmt}`: {info.path} is quantized ({mode}): its {touched[0]} is part of the "
+                         "quantized kernel, not a float weight, so weight statements cannot change it",
+                         span=stmt.span, hint="apply weight statements before `quantize` (a quantized layer's "
+                                              "bias is the one array they may change)")
 
 
 def _shape(v) -> str:

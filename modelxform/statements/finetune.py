@@ -125,8 +125,9 @@ class Lora(FinetuneStatement):
             report.changes.append(f"{info.path}: LoRA rank {rank}, alpha {format_value(used)} (scale "
                                   f"{used / rank:g}): {a.name} {_shape(a)} seeded {LORA_INITIALIZER}, {b.name} "
                                   f"{_shape(b)} zeros" + (f"; {kernel.name} {_shape(kernel)} frozen" if kernel is not None else ""))
-            init = ctx.seeded(initializers.get(LORA_INITIALIZER), seed)
-            report.then(lambda a=a, init=init: a.assign(init(tuple(a.shape), dtype="float32")))
+            # numpy's values, the same on every backend (keras_io/initializers.py)
+            values = ctx.initial_values(initializers.get(LORA_INITIALIZER), tuple(a.shape), "float32", seed)
+            report.then(lambda a=a, values=values: a.assign(values))
         after = ctx.trainable_params()
         report.changes.append(f"trainable parameters: {before:,} -> {after:,}")
         report.notes.append("the file written keeps the factors (modelxform.lora.h5): load it with "

@@ -155,14 +155,25 @@ def _apply(recipe, source, model_path: str, output, seed, params, savedmodel: bo
            read_previous: bool, unsafe: bool = False, imports=(), weights_file=None) -> ApplyResult:
     """Run ``recipe`` on ``source`` and, unless ``output`` is None, save the result with ``previous``
     (or the input's own record) extended by this run's provenance entry."""
-    from .engine.runner import attach_sources, run
-    from .keras_io.files import save_model, sha256_file
-    from .keras_io.backend import library_versions
-    from .provenance import entry, extend, read_record
     from .keras_io.archive import Archive
     archive = source if isinstance(source, Archive) else None
     if archive is not None and output is not None:
         archive.hash_input()  # in a thread, alongside the work
+    try:
+        return _run_and_save(recipe, source, archive, model_path, output, seed, params, savedmodel,
+                             previous=previous, read_previous=read_previous, unsafe=unsafe, imports=imports,
+                             weights_file=weights_file)
+    finally:
+        if archive is not None:
+            archive.forget_lazy_variables()  # the model built here is not used after this run
+
+
+def _run_and_save(recipe, source, archive, model_path, output, seed, params, savedmodel, *, previous,
+                  read_previous, unsafe, imports, weights_file) -> ApplyResult:
+    from .engine.runner import attach_sources, run
+    from .keras_io.files import save_model, sha256_file
+    from .keras_io.backend import library_versions
+    from .provenance import entry, extend, read_record
     ctx, plan = run(recipe, source, seed=seed, params=params, apply=output is not None, unsafe=unsafe,
                     imports=imports, weights_file=weights_file)
     result = ApplyResult(plan, model_path, output, source="archive" if archive is not None else "keras",

@@ -266,9 +266,11 @@ def test_a_build_that_fails_lazily_is_reported_as_keras_reports_it(subjects, tmp
 
 @pytest.mark.parametrize("way", ["archive", "keras"])
 def test_large_arrays_moved_in_blocks_give_the_same_file(subjects, tmp_path, monkeypatch, way):  # noqa: F811
-    """Arrays above graph.LARGE_ARRAY go into the rebuilt model's variables, and from them into the
-    file, a block of rows at a time: with the thresholds lowered so that every array of the CNN is
-    large and moved in blocks of a few rows, the file is the one whole arrays give."""
+    """Arrays above graph.LARGE_ARRAY are moved a block of rows at a time: on the Keras path into the
+    rebuilt model's variables, then from them into the file; from the archive straight into the file,
+    the rebuilt model's variables never holding them (variables.FromSource). With the thresholds
+    lowered so that every array of the CNN is large and moved in blocks of a few rows, the file is the
+    one whole arrays give."""
     from modelxform.keras_io import variables as graph
     subject = subjects("cnn")
     recipe = tmp_path / "r.recipe"
@@ -282,8 +284,86 @@ def test_large_arrays_moved_in_blocks_give_the_same_file(subjects, tmp_path, mon
     monkeypatch.setattr(graph, "LARGE_ARRAY", 64)
     monkeypatch.setattr(graph, "BLOCK_BYTES", 100)
     monkeypatch.setattr(graph, "row_blocks", lambda *a: calls.append(a) or real(*a))
+    filled = []
+    real_materialise = graph.materialise
+    monkeypatch.setattr(graph, "materialise", lambda var: filled.append(var) or real_materialise(var))
     result = run_cli("apply", recipe, subject.path, "-o", tmp_path / "blocks.keras", "--seed", 3)
     assert result.status == 0, result.err
-    assert len(calls) >= 2 * 6  # every kernel and bias: into the model, then into the file
+    if way == "keras":
+        assert len(calls) >= 2 * 6  # every kernel and bias: into the model, then into the file
+    else:
+        assert len(calls) >= 6 and filled == []  # every kernel and bias, once: into the file
     assert any(len(real(*a)) > 10 for a in calls)  # in many blocks
     assert (tmp_path / "blocks.keras").read_bytes() == (tmp_path / "whole.keras").read_bytes()
+
+
+def test_deferred_changes_go_into_the_rebuilt_model_a_block_at_a_time(subjects, tmp_path, monkeypatch):  # noqa: F811
+    """Elementwise changes deferred on the archive (noise, scale, clip) reach the rebuilt model's variables
+    through reads of a few rows at a time, the noise drawn in blocks that line up with nothing: the file
+    is the one the Keras path writes with whole arrays."""
+    from modelxform.keras_io import archive as archive_module
+    from modelxform.keras_io import variables as graph
+    from modelxform.statements import weights
+    subject = subjects("cnn")
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text("select all\nadd noise normal(stddev=0.1) to weights\nscale weights 0.5\n"
+                      "clip weights -0.7 0.7\nreplace MaxPooling2D with AveragePooling2D\n")
+    monkeypatch.setenv("MODELXFORM_FASTPATH", "0")
+    assert run_cli("apply", recipe, subject.path, "-o", tmp_path / "keras.keras", "--seed", 3).status == 0
+    monkeypatch.delenv("MODELXFORM_FASTPATH")
+    reads = []
+    real = archive_module.Archive._read_rows_changed
+    monkeypatch.setattr(archive_module.Archive, "_read_rows_changed", lambda *a: reads.append(a[-2:]) or real(*a))
+    monkeypatch.setattr(graph, "LARGE_ARRAY", 64)
+    monkeypatch.setattr(graph, "BLOCK_BYTES", 100)
+    monkeypatch.setattr(archive_module, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(weights, "NOISE_BLOCK", 97)
+    result = run_cli("apply", recipe, subject.path, "-o", tmp_path / "archive.keras", "--seed", 3)
+    assert result.status == 0, result.err
+    assert len(reads) > 100  # the arrays went in by rows, through the deferred passes
+    assert (tmp_path / "archive.keras").read_bytes() == (tmp_path / "keras.keras").read_bytes()
+
+
+def test_variables_that_stay_in_the_file_get_their_values_when_used(subjects, tmp_path, monkeypatch):  # noqa: F811
+    """With every array large, a rebuilt model's variables keep taking their values from the archive:
+    a forward pass (assert equivalent), a weight statement on the built model, a second rebuild and the
+    save each get the right values, and the file is the one the Keras path writes. A plan with no
+    forward pass in it fills none."""
+    from modelxform.keras_io import variables as graph
+    subject = subjects("cnn")
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text("select random where type=Dense\nadd noise normal(stddev=0.05) to kernel\n"
+                      "insert Dropout(rate=0.25) after conv2d_1\nassert equivalent\n"
+                      "select where type=Dense\nscale weights 1.5\n"
+                      "replace MaxPooling2D with AveragePooling2D\nselect all\nassert params > 0\ntap conv2d_1\n")
+    monkeypatch.setenv("MODELXFORM_FASTPATH", "0")
+    assert run_cli("apply", recipe, subject.path, "-o", tmp_path / "keras.keras", "--seed", 3).status == 0
+    monkeypatch.delenv("MODELXFORM_FASTPATH")
+    filled = []
+    real_materialise = graph.materialise
+    monkeypatch.setattr(graph, "materialise", lambda var: filled.append(var.path) or real_materialise(var))
+    monkeypatch.setattr(graph, "LARGE_ARRAY", 64)
+    monkeypatch.setattr(graph, "BLOCK_BYTES", 100)
+    quiet = tmp_path / "no-forward-pass.recipe"
+    quiet.write_text(recipe.read_text().replace("assert equivalent\n", ""))
+    result = run_cli("plan", quiet, subject.path, "--seed", 3)
+    assert result.status == 0, result.err
+    assert filled == []  # without a forward pass, a plan reads no array
+    result = run_cli("apply", recipe, subject.path, "-o", tmp_path / "archive.keras", "--seed", 3)
+    assert result.status == 0, result.err
+    assert filled  # the forward pass and the weight statement needed values
+    assert (tmp_path / "archive.keras").read_bytes() == (tmp_path / "keras.keras").read_bytes()
+
+
+def test_a_model_built_from_the_archive_outlives_it(subjects, tmp_path, monkeypatch):  # noqa: F811
+    """Closing the archive gives the variables that still take their values from it those values: the
+    model stays usable, and equal to the engine's."""
+    from modelxform.keras_io import variables as graph
+    monkeypatch.setattr(graph, "LARGE_ARRAY", 64)
+    subject = subjects("cnn")
+    recipe = compile_recipe("select where type=Dense\nscale weights 0.5\nreplace MaxPooling2D with AveragePooling2D\n")
+    model = archive_model(recipe, subject.path)
+    engine_model, _ = recipe.apply(subject.model)
+    for got, want in zip(walk(model), walk(engine_model)):
+        for a, b in zip(got.weights, want.weights):
+            assert np.array_equal(np.asarray(a), np.asarray(b)), (got.path, a.name)

@@ -592,7 +592,7 @@ def test_a_full_disk_while_spilling_keeps_the_arrays_in_memory(subjects, tmp_pat
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(archive_module.Archive, "SPILL_FLOOR", 0)
-    monkeypatch.setattr(archive_module, "_write_all", full)
+    monkeypatch.setattr(archive_module, "_write_spill", full)
     subject = subjects("cnn")
     with caplog.at_level("DEBUG"):
         differential(subject, recipe_for(subject.layers), tmp_path)
@@ -603,14 +603,14 @@ def test_a_full_disk_while_writing_leaves_the_previous_output(subjects, tmp_path
     import errno
 
     from modelxform.errors import ModelFileError
-    real, calls = archive_module._copy_range, []
+    real, calls = archive_module.copy_range, []
 
     def fail_second(*args):
         calls.append(1)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args)
-    monkeypatch.setattr(archive_module, "_copy_range", fail_second)
+    monkeypatch.setattr(archive_module, "copy_range", fail_second)
     out = tmp_path / "out.keras"
     out.write_bytes(b"previous output")
     recipe = compile_recipe("select where type=Dense\nscale kernel 0.5\n")
@@ -670,3 +670,119 @@ def test_weight_only_apply_and_plan_do_not_import_tensorflow(subjects, tmp_path,
         assert np.all(~np.array([l.trainable for l in load_model(out).layers if l.weights]))
     else:
         assert "dry run: nothing was written" in proc.stdout
+
+
+# ---- arrays that stream (issue 19) ----------------------------------------------------------------------
+# Elementwise statements (scale, clip, add noise, set … to a constant) on the archive change an array as it
+# streams into the written file, a block at a time; the kept ranges of model.weights.h5 are copied file to
+# file, and the member's CRC follows from the input's (keras_io/streams.py). The file must be the one the
+# engine writes, however the arrays are cut.
+
+@pytest.mark.parametrize("name", ["cnn", "zoo"])
+def test_arrays_streamed_in_small_blocks_agree_with_the_engine(subjects, name, tmp_path, monkeypatch):
+    """Blocks of 256 bytes (every kernel in many pieces; an odd noise block, so that no block boundary lines
+    up with another) give the engine's file, report and provenance."""
+    from modelxform.statements import weights
+    monkeypatch.setattr(archive_module, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(weights, "NOISE_BLOCK", 97)
+    subject = subjects(name)
+    assert max(int(np.prod(v.shape)) * 4 for info in subject.layers for v in info.layer.weights) > 8 * 256
+    differential(subject, recipe_for(subject.layers), tmp_path)
+
+
+@pytest.mark.parametrize("way", ["through zipfile", "without copy_file_range"])
+def test_other_ways_of_writing_the_weights_give_the_same_file(subjects, tmp_path, monkeypatch, way):
+    """Where the zip writer's CRC cannot be set (another Python) the bytes go through it; where the kernel
+    cannot copy between the files they go through a buffer: the same file either way."""
+    from modelxform.keras_io import files, streams
+    if way == "through zipfile":
+        monkeypatch.setattr(files, "member_writer_settable", lambda out: False)
+    else:
+        monkeypatch.setattr(streams, "_kernel_copy", False)
+    subject = subjects("cnn")
+    differential(subject, recipe_for(subject.layers), tmp_path)
+
+
+def test_a_stale_crc_in_the_input_stays_detectable(subjects, tmp_path):
+    """The output's CRC is worked out from the input's: an input whose weights do not match their CRC
+    gives an output whose kept bytes do not match either (as a copy of the file would), not a file that
+    hides the damage."""
+    subject = subjects("cnn")
+    damaged = tmp_path / "damaged.keras"
+    data = bytearray(subject.path.read_bytes())
+    with zipfile.ZipFile(subject.path) as zf:
+        weights = zf.getinfo("model.weights.h5")
+        start = weights.header_offset + 30 + len(weights.filename) + len(weights.extra)
+    data[start + weights.file_size - 1] ^= 0xFF  # the last byte of the h5 file: no array's
+    damaged.write_bytes(bytes(data))
+    out = tmp_path / "out.keras"
+    archive_apply(compile_recipe("select where type=Dense\nscale kernel 0.5\n"), damaged, out)
+    with zipfile.ZipFile(out) as zf, pytest.raises(zipfile.BadZipFile, match="Bad CRC-32"):
+        zf.read("model.weights.h5")
+
+
+def _large_dense_model(path, inputs=2048, units=1024):
+    model = keras.Sequential([keras.Input((inputs,)), keras.layers.Dense(units, name="wide"),
+                              keras.layers.Dense(4, name="head")], name="wide_mlp")
+    _randomize(model, 3)
+    save_model(model, path)
+    return model
+
+
+def test_an_elementwise_recipe_never_holds_a_whole_array(tmp_path, monkeypatch):
+    """scale, clip, add noise and set on an 8 MiB kernel, in blocks of 64 KiB: the process's numpy and
+    Python allocations stay below a quarter of the kernel's size (the whole array read once would be
+    all of it), and the file is the engine's."""
+    import tracemalloc
+    monkeypatch.setattr(archive_module, "BLOCK_BYTES", 64 << 10)
+    path = tmp_path / "wide.keras"
+    _large_dense_model(path)
+    subject = Subject(path)
+    text = ("select all\nscale weights 0.5\nadd noise normal(stddev=0.01) to kernel\nclip weights -0.6 0.6\n"
+            "select head\nset bias to constant(0.25)\n")
+    recipe = compile_recipe(text, "stream.recipe")
+    archive_apply(recipe, path, tmp_path / "warm.keras")  # (what a first run imports is not the arrays)
+    tracemalloc.start()
+    try:
+        archive_apply(recipe, path, tmp_path / "fast.keras")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    kernel = 2048 * 1024 * 4
+    assert peak < kernel / 4, f"peak {peak} bytes for a {kernel}-byte kernel"
+    engine_apply(subject, recipe, tmp_path / "engine.keras")
+    assert_same_result(tmp_path / "fast.keras", tmp_path / "engine.keras", path)
+
+
+def test_deferred_changes_read_in_any_order_give_the_same_values(subjects):
+    """A deferred noise pass read by rows out of order (which restarts it), by rows in order, and whole,
+    gives the values of the pass run on the whole array."""
+    from modelxform.keras_io.archive import Archive
+    subject = subjects("cnn")
+    with Archive(subject.path) as arch:
+        info = next(i for i in arch.layers if i.path == "dense_1")
+        var = info.layer.weights[0]
+        original = var.numpy()
+        rng = lambda: np.random.default_rng(4)  # noqa: E731
+
+        class Noise:
+            def begin(self):
+                gen = rng()
+
+                class Pass:
+                    def __call__(self, block):
+                        block += gen.normal(0, 0.5, block.size).astype(block.dtype).reshape(block.shape)
+
+                    def end(self):
+                        pass
+                return Pass()
+        var.defer(Noise())
+        want = original + rng().normal(0, 0.5, original.size).astype(original.dtype).reshape(original.shape)
+        assert np.array_equal(var.read_rows(100, 300), want[100:300])
+        rows = [var.read_rows(a, min(a + 500, var.shape[0])) for a in range(0, var.shape[0], 500)]
+        assert np.array_equal(np.concatenate(rows), want)
+        assert np.array_equal(var.numpy(), want) and np.array_equal(var.numpy(), want)
+        taken = var.take_array()
+        assert np.array_equal(taken, want)
+        var.assign(taken * 2)  # assigning replaces the deferred pass
+        assert np.array_equal(var.numpy(), want * 2)

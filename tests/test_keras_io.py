@@ -147,3 +147,131 @@ def test_which_layer_feeds_which_is_read_where_check_moves_reads_it():
     dense_2 = model.get_layer("dense_2")
     assert dense_2.input._keras_history[0] is model.get_layer("dropout")
     assert [n.operation.name for n in model.get_layer("dense_1")._outbound_nodes] == ["dropout"]
+
+
+# ---- streams.py: CRC-32 arithmetic and file-to-file copies (issue 19) ----------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 1 << 16))
+def test_crc32_zeros_is_zlibs_crc_of_zero_bytes(crc, count):
+    import zlib
+    from modelxform.keras_io.streams import crc32_zeros
+    assert crc32_zeros(crc, count) == zlib.crc32(bytes(count), crc)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=4096), st.data())
+def test_edited_crc_is_the_crc_of_the_edited_bytes(data, draw):
+    """Ranges replaced in order (some in several pieces, some empty) give the CRC zlib computes over
+    the whole edited data."""
+    import zlib
+    from modelxform.keras_io.streams import EditedCrc
+    edited = bytearray(data)
+    crc = EditedCrc(zlib.crc32(data), len(data))
+    at = 0
+    for _ in range(draw.draw(st.integers(0, 6))):
+        start = draw.draw(st.integers(at, len(data)))
+        stop = draw.draw(st.integers(start, len(data)))
+        middle = draw.draw(st.integers(start, stop))
+        for a, b in ((start, middle), (middle, stop)):
+            new = draw.draw(st.binary(min_size=b - a, max_size=b - a))
+            crc.replace(a, data[a:b], new)
+            edited[a:b] = new
+        at = stop
+    assert crc.value == zlib.crc32(bytes(edited))
+
+
+def test_edited_crc_refuses_ranges_out_of_order():
+    from modelxform.keras_io.streams import EditedCrc
+    crc = EditedCrc(0, 10)
+    crc.replace(4, b"ab", b"cd")
+    with pytest.raises(ValueError, match="in order"):
+        crc.replace(3, b"a", b"b")
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_copy_range_copies_between_offsets(tmp_path, monkeypatch, kernel):
+    import os
+    from modelxform.keras_io import streams
+    monkeypatch.setattr(streams, "_kernel_copy", kernel and hasattr(os, "copy_file_range"))
+    monkeypatch.setattr(streams, "_CHUNK", 1000)
+    data = os.urandom(10_000)
+    (tmp_path / "a").write_bytes(data)
+    (tmp_path / "b").write_bytes(b"x" * 50)
+    with open(tmp_path / "a", "rb") as src, open(tmp_path / "b", "r+b") as dst:
+        streams.copy_range(src.fileno(), 123, 7000, dst.fileno(), 20)
+        with pytest.raises(streams.ModelFileError, match="unexpected end of file"):
+            streams.copy_range(src.fileno(), 9000, 2000, dst.fileno(), 8000)
+    out = (tmp_path / "b").read_bytes()
+    assert out[:20] == b"x" * 20 and out[20:7020] == data[123:7123]
+
+
+@pytest.mark.parametrize("way", ["through the zip writer", "through a temporary file"])
+def test_a_saved_model_is_the_same_whichever_way_its_weights_reach_the_zip(tmp_path, monkeypatch, way):
+    """Keras's weights file is written in place inside the zip (its CRC read off the page cache); through
+    the zip writer (where its CRC cannot be set), or first into a temporary file (where its size could
+    change the member's header), the bytes are the same."""
+    import zipfile
+    from conftest import make_cnn
+    from modelxform.keras_io import files
+    model = make_cnn()
+    files.save_model(model, tmp_path / "direct.keras", provenance={"k": 1})
+    if way == "through the zip writer":
+        monkeypatch.setattr(files, "member_writer_settable", lambda out: False)
+    else:
+        monkeypatch.setattr(files, "_weights_file_size_hint", lambda model: None)
+    files.save_model(model, tmp_path / "other.keras", provenance={"k": 1})
+    assert (tmp_path / "direct.keras").read_bytes() == (tmp_path / "other.keras").read_bytes()
+    with zipfile.ZipFile(tmp_path / "direct.keras") as zf:
+        assert zf.testzip() is None  # every member's CRC holds
+
+
+def test_the_size_hint_decides_the_zip_header_as_the_exact_size_would():
+    """Bounds that straddle zipfile's zip64 threshold give no hint; others give one on the same side."""
+    import zipfile
+    from modelxform.keras_io import files
+
+    class Var:
+        def __init__(self, shape):
+            self.shape, self.dtype = shape, "float32"
+
+    class Model:
+        def __init__(self, *shapes):
+            self.weights = [Var(s) for s in shapes]
+    limit = zipfile.ZIP64_LIMIT
+    small = files._weights_file_size_hint(Model((1000, 1000)))
+    assert small is not None and small * 1.05 <= limit
+    rows = int(limit / 1.05 / 4 / 1000)  # one array just under the threshold: the HDF5 structure may cross it
+    assert files._weights_file_size_hint(Model((rows, 1000))) is None
+    big = files._weights_file_size_hint(Model((rows + 20_000, 1000)))
+    assert big is not None and big * 1.05 > limit
+
+
+def test_a_file_window_behaves_as_a_new_file(tmp_path):
+    """Writes land at the window's offset; its size is how far it was written or truncated; bytes
+    written, cut off and then reached again by an extension read as zeros, as in a file."""
+    import os
+    from modelxform.keras_io.streams import FileWindow
+    path = tmp_path / "f"
+    path.write_bytes(b"H" * 10)
+    with open(path, "r+b") as fh:
+        w = FileWindow(fh.fileno(), 10)
+        assert w.seek(0, 2) == 0 and w.read() == b""
+        w.write(b"abcdef")
+        w.seek(2)
+        assert w.read(3) == b"cde" and w.tell() == 5
+        w.truncate(3)
+        assert w.seek(0, 2) == 3
+        w.truncate(8)  # extended past what was cut off: zeros, then past anything written: zeros
+        w.seek(0)
+        assert w.read() == b"abc" + bytes(5)
+        w.seek(20)
+        w.write(b"z")
+        assert w.size == 21
+        w.seek(12)
+        assert w.read(9) == bytes(8) + b"z"
+    assert path.read_bytes()[:13] == b"H" * 10 + b"abc" and os.path.getsize(path) == 31

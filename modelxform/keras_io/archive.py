@@ -37,12 +37,12 @@ import zipfile
 
 import numpy as np
 
-from ..errors import ModelFileError
 from . import safety
 from .config import MODEL_CLASS_NAMES as MODEL_CLASSES
 from .config import layers_of
 from .layers import LayerInfo, snake_case
 from .safety import CONFIG_MEMBER, METADATA_MEMBER, PROVENANCE_MEMBER
+from .streams import EditedCrc, copy_range, preallocate, read_exact, write_all
 from .zipmember import Window as _Window
 from .zipmember import member_offset
 
@@ -256,22 +256,13 @@ class ArchiveVariable:
     def assign(self, value) -> None:
         self.archive.write(self, value)
 
-
-def _read_exact(fd: int, buffer, offset: int) -> None:
-    view = memoryview(buffer).cast("B")
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise ModelFileError("unexpected end of file while reading the weights")
-        done += got
-
-
-def _write_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
+    def defer(self, change) -> None:
+        """Change the values elementwise, later: as the array streams into the saved file (or whenever it
+        is read), a block at a time, so that the change never holds the whole array. ``change.begin()``
+        returns a pass: ``pass_(block)`` changes a flat block of the values in place (blocks come in
+        order, and the result must not depend on where the array is cut), ``pass_.end()`` follows the
+        last block. Changes deferred one after another apply in that order; ``assign`` replaces them."""
+        self.archive.defer(self, change)
 
 
 def _data_offset(fh, info: zipfile.ZipInfo) -> int:
@@ -361,6 +352,9 @@ class Archive:
         self._fh = open(self.path, "rb")
         self._spill = None
         self._patches: dict = {}  # dataset key -> the new array, or (spill offset, nbytes)
+        self._changes: dict = {}  # dataset key -> elementwise changes not yet applied (ArchiveVariable.defer)
+        self._cursors: dict = {}  # dataset key -> _Cursor of a read by rows in progress
+        self.lazy_variables: list = []  # weak references to Keras variables whose values are still here
         self._in_memory = 0  # bytes of the arrays held in _patches
         self._largest = 0  # bytes of the largest array read
         self._digest = None  # the input's sha256, computed by a thread (see hash_input)
@@ -388,6 +382,7 @@ class Archive:
                 raise NotApplicable("compressed or encrypted weights")
             self.h5_start = _data_offset(self._fh, weights)
             self.h5_size = weights.file_size
+            self.h5_crc = weights.CRC
             if not isinstance(self.config, dict):
                 raise NotApplicable("config.json is not a model entry")
             self.output_config = _normalised_config(self.config)
@@ -426,7 +421,18 @@ class Archive:
                 config["trainable"] = bool(layer_info.layer.trainable)
         return self.output_config
 
+    def forget_lazy_variables(self) -> None:
+        """The models built from this archive will not be used again (the run is over): closing it
+        need not give their variables the values they still take from it (variables.FromSource)."""
+        self.lazy_variables.clear()
+
     def close(self) -> None:
+        from .variables import materialise
+        for ref in self.lazy_variables:  # a model built from the archive may outlive it: fill it first
+            var = ref()
+            if var is not None and not self._fh.closed:
+                materialise(var)
+        self.lazy_variables.clear()
         if self._digest is not None:
             self._digest.stop()
         self._fh.close()
@@ -533,7 +539,38 @@ class Archive:
     def read(self, var: ArchiveVariable, take: bool = False, rows: tuple | None = None) -> np.ndarray:
         """The variable's current values, in a new array; with ``take``, a new array assigned before is
         handed over rather than copied (the caller assigns its result back); with ``rows=(start,
-        stop)``, only those rows along the first axis."""
+        stop)``, only those rows along the first axis. Deferred changes are applied to what is read."""
+        changes = self._changes.get(var.key)
+        if not changes:
+            return self._read_stored(var, take, rows)
+        if rows is None:
+            values = self._read_stored(var, take)
+            _run_passes([c.begin() for c in changes], values.reshape(-1), var.np_dtype.itemsize)
+            if take:  # the caller assigns the result back, with the changes in it
+                del self._changes[var.key]
+                self._cursors.pop(var.key, None)
+            return values
+        return self._read_rows_changed(var, changes, *rows)
+
+    def _read_rows_changed(self, var: ArchiveVariable, changes, start: int, stop: int) -> np.ndarray:
+        """Rows of a variable with deferred changes. Reads by rows go in order (variables.copy_variables),
+        and a pass must see the blocks in order: a cursor carries the passes from one read to the next;
+        a read out of order starts them again from the first row."""
+        cursor = self._cursors.get(var.key)
+        if cursor is None or cursor.row != start:
+            cursor = _Cursor([c.begin() for c in changes])
+            self._cursors[var.key] = cursor
+            for a, b in _row_steps(var, 0, start):  # the rows before, through the passes and dropped
+                cursor.feed(self._read_stored(var, rows=(a, b)), b)
+        values = self._read_stored(var, rows=(start, stop))
+        cursor.feed(values, stop)
+        if stop >= var.shape[0]:
+            cursor.end()
+            del self._cursors[var.key]
+        return values
+
+    def _read_stored(self, var: ArchiveVariable, take: bool = False, rows: tuple | None = None) -> np.ndarray:
+        """The values as stored (the input's, or those assigned), without the deferred changes."""
         pending = self._patches.get(var.key)
         shape, skip, nbytes = var.shape, 0, var.nbytes
         if rows is not None:
@@ -550,11 +587,15 @@ class Archive:
             return pending
         buffer = np.empty(nbytes, np.uint8)  # not bytearray(): that would write every page twice
         if pending is not None:
-            _read_exact(self._spill.fileno(), buffer, pending[0] + skip)
+            read_exact(self._spill.fileno(), buffer, pending[0] + skip)
         elif nbytes:
-            _read_exact(self._fh.fileno(), buffer, self.h5_start + var.offset + skip)
+            read_exact(self._fh.fileno(), buffer, self.h5_start + var.offset + skip)
         self._largest = max(self._largest, nbytes)
         return buffer.view(var.np_dtype).reshape(shape)
+
+    def defer(self, var: ArchiveVariable, change) -> None:
+        self._changes.setdefault(var.key, []).append(change)
+        self._cursors.pop(var.key, None)
 
     def write(self, var: ArchiveVariable, value) -> None:
         value = np.asarray(value)
@@ -562,6 +603,8 @@ class Archive:
             value = value.copy(order="C")
         if value.dtype != var.np_dtype or value.shape != var.shape:  # a defect in a pass
             raise ValueError(f"{var.key}: a {value.dtype} array of shape {value.shape}")
+        self._changes.pop(var.key, None)  # the new values replace whatever was deferred
+        self._cursors.pop(var.key, None)
         previous = self._patches.pop(var.key, None)
         if isinstance(previous, np.ndarray):
             self._in_memory -= previous.nbytes
@@ -573,7 +616,7 @@ class Archive:
             if self._spill is None:
                 self._spill = tempfile.TemporaryFile(prefix="modelxform-spill-")
             spill_offset = os.fstat(self._spill.fileno()).st_size
-            _write_all(self._spill.fileno(), value, spill_offset)
+            _write_spill(self._spill.fileno(), value, spill_offset)
         except OSError:  # a spill file that cannot be written (a full disk) only costs memory
             self._patches[var.key] = value
             self._in_memory += var.nbytes
@@ -607,26 +650,144 @@ class Archive:
             zinfo = info(WEIGHTS_MEMBER, zipfile.ZIP_STORED)
             zinfo.file_size = self.h5_size  # what writestr sets before it writes
             with dst.open(zinfo, "w") as out:
-                self._copy_weights(out)
+                if files.member_writer_settable(out):
+                    dst.fp.flush()
+                    base = dst.fp.tell()
+                    preallocate(dst.fp.fileno(), base, self.h5_size)
+                    crc = self._write_weights_at(dst.fp.fileno(), base)
+                    dst.fp.seek(base + self.h5_size)
+                    files.set_member_written(out, self.h5_size, crc)
+                else:
+                    self._write_weights_through(out)
             record = provenance(self.input_sha256())
             dst.writestr(info(files.PROVENANCE_MEMBER, zipfile.ZIP_DEFLATED),
                          json.dumps(record, indent=1, sort_keys=True).encode())
 
-    def _copy_weights(self, out) -> None:
-        """Copy model.weights.h5 from the input into ``out`` with the assigned arrays' bytes replaced."""
+    def _touched(self) -> list:
+        """The variables whose bytes the written file changes, in file order."""
         by_key = {v.key: v for info in self.layers for v in info.layer.weights}
-        patches = sorted((by_key[key].offset, key) for key, patch in self._patches.items() if by_key[key].nbytes)
+        keys = {k for k in self._patches} | {k for k, c in self._changes.items() if c}
+        return sorted((by_key[k] for k in keys if by_key[k].nbytes), key=lambda v: v.offset)
+
+    def _weights_pieces(self, touched: list, with_old: bool):
+        """model.weights.h5 as written, in order: ``(offset, size, None, None)`` for a range kept from the
+        input's, ``(offset, size, old, new)`` for changed bytes (memoryviews of a block, valid until the
+        next piece; ``old`` is None unless ``with_old`` or the changes needed it). An array changes a block
+        at a time: what was assigned to it (in memory or in the spill file), or its input values, through
+        its deferred changes."""
         fd = self._fh.fileno()
+        old = new = None
         position = 0
-        for offset, key in patches:
-            _copy_range(fd, self.h5_start + position, offset - position, out)
-            patch = self._patches[key]
-            if isinstance(patch, np.ndarray):
-                out.write(memoryview(patch).cast("B"))
+        for var in touched:
+            offset = var.offset
+            if offset > position:
+                yield position, offset - position, None, None
+            pending = self._patches.get(var.key)
+            passes = [c.begin() for c in self._changes.get(var.key, ())]
+            step = max(1, BLOCK_BYTES // var.np_dtype.itemsize) * var.np_dtype.itemsize
+            if old is None:
+                old, new = np.empty(BLOCK_BYTES, np.uint8), np.empty(BLOCK_BYTES, np.uint8)
+            flat = pending.reshape(-1).view(np.uint8) if isinstance(pending, np.ndarray) else None
+            for at in range(0, var.nbytes, step):
+                n = min(step, var.nbytes - at)
+                if with_old or pending is None:
+                    read_exact(fd, old[:n], self.h5_start + offset + at)
+                if flat is not None:
+                    block = flat[at:at + n]
+                elif pending is not None:
+                    read_exact(self._spill.fileno(), new[:n], pending[0] + at)
+                    block = new[:n]
+                else:
+                    block = old[:n]
+                if passes:
+                    if pending is None or flat is not None:  # the passes change a private copy
+                        new[:n] = block
+                    block = new[:n]
+                    values = block.view(var.np_dtype)
+                    for pass_ in passes:
+                        pass_(values)
+                was = memoryview(old)[:n] if with_old or pending is None else None
+                yield offset + at, n, was, memoryview(block).cast("B")
+            for pass_ in passes:
+                pass_.end()
+            position = offset + var.nbytes
+        if position < self.h5_size:
+            yield position, self.h5_size - position, None, None
+
+    def _write_weights_at(self, out_fd: int, base: int) -> int:
+        """Write model.weights.h5 into ``out_fd`` at ``base``: kept ranges copied file to file (in the
+        kernel where it can), changed bytes written once. Returns the member's CRC-32, worked out from the
+        input's and the changed ranges' old and new bytes (streams.EditedCrc), without reading the kept
+        ones. (Computing it over the written bytes would read a little less when most bytes change, but
+        would give damaged input bytes a valid CRC: this way the damage stays detectable.)"""
+        touched = self._touched()
+        fd = self._fh.fileno()
+        edited = EditedCrc(self.h5_crc, self.h5_size)
+        for offset, size, old, new in self._weights_pieces(touched, with_old=True):
+            if old is None:
+                copy_range(fd, self.h5_start + offset, size, out_fd, base + offset)
             else:
-                _copy_range(self._spill.fileno(), patch[0], patch[1], out)
-            position = offset + by_key[key].nbytes
-        _copy_range(fd, self.h5_start + position, self.h5_size - position, out)
+                write_all(out_fd, new, base + offset)
+                edited.replace(offset, old, new)
+        return edited.value
+
+    def _write_weights_through(self, out) -> None:
+        """The same bytes through a writable file object (which works out the CRC as they pass)."""
+        fd = self._fh.fileno()
+        buffer = None
+        for offset, size, old, new in self._weights_pieces(self._touched(), with_old=False):
+            if new is not None:
+                out.write(new)
+                continue
+            buffer = buffer or bytearray(min(BLOCK_BYTES, size))
+            done = 0
+            while done < size:
+                n = min(len(buffer), size - done)
+                view = memoryview(buffer)[:n]
+                read_exact(fd, view, self.h5_start + offset + done)
+                out.write(view)
+                done += n
+
+
+def _write_spill(fd: int, value: np.ndarray, offset: int) -> None:
+    write_all(fd, value, offset)
+
+
+# Arrays change a block of this many bytes at a time (deferred changes, and the saved file).
+BLOCK_BYTES = 16 << 20
+
+
+def _run_passes(passes, flat: np.ndarray, itemsize: int) -> None:
+    """Run deferred changes over a whole flat array, a block at a time (a pass that draws random
+    numbers holds a block's worth of them, not the array's)."""
+    step = max(1, BLOCK_BYTES // itemsize)
+    for pass_ in passes:
+        for at in range(0, flat.size, step):
+            pass_(flat[at:at + step])
+        pass_.end()
+
+
+def _row_steps(var: ArchiveVariable, start: int, stop: int):
+    row = max(1, var.nbytes // var.shape[0]) if var.shape and var.shape[0] else 1
+    step = max(1, BLOCK_BYTES // row)
+    return [(a, min(a + step, stop)) for a in range(start, stop, step)]
+
+
+class _Cursor:
+    """Deferred changes part-way through a variable read by rows."""
+
+    def __init__(self, passes):
+        self.passes, self.row = passes, 0
+
+    def feed(self, values: np.ndarray, stop: int) -> None:
+        flat = values.reshape(-1)
+        for pass_ in self.passes:
+            pass_(flat)
+        self.row = stop
+
+    def end(self) -> None:
+        for pass_ in self.passes:
+            pass_.end()
 
 
 class _FileDigest(threading.Thread):
@@ -666,15 +827,4 @@ class _FileDigest(threading.Thread):
         self.join()
 
 
-_CHUNK = 8 << 20
-
-
-def _copy_range(fd: int, start: int, size: int, out) -> None:
-    buffer = bytearray(min(_CHUNK, max(size, 1)))
-    done = 0
-    while done < size:
-        n = min(len(buffer), size - done)
-        view = memoryview(buffer)[:n]
-        _read_exact(fd, view, start + done)
-        out.write(view)
-        done += n
+_CHUNK = 1 << 20  # read and hashed at a time: hashing is no faster in larger pieces

@@ -380,8 +380,9 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None, lor
     the archive twice (model.save, then _normalise_keras_archive) and without holding the weights file
     in memory (model.save does, for a model it thinks fits). It takes the steps of
     keras.src.saving.saving_lib.save_model, with one difference: the weights file is written through a
-    Python file object on disk beside ``path`` (h5py's fileobj driver, as model.save does into memory),
-    then streamed into the zip. So its bytes are the same whatever the machine's free memory, and they
+    Python file object (h5py's fileobj driver, as model.save does into memory): in place, where the
+    member's bytes go inside the zip (streams.FileWindow), or, where its size cannot be bounded
+    beforehand or zipfile's internals differ, into a file beside ``path`` then copied in. So its bytes are the same whatever the machine's free memory, and they
     are those of model.save for a model that fits in memory (model.save writes a larger model through a
     temporary file, with h5py's default driver, which lays the file out differently; so does its
     choice depend on psutil being installed). Returns False, having written nothing, where those steps
@@ -427,38 +428,67 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None, lor
     moment = build_time()
     stamp = moment.strftime("%Y-%m-%d@%H:%M:%S")
     date_time = (moment.year, moment.month, moment.day, moment.hour, moment.minute, moment.second)
-    with tempfile.TemporaryFile(prefix=f".{path.name}.", dir=path.parent) as weights_file:
+    with _quiet():
+        config_json, metadata_json = serialize(model)
+    meta = json.loads(metadata_json)
+    if "date_saved" in meta:
+        meta["date_saved"] = stamp
+
+    def save_weights(fileobj) -> bool:
+        """Keras's weights file into ``fileobj``; False where the model saves assets."""
         with _quiet():
-            config_json, metadata_json = serialize(model)
-            weights = FileStore(weights_file)
+            weights = FileStore(fileobj)
             assets = disk_store("assets", mode="w")
             try:
                 save_state(model, weights_store=weights, assets_store=assets, inner_path="",
                            visited_saveables=set())
-                has_assets = any(files for _, _, files in os.walk(assets.working_dir))
+                return not any(files for _, _, files in os.walk(assets.working_dir))
             finally:
                 weights.close()
                 assets.close()
-        if has_assets:
-            return False
-        weights_size = weights_file.seek(0, os.SEEK_END)
-        weights_file.seek(0)
-        meta = json.loads(metadata_json)
-        if "date_saved" in meta:
-            meta["date_saved"] = stamp
-        with zipfile.ZipFile(path, "w") as dst:
+
+    size_hint = _weights_file_size_hint(model)
+    saved = True
+    with open(path, "w+b") as raw:
+        with zipfile.ZipFile(raw, "w") as dst:
             put = _member_writer(dst, date_time)
             put("metadata.json", json.dumps(meta).encode(), zipfile.ZIP_STORED)
             put("config.json", config_json.encode(), zipfile.ZIP_STORED)
             info = member_info("model.weights.h5", date_time, zipfile.ZIP_STORED)
-            info.file_size = weights_size  # what writestr sets before it writes
-            with dst.open(info, "w") as out:
-                shutil.copyfileobj(weights_file, out, 8 << 20)
+            if size_hint is not None:
+                # Written in place: h5py writes the weights file straight into the zip, where the member's
+                # bytes go (no second copy of a 2 GB file); its size is known within bounds that decide the
+                # member's header the same way (zip64 or not) as its exact size would.
+                info.file_size = size_hint
+                with dst.open(info, "w") as out:
+                    if member_writer_settable(out):
+                        from .streams import FileWindow, crc_of_range, preallocate
+                        dst.fp.flush()
+                        base = dst.fp.tell()
+                        preallocate(dst.fp.fileno(), base, size_hint)
+                        window = FileWindow(dst.fp.fileno(), base)
+                        saved = save_weights(window)
+                        size = window.size
+                        crc = crc_of_range(dst.fp.fileno(), base, size)
+                        dst.fp.seek(base + size)
+                        set_member_written(out, size, crc)
+                    else:
+                        saved = _save_through(out, save_weights, path)
+            else:
+                with tempfile.TemporaryFile(prefix=f".{path.name}.", dir=path.parent) as weights_file:
+                    saved = save_weights(weights_file)
+                    info.file_size = weights_file.seek(0, os.SEEK_END)  # what writestr sets before it writes
+                    weights_file.seek(0)
+                    with dst.open(info, "w") as out:
+                        shutil.copyfileobj(weights_file, out, 8 << 20)
             if lora is not None:
                 put(LORA_MEMBER, lora, zipfile.ZIP_STORED)
             if provenance is not None:
                 put(PROVENANCE_MEMBER, json.dumps(provenance, indent=1, sort_keys=True).encode(),
                     zipfile.ZIP_DEFLATED)
+        raw.truncate(raw.tell())  # (nothing of the weights file h5py cut short is left at the end)
+    if not saved:
+        return False
     return True
 
 
@@ -469,6 +499,59 @@ def member_info(name: str, date_time, compress) -> zipfile.ZipInfo:
     info.create_system = 3
     info.external_attr = 0o644 << 16
     return info
+
+
+def _weights_file_size_hint(model) -> int | None:
+    """A size for the weights file Keras writes for ``model`` that its exact size cannot differ from in
+    what the zip header makes of it (a zip64 record or not, by the size × 1.05 against 2**31 - 1, as
+    zipfile decides): at least the bytes of the large arrays written as they are, at most every
+    variable's bytes and the HDF5 structure around them. None when the two bounds straddle the limit:
+    the weights file is then written to a temporary file first and its size read off."""
+    import math
+
+    import numpy as np
+
+    from .variables import is_large
+    large = total = 0
+    count = 0
+    for var in model.weights:
+        itemsize = 2 if str(var.dtype) == "bfloat16" else np.dtype(str(var.dtype)).itemsize
+        nbytes = math.prod(int(d) for d in var.shape) * itemsize
+        total += nbytes
+        count += 1
+        if is_large(tuple(var.shape), var.dtype) and str(var.dtype) != "bfloat16":
+            large += nbytes
+    upper = total + (16 << 20) + (64 << 10) * count
+    limit = zipfile.ZIP64_LIMIT
+    if (large * 1.05 > limit) != (upper * 1.05 > limit):
+        return None
+    return upper
+
+
+def _save_through(out, save_weights, path) -> bool:
+    """The weights file through the zip writer (which computes its CRC), by way of a temporary file."""
+    import shutil
+    with tempfile.TemporaryFile(prefix=f".{path.name}.", dir=path.parent) as weights_file:
+        saved = save_weights(weights_file)
+        weights_file.seek(0)
+        shutil.copyfileobj(weights_file, out, 8 << 20)
+    return saved
+
+
+def member_writer_settable(out) -> bool:
+    """Whether ``out`` (what ``ZipFile.open(info, "w")`` returned) is CPython's writer of a stored member,
+    whose size and CRC-32 set_member_written can give it after the bytes were written past it, straight
+    into the zip file (Python 3.8 to 3.13 keep them in these attributes; elsewhere the bytes go through
+    ``out.write``)."""
+    return (type(out).__name__ == "_ZipWriteFile" and getattr(out, "_compressor", True) is None
+            and all(isinstance(getattr(out, a, None), int) for a in ("_file_size", "_compress_size", "_crc")))
+
+
+def set_member_written(out, size: int, crc: int) -> None:
+    """Tell a stored member's writer that ``size`` bytes with CRC-32 ``crc`` were written after its
+    header, as ``out.write`` would have counted them; closing it then writes the header as for them."""
+    out._file_size = out._compress_size = size
+    out._crc = crc
 
 
 def _member_writer(dst: zipfile.ZipFile, date_time):

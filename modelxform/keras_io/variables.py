@@ -47,8 +47,48 @@ class LazyVariables:
 
     def initialise_the_rest(self) -> None:
         for var in self.created:
-            if var._value is None:
+            if var._value is None and not isinstance(getattr(var, "_initializer", None), FromSource):
                 var._deferred_initialize()
+
+
+class FromSource:
+    """The initializer of a rebuilt model's large variable whose values stay in the input .keras archive
+    (an archive.ArchiveVariable, deferred changes and all) until something needs them. Saving the model
+    streams them from the archive into the written file (files._write_keras_archive) without ever
+    giving the variable a value: a structural edit of a 2 GB model copies each array once, file to
+    file. Anything else that reads the variable (a later weight statement, a forward pass, an .h5
+    save) calls this, which gives the variable its values from the archive once, then returns them.
+    The archive must still be open then (Archive.close gives every such variable its values first)."""
+
+    def __init__(self, source, var):
+        import weakref
+        self.source = source
+        self._var = weakref.ref(var)
+        source.archive.lazy_variables.append(self._var)
+
+    def __call__(self, shape=None, dtype=None):
+        var = self._var()
+        if var is None or var._value is not None or var._initializer is not self:
+            return np.asarray(self.source.numpy())
+        materialise(var)
+        return var._value
+
+
+def pending_source(var):
+    """The archive variable a rebuilt model's variable still takes its values from, or None when it
+    holds them (or was never lazy)."""
+    init = getattr(var, "_initializer", None)
+    if isinstance(init, FromSource) and getattr(var, "_value", True) is None:
+        return init.source
+    return None
+
+
+def materialise(var) -> None:
+    """Give a variable that is still FromSource its values (a block of rows at a time when large)."""
+    init = getattr(var, "_initializer", None)
+    if not isinstance(init, FromSource) or var._value is not None:
+        return
+    _fill_by_rows(var, tuple(var.shape), init.source.read_rows)
 
 
 # Arrays larger than this are moved a block of rows at a time (into a rebuilt model's variables, and
@@ -97,6 +137,12 @@ def copy_variables(weights: list, sources, name: str = "") -> None:
         if not is_large(shape, var.dtype):
             _set_variable(var, as_dtype(np.asarray(source.numpy()), var.dtype))
             continue
+        in_file = pending_source(source) or (source if hasattr(source, "archive") else None)
+        if in_file is not None and _deferred(var) and str(in_file.dtype) == str(var.dtype):
+            var._initializer = FromSource(in_file, var)  # its values stay in the file until needed
+            continue
+        if pending_source(source) is not None:
+            materialise(source)
         read_rows = getattr(source, "read_rows", None) or (lambda a, b: read_variable_rows(source, a, b))
         _fill_by_rows(var, shape, read_rows)
 
@@ -168,6 +214,9 @@ def _adopt(host: np.ndarray):
 def read_variable_rows(var, start: int, stop: int) -> np.ndarray:
     """Rows ``start:stop`` of a Keras variable, read on their own (reading the whole variable as a
     numpy array would copy all of it first, for every block)."""
+    source = pending_source(var)
+    if source is not None:  # a variable whose values are still in the archive (FromSource)
+        return source.read_rows(start, stop)
     backend = _backend()
     if backend == "tensorflow":
         import tensorflow as tf

@@ -78,8 +78,9 @@ class Scale(WeightStatement):
 
     def run(self, ctx):
         factor = ctx.number(self.factor, self)
-        return _map_variables(ctx, self, self.target,
-                              lambda info, var, a: np.multiply(a, np.asarray(factor, a.dtype), out=a), f"× {factor}")
+        def scale(info, var):
+            return lambda a: np.multiply(a, np.asarray(factor, a.dtype), out=a)
+        return _map_variables(ctx, self, self.target, _whole(scale), f"× {factor}", blockwise=scale)
 
 
 @dataclass(frozen=True)
@@ -158,14 +159,17 @@ class AddNoise(WeightStatement):
                 raise ApplyError(f"uniform(): low ({low}) is above high ({high})", span=self.span)
             draw = lambda rng, shape: rng.uniform(low, high, size=shape)  # noqa: E731
 
-        def fn(info, var, a):
+        def noise(info, var):
             rng = ctx.rng(self, info.path, var.name)
-            flat = a.reshape(-1)  # a view: the array is contiguous
-            for start in range(0, flat.size, NOISE_BLOCK):
-                block = flat[start:start + NOISE_BLOCK]
-                block += draw(rng, block.size).astype(a.dtype)
-            return a
-        return _map_variables(ctx, self, self.target, fn, f"+ {dist} noise")
+
+            def add(a):
+                flat = a.reshape(-1)  # a view: the array is contiguous
+                for start in range(0, flat.size, NOISE_BLOCK):
+                    block = flat[start:start + NOISE_BLOCK]
+                    block += draw(rng, block.size).astype(a.dtype)
+                return a
+            return add
+        return _map_variables(ctx, self, self.target, _whole(noise), f"+ {dist} noise", blockwise=noise)
 
 
 @dataclass(frozen=True)
@@ -268,13 +272,20 @@ class Fill(WeightStatement):
             pairs, _ = _variables(ctx, self, self.target)
             if source is None or any(np.dtype(var.np_dtype).kind != "f" for _, var in pairs):
                 ctx.require_model()  # only Keras's initializer can say what the values are
+        blockwise = None
         if ctx.on_archive:
-            fn = lambda info, var, a: np.full(a.shape, source.astype(a.dtype), dtype=a.dtype)  # noqa: E731
+            def fill(info, var):
+                def put(a):
+                    a[...] = source.astype(a.dtype)
+                    return a
+                return put
+            blockwise = fill
+            fn = _whole(fill)
         else:
             init = _keras_initializer(ctx, self, self.initializer)
             user_seed = any(k == "seed" for k, _ in self.initializer.kwargs)
             fn = lambda info, var, a: _init_values(ctx, self, info, var, init, user_seed)  # noqa: E731
-        report = _map_variables(ctx, self, self.target, fn, f"set to {self.initializer}")
+        report = _map_variables(ctx, self, self.target, fn, f"set to {self.initializer}", blockwise=blockwise)
         for path in report.layers:
             ctx.obligations.pop(path, None)
         return report
@@ -317,10 +328,10 @@ class Clip(WeightStatement):
         low, high = ctx.number(self.low, self), ctx.number(self.high, self)
         if low > high:
             raise ApplyError(f"clip bounds are in the wrong order: {low} > {high}", span=self.span)
-        return _map_variables(ctx, self, self.target,
-                              lambda info, var, a: np.clip(a, np.asarray(low, a.dtype), np.asarray(high, a.dtype),
-                                                           out=a),
-                              f"clipped to [{low}, {high}]")
+        def clip(info, var):
+            return lambda a: np.clip(a, np.asarray(low, a.dtype), np.asarray(high, a.dtype), out=a)
+        return _map_variables(ctx, self, self.target, _whole(clip), f"clipped to [{low}, {high}]",
+                              blockwise=clip)
 
 
 @dataclass(frozen=True)
@@ -582,24 +593,35 @@ def _private_array(var) -> np.ndarray:
 NOISE_BLOCK = 1 << 20
 
 
-def _map_variables(ctx, stmt, target: str, fn, describe: str):
+def _map_variables(ctx, stmt, target: str, fn, describe: str, blockwise=None):
     """Report ``describe`` for every targeted variable and defer ``fn(info, variable, array) -> new
     array`` to when the recipe is applied; ``array`` is private to the pass, and ``fn`` may change it in
-    place and return it."""
+    place and return it. An elementwise pass also gives ``blockwise(info, variable) -> change(block)``,
+    which changes consecutive blocks of the flat array in place: a variable of a .keras archive then
+    changes as it streams into the saved file (ArchiveVariable.defer), never whole in memory."""
     pairs, missing = _variables(ctx, stmt, target)
     report = ctx.report(stmt)
     for info, var in pairs:
         if info.path not in report.layers:
             report.layers.append(info.path)
         report.changes.append(f"{info.path}: {var.name} {_shape(var)} {describe}")
-        report.then(lambda info=info, var=var: _change(info, var, fn, report))
+        report.then(lambda info=info, var=var: _change(info, var, fn, report, blockwise))
     if missing:
         report.notes.append(f"skipped {len(missing)} selected layer(s) without {target!r}: "
                             + ", ".join(i.path for i in missing[:5]) + (" …" if len(missing) > 5 else ""))
     return report
 
 
-def _change(info, var, fn, report=None) -> None:
+def _whole(blockwise):
+    """The whole-array pass of an elementwise one: its change applied to the array as one block."""
+    return lambda info, var, a: blockwise(info, var)(a)
+
+
+def _change(info, var, fn, report=None, blockwise=None) -> None:
+    defer = getattr(var, "defer", None)
+    if blockwise is not None and defer is not None:
+        defer(_Elementwise(info, var, blockwise, report))
+        return
     old = _private_array(var)
     dtype = old.dtype
     # Overflow (scale 1e38 twice) and invalid operations are said in the statement's report, once per
@@ -610,11 +632,52 @@ def _change(info, var, fn, report=None) -> None:
         new = np.asarray(fn(info, var, old)).astype(dtype, copy=False)
     if trouble and report is not None:
         bad = int(np.count_nonzero(~np.isfinite(new))) if new.dtype.kind == "f" else 0
-        kinds = " and ".join(sorted(set(trouble)))
-        report.notes.append(f"{info.path}: {var.name}: {kinds} in the arithmetic; {bad} of {new.size} values "
-                            "are now infinite or NaN" if bad else
-                            f"{info.path}: {var.name}: {kinds} in the arithmetic")
+        report.notes.append(_trouble_note(info, var, trouble, bad, new.size))
     var.assign(new)
+
+
+def _trouble_note(info, var, trouble, bad: int, size: int) -> str:
+    kinds = " and ".join(sorted(set(trouble)))
+    if bad:
+        return f"{info.path}: {var.name}: {kinds} in the arithmetic; {bad} of {size} values are now infinite or NaN"
+    return f"{info.path}: {var.name}: {kinds} in the arithmetic"
+
+
+class _Elementwise:
+    """An elementwise pass deferred to a variable of a .keras archive (ArchiveVariable.defer). Each
+    ``begin()`` starts it afresh (a noise pass's generator from its seed), so that every read of the
+    array sees the same values; trouble in the arithmetic is reported once, as _change reports it (the
+    values counted are those from the first block with trouble on: the blocks before it came through
+    the arithmetic clean)."""
+
+    def __init__(self, info, var, blockwise, report):
+        self.info, self.var, self.blockwise, self.report = info, var, blockwise, report
+        self.reported = False
+
+    def begin(self):
+        return _ElementwisePass(self)
+
+
+class _ElementwisePass:
+    def __init__(self, change: _Elementwise):
+        self.change = change
+        self.fn = change.blockwise(change.info, change.var)
+        self.trouble: list[str] = []
+        self.bad = self.size = 0
+
+    def __call__(self, block) -> None:
+        with np.errstate(over="call", invalid="call", divide="call", under="ignore",
+                         call=lambda kind, flag: self.trouble.append(kind)):
+            self.fn(block)
+        if self.trouble and block.dtype.kind == "f":
+            self.bad += int(np.count_nonzero(~np.isfinite(block)))
+        self.size += block.size
+
+    def end(self) -> None:
+        c = self.change
+        if self.trouble and c.report is not None and not c.reported:
+            c.reported = True
+            c.report.notes.append(_trouble_note(c.info, c.var, self.trouble, self.bad, self.size))
 
 
 def _keras_initializer(ctx, stmt, call: Call):

@@ -1,0 +1,234 @@
+"""Models of 0.5, 2 and 6 GiB: modelxform against the Keras script and a `cp` of the file (issue 19).
+
+    .venv/bin/python benchmarks/large.py                        # fixtures once, then 3 runs per side
+    .venv/bin/python benchmarks/large.py --sizes 0.5,2 --runs 2
+    .venv/bin/python benchmarks/large.py --plot-only            # the table and plot from large-results.json
+
+The fixtures are functional MLPs written by benchmarks/large_fixture.py without holding their weights in
+memory. Per size, three commands are timed as whole processes, alternating run by run:
+
+- weight-only: ``modelxform apply recipes/scale-dense.recipe`` against scripts/scale_dense.py;
+- structural: ``modelxform apply recipes/insert-dropout.recipe`` against scripts/insert_dropout.py;
+- ``cp`` of the file, the floor of any command that writes a copy of it.
+
+Dirty pages are written back (``sync``) before every run and every output is removed after it, so no
+run pays for the writeback of another's output. Peak memory is the resident set of the process tree,
+sampled every 20 ms; a process whose tree grows past ``--memory-limit`` (default 20 GiB of this
+machine's 23.5) is killed and reported so, rather than taking the machine down. Results go to
+benchmarks/.work/large-results.json; the table is printed, and the plot is written to
+benchmarks/large.png (matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+WORK = HERE / ".work" / "large"
+RESULTS = HERE / ".work" / "large-results.json"
+PLOT = HERE / "large.png"
+PY = sys.executable
+SIZES = (0.5, 2.0, 6.0)
+
+
+def fixture(gib: float) -> pathlib.Path:
+    path = WORK / f"mlp-{gib:g}g.keras"
+    if not path.exists():
+        WORK.mkdir(parents=True, exist_ok=True)
+        if not (WORK.parent / ".gitignore").exists():  # benchmarks/.work is never committed
+            (WORK.parent / ".gitignore").write_text("*\n")
+        subprocess.run([PY, str(HERE / "large_fixture.py"), str(path), "--gib", str(gib)], check=True,
+                       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), stdout=subprocess.DEVNULL)
+    return path
+
+
+def commands(model: pathlib.Path) -> dict:
+    out = WORK / "out.keras"
+    mx = [PY, "-m", "modelxform", "apply"]
+    return {
+        "weight-only": {
+            "modelxform": mx + [str(HERE / "recipes" / "scale-dense.recipe"), str(model), "-o", str(out)],
+            "script": [PY, str(HERE / "scripts" / "scale_dense.py"), str(model), str(out)]},
+        "structural": {
+            "modelxform": mx + [str(HERE / "recipes" / "insert-dropout.recipe"), str(model), "-o", str(out)],
+            "script": [PY, str(HERE / "scripts" / "insert_dropout.py"), str(model), str(out)]},
+        "copy": {"cp": ["cp", str(model), str(out)]},
+    }
+
+
+def _tree_rss(root: int) -> int:
+    """Resident bytes of ``root`` and its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, ppid = int(entry.name), int(fields[1])
+        children.setdefault(ppid, []).append(pid)
+        rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, ()))
+    return total
+
+
+def measure(argv, limit: int) -> dict:
+    """One whole process: wall seconds, peak resident bytes of its tree, and whether it was killed."""
+    os.sync()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    peak, killed = 0, False
+    stop = threading.Event()
+
+    def watch():
+        nonlocal peak, killed
+        while not stop.wait(0.02):
+            rss = _tree_rss(proc.pid)
+            peak = max(peak, rss)
+            if rss > limit and not killed:
+                killed = True
+                os.killpg(proc.pid, signal.SIGKILL)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    _, err = proc.communicate()
+    wall = time.perf_counter() - start
+    stop.set()
+    watcher.join()
+    (WORK / "out.keras").unlink(missing_ok=True)
+    if proc.returncode != 0 and not killed:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}\n{err.decode()[-2000:]}")
+    return {"seconds": wall, "peak_rss_bytes": peak, "killed": killed}
+
+
+# The runtime's own memory: TensorFlow and Keras imported and a model built, the floor under any
+# structural command (the issue's memory goal counts what a command holds beyond it).
+RUNTIME = [PY, "-c", "import keras, modelxform.session; keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])"]
+
+
+def run(sizes, runs: int, limit: int, log) -> dict:
+    results = {"date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
+               "nproc": os.cpu_count(), "memory_limit_bytes": limit, "runs": runs, "sizes": []}
+    results["runtime_peak_rss_bytes"] = max(measure(RUNTIME, limit)["peak_rss_bytes"] for _ in range(runs))
+    log(f"runtime alone: {results['runtime_peak_rss_bytes'] / 2**20:.0f} MiB")
+    for gib in sizes:
+        model = fixture(gib)
+        entry = {"gib": gib, "file_bytes": model.stat().st_size, "load_average_before": os.getloadavg()[0],
+                 "cases": {}}
+        cases = commands(model)
+        samples = {(case, side): [] for case, sides in cases.items() for side in sides}
+        for n in range(runs):
+            for case, sides in cases.items():
+                for side, argv in sides.items():
+                    if any(s["killed"] for s in samples[(case, side)]):
+                        continue  # killed once for its memory: it would be again
+                    sample = measure(argv, limit)
+                    samples[(case, side)].append(sample)
+                    log(f"{gib:g} GiB {case} {side} run {n + 1}/{runs}: {sample['seconds']:.2f} s, "
+                        f"{sample['peak_rss_bytes'] / 2**20:.0f} MiB" + (" (killed)" if sample["killed"] else ""))
+        for (case, side), got in samples.items():
+            done = [s for s in got if not s["killed"]]
+            entry["cases"].setdefault(case, {})[side] = {
+                "median_s": statistics.median(s["seconds"] for s in done) if done else None,
+                "peak_rss_bytes": max(s["peak_rss_bytes"] for s in got),
+                "killed": any(s["killed"] for s in got), "samples": got}
+        entry["load_average_after"] = os.getloadavg()[0]
+        results["sizes"].append(entry)
+    return results
+
+
+def markdown(results: dict) -> str:
+    runtime = results.get("runtime_peak_rss_bytes")
+    lines = ["| model | case | modelxform | script | ratio | vs `cp` | peak RSS modelxform | peak RSS script "
+             "| modelxform beyond the runtime / weights |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for entry in results["sizes"]:
+        cp = entry["cases"]["copy"]["cp"]["median_s"]
+        for case in ("weight-only", "structural"):
+            mx, script = entry["cases"][case]["modelxform"], entry["cases"][case]["script"]
+            s = "killed at {:.1f} GiB".format(script["peak_rss_bytes"] / 2**30) if script["killed"] else \
+                f"{script['median_s']:.2f} s"
+            ratio = f"{mx['median_s'] / script['median_s']:.2f}×" if not script["killed"] else "–"
+            lines.append(f"| {entry['file_bytes'] / 2**30:.2f} GiB | {case} | {mx['median_s']:.2f} s | {s} | "
+                         f"{ratio} | {mx['median_s'] / cp:.1f}× | {mx['peak_rss_bytes'] / 2**20:.0f} MiB | "
+                         f"{script['peak_rss_bytes'] / 2**20:.0f} MiB | " +
+                         (f"{(mx['peak_rss_bytes'] - runtime) / entry['file_bytes']:.2f}× |"
+                          if runtime and case == "structural" else "|"))
+        lines.append(f"| {entry['file_bytes'] / 2**30:.2f} GiB | `cp` | {cp:.2f} s | | | | | | |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    sizes = [e["file_bytes"] / 2**30 for e in results["sizes"]]
+    lines = [("weight-only", "modelxform", "modelxform, weight-only", "tab:blue", "-"),
+             ("weight-only", "script", "script, weight-only", "tab:blue", "--"),
+             ("structural", "modelxform", "modelxform, structural", "tab:orange", "-"),
+             ("structural", "script", "script, structural", "tab:orange", "--"),
+             ("copy", "cp", "cp", "tab:gray", ":")]
+    for case, side, label, color, style in lines:
+        got = [e["cases"][case][side] for e in results["sizes"]]
+        xs = [x for x, g in zip(sizes, got) if not g["killed"]]
+        left.plot(xs, [g["median_s"] for g in got if not g["killed"]], style, color=color, marker="o", label=label)
+        right.plot(sizes, [g["peak_rss_bytes"] / 2**30 for g in got], style, color=color, marker="o", label=label)
+        for x, g in zip(sizes, got):
+            if g["killed"]:
+                right.annotate("killed", (x, g["peak_rss_bytes"] / 2**30), textcoords="offset points",
+                               xytext=(4, 4), fontsize=8, color=color)
+    left.set(xlabel="model file (GiB)", ylabel="wall time (s)", title="time")
+    right.set(xlabel="model file (GiB)", ylabel="peak resident memory (GiB)", title="memory")
+    right.plot(sizes, sizes, color="black", linewidth=0.6, label="the weights")
+    if results.get("runtime_peak_rss_bytes"):
+        right.axhline(results["runtime_peak_rss_bytes"] / 2**30, color="black", linewidth=0.6, linestyle=":",
+                      label="TensorFlow and Keras alone")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"modelxform on large models ({results['nproc']} CPUs; {results['date']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(f"{s:g}" for s in SIZES), help="GiB of weights, comma-separated")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--memory-limit", type=float, default=20.0, help="GiB; a process past it is killed")
+    parser.add_argument("--plot-only", action="store_true")
+    args = parser.parse_args(argv)
+    if args.plot_only:
+        results = json.loads(RESULTS.read_text())
+    else:
+        subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "modelxform")], check=True, stdout=subprocess.DEVNULL)
+        sizes = [float(s) for s in args.sizes.split(",")]
+        results = run(sizes, args.runs, int(args.memory_limit * 2**30), lambda t: print(t, flush=True))
+        RESULTS.write_text(json.dumps(results, indent=1))
+    print(markdown(results))
+    plot(results, PLOT)
+    print(f"plot: {PLOT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

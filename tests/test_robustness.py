@@ -973,23 +973,36 @@ def test_unwritable_output_folder_simulated(tmp_path, cnn, monkeypatch, recipe_k
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.keras"]
 
 
-@pytest.mark.parametrize("writer", ["archive", "keras"])
+@pytest.mark.parametrize("writer", ["archive", "archive-through-a-file", "keras"])
 def test_disk_full_while_the_model_is_written(tmp_path, cnn, monkeypatch, capfd, writer):
-    """ENOSPC half-way through writing the model — in model_io's archive writer, streaming the weights
-    into the zip, or in Keras's model.save (which writes models that save assets) — the partial temporary
-    file goes, the old output stays."""
+    """ENOSPC half-way through writing the model — in model_io's archive writer, h5py writing the weights
+    in place inside the zip (or, where their size cannot be bounded beforehand, into a file beside it
+    that is then streamed into the zip), or in Keras's model.save (which writes models that save assets)
+    — the partial temporary file goes, the old output stays."""
     import shutil
 
     import keras
 
     from modelxform.keras_io import files as model_io
+    from modelxform.keras_io import streams
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if writer == "archive":
+        write = streams.FileWindow.write
+        writes = []
+
+        def write_some(self, data):
+            writes.append(len(data))
+            if len(writes) > 3:  # some of the weights file, then the disk is full
+                full()
+            return write(self, data)
+        monkeypatch.setattr(streams.FileWindow, "write", write_some)
+    elif writer == "archive-through-a-file":
         def copy_half(src, dst, length=0):
             dst.write(src.read(1000))  # some of the weights, then the disk is full
             full()
+        monkeypatch.setattr(model_io, "_weights_file_size_hint", lambda model: None)
         monkeypatch.setattr(shutil, "copyfileobj", copy_half)
     else:
         def save(self, filepath, *args, **kwargs):
@@ -1009,6 +1022,8 @@ def test_disk_full_while_the_model_is_written(tmp_path, cnn, monkeypatch, capfd,
     assert sha256(cnn) == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.keras"]
     assert "Traceback" not in capfd.readouterr().err
+    if writer == "archive":
+        assert len(writes) > 3  # the failure came from the in-place writer (h5py writes again as it closes)
 
 
 @contextlib.contextmanager

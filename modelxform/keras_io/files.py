@@ -488,6 +488,7 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None, lor
                     zipfile.ZIP_DEFLATED)
         raw.truncate(raw.tell())  # (nothing of the weights file h5py cut short is left at the end)
     if not saved:
+        path.unlink()  # the model saves assets: Keras's own save writes this file instead
         return False
     return True
 

@@ -332,6 +332,13 @@ class Program:
             else:
                 yield stmt
 
+    @property
+    def needs_keras(self) -> bool:
+        """Whether running it builds a Keras model (a structural edit, a statement whose pass needs the
+        built model, a comparison of outputs), where a .keras archive's own would otherwise do."""
+        return any(s.needs != "archive" and s.needs != "nothing" or s.structural or s.wants_reference
+                   for s in self.flat())
+
     def header(self):
         """The ``recipe "name" version "…"`` statement, if any."""
         for stmt in self.statements:

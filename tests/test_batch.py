@@ -249,6 +249,50 @@ def test_a_crashing_worker_fails_only_its_job(zoo, monkeypatch):
     assert sorted(os.listdir(zoo / "crash")) == ["cnn.keras", "seq.keras"]
 
 
+def test_structural_jobs_run_in_workers_forked_after_one_import(zoo, monkeypatch):
+    """Jobs that need Keras run in workers forked from a server that imported TensorFlow once: a worker
+    that dies fails only its job there too, the rest match `apply`'s bytes, and the server is gone after
+    the run (a later run starts its own, with its own environment)."""
+    import multiprocessing.forkserver
+
+    from modelxform.batch import local
+    from modelxform.batch.job import CRASH_ENV
+    contexts = []
+    context = local._context
+    monkeypatch.setattr(local, "_context", lambda preload: contexts.append(preload) or context(preload))
+    monkeypatch.setenv(CRASH_ENV, "nested")
+    write(zoo / "fork.yaml", """\
+        models: [zoo/cnn.keras, zoo/sub/nested.keras, zoo/mobilenet.keras]
+        recipes: [recipes/conv.recipe]
+        output: "fork/{model}.keras"
+        seed: 3
+        """)
+    result = run_cli("batch", zoo / "fork.yaml", "-j", 2, "--report", zoo / "fork.json")
+    assert contexts == [True]
+    assert multiprocessing.forkserver._forkserver._forkserver_pid is None
+    status = {j["model"]: j for j in json.loads((zoo / "fork.json").read_text())["jobs"]}
+    assert result.status == 1
+    assert "worker process running this job exited with status 70" in status["zoo/sub/nested.keras"]["error"]
+    assert status["zoo/cnn.keras"]["status"] == "done" and status["zoo/mobilenet.keras"]["status"] == "done"
+    monkeypatch.delenv(CRASH_ENV)
+    single = zoo / "fork-single.keras"
+    assert run_cli("apply", zoo / "recipes" / "conv.recipe", zoo / "zoo" / "cnn.keras", "-o", single,
+                   "--seed", 3).status == 0
+    assert sha256_file(zoo / "fork" / "cnn.keras") == sha256_file(single)
+
+
+def test_only_jobs_that_need_keras_preload_it():
+    from modelxform.batch.local import _context
+    from modelxform.lang.compiler import compile_recipe
+    assert not compile_recipe(SCALE).program.needs_keras
+    assert not compile_recipe("select all; freeze; assert count == 3").program.needs_keras
+    assert compile_recipe(CONV).program.needs_keras
+    assert compile_recipe("select all; assert equivalent").program.needs_keras
+    assert compile_recipe("replace MaxPooling2D with AveragePooling2D").program.needs_keras
+    assert _context(preload=False)[0].get_start_method() == "spawn"
+    assert _context(preload=True)[0].get_start_method() == "forkserver"  # (the suite runs on TensorFlow)
+
+
 def test_ctrl_c_then_rerun_finishes_only_what_is_left(zoo):
     # three jobs of a second or more each, so that when the first is written the next is still running
     (zoo / "slowzoo").mkdir(exist_ok=True)

@@ -121,6 +121,9 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
     # Largest models first: the long jobs start early, and the last ones to finish are short, so no
     # worker idles long at the end while another finishes a big model.
     payloads = [o.job.payload("plan" if dry_run else "apply") for o in sorted(todo, key=_size, reverse=True)]
+    for payload in payloads:  # (the local pool imports Keras once for its workers where jobs need it)
+        payload["needs_keras"] = (zoo.recipes[payload["recipe"]].program.needs_keras
+                                  or not payload["model"].endswith(".keras"))
 
     def on_start(payload):
         outcome = outcomes[payload["index"]]

@@ -138,12 +138,14 @@ def _on_sigterm(signum, frame):
 
 def worker_main(conn, log_path: str | None, threads: int | None = None) -> None:
     """The loop of a local worker process: take a job, run it, send the result, until told to stop.
-    TensorFlow is imported by the first job that needs it and stays imported for the next ones."""
+    TensorFlow was imported before the worker was forked (batch/local.py), or is imported by the first
+    job that needs it, and stays imported for the next ones."""
     signal.signal(signal.SIGINT, _on_sigint)
     signal.signal(signal.SIGTERM, _on_sigterm)
     if threads:
         # N workers on N cores: each TensorFlow sizing its thread pools for the whole machine makes them
-        # fight over the cores (Eigen's threads spin while they wait). Read by TensorFlow at start-up.
+        # fight over the cores (Eigen's threads spin while they wait). Read by TensorFlow when its
+        # runtime starts (the first op), also in a worker forked after TensorFlow was imported.
         os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
         os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(threads))
     if log_path:

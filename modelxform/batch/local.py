@@ -1,8 +1,9 @@
 """The local executor: a pool of long-lived worker processes on this machine.
 
-Each worker is started with the 'spawn' method (TensorFlow is not fork-safe once imported, and the
-main process never imports it anyway), imports TensorFlow once, and takes job after job over its own
-pipe. The pool knows which job each worker holds, so when a worker dies — a crash in native code, the
+Where the jobs need Keras on TensorFlow, the workers are forked from a server process that imported
+TensorFlow and Keras once (and started nothing of TensorFlow's runtime, which is not fork-safe; see
+_context); otherwise each is a fresh interpreter ('spawn'). The main process never imports TensorFlow.
+Each worker takes job after job over its own pipe. The pool knows which job each worker holds, so when a worker dies — a crash in native code, the
 kernel's OOM killer, a kill -9 — exactly that job is reported failed (with the worker's exit signal
 and its last output), a fresh worker takes its place, and the other jobs carry on. Nothing partial is
 left behind: outputs are written to a temporary file and renamed (keras_io.files.save_model), and the
@@ -70,9 +71,9 @@ def run_local(payloads: list[dict], workers: int, on_start, on_result) -> None:
     queue = collections.deque(payloads)
     if not queue:
         return
-    ctx = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // max(1, min(workers, len(queue))))
-    with tempfile.TemporaryDirectory(prefix="modelxform-batch-") as log_dir:
+    ctx, forkserver = _context(preload=any(p.get("needs_keras") for p in payloads))
+    with tempfile.TemporaryDirectory(prefix="modelxform-batch-") as log_dir, forkserver:
         pool: list[_Worker] = []
         started = 0
 
@@ -133,6 +134,43 @@ def run_local(payloads: list[dict], workers: int, on_start, on_result) -> None:
             raise
         finally:
             _shutdown(pool)
+
+
+def _context(preload: bool):
+    """The way workers start, and a context that ends what it needs.
+
+    Jobs that need Keras on TensorFlow: workers are forked from a server that imported TensorFlow and
+    Keras once (keras_io/preload.py), so that N workers pay one import, not N (about 3 s of CPU each: with
+    two workers on two cores, the second import was the part of a run that did not shrink). Only the
+    import happens before the fork; TensorFlow's runtime starts in each worker. The server is started
+    for this run, with this process's environment, and stopped after it (a later run may have another).
+    Otherwise (weight-only jobs, which never import TensorFlow; other backends, whose runtimes are not
+    fork-safe; systems without fork): each worker is a fresh interpreter ('spawn')."""
+    import contextlib
+    from ..keras_io.backend import keras_backend
+    if not (preload and keras_backend() == "tensorflow" and "forkserver" in multiprocessing.get_all_start_methods()):
+        return multiprocessing.get_context("spawn"), contextlib.nullcontext()
+    import multiprocessing.forkserver as forkserver
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["modelxform.keras_io.preload"])
+
+    @contextlib.contextmanager
+    def server():
+        # (private, multiprocessing.forkserver's one server: stopped before, since a server left by an
+        # earlier run in this process has that run's environment; killed after, since a process that
+        # imported TensorFlow takes about a second to tear the interpreter down, and it holds nothing)
+        forkserver._forkserver._stop()
+        try:
+            yield
+        finally:
+            pid = forkserver._forkserver._forkserver_pid
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            forkserver._forkserver._stop()
+    return ctx, server()
 
 
 def _remove_leftovers(job: dict, pid: int) -> None:

@@ -232,15 +232,16 @@ sys.exit(status)
 """
 
 
-def measure(argv, env, ok=(0,)) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one whole process."""
+def measure(argv, env, ok=(0,), cwd=ROOT) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one whole process, run in ``cwd`` (``python -m`` imports from
+    there before PYTHONPATH)."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         if TIME:
             wrapped = [TIME, "-v", "-o", report.name, *argv]
         else:
             wrapped = [PY, "-c", RUSAGE_WRAPPER, *argv]
         start = time.perf_counter()
-        proc = subprocess.run(wrapped, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        proc = subprocess.run(wrapped, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
         wall = time.perf_counter() - start
         if proc.returncode not in ok:
@@ -308,8 +309,9 @@ def run_case(case, runs, log, baseline: str | None = None) -> dict:
     env = dict(script_env, KERAS_BACKEND=BACKEND)
     variants = {"modelxform": (case["mx"], env)}
     if baseline:
-        # the same command from another checkout (e.g. before a refactoring), in the same run
-        variants["modelxform, baseline"] = (case["mx"], dict(env, PYTHONPATH=baseline))
+        # the same command from another checkout (e.g. before a refactoring), in the same run; run from
+        # that checkout, since `python -m modelxform` imports the package of its working folder first
+        variants["modelxform, baseline"] = (case["mx"], dict(env, PYTHONPATH=baseline), baseline)
     if case["script"]:
         variants["script"] = (case["script"], script_env)
     for backend, python in ALSO:
@@ -326,8 +328,8 @@ def run_case(case, runs, log, baseline: str | None = None) -> dict:
         result["fast_path_taken"] = took_fast_path(case["mx"], env)
     samples = {name: [] for name in variants}
     for n in range(runs):
-        for name, (argv, variant_env) in variants.items():
-            wall, rss = measure(argv, variant_env, ok)
+        for name, (argv, variant_env, *cwd) in variants.items():
+            wall, rss = measure(argv, variant_env, ok, *cwd)
             samples[name].append((wall, rss))
             log(f"  {case['name']} run {n + 1}/{runs} {name}: {wall:.2f} s, {rss / 2**20:.0f} MiB")
         if "modelxform, Keras path" in variants and n == 0:

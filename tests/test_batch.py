@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 
 import numpy as np
@@ -249,7 +250,7 @@ def test_a_crashing_worker_fails_only_its_job(zoo, monkeypatch):
     assert sorted(os.listdir(zoo / "crash")) == ["cnn.keras", "seq.keras"]
 
 
-def test_structural_jobs_run_in_workers_forked_after_one_import(zoo, monkeypatch):
+def test_structural_jobs_run_in_workers_forked_after_one_import(zoo, monkeypatch, capfd):
     """Jobs that need Keras run in workers forked from a server that imported TensorFlow once: a worker
     that dies fails only its job there too, the rest match `apply`'s bytes, and the server is gone after
     the run (a later run starts its own, with its own environment)."""
@@ -270,6 +271,9 @@ def test_structural_jobs_run_in_workers_forked_after_one_import(zoo, monkeypatch
     result = run_cli("batch", zoo / "fork.yaml", "-j", 2, "--report", zoo / "fork.json")
     assert contexts == [True]
     assert multiprocessing.forkserver._forkserver._forkserver_pid is None
+    # the server shares the terminal: nothing of TensorFlow's start-up messages reaches it
+    terminal = capfd.readouterr().err
+    assert "absl" not in terminal and "oneDNN" not in terminal and "Traceback" not in terminal, terminal
     status = {j["model"]: j for j in json.loads((zoo / "fork.json").read_text())["jobs"]}
     assert result.status == 1
     assert "worker process running this job exited with status 70" in status["zoo/sub/nested.keras"]["error"]
@@ -279,6 +283,51 @@ def test_structural_jobs_run_in_workers_forked_after_one_import(zoo, monkeypatch
     assert run_cli("apply", zoo / "recipes" / "conv.recipe", zoo / "zoo" / "cnn.keras", "-o", single,
                    "--seed", 3).status == 0
     assert sha256_file(zoo / "fork" / "cnn.keras") == sha256_file(single)
+
+
+def _children_with(pid: int, word: str) -> list[int]:
+    """Processes whose parent is ``pid`` and whose command line holds ``word`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read().decode(errors="replace")
+        except OSError:
+            continue
+        if ppid == pid and word in cmdline:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the fork server through /proc")
+def test_ctrl_c_while_the_fork_server_imports_tensorflow_prints_no_traceback(zoo):
+    write(zoo / "early.yaml", """\
+        models: [zoo/cnn.keras, zoo/mobilenet.keras]
+        recipes: [recipes/conv.recipe]
+        output: "early/{model}.keras"
+        """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "modelxform", "batch", str(zoo / "early.yaml"), "-j", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not _children_with(proc.pid, "forkserver") and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    server = _children_with(proc.pid, "forkserver")
+    assert server, "no fork server started"
+    time.sleep(1.0)  # inside its import of TensorFlow (about 3 s), past the interpreter's start
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group, server included
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    gone = time.monotonic() + 10
+    while os.path.exists(f"/proc/{server[0]}") and time.monotonic() < gone:
+        time.sleep(0.05)  # (reaped by the main process, or by init once orphaned)
+    assert not os.path.exists(f"/proc/{server[0]}"), "the fork server outlived the batch"
 
 
 def test_only_jobs_that_need_keras_preload_it():

@@ -262,6 +262,7 @@ def test_structural_jobs_run_in_workers_forked_after_one_import(zoo, monkeypatch
     context = local._context
     monkeypatch.setattr(local, "_context", lambda preload: contexts.append(preload) or context(preload))
     monkeypatch.setenv(CRASH_ENV, "nested")
+    preload_before = list(multiprocessing.forkserver._forkserver._preload_modules)
     write(zoo / "fork.yaml", """\
         models: [zoo/cnn.keras, zoo/sub/nested.keras, zoo/mobilenet.keras]
         recipes: [recipes/conv.recipe]
@@ -271,6 +272,7 @@ def test_structural_jobs_run_in_workers_forked_after_one_import(zoo, monkeypatch
     result = run_cli("batch", zoo / "fork.yaml", "-j", 2, "--report", zoo / "fork.json")
     assert contexts == [True]
     assert multiprocessing.forkserver._forkserver._forkserver_pid is None
+    assert multiprocessing.forkserver._forkserver._preload_modules == preload_before  # the process's own again
     # the server shares the terminal: nothing of TensorFlow's start-up messages reaches it
     terminal = capfd.readouterr().err
     assert "absl" not in terminal and "oneDNN" not in terminal and "Traceback" not in terminal, terminal

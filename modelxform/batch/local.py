@@ -152,17 +152,21 @@ def _context(preload: bool):
         return multiprocessing.get_context("spawn"), contextlib.nullcontext()
     import multiprocessing.forkserver as forkserver
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["modelxform.keras_io.preload"])
 
     @contextlib.contextmanager
     def server():
-        # (private, multiprocessing.forkserver's one server: stopped before, since a server left by an
-        # earlier run in this process has that run's environment; killed after, since a process that
-        # imported TensorFlow takes about a second to tear the interpreter down, and it holds nothing)
+        # (private, multiprocessing.forkserver's one server per process: stopped before, since a server
+        # left by an earlier run in this process has that run's environment; killed after, since a
+        # process that imported TensorFlow takes about a second to tear the interpreter down, and it
+        # holds nothing; the preload list is the process's too, so a program that calls run_batch gets
+        # its own back)
+        previous = list(getattr(forkserver._forkserver, "_preload_modules", ()))
         forkserver._forkserver._stop()
+        ctx.set_forkserver_preload(["modelxform.keras_io.preload"])
         try:
             yield
         finally:
+            ctx.set_forkserver_preload(previous)
             pid = forkserver._forkserver._forkserver_pid
             if pid is not None:
                 try:

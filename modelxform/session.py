@@ -117,11 +117,14 @@ def _closing(source):
 
 def apply_file(recipe, model, output=None, *, seed: int | None = None, params: dict | None = None,
                unsafe: bool = False, imports=(), format: str | None = None, in_place: bool = False,
-               dry_run: bool = False) -> ApplyResult:
+               dry_run: bool = False, input_digest: tuple | None = None) -> ApplyResult:
     """Apply ``recipe`` (a Recipe or a recipe file) to the model file ``model`` and write ``output``
     (.keras or .h5 by its extension; ``format="savedmodel"``: a SavedModel folder) atomically, with the
     input's provenance record extended. The input is never modified (``in_place`` allows ``output`` to
     be ``model``). ``params`` maps names to values or to their text as ``--param`` gives it.
+    ``input_digest``: the input's sha256 as ``keras_io.files.sha256_with_identity`` gave it earlier in
+    this run (a batch run hashes its inputs first), used instead of reading the file again when the
+    file has not changed since (same file, size, mtime and ctime).
 
     >>> apply_file("prep.recipe", "cnn.keras", "out.keras", seed=7).plan.after   # doctest: +SKIP
     (8, 63930)
@@ -148,30 +151,31 @@ def apply_file(recipe, model, output=None, *, seed: int | None = None, params: d
     source = open_model(model, unsafe=unsafe, imports=imports)
     with _closing(source):
         return _apply(recipe, source, os.fspath(model), None if dry_run else output, seed, params, savedmodel,
-                      previous=None, read_previous=True, unsafe=unsafe, imports=imports)
+                      previous=None, read_previous=True, unsafe=unsafe, imports=imports, input_digest=input_digest)
 
 
 def _apply(recipe, source, model_path: str, output, seed, params, savedmodel: bool, *, previous,
-           read_previous: bool, unsafe: bool = False, imports=(), weights_file=None) -> ApplyResult:
+           read_previous: bool, unsafe: bool = False, imports=(), weights_file=None,
+           input_digest: tuple | None = None) -> ApplyResult:
     """Run ``recipe`` on ``source`` and, unless ``output`` is None, save the result with ``previous``
     (or the input's own record) extended by this run's provenance entry."""
     from .keras_io.archive import Archive
     archive = source if isinstance(source, Archive) else None
     if archive is not None and output is not None:
-        archive.hash_input()  # in a thread, alongside the work
+        archive.hash_input(input_digest)  # in a thread, alongside the work (unless known)
     try:
         return _run_and_save(recipe, source, archive, model_path, output, seed, params, savedmodel,
                              previous=previous, read_previous=read_previous, unsafe=unsafe, imports=imports,
-                             weights_file=weights_file)
+                             weights_file=weights_file, input_digest=input_digest)
     finally:
         if archive is not None:
             archive.forget_lazy_variables()  # the model built here is not used after this run
 
 
 def _run_and_save(recipe, source, archive, model_path, output, seed, params, savedmodel, *, previous,
-                  read_previous, unsafe, imports, weights_file) -> ApplyResult:
+                  read_previous, unsafe, imports, weights_file, input_digest=None) -> ApplyResult:
     from .engine.runner import attach_sources, run
-    from .keras_io.files import save_model, sha256_file
+    from .keras_io.files import known_sha256, save_model, sha256_file
     from .keras_io.backend import library_versions
     from .provenance import entry, extend, read_record
     ctx, plan = run(recipe, source, seed=seed, params=params, apply=output is not None, unsafe=unsafe,
@@ -208,7 +212,8 @@ def _run_and_save(recipe, source, archive, model_path, output, seed, params, sav
     if archive is not None and ctx.on_archive and not savedmodel and model_format(output) == "keras":
         archive.save(output, record)  # the arrays changed in place, the rest copied: no Keras
         return result
-    input_sha256 = archive.input_sha256() if archive is not None else sha256_file(model_path)
+    input_sha256 = archive.input_sha256() if archive is not None else \
+        known_sha256(model_path, input_digest) or sha256_file(model_path)
     result.built = True
     if savedmodel:
         from .export import export_savedmodel

@@ -243,3 +243,60 @@ def test_weight_passes_leave_the_input_model_alone():
     for path, arrays in weights_by_path(model).items():
         assert_bit_identical(arrays, before[path])
     assert not np.array_equal(weights_by_path(new)["dense_3"][0], before["dense_3"][0])
+
+
+# ---- a digest taken earlier in the run (a batch's main process hashes its inputs first) ------------------
+
+def test_a_file_digest_is_reused_only_while_the_file_is_unchanged(tmp_path):
+    import os
+
+    from modelxform.keras_io.files import known_sha256, sha256_with_identity
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"x" * 100_000)
+    digest = sha256_with_identity(path)
+    assert digest[0] == sha256_file(path) and digest[1] is not None
+    assert known_sha256(path, digest) == digest[0]
+    with open(path, "rb") as fh:  # by descriptor too (the archive asks about the file it holds open)
+        assert known_sha256(fh.fileno(), digest) == digest[0]
+    st = os.stat(path)
+    time.sleep(0.01)
+    with open(path, "r+b") as fh:  # the same size, one byte changed, and the mtime set back
+        fh.write(b"y")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size == st.st_size
+    assert known_sha256(path, digest) is None  # the ctime moved: read it again
+    replaced = tmp_path / "other.bin"
+    replaced.write_bytes(b"x" * 100_000)
+    os.replace(replaced, path)  # another file under the same name, with the old content
+    assert known_sha256(path, digest) is None
+    assert known_sha256(path, None) is None and known_sha256(path, (digest[0], None)) is None
+
+
+@pytest.mark.parametrize("recipe, suffix", [("select where type=Dense; scale kernel 0.5", ".keras"),
+                                            ("select where type=Dense; scale kernel 0.5; append Dense(units=2)", ".keras"),
+                                            ("select where type=Dense; scale kernel 0.5", ".h5")])
+def test_apply_uses_a_digest_taken_earlier_only_while_it_holds(tmp_path, model_file, monkeypatch, recipe, suffix):
+    """A weight-only and a structural edit of a .keras file, and an .h5 file (loaded by Keras) alike:
+    the recorded input sha256 is the known one without reading the file again, and the output bytes are
+    those of a plain apply; a digest whose file changed since is not used."""
+    from modelxform import apply_file
+    from modelxform.keras_io import archive, files
+    model_file = model_file("cnn", suffix=suffix)
+    plain = apply_file(compile_recipe(recipe), model_file, tmp_path / f"plain{suffix}", seed=1)
+    digest = files.sha256_with_identity(model_file)
+    hashed = []
+    monkeypatch.setattr(archive._FileDigest, "start", lambda self: hashed.append(self) or threading_start(self))
+    monkeypatch.setattr(files, "sha256_file", lambda p: hashed.append(p) or sha256_file(p))
+    reused = apply_file(compile_recipe(recipe), model_file, tmp_path / f"reused{suffix}", seed=1, input_digest=digest)
+    assert hashed == []
+    assert sha256_file(reused.output) == sha256_file(plain.output)
+    assert read_provenance(reused.output)["chain"][-1]["input_sha256"] == digest[0]
+    stale = ("0" * 64, digest[1][:3] + (digest[1][3] - 1,) + digest[1][4:])  # recorded at another mtime
+    again = apply_file(compile_recipe(recipe), model_file, tmp_path / f"again{suffix}", seed=1, input_digest=stale)
+    assert hashed  # read again
+    assert read_provenance(again.output)["chain"][-1]["input_sha256"] == sha256_file(model_file)
+
+
+def threading_start(thread):
+    import threading
+    return threading.Thread.start(thread)

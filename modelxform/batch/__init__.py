@@ -79,12 +79,14 @@ def already_done(job: Job, recipe, input_sha256: str) -> str | None:
         return None
 
 
-def _input_hashes(paths: list[str]) -> dict[str, str | None]:
-    from ..keras_io.files import sha256_file
+def _input_hashes(paths: list[str]) -> dict[str, tuple | None]:
+    """Each input's (sha256, identity) (keras_io.files.sha256_with_identity): the jobs reuse the digest
+    for their provenance record while the file is unchanged, rather than reading it again."""
+    from ..keras_io.files import sha256_with_identity
 
     def one(path):
         try:
-            return sha256_file(path)
+            return sha256_with_identity(path)
         except OSError:
             return None  # the job itself will report why the file cannot be read
     unique = list(dict.fromkeys(paths))
@@ -108,11 +110,13 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
     outcomes = [Outcome(job) for job in zoo.jobs]
     if not dry_run:
         _remove_stale_temp_files(outcomes, on_event)
+    hashes: dict = {}
     if not dry_run and not force:
         hashes = _input_hashes([job.model for job in zoo.jobs])
         for outcome in outcomes:
             job = outcome.job
-            sha = hashes.get(job.model)
+            digest = hashes.get(job.model)
+            sha = digest[0] if digest else None
             done = already_done(job, zoo.recipes[job.recipe], sha) if sha else None
             if done:
                 outcome.status, outcome.sha256, outcome.duration = "skipped", done, 0.0
@@ -124,6 +128,9 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
     for payload in payloads:  # (the local pool imports Keras once for its workers where jobs need it)
         payload["needs_keras"] = (zoo.recipes[payload["recipe"]].program.needs_keras
                                   or not payload["model"].endswith(".keras"))
+        digest = hashes.get(payload["model"])
+        if digest and digest[1] is not None:
+            payload["input_digest"] = [digest[0], list(digest[1])]
 
     def on_start(payload):
         outcome = outcomes[payload["index"]]

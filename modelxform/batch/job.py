@@ -78,7 +78,8 @@ def run_job(payload: dict) -> dict:
             result["status"] = "ok"
         else:
             os.makedirs(os.path.dirname(payload["output"]), exist_ok=True)
-            done = apply_file(recipe, payload["model"], payload["output"], **options)
+            done = apply_file(recipe, payload["model"], payload["output"], input_digest=payload.get("input_digest"),
+                              **options)
             result["sha256"] = done.sha256
             result["status"] = "done"
     except ModelxformError as exc:

@@ -401,12 +401,16 @@ class Archive:
     def __exit__(self, *exc):
         self.close()
 
-    def hash_input(self) -> None:
+    def hash_input(self, known=None) -> None:
         """Start computing the input file's sha256 (for the provenance record) in a thread, alongside
-        the work on the arrays: hashlib and os.pread release the GIL."""
+        the work on the arrays: hashlib and os.pread release the GIL. ``known``: a digest of this file
+        taken earlier in the run (files.sha256_with_identity), used if the file is unchanged since."""
         if self._digest is None:
-            self._digest = _FileDigest(self._fh.fileno())
-            self._digest.start()
+            from .files import known_sha256
+            sha = known_sha256(self._fh.fileno(), known)
+            self._digest = _FileDigest(self._fh.fileno(), sha)
+            if sha is None:
+                self._digest.start()
 
     def input_sha256(self) -> str:
         """The input file's sha256 (started by hash_input, or now)."""
@@ -793,11 +797,11 @@ class _Cursor:
 class _FileDigest(threading.Thread):
     """sha256 of a whole file (by descriptor, so that the file hashed is the one being copied)."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, known: str | None = None):
         super().__init__(name="modelxform-sha256", daemon=True)
         self._fd = fd
         self._stopped = False
-        self._hexdigest = None
+        self._hexdigest = known  # (known already: the thread is not started)
         self._error = None
 
     def run(self) -> None:
@@ -817,14 +821,16 @@ class _FileDigest(threading.Thread):
             self._error = exc
 
     def result(self) -> str:
-        self.join()
+        if self.is_alive() or self._hexdigest is None:
+            self.join()
         if self._error is not None:
             raise self._error
         return self._hexdigest
 
     def stop(self) -> None:
         self._stopped = True
-        self.join()
+        if self.ident is not None:
+            self.join()
 
 
 _CHUNK = 1 << 20  # read and hashed at a time: hashing is no faster in larger pieces

@@ -655,6 +655,35 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def file_identity(st: os.stat_result) -> tuple:
+    """What tells a file's content unchanged within one run: the same file (device, inode) of the same
+    size, neither written (mtime) nor changed in any way (ctime, which no one can set back) since."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def sha256_with_identity(path: str | os.PathLike) -> tuple[str, tuple | None]:
+    """The file's sha256 and its identity (file_identity) if it did not change while it was read,
+    else None: a digest taken once (by a batch run's main process) that a later reader of the same
+    file may use instead of reading it again, when the identity is still the same."""
+    with open(path, "rb") as fh:
+        before = file_identity(os.fstat(fh.fileno()))
+        import hashlib
+        h = hashlib.sha256()
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+        after = file_identity(os.fstat(fh.fileno()))
+    return h.hexdigest(), (before if before == after else None)
+
+
+def known_sha256(path_or_fd, digest) -> str | None:
+    """``digest`` (sha256, identity) from sha256_with_identity, if the file — a path, or an open file
+    descriptor — still has that identity; None otherwise (read it again)."""
+    if not digest or digest[1] is None:
+        return None
+    st = os.fstat(path_or_fd) if isinstance(path_or_fd, int) else os.stat(path_or_fd)
+    return digest[0] if file_identity(st) == tuple(digest[1]) else None
+
+
 def save_model(model, path: str | os.PathLike, provenance: dict | None = None) -> None:
     """Write ``model`` to ``path`` atomically (temporary file in the same folder, then rename).
 

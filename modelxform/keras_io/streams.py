@@ -17,10 +17,10 @@ CRC either, where the bytes are the input's: the damage stays detectable, as wit
 from __future__ import annotations
 
 import errno
-import io
 import os
 
 from ..errors import ModelFileError
+from .zipmember import Window
 
 try:  # zlib-ng's CRC-32 (SIMD, carry-less multiplication) is 3 to 4 times zlib's; same values
     from zlib_ng.zlib_ng import crc32
@@ -170,35 +170,27 @@ class EditedCrc:
         return self._original ^ crc32_zeros(self._old, rest) ^ crc32_zeros(self._new, rest)
 
 
-class FileWindow(io.RawIOBase):
+class FileWindow(Window):
     """A file that is the region of another from ``start`` on: what is written into it (by h5py's file
     object driver) lands at ``start + offset`` of the other, so that a zip member can be written in
     place. It behaves as a new file would: its size is how far it was written or truncated, and what
-    lies between is zeros (the region is expected to be fresh: preallocated, or past the other's end)."""
+    lies between is zeros (the region is expected to be fresh: preallocated, or past the other's end).
+    The read-only window of zipmember.py, made writable and growing."""
 
     def __init__(self, fd: int, start: int):
-        super().__init__()
-        self._fd, self._start = fd, start
-        self._pos = 0
-        self.size = 0
+        super().__init__(fd, start, 0)
         self._written = 0  # how far bytes were ever written: beyond it, the region holds zeros
 
-    def readable(self):
-        return True
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._size = value
 
     def writable(self):
         return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self._pos
-
-    def seek(self, pos, whence=0):
-        base = {0: 0, 1: self._pos, 2: self.size}[whence]
-        self._pos = max(0, base + pos)
-        return self._pos
 
     def readinto(self, buffer):
         view = memoryview(buffer).cast("B")

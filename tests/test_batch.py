@@ -621,3 +621,28 @@ def test_imports_and_unsafe_are_checked_with_their_positions(special_zoo):
     assert f"{path}:5:25: error: an entry of imports must be a non-empty string" in result.err
     assert f"{path}:5:28: error: imports: 'not a module' is not a module name" in result.err
     assert not (root / "bad").exists()
+
+
+def test_the_fork_server_imports_once_what_a_job_runs_with_the_collector_frozen():
+    """batch/preload.py (the fork server's import): Keras, TensorFlow and modelxform's job modules
+    imported once for all workers; TensorFlow's long-lived objects frozen out of the collector's walks
+    (which forked workers inherit: without it each full collection in a job walks them again); and
+    nothing of TensorFlow's runtime started."""
+    code = textwrap.dedent("""\
+        import gc, json, sys
+        import modelxform.batch.preload
+        from tensorflow.python.eager import context
+        print(json.dumps({"modules": [m for m in ("keras", "tensorflow", "modelxform.session",
+                                                  "modelxform.batch.job", "modelxform.keras_io.graph")
+                                      if m in sys.modules],
+                          "frozen": gc.get_freeze_count(),
+                          "runtime": context.context_safe() is not None and context.context()._initialized}))
+        """)
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    state = json.loads(out)
+    assert state["modules"] == ["keras", "tensorflow", "modelxform.session", "modelxform.batch.job",
+                                "modelxform.keras_io.graph"]
+    assert state["frozen"] > 100_000
+    assert state["runtime"] is False

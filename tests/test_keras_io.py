@@ -2,6 +2,12 @@
 tests fail loudly, naming what changed, when a Keras release changes either."""
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -275,3 +281,34 @@ def test_a_file_window_behaves_as_a_new_file(tmp_path):
         w.seek(12)
         assert w.read(9) == bytes(8) + b"z"
     assert path.read_bytes()[:13] == b"H" * 10 + b"abc" and os.path.getsize(path) == 31
+
+
+_IMPORT_STATE = """\
+import json, sys
+from modelxform.keras_io import backend, files
+if sys.argv[1] == "own":
+    backend.own_process()
+files.import_keras()
+during = "jax" in sys.modules
+import jax  # afterwards, JAX imports as usual
+print(json.dumps({"jax_during_import": during, "jax_after": jax.numpy.add(1, 2).item()}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None or keras.backend.backend() != "tensorflow",
+                    reason="needs JAX installed beside TensorFlow, on TensorFlow")
+def test_an_own_process_imports_tensorflow_without_jax_and_a_library_user_keeps_tensorflows_import():
+    """In modelxform's own processes (the command line, batch workers) TensorFlow's import leaves out
+    JAX (which tensorflow.lite imports, where installed, for a converter modelxform never calls: a fifth
+    of the import); JAX still imports afterwards. A program that calls the session API keeps
+    TensorFlow's import as it is: what a plain ``import keras, tensorflow`` does there."""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow")
+
+    def state(*argv):
+        out = subprocess.run([sys.executable, "-c", *argv], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    own = state(_IMPORT_STATE, "own")
+    assert own == {"jax_during_import": False, "jax_after": 3}
+    plain = state("import json, sys, keras, tensorflow; print(json.dumps('jax' in sys.modules))")
+    assert state(_IMPORT_STATE, "library") == {"jax_during_import": plain, "jax_after": 3}

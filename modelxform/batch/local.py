@@ -140,7 +140,7 @@ def _context(preload: bool):
     """The way workers start, and a context that ends what it needs.
 
     Jobs that need Keras on TensorFlow: workers are forked from a server that imported TensorFlow and
-    Keras once (keras_io/preload.py), so that N workers pay one import, not N (about 3 s of CPU each: with
+    Keras once (batch/preload.py), so that N workers pay one import, not N (about 3 s of CPU each: with
     two workers on two cores, the second import was the part of a run that did not shrink). Only the
     import happens before the fork; TensorFlow's runtime starts in each worker. The server is started
     for this run, with this process's environment, and stopped after it (a later run may have another).
@@ -162,7 +162,7 @@ def _context(preload: bool):
         # its own back)
         previous = list(getattr(forkserver._forkserver, "_preload_modules", ()))
         forkserver._forkserver._stop()
-        ctx.set_forkserver_preload(["modelxform.keras_io.preload"])
+        ctx.set_forkserver_preload(["modelxform.batch.preload"])
         try:
             yield
         finally:

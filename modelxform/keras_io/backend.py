@@ -8,6 +8,7 @@ archive engine, ``check`` and ``fmt`` never import them); once Keras is imported
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -165,6 +166,39 @@ def own_process() -> None:
 
 def owns_process() -> bool:
     return _OWN_PROCESS
+
+
+@contextlib.contextmanager
+def tensorflow_import_without_jax():
+    """Keep JAX out of TensorFlow's import, in modelxform's own processes (own_process).
+
+    Where JAX is installed beside TensorFlow, ``import tensorflow`` imports it too (tensorflow.lite's
+    util module tries ``from jax import jit`` for TFLite's JAX converter): 0.5 to 0.9 s of every start of
+    a command that uses TensorFlow, a fifth of the import, for a converter modelxform never calls. In
+    this block ``import jax`` fails as where JAX is not installed (None in sys.modules, which Python's
+    import system documents for this); after it, JAX imports as usual (tensorflow.lite keeps its
+    converter off). A program that calls the session API in its own process keeps TensorFlow's
+    behaviour, as does a process that imported JAX already."""
+    if not _OWN_PROCESS or "jax" in sys.modules:
+        yield
+        return
+    sys.modules["jax"] = None
+    try:
+        yield
+    finally:
+        if "jax" in sys.modules and sys.modules["jax"] is None:
+            del sys.modules["jax"]
+
+
+def import_before_fork() -> None:
+    """Import Keras and its backend's library without starting the backend's runtime (no device query,
+    no op: TensorFlow's thread pools would not survive a fork). The import a fork server does once for
+    the workers it forks (batch/preload.py)."""
+    backend = keras_backend()
+    with tensorflow_import_without_jax() if backend == "tensorflow" else contextlib.nullcontext():
+        import keras  # noqa: F401
+        if backend == "tensorflow":
+            import tensorflow  # noqa: F401
 
 
 def tensorflow_probe(enabled: bool) -> None:

@@ -47,20 +47,23 @@ def import_keras():
     if "keras" in sys.modules:
         import keras
         return keras
-    from .backend import keras_backend, missing_backend_message
+    from .backend import keras_backend, missing_backend_message, tensorflow_import_without_jax
     backend = keras_backend()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import keras
             if backend == "tensorflow":
-                import tensorflow as tf
+                with tensorflow_import_without_jax():
+                    import keras
+                    import tensorflow as tf
                 tf.config.list_physical_devices()
-            elif backend == "jax":
-                import jax
-                jax.devices()  # (JAX looks for accelerators, and logs about it, on first use)
+            else:
+                import keras
+                if backend == "jax":
+                    import jax
+                    jax.devices()  # (JAX looks for accelerators, and logs about it, on first use)
         except BaseException as exc:
             os.dup2(saved, 2)
             message = missing_backend_message(exc) if isinstance(exc, ImportError) else None

@@ -175,7 +175,7 @@ def _apply(recipe, source, model_path: str, output, seed, params, savedmodel: bo
 def _run_and_save(recipe, source, archive, model_path, output, seed, params, savedmodel, *, previous,
                   read_previous, unsafe, imports, weights_file, input_digest=None) -> ApplyResult:
     from .engine.runner import attach_sources, run
-    from .keras_io.files import known_sha256, save_model, sha256_file
+    from .keras_io.files import known_sha256, save_model, sha256_remembered
     from .keras_io.backend import library_versions
     from .provenance import entry, extend, read_record
     ctx, plan = run(recipe, source, seed=seed, params=params, apply=output is not None, unsafe=unsafe,
@@ -213,7 +213,7 @@ def _run_and_save(recipe, source, archive, model_path, output, seed, params, sav
         archive.save(output, record)  # the arrays changed in place, the rest copied: no Keras
         return result
     input_sha256 = archive.input_sha256() if archive is not None else \
-        known_sha256(model_path, input_digest) or sha256_file(model_path)
+        known_sha256(model_path, input_digest) or sha256_remembered(model_path)
     result.built = True
     if savedmodel:
         from .export import export_savedmodel

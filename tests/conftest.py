@@ -8,11 +8,14 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# the digest cache (keras_io/digests.py) of this run's processes, not the user's
+os.environ["MODELXFORM_CACHE_DIR"] = tempfile.mkdtemp(prefix="modelxform-test-cache-")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

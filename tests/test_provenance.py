@@ -286,7 +286,7 @@ def test_apply_uses_a_digest_taken_earlier_only_while_it_holds(tmp_path, model_f
     digest = files.sha256_with_identity(model_file)
     hashed = []
     monkeypatch.setattr(archive._FileDigest, "start", lambda self: hashed.append(self) or threading_start(self))
-    monkeypatch.setattr(files, "sha256_file", lambda p: hashed.append(p) or sha256_file(p))
+    monkeypatch.setattr(files, "sha256_remembered", lambda p: hashed.append(p) or sha256_file(p))
     reused = apply_file(compile_recipe(recipe), model_file, tmp_path / f"reused{suffix}", seed=1, input_digest=digest)
     assert hashed == []
     assert sha256_file(reused.output) == sha256_file(plain.output)

@@ -54,7 +54,7 @@ def already_done(job: Job, recipe, input_sha256: str) -> str | None:
     """The output's sha256 when ``job.output`` exists and the last entry of its provenance chain says
     it was made from this input (sha256), this recipe (sha256), this seed and these params; else None."""
     from ..errors import ModelxformError
-    from ..keras_io.files import sha256_file
+    from ..keras_io.files import sha256_remembered
     from ..provenance import _jsonable, read_record, recipe_sha256
     from ..engine.plan import Params, effective_seed, resolve_params
     if not os.path.isfile(job.output):
@@ -74,7 +74,7 @@ def already_done(job: Job, recipe, input_sha256: str) -> str | None:
             or last.get("seed") != seed or json.dumps(last.get("params"), sort_keys=True) != expected:
         return None
     try:
-        return sha256_file(job.output)
+        return sha256_remembered(job.output)
     except OSError:
         return None
 

@@ -404,10 +404,12 @@ class Archive:
     def hash_input(self, known=None) -> None:
         """Start computing the input file's sha256 (for the provenance record) in a thread, alongside
         the work on the arrays: hashlib and os.pread release the GIL. ``known``: a digest of this file
-        taken earlier in the run (files.sha256_with_identity), used if the file is unchanged since."""
+        taken earlier in the run (files.sha256_with_identity), used if the file is unchanged since;
+        else the digest cache's, where it holds one for this file as it is (digests.py)."""
         if self._digest is None:
+            from . import digests
             from .files import known_sha256
-            sha = known_sha256(self._fh.fileno(), known)
+            sha = known_sha256(self._fh.fileno(), known) or digests.lookup(os.fstat(self._fh.fileno()))
             self._digest = _FileDigest(self._fh.fileno(), sha)
             if sha is None:
                 self._digest.start()
@@ -806,7 +808,10 @@ class _FileDigest(threading.Thread):
 
     def run(self) -> None:
         import hashlib
+
+        from . import digests
         try:
+            started, before = digests.now_ns(), os.fstat(self._fd)
             digest = hashlib.sha256()
             buffer = bytearray(_CHUNK)
             offset = 0
@@ -817,6 +822,8 @@ class _FileDigest(threading.Thread):
                 digest.update(memoryview(buffer)[:got])
                 offset += got
             self._hexdigest = digest.hexdigest()
+            if not self._stopped:  # the whole file: kept for the next run that reads it
+                digests.remember(before, os.fstat(self._fd), self._hexdigest, started)
         except BaseException as exc:  # handed to the caller of result()
             self._error = exc
 

@@ -658,24 +658,34 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def file_identity(st: os.stat_result) -> tuple:
-    """What tells a file's content unchanged within one run: the same file (device, inode) of the same
-    size, neither written (mtime) nor changed in any way (ctime, which no one can set back) since."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
 def sha256_with_identity(path: str | os.PathLike) -> tuple[str, tuple | None]:
-    """The file's sha256 and its identity (file_identity) if it did not change while it was read,
-    else None: a digest taken once (by a batch run's main process) that a later reader of the same
-    file may use instead of reading it again, when the identity is still the same."""
+    """The file's sha256 and its identity (digests.file_identity) if it did not change while it was
+    read, else None: a digest taken once (by a batch run's main process) that a later reader of the same
+    file may use instead of reading it again, when the identity is still the same. A large file's
+    digest comes from the digest cache when it holds one for this identity (digests.py), and goes
+    there once read."""
+    from . import digests
     with open(path, "rb") as fh:
-        before = file_identity(os.fstat(fh.fileno()))
+        st = os.fstat(fh.fileno())
+        remembered = digests.lookup(st)
+        if remembered is not None:
+            return remembered, digests.file_identity(st)
+        started = digests.now_ns()
         import hashlib
         h = hashlib.sha256()
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-        after = file_identity(os.fstat(fh.fileno()))
-    return h.hexdigest(), (before if before == after else None)
+        after = os.fstat(fh.fileno())
+    sha = h.hexdigest()
+    digests.remember(st, after, sha, started)
+    before, after = digests.file_identity(st), digests.file_identity(after)
+    return sha, (before if before == after else None)
+
+
+def sha256_remembered(path: str | os.PathLike) -> str:
+    """An input file's sha256, from the digest cache where it holds one for this file as it is now
+    (digests.py), else read (and kept there). Not for verify, which reads every byte it checks."""
+    return sha256_with_identity(path)[0]
 
 
 def known_sha256(path_or_fd, digest) -> str | None:
@@ -683,6 +693,7 @@ def known_sha256(path_or_fd, digest) -> str | None:
     descriptor — still has that identity; None otherwise (read it again)."""
     if not digest or digest[1] is None:
         return None
+    from .digests import file_identity
     st = os.fstat(path_or_fd) if isinstance(path_or_fd, int) else os.stat(path_or_fd)
     return digest[0] if file_identity(st) == tuple(digest[1]) else None
 

@@ -7,9 +7,14 @@
 The fixtures are functional MLPs written by benchmarks/large_fixture.py without holding their weights in
 memory. Per size, three commands are timed as whole processes, alternating run by run:
 
-- weight-only: ``modelxform apply recipes/scale-dense.recipe`` against scripts/scale_dense.py;
+- weight-only: ``modelxform apply recipes/scale-dense.recipe`` against scripts/scale_dense.py, modelxform
+  once as on a file it reads for the first time (it hashes the input for the record) and once with the
+  input's digest kept from the run before (keras_io/digests.py);
 - structural: ``modelxform apply recipes/insert-dropout.recipe`` against scripts/insert_dropout.py;
-- ``cp`` of the file, the floor of any command that writes a copy of it.
+- ``cp`` of the file, the floor of any command that writes a copy of it, and ``cp`` followed by a
+  ``sync`` of the copy: modelxform syncs its output before it renames it into place (an output is
+  written atomically, and a crash does not leave a truncated one), which neither ``cp`` nor the
+  scripts do.
 
 Dirty pages are written back (``sync``) before every run and every output is removed after it, so no
 run pays for the writeback of another's output. Peak memory is the resident set of the process tree,
@@ -53,16 +58,26 @@ def fixture(gib: float) -> pathlib.Path:
 
 
 def commands(model: pathlib.Path) -> dict:
+    """case -> side -> (argv, environment added). modelxform's sides run with the digest cache off
+    (MODELXFORM_DIGEST_CACHE=0: every run hashes its input, as the first run on a file does), but for
+    "hashed before": the same weight-only command with a cache (of its own, in WORK) that holds the
+    input's digest from the run before, as when a model is edited again."""
     out = WORK / "out.keras"
     mx = [PY, "-m", "modelxform", "apply"]
+    first = {"MODELXFORM_DIGEST_CACHE": "0"}
+    again = {"MODELXFORM_CACHE_DIR": str(WORK / "digest-cache")}
+    scale = mx + [str(HERE / "recipes" / "scale-dense.recipe"), str(model), "-o", str(out)]
     return {
         "weight-only": {
-            "modelxform": mx + [str(HERE / "recipes" / "scale-dense.recipe"), str(model), "-o", str(out)],
-            "script": [PY, str(HERE / "scripts" / "scale_dense.py"), str(model), str(out)]},
+            "modelxform": (scale, first),
+            "modelxform, hashed before": (scale, again),
+            "script": ([PY, str(HERE / "scripts" / "scale_dense.py"), str(model), str(out)], {})},
         "structural": {
-            "modelxform": mx + [str(HERE / "recipes" / "insert-dropout.recipe"), str(model), "-o", str(out)],
-            "script": [PY, str(HERE / "scripts" / "insert_dropout.py"), str(model), str(out)]},
-        "copy": {"cp": ["cp", str(model), str(out)]},
+            "modelxform": (mx + [str(HERE / "recipes" / "insert-dropout.recipe"), str(model), "-o", str(out)], first),
+            "script": ([PY, str(HERE / "scripts" / "insert_dropout.py"), str(model), str(out)], {})},
+        "copy": {"cp": (["cp", str(model), str(out)], {}),
+                 # a durable copy, as modelxform writes its output: synced to the disk before it counts
+                 "cp + sync": (["sh", "-c", 'cp "$0" "$1" && sync "$1"', str(model), str(out)], {})},
     }
 
 
@@ -89,10 +104,10 @@ def _tree_rss(root: int) -> int:
     return total
 
 
-def measure(argv, limit: int) -> dict:
+def measure(argv, limit: int, extra_env: dict | None = None) -> dict:
     """One whole process: wall seconds, peak resident bytes of its tree, and whether it was killed."""
     os.sync()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT), **(extra_env or {}))
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -135,12 +150,16 @@ def run(sizes, runs: int, limit: int, log) -> dict:
                  "cases": {}}
         cases = commands(model)
         samples = {(case, side): [] for case, sides in cases.items() for side in sides}
+        for sides in cases.values():  # a run before, not counted, leaves the input's digest in the cache
+            for side, (argv, extra_env) in sides.items():
+                if side.endswith("hashed before"):
+                    measure(argv, limit, extra_env)
         for n in range(runs):
             for case, sides in cases.items():
-                for side, argv in sides.items():
+                for side, (argv, extra_env) in sides.items():
                     if any(s["killed"] for s in samples[(case, side)]):
                         continue  # killed once for its memory: it would be again
-                    sample = measure(argv, limit)
+                    sample = measure(argv, limit, extra_env)
                     samples[(case, side)].append(sample)
                     log(f"{gib:g} GiB {case} {side} run {n + 1}/{runs}: {sample['seconds']:.2f} s, "
                         f"{sample['peak_rss_bytes'] / 2**20:.0f} MiB" + (" (killed)" if sample["killed"] else ""))
@@ -157,22 +176,33 @@ def run(sizes, runs: int, limit: int, log) -> dict:
 
 def markdown(results: dict) -> str:
     runtime = results.get("runtime_peak_rss_bytes")
-    lines = ["| model | case | modelxform | script | ratio | vs `cp` | peak RSS modelxform | peak RSS script "
-             "| modelxform beyond the runtime / weights |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | case | modelxform | script | ratio | vs `cp` | vs `cp` + sync | peak RSS modelxform "
+             "| peak RSS script | modelxform beyond the runtime / weights |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for entry in results["sizes"]:
-        cp = entry["cases"]["copy"]["cp"]["median_s"]
-        for case in ("weight-only", "structural"):
-            mx, script = entry["cases"][case]["modelxform"], entry["cases"][case]["script"]
+        copies = entry["cases"]["copy"]
+        cp = copies["cp"]["median_s"]
+        durable = copies.get("cp + sync", {}).get("median_s")
+        rows = [("weight-only", "modelxform", "weight-only"), ("weight-only", "modelxform, hashed before",
+                                                             "weight-only, input hashed before"),
+                ("structural", "modelxform", "structural")]
+        for case, side, label in rows:
+            if side not in entry["cases"][case]:
+                continue
+            mx, script = entry["cases"][case][side], entry["cases"][case]["script"]
             s = "killed at {:.1f} GiB".format(script["peak_rss_bytes"] / 2**30) if script["killed"] else \
                 f"{script['median_s']:.2f} s"
             ratio = f"{mx['median_s'] / script['median_s']:.2f}×" if not script["killed"] else "–"
-            lines.append(f"| {entry['file_bytes'] / 2**30:.2f} GiB | {case} | {mx['median_s']:.2f} s | {s} | "
-                         f"{ratio} | {mx['median_s'] / cp:.1f}× | {mx['peak_rss_bytes'] / 2**20:.0f} MiB | "
-                         f"{script['peak_rss_bytes'] / 2**20:.0f} MiB | " +
+            lines.append(f"| {entry['file_bytes'] / 2**30:.2f} GiB | {label} | {mx['median_s']:.2f} s | {s} | "
+                         f"{ratio} | {mx['median_s'] / cp:.1f}× | " +
+                         (f"{mx['median_s'] / durable:.1f}× | " if durable else "| ") +
+                         f"{mx['peak_rss_bytes'] / 2**20:.0f} MiB | {script['peak_rss_bytes'] / 2**20:.0f} MiB | " +
                          (f"{(mx['peak_rss_bytes'] - runtime) / entry['file_bytes']:.2f}× |"
                           if runtime and case == "structural" else "|"))
-        lines.append(f"| {entry['file_bytes'] / 2**30:.2f} GiB | `cp` | {cp:.2f} s | | | | | | |")
+        lines.append(f"| {entry['file_bytes'] / 2**30:.2f} GiB | `cp` | {cp:.2f} s | | | | | | | |")
+        if durable:
+            lines.append(f"| {entry['file_bytes'] / 2**30:.2f} GiB | `cp` + `sync` of the copy | {durable:.2f} s "
+                         "| | | | | | | |")
     return "\n".join(lines)
 
 
@@ -186,8 +216,13 @@ def plot(results: dict, path: pathlib.Path) -> None:
              ("weight-only", "script", "script, weight-only", "tab:blue", "--"),
              ("structural", "modelxform", "modelxform, structural", "tab:orange", "-"),
              ("structural", "script", "script, structural", "tab:orange", "--"),
-             ("copy", "cp", "cp", "tab:gray", ":")]
+             ("weight-only", "modelxform, hashed before", "modelxform, weight-only, input hashed before",
+              "tab:green", "-"),
+             ("copy", "cp", "cp", "tab:gray", ":"),
+             ("copy", "cp + sync", "cp + sync", "black", ":")]
     for case, side, label, color, style in lines:
+        if any(side not in e["cases"][case] for e in results["sizes"]):
+            continue
         got = [e["cases"][case][side] for e in results["sizes"]]
         xs = [x for x, g in zip(sizes, got) if not g["killed"]]
         left.plot(xs, [g["median_s"] for g in got if not g["killed"]], style, color=color, marker="o", label=label)

@@ -185,7 +185,11 @@ def test_edited_crc_is_the_crc_of_the_edited_bytes(data, draw):
         middle = draw.draw(st.integers(start, stop))
         for a, b in ((start, middle), (middle, stop)):
             new = draw.draw(st.binary(min_size=b - a, max_size=b - a))
-            crc.replace(a, data[a:b], new)
+            if draw.draw(st.booleans()):
+                crc.replace(a, data[a:b], new)
+            else:  # the old bytes first, the new ones later (the archive changes a block where it was read)
+                crc.replace_old(a, data[a:b])
+                crc.replace_new(a, new)
             edited[a:b] = new
         at = stop
     assert crc.value == zlib.crc32(bytes(edited))
@@ -197,6 +201,9 @@ def test_edited_crc_refuses_ranges_out_of_order():
     crc.replace(4, b"ab", b"cd")
     with pytest.raises(ValueError, match="in order"):
         crc.replace(3, b"a", b"b")
+    crc.replace_old(7, b"x")  # an old piece whose new bytes never came
+    with pytest.raises(ValueError, match="differ in extent"):
+        crc.value
 
 
 @pytest.mark.parametrize("kernel", [True, False])

@@ -675,50 +675,56 @@ class Archive:
         keys = {k for k in self._patches} | {k for k, c in self._changes.items() if c}
         return sorted((by_key[k] for k in keys if by_key[k].nbytes), key=lambda v: v.offset)
 
-    def _weights_pieces(self, touched: list, with_old: bool):
-        """model.weights.h5 as written, in order: ``(offset, size, None, None)`` for a range kept from the
-        input's, ``(offset, size, old, new)`` for changed bytes (memoryviews of a block, valid until the
-        next piece; ``old`` is None unless ``with_old`` or the changes needed it). An array changes a block
-        at a time: what was assigned to it (in memory or in the spill file), or its input values, through
-        its deferred changes."""
+    def _weights_pieces(self, touched: list, on_old=None):
+        """model.weights.h5 as written, in order: ``(offset, size, None)`` for a range kept from the
+        input's, ``(offset, size, new)`` for changed bytes (a memoryview of a block, valid until the next
+        piece). An array changes a block at a time: what was assigned to it (in memory or in the spill
+        file), or its input values, through its deferred changes — in the buffer they were read into.
+        ``on_old(offset, old)``, if given, sees the input's bytes of each changed piece before they
+        change (streams.EditedCrc.replace_old)."""
         fd = self._fh.fileno()
-        old = new = None
+        buffer = spare = None
         position = 0
         for var in touched:
             offset = var.offset
             if offset > position:
-                yield position, offset - position, None, None
+                yield position, offset - position, None
             pending = self._patches.get(var.key)
             passes = [c.begin() for c in self._changes.get(var.key, ())]
             step = max(1, BLOCK_BYTES // var.np_dtype.itemsize) * var.np_dtype.itemsize
-            if old is None:
-                old, new = np.empty(BLOCK_BYTES, np.uint8), np.empty(BLOCK_BYTES, np.uint8)
+            if buffer is None:
+                buffer, spare = np.empty(BLOCK_BYTES, np.uint8), np.empty(BLOCK_BYTES, np.uint8)
             flat = pending.reshape(-1).view(np.uint8) if isinstance(pending, np.ndarray) else None
             for at in range(0, var.nbytes, step):
                 n = min(step, var.nbytes - at)
-                if with_old or pending is None:
-                    read_exact(fd, old[:n], self.h5_start + offset + at)
-                if flat is not None:
-                    block = flat[at:at + n]
-                elif pending is not None:
-                    read_exact(self._spill.fileno(), new[:n], pending[0] + at)
-                    block = new[:n]
+                where = self.h5_start + offset + at
+                if pending is None:  # the input's values, changed where they were read
+                    read_exact(fd, buffer[:n], where)
+                    if on_old is not None:
+                        on_old(offset + at, memoryview(buffer)[:n])
+                    block = buffer[:n]
                 else:
-                    block = old[:n]
+                    if on_old is not None:
+                        read_exact(fd, spare[:n], where)
+                        on_old(offset + at, memoryview(spare)[:n])
+                    if flat is None:
+                        read_exact(self._spill.fileno(), buffer[:n], pending[0] + at)
+                        block = buffer[:n]
+                    elif passes:  # the passes change a private copy of what was assigned
+                        buffer[:n] = flat[at:at + n]
+                        block = buffer[:n]
+                    else:
+                        block = flat[at:at + n]
                 if passes:
-                    if pending is None or flat is not None:  # the passes change a private copy
-                        new[:n] = block
-                    block = new[:n]
                     values = block.view(var.np_dtype)
                     for pass_ in passes:
                         pass_(values)
-                was = memoryview(old)[:n] if with_old or pending is None else None
-                yield offset + at, n, was, memoryview(block).cast("B")
+                yield offset + at, n, memoryview(block).cast("B")
             for pass_ in passes:
                 pass_.end()
             position = offset + var.nbytes
         if position < self.h5_size:
-            yield position, self.h5_size - position, None, None
+            yield position, self.h5_size - position, None
 
     def _write_weights_at(self, out_fd: int, base: int) -> int:
         """Write model.weights.h5 into ``out_fd`` at ``base``: kept ranges copied file to file (in the
@@ -729,19 +735,19 @@ class Archive:
         touched = self._touched()
         fd = self._fh.fileno()
         edited = EditedCrc(self.h5_crc, self.h5_size)
-        for offset, size, old, new in self._weights_pieces(touched, with_old=True):
-            if old is None:
+        for offset, size, new in self._weights_pieces(touched, on_old=edited.replace_old):
+            if new is None:
                 copy_range(fd, self.h5_start + offset, size, out_fd, base + offset)
             else:
                 write_all(out_fd, new, base + offset)
-                edited.replace(offset, old, new)
+                edited.replace_new(offset, new)
         return edited.value
 
     def _write_weights_through(self, out) -> None:
         """The same bytes through a writable file object (which works out the CRC as they pass)."""
         fd = self._fh.fileno()
         buffer = None
-        for offset, size, old, new in self._weights_pieces(self._touched(), with_old=False):
+        for offset, size, new in self._weights_pieces(self._touched()):
             if new is not None:
                 out.write(new)
                 continue

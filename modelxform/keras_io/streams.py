@@ -149,24 +149,37 @@ def crc32_zeros(crc: int, count: int) -> int:
 class EditedCrc:
     """The CRC-32 of ``size`` bytes whose CRC is ``original``, after replacing ranges of them: give
     :meth:`replace` every replaced range's old and new bytes, in increasing order of offset (a range may
-    come in several pieces), then read :attr:`value`."""
+    come in several pieces), then read :attr:`value`. The old and the new bytes of a piece may also
+    come apart (:meth:`replace_old` as soon as they are read, :meth:`replace_new` once changed), so
+    that a piece can change in the buffer it was read into."""
 
     def __init__(self, original: int, size: int):
         self._original, self._size = original & _MASK, size
-        self._old = self._new = 0  # CRCs of the replaced bytes with zeros elsewhere, up to _at
-        self._at = 0
+        self._old = self._new = 0  # CRCs of the replaced bytes with zeros elsewhere, up to _at_old, _at_new
+        self._at_old = self._at_new = 0
 
     def replace(self, offset: int, old, new) -> None:
-        if offset < self._at or len(old) != len(new) or offset + len(new) > self._size:
-            raise ValueError("replaced ranges must come in order, within the data, old and new of one length")
-        gap = offset - self._at
-        self._old = crc32(old, crc32_zeros(self._old, gap))
-        self._new = crc32(new, crc32_zeros(self._new, gap))
-        self._at = offset + len(new)
+        if len(old) != len(new):
+            raise ValueError("old and new bytes of one length")
+        self.replace_old(offset, old)
+        self.replace_new(offset, new)
+
+    def replace_old(self, offset: int, old) -> None:
+        self._old, self._at_old = self._advance(self._old, self._at_old, offset, old)
+
+    def replace_new(self, offset: int, new) -> None:
+        self._new, self._at_new = self._advance(self._new, self._at_new, offset, new)
+
+    def _advance(self, crc: int, at: int, offset: int, data) -> tuple[int, int]:
+        if offset < at or offset + len(data) > self._size:
+            raise ValueError("replaced ranges must come in order, within the data")
+        return crc32(data, crc32_zeros(crc, offset - at)), offset + len(data)
 
     @property
     def value(self) -> int:
-        rest = self._size - self._at
+        if self._at_old != self._at_new:
+            raise ValueError("the old and the new bytes of the replaced ranges differ in extent")
+        rest = self._size - self._at_new
         return self._original ^ crc32_zeros(self._old, rest) ^ crc32_zeros(self._new, rest)
 
 

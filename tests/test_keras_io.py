@@ -296,19 +296,21 @@ from modelxform.keras_io import backend, files
 if sys.argv[1] == "own":
     backend.own_process()
 files.import_keras()
-during = "jax" in sys.modules
-import jax  # afterwards, JAX imports as usual
-print(json.dumps({"jax_during_import": during, "jax_after": jax.numpy.add(1, 2).item()}))
+during = {name: name in sys.modules for name in ("jax", "matplotlib")}
+import jax, matplotlib  # afterwards, both import as usual
+print(json.dumps({"during_import": during, "after": [jax.numpy.add(1, 2).item(), matplotlib.__name__]}))
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None or keras.backend.backend() != "tensorflow",
-                    reason="needs JAX installed beside TensorFlow, on TensorFlow")
-def test_an_own_process_imports_tensorflow_without_jax_and_a_library_user_keeps_tensorflows_import():
-    """In modelxform's own processes (the command line, batch workers) TensorFlow's import leaves out
-    JAX (which tensorflow.lite imports, where installed, for a converter modelxform never calls: a fifth
-    of the import); JAX still imports afterwards. A program that calls the session API keeps
-    TensorFlow's import as it is: what a plain ``import keras, tensorflow`` does there."""
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("jax", "matplotlib"))
+                    or keras.backend.backend() != "tensorflow",
+                    reason="needs JAX and matplotlib installed beside TensorFlow, on TensorFlow")
+def test_an_own_process_imports_keras_without_jax_or_matplotlib_and_a_library_user_keeps_its_import():
+    """In modelxform's own processes (the command line, batch workers) Keras's and TensorFlow's import
+    leaves out JAX (which tensorflow.lite imports, where installed, for a converter modelxform never
+    calls: a fifth of the import) and matplotlib (keras.visualization's galleries); both still import
+    afterwards. A program that calls the session API keeps the import as it is: what a plain
+    ``import keras, tensorflow`` does there."""
     env = dict(os.environ, KERAS_BACKEND="tensorflow")
 
     def state(*argv):
@@ -316,6 +318,7 @@ def test_an_own_process_imports_tensorflow_without_jax_and_a_library_user_keeps_
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     own = state(_IMPORT_STATE, "own")
-    assert own == {"jax_during_import": False, "jax_after": 3}
-    plain = state("import json, sys, keras, tensorflow; print(json.dumps('jax' in sys.modules))")
-    assert state(_IMPORT_STATE, "library") == {"jax_during_import": plain, "jax_after": 3}
+    assert own == {"during_import": {"jax": False, "matplotlib": False}, "after": [3, "matplotlib"]}
+    plain = state("import json, sys, keras, tensorflow; "
+                  "print(json.dumps({m: m in sys.modules for m in ('jax', 'matplotlib')}))")
+    assert state(_IMPORT_STATE, "library") == {"during_import": plain, "after": [3, "matplotlib"]}

@@ -1,7 +1,7 @@
 """What the local pool's fork server imports once, before it forks the workers (batch/local.py):
 Keras and TensorFlow, about 2.5 s of CPU that each worker would otherwise spend importing them itself,
-and modelxform's modules that a job runs. JAX, where installed, is left out of TensorFlow's import
-(keras_io.backend.tensorflow_import_without_jax), and TensorFlow's objects are frozen out of the
+and modelxform's modules that a job runs. JAX and matplotlib, where installed, are left out of that import
+(keras_io.backend.keras_import_without_extras), and TensorFlow's objects are frozen out of the
 garbage collector's walks before the workers are forked.
 
 Only the import: nothing here starts TensorFlow's runtime (no device query, no op), whose thread pools

@@ -168,26 +168,34 @@ def owns_process() -> bool:
     return _OWN_PROCESS
 
 
-@contextlib.contextmanager
-def tensorflow_import_without_jax():
-    """Keep JAX out of TensorFlow's import, in modelxform's own processes (own_process).
+# What Keras's import, or its backend's, imports where installed only to offer something modelxform never
+# calls: JAX, which ``import tensorflow`` imports for tensorflow.lite's JAX converter (0.5-0.9 s and
+# 160 MiB of every start of a command that uses TensorFlow); matplotlib, which keras.visualization imports
+# for its image galleries (0.25 s). Left out on the backends listed ("*": all).
+UNUSED_EXTRAS = {"jax": ("tensorflow",), "matplotlib": ("*",)}
 
-    Where JAX is installed beside TensorFlow, ``import tensorflow`` imports it too (tensorflow.lite's
-    util module tries ``from jax import jit`` for TFLite's JAX converter): 0.5 to 0.9 s of every start of
-    a command that uses TensorFlow, a fifth of the import, for a converter modelxform never calls. In
-    this block ``import jax`` fails as where JAX is not installed (None in sys.modules, which Python's
-    import system documents for this); after it, JAX imports as usual (tensorflow.lite keeps its
-    converter off). A program that calls the session API in its own process keeps TensorFlow's
-    behaviour, as does a process that imported JAX already."""
-    if not _OWN_PROCESS or "jax" in sys.modules:
+
+@contextlib.contextmanager
+def keras_import_without_extras(backend: str):
+    """Keep UNUSED_EXTRAS out of the import of Keras and ``backend``, in modelxform's own processes
+    (own_process). In this block ``import jax`` (say) fails as where it is not installed (None in
+    sys.modules, which Python's import system documents for this), and the importer goes on without it
+    (both importers above catch ImportError); after it, the module imports as usual. A program that
+    calls the session API in its own process keeps Keras's and TensorFlow's imports as they are, as
+    does a process that imported the module already."""
+    if not _OWN_PROCESS:
         yield
         return
-    sys.modules["jax"] = None
+    left_out = [name for name, backends in UNUSED_EXTRAS.items()
+                if name not in sys.modules and ("*" in backends or backend in backends)]
+    for name in left_out:
+        sys.modules[name] = None
     try:
         yield
     finally:
-        if "jax" in sys.modules and sys.modules["jax"] is None:
-            del sys.modules["jax"]
+        for name in left_out:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 def import_before_fork() -> None:
@@ -195,7 +203,7 @@ def import_before_fork() -> None:
     no op: TensorFlow's thread pools would not survive a fork). The import a fork server does once for
     the workers it forks (batch/preload.py)."""
     backend = keras_backend()
-    with tensorflow_import_without_jax() if backend == "tensorflow" else contextlib.nullcontext():
+    with keras_import_without_extras(backend):
         import keras  # noqa: F401
         if backend == "tensorflow":
             import tensorflow  # noqa: F401

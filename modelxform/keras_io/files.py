@@ -47,23 +47,22 @@ def import_keras():
     if "keras" in sys.modules:
         import keras
         return keras
-    from .backend import keras_backend, missing_backend_message, tensorflow_import_without_jax
+    from .backend import keras_backend, keras_import_without_extras, missing_backend_message
     backend = keras_backend()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            if backend == "tensorflow":
-                with tensorflow_import_without_jax():
-                    import keras
-                    import tensorflow as tf
-                tf.config.list_physical_devices()
-            else:
+            with keras_import_without_extras(backend):
                 import keras
-                if backend == "jax":
-                    import jax
-                    jax.devices()  # (JAX looks for accelerators, and logs about it, on first use)
+                if backend == "tensorflow":
+                    import tensorflow as tf
+            if backend == "tensorflow":
+                tf.config.list_physical_devices()
+            elif backend == "jax":
+                import jax
+                jax.devices()  # (JAX looks for accelerators, and logs about it, on first use)
         except BaseException as exc:
             os.dup2(saved, 2)
             message = missing_backend_message(exc) if isinstance(exc, ImportError) else None

@@ -1067,3 +1067,21 @@ def test_no_command_prints_help_and_exits_2():
     assert r.status == 2
     assert "usage: modelxform" in r.out and "exit status:" in r.out
 
+
+
+@pytest.mark.parametrize("statement", ["insert Dropout(rate=0.1) before dense_1", "append Dense(units=2)",
+                                       "replace MaxPooling2D with AveragePooling2D"])
+def test_a_structural_apply_keeps_tensorflows_start_up_messages_off_the_terminal(tmp_path, cnn_bytes, statement):
+    """TensorFlow's C++ code writes its start-up messages (absl, oneDNN, CUDA) straight to file
+    descriptor 2, whatever TF_CPP_MIN_LOG_LEVEL says: Keras is imported quietly (files.import_keras)
+    whichever statement needs it first — `insert` and `append` look their layer class up before
+    anything else imports Keras."""
+    (tmp_path / "cnn.keras").write_bytes(cnn_bytes)
+    (tmp_path / "t.recipe").write_text(f'recipe "t" version "1"\n{statement}\n')
+    env = subprocess_env()
+    env.pop("TF_CPP_MIN_LOG_LEVEL")  # as on a user's terminal
+    proc = subprocess.run([sys.executable, "-m", "modelxform", "apply", "t.recipe", "cnn.keras", "-o", "out.keras"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert "wrote out.keras" in proc.stdout

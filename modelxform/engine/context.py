@@ -251,7 +251,9 @@ class Context:
     @staticmethod
     def layer_class(name: str, span=None):
         """A Keras layer class by name (keras.layers, or a custom class registered by --import)."""
+        from ..keras_io.files import import_keras
         from ..keras_io.layers import layer_class
+        import_keras()  # (quietly: `insert` and `append` may be the first to need Keras)
         return layer_class(name, span)
 
     @staticmethod

@@ -1085,3 +1085,14 @@ def test_a_structural_apply_keeps_tensorflows_start_up_messages_off_the_terminal
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert "wrote out.keras" in proc.stdout
+
+
+def test_export_keeps_tensorflows_start_up_messages_off_the_terminal(tmp_path, cnn_bytes):
+    (tmp_path / "cnn.keras").write_bytes(cnn_bytes)
+    env = subprocess_env()
+    env.pop("TF_CPP_MIN_LOG_LEVEL")
+    proc = subprocess.run([sys.executable, "-m", "modelxform", "export", "cnn.keras", "served"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert (tmp_path / "served" / "saved_model.pb").is_file()

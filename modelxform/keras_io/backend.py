@@ -243,6 +243,32 @@ def needs_tensorflow(exc: BaseException) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def start_up_messages_kept_off(silent=lambda exc: False):
+    """File descriptor 2 captured while a backend's library imports and starts: TensorFlow's C++ code
+    (absl, oneDNN, CUDA) and JAX's write their start-up messages straight to it, whatever
+    TF_CPP_MIN_LOG_LEVEL says, so Python cannot filter them. What was captured is shown if the block
+    fails, unless ``silent(exc)`` (the caller says it in one line: a library that is not installed)."""
+    import tempfile
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield
+            except BaseException as exc:
+                os.dup2(saved, 2)
+                if not silent(exc):
+                    captured.seek(0)
+                    sys.stderr.write(captured.read().decode("utf-8", "replace"))
+                raise
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 def require_tensorflow(what: str) -> None:
     """A UsageError (exit 2) saying that ``what`` needs TensorFlow, unless it can be imported (on any
     Keras backend: Keras exports a JAX model through jax2tf, which needs TensorFlow too)."""
@@ -251,7 +277,10 @@ def require_tensorflow(what: str) -> None:
     if "tensorflow" in sys.modules:
         return
     try:
-        import tensorflow  # noqa: F401
+        with start_up_messages_kept_off(silent=lambda exc: isinstance(exc, ImportError)):
+            with keras_import_without_extras(keras_backend()):
+                import tensorflow
+            tensorflow.config.list_physical_devices()  # (it looks for accelerators, and logs, on first use)
     except ImportError:
         raise UsageError(f"{what} writes a TensorFlow SavedModel and needs TensorFlow, which is not installed "
                          f"(Keras runs on {keras_backend()} here); install tensorflow to export") from None

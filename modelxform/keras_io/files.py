@@ -47,13 +47,14 @@ def import_keras():
     if "keras" in sys.modules:
         import keras
         return keras
-    from .backend import keras_backend, keras_import_without_extras, missing_backend_message
+    from .backend import (keras_backend, keras_import_without_extras, missing_backend_message,
+                          start_up_messages_kept_off)
     backend = keras_backend()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
+
+    def missing(exc) -> bool:
+        return isinstance(exc, ImportError) and missing_backend_message(exc) is not None
+    try:
+        with start_up_messages_kept_off(silent=missing):
             with keras_import_without_extras(backend):
                 import keras
                 if backend == "tensorflow":
@@ -63,19 +64,13 @@ def import_keras():
             elif backend == "jax":
                 import jax
                 jax.devices()  # (JAX looks for accelerators, and logs about it, on first use)
-        except BaseException as exc:
-            os.dup2(saved, 2)
-            message = missing_backend_message(exc) if isinstance(exc, ImportError) else None
-            if message is not None:
-                for name in [m for m in sys.modules if m == "keras" or m.startswith("keras.")]:
-                    del sys.modules[name]  # half imported: let a later import fail the same way
-                raise UsageError(message) from None
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode("utf-8", "replace"))
+    except ImportError as exc:
+        message = missing_backend_message(exc)
+        if message is None:
             raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+        for name in [m for m in sys.modules if m == "keras" or m.startswith("keras.")]:
+            del sys.modules[name]  # half imported: let a later import fail the same way
+        raise UsageError(message) from None
     from .backend import owns_process, tensorflow_probe
     if backend != "tensorflow" and owns_process():
         tensorflow_probe(False)  # (Keras would import TensorFlow, where installed, to serialise a model)

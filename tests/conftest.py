@@ -5,9 +5,11 @@ nothing large is committed.
 """
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import pathlib
+import shutil
 import tempfile
 
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # the digest cache (keras_io/digests.py) of this run's processes, not the user's
 os.environ["MODELXFORM_CACHE_DIR"] = tempfile.mkdtemp(prefix="modelxform-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MODELXFORM_CACHE_DIR"], ignore_errors=True)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

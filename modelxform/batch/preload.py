@@ -8,33 +8,25 @@ Only the import: nothing here starts TensorFlow's runtime (no device query, no o
 a forked child could not use. Each worker sets its own thread counts before its first op (job.py).
 
 The server shares the terminal of the ``batch`` command: TensorFlow's start-up messages (written by its
-C++ code straight to file descriptor 2, whatever TF_CPP_MIN_LOG_LEVEL says) are kept off it, as
-files.import_keras does, and Ctrl-C during the import is left to the main process (the server
+C++ code straight to file descriptor 2, whatever TF_CPP_MIN_LOG_LEVEL says) are kept off it by the
+capture files.import_keras uses, and Ctrl-C during the import is left to the main process (the server
 ignores it from then on anyway; each worker sets its own handler)."""
-import os
 import signal
 
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-_saved = os.dup(2)
-_null = os.open(os.devnull, os.O_WRONLY)
-os.dup2(_null, 2)
 try:
-    from ..keras_io.backend import import_before_fork, own_process
+    from ..keras_io.backend import import_before_fork, own_process, start_up_messages_kept_off
 
-    own_process()  # (the server and the workers forked from it are modelxform's own processes)
-    import_before_fork()  # (batch/local.py preloads only on TensorFlow)
-    from .. import session  # noqa: F401  (and what a job runs: modelxform's own modules, once)
-    from ..keras_io import graph  # noqa: F401
-    from . import job  # noqa: F401
-    # TensorFlow leaves a few hundred thousand long-lived objects behind: as files.import_keras does,
-    # keep the collector from walking them at each full collection (in every forked worker, which
-    # inherits this), and their pages from being copied into each worker when it would
-    import gc
-    gc.freeze()
+    with start_up_messages_kept_off(silent=lambda exc: True):  # (a worker reports what fails itself)
+        own_process()  # (the server and the workers forked from it are modelxform's own processes)
+        import_before_fork()  # (batch/local.py preloads only on TensorFlow)
+        from .. import session  # noqa: F401  (and what a job runs: modelxform's own modules, once)
+        from ..keras_io import graph  # noqa: F401
+        from . import job  # noqa: F401
+        # TensorFlow leaves a few hundred thousand long-lived objects behind: as files.import_keras
+        # does, keep the collector from walking them at each full collection (in every forked worker,
+        # which inherits this), and their pages from being copied into each worker when it would
+        import gc
+        gc.freeze()
 except Exception:  # noqa: BLE001 - the worker imports it again, and reports what fails, itself
     pass
-finally:
-    os.dup2(_saved, 2)
-    os.close(_saved)
-    os.close(_null)

@@ -33,6 +33,7 @@ import os
 import pathlib
 import tempfile
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -817,7 +818,7 @@ class _FileDigest(threading.Thread):
 
         from . import digests
         try:
-            started, before = digests.now_ns(), os.fstat(self._fd)
+            started, before = time.time_ns(), os.fstat(self._fd)
             digest = hashlib.sha256()
             buffer = bytearray(_CHUNK)
             offset = 0

@@ -33,7 +33,6 @@ import pathlib
 import re
 import stat
 import tempfile
-import time
 
 RACY_SECONDS = 2.0  # a file changed less than this before its hashing began is not remembered
 MIN_BYTES = 16 << 20  # smaller files are hashed every time
@@ -110,15 +109,16 @@ def remember(before: os.stat_result, after: os.stat_result, sha256: str, started
     entry = json.dumps({"identity": list(file_identity(after)), "sha256": sha256}).encode()
     try:
         fd, tmp = tempfile.mkstemp(prefix=".entry-", dir=folder)
-        try:
-            os.write(fd, entry)
-        finally:
-            os.close(fd)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(entry)
         os.replace(tmp, folder / _entry_name(after))
     except OSError:
         try:
             os.unlink(tmp)
-        except (OSError, UnboundLocalError):
+        except OSError:
             pass
         return
     _prune(folder)
@@ -136,7 +136,3 @@ def _prune(folder: pathlib.Path) -> None:
     except OSError:
         pass
 
-
-def now_ns() -> int:
-    """The moment a hashing begins, for remember()."""
-    return time.time_ns()

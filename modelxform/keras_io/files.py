@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import tempfile
+import time
 import zipfile
 
 from ..errors import ModelFileError, UsageError
@@ -664,7 +665,7 @@ def sha256_with_identity(path: str | os.PathLike) -> tuple[str, tuple | None]:
         remembered = digests.lookup(st)
         if remembered is not None:
             return remembered, digests.file_identity(st)
-        started = digests.now_ns()
+        started = time.time_ns()
         import hashlib
         h = hashlib.sha256()
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -625,16 +625,18 @@ def test_imports_and_unsafe_are_checked_with_their_positions(special_zoo):
 
 def test_the_fork_server_imports_once_what_a_job_runs_with_the_collector_frozen():
     """batch/preload.py (the fork server's import): Keras, TensorFlow and modelxform's job modules
-    imported once for all workers; TensorFlow's long-lived objects frozen out of the collector's walks
-    (which forked workers inherit: without it each full collection in a job walks them again); and
-    nothing of TensorFlow's runtime started."""
+    imported once for all workers; no full collection while they import, and TensorFlow's long-lived
+    objects frozen out of the collector's walks afterwards (which forked workers inherit: without it
+    each full collection in a job walks them again); and nothing of TensorFlow's runtime started."""
     code = textwrap.dedent("""\
         import gc, json, sys
         import modelxform.batch.preload
         from tensorflow.python.eager import context
         print(json.dumps({"modules": [m for m in ("keras", "tensorflow", "modelxform.session",
-                                                  "modelxform.batch.job", "modelxform.keras_io.graph")
+                                                  "modelxform.batch.job", "modelxform.keras_io.graph",
+                                                  "modelxform.keras_io.archive", "modelxform.engine.runner")
                                       if m in sys.modules],
+                          "full_collections": gc.get_stats()[2]["collections"], "collector": gc.isenabled(),
                           "frozen": gc.get_freeze_count(),
                           "runtime": context.context_safe() is not None and context.context()._initialized}))
         """)
@@ -643,6 +645,8 @@ def test_the_fork_server_imports_once_what_a_job_runs_with_the_collector_frozen(
                          check=True).stdout
     state = json.loads(out)
     assert state["modules"] == ["keras", "tensorflow", "modelxform.session", "modelxform.batch.job",
-                                "modelxform.keras_io.graph"]
+                                "modelxform.keras_io.graph", "modelxform.keras_io.archive",
+                                "modelxform.engine.runner"]
+    assert state["full_collections"] == 0 and state["collector"] is True
     assert state["frozen"] > 100_000
     assert state["runtime"] is False

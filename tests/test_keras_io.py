@@ -322,3 +322,48 @@ def test_an_own_process_imports_keras_without_jax_or_matplotlib_and_a_library_us
     plain = state("import json, sys, keras, tensorflow; "
                   "print(json.dumps({m: m in sys.modules for m in ('jax', 'matplotlib')}))")
     assert state(_IMPORT_STATE, "library") == {"during_import": plain, "after": [3, "matplotlib"]}
+
+
+def test_the_collector_is_paused_while_keras_imports_and_what_it_left_is_frozen():
+    """Importing TensorFlow and Keras creates about half a million long-lived objects; with the cyclic
+    collector running, its thresholds make it walk them again several times on the way (0.5-1 s of a
+    2-3 s import). import_keras pauses it: no full collection during the import, and what the import
+    left behind is frozen out of later walks; the collector runs again afterwards."""
+    code = ("import gc, json\n"
+            "from modelxform.keras_io import backend, files\n"
+            "backend.own_process()\n"
+            "files.import_keras()\n"
+            "print(json.dumps({'full_collections': gc.get_stats()[2]['collections'],\n"
+            "                  'frozen': gc.get_freeze_count(), 'enabled': gc.isenabled()}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    state = json.loads(out.stdout.strip().splitlines()[-1])
+    assert state["full_collections"] == 0
+    assert state["frozen"] > 100_000  # Keras, its backend and their modules' objects
+    assert state["enabled"] is True
+
+
+def test_collector_paused_then_frozen_restores_the_callers_collector_and_freezes_only_on_success():
+    import gc
+    from modelxform.keras_io.backend import collector_paused_then_frozen
+    was_enabled = gc.isenabled()
+    gc.enable()
+    try:
+        frozen = gc.get_freeze_count()
+        with collector_paused_then_frozen():
+            assert not gc.isenabled()
+            kept = [[i] for i in range(1000)]  # tracked objects made in the block
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + len(kept)
+
+        frozen = gc.get_freeze_count()
+        with pytest.raises(ImportError):
+            with collector_paused_then_frozen():
+                raise ImportError("no such backend")
+        assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+        gc.disable()  # a caller that turned it off keeps it off
+        with collector_paused_then_frozen():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable() if was_enabled else gc.disable()

@@ -15,18 +15,19 @@ import signal
 
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 try:
-    from ..keras_io.backend import import_before_fork, own_process, start_up_messages_kept_off
+    from ..keras_io.backend import (collector_paused_then_frozen, import_before_fork, own_process,
+                                    start_up_messages_kept_off)
 
-    with start_up_messages_kept_off(silent=lambda exc: True):  # (a worker reports what fails itself)
+    # (collector_paused_then_frozen: as files.import_keras does, the collector does not walk what
+    # TensorFlow leaves behind while it imports, nor at each full collection in every forked worker,
+    # which inherits the frozen objects — nor copies their pages by touching them)
+    with collector_paused_then_frozen(), start_up_messages_kept_off(silent=lambda exc: True):
         own_process()  # (the server and the workers forked from it are modelxform's own processes)
         import_before_fork()  # (batch/local.py preloads only on TensorFlow)
-        from .. import session  # noqa: F401  (and what a job runs: modelxform's own modules, once)
-        from ..keras_io import graph  # noqa: F401
+        # (and what a job runs: modelxform's own modules, once, rather than in each worker's first job)
+        from .. import provenance, session  # noqa: F401
+        from ..engine import runner  # noqa: F401
+        from ..keras_io import archive, files, graph  # noqa: F401
         from . import job  # noqa: F401
-        # TensorFlow leaves a few hundred thousand long-lived objects behind: as files.import_keras
-        # does, keep the collector from walking them at each full collection (in every forked worker,
-        # which inherits this), and their pages from being copied into each worker when it would
-        import gc
-        gc.freeze()
 except Exception:  # noqa: BLE001 - the worker imports it again, and reports what fails, itself
     pass

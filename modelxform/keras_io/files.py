@@ -48,14 +48,16 @@ def import_keras():
     if "keras" in sys.modules:
         import keras
         return keras
-    from .backend import (keras_backend, keras_import_without_extras, missing_backend_message,
-                          start_up_messages_kept_off)
+    from .backend import (collector_paused_then_frozen, keras_backend, keras_import_without_extras,
+                          missing_backend_message, start_up_messages_kept_off)
     backend = keras_backend()
 
     def missing(exc) -> bool:
         return isinstance(exc, ImportError) and missing_backend_message(exc) is not None
     try:
-        with start_up_messages_kept_off(silent=missing):
+        # (collector_paused_then_frozen: TensorFlow leaves a few hundred thousand long-lived objects
+        # behind, which the collector would walk again and again while they import and a model is built)
+        with collector_paused_then_frozen(), start_up_messages_kept_off(silent=missing):
             with keras_import_without_extras(backend):
                 import keras
                 if backend == "tensorflow":
@@ -75,10 +77,6 @@ def import_keras():
     from .backend import owns_process, tensorflow_probe
     if backend != "tensorflow" and owns_process():
         tensorflow_probe(False)  # (Keras would import TensorFlow, where installed, to serialise a model)
-    # TensorFlow leaves a few hundred thousand long-lived objects behind; keep the collector from
-    # walking them again at every full collection while a model is built (a tenth of a second each)
-    import gc
-    gc.freeze()
     return keras
 
 

@@ -332,6 +332,43 @@ def test_ctrl_c_while_the_fork_server_imports_tensorflow_prints_no_traceback(zoo
     assert not os.path.exists(f"/proc/{server[0]}"), "the fork server outlived the batch"
 
 
+def test_the_fork_server_imports_while_the_main_process_checks_which_jobs_are_done(zoo):
+    """The import every job waits for begins before the main process hashes the inputs and reads the
+    existing outputs' records (it used to begin only once those checks were done); the server is
+    stopped after the run, also when every job turned out to be done."""
+    import multiprocessing.forkserver
+
+    from modelxform.batch import load_zoo, run_batch
+    write(zoo / "early-start.yaml", """\
+        models: [zoo/cnn.keras, zoo/mobilenet.keras]
+        recipes: [recipes/conv.recipe]
+        output: "early-start/{model}.keras"
+        seed: 3
+        """)
+    first = run_batch(load_zoo(zoo / "early-start.yaml"), workers=2)
+    assert [o.status for o in first] == ["done", "done"]
+    (zoo / "early-start" / "mobilenet.keras").unlink()
+
+    servers = []
+
+    def on_event(kind, outcome):
+        if kind == "skipped":  # decided once the inputs are hashed and the output's record read
+            pid = multiprocessing.forkserver._forkserver._forkserver_pid
+            servers.append(pid is not None and os.path.exists(f"/proc/{pid}") and pid)
+    again = run_batch(load_zoo(zoo / "early-start.yaml"), workers=2, on_event=on_event)
+    assert [o.status for o in again] == ["skipped", "done"]
+    assert len(servers) == 1 and servers[0], "no fork server was running while the jobs were checked"
+    assert multiprocessing.forkserver._forkserver._forkserver_pid is None
+    assert not os.path.exists(f"/proc/{servers[0]}")
+
+    servers.clear()
+    done = run_batch(load_zoo(zoo / "early-start.yaml"), workers=2, on_event=on_event)
+    assert [o.status for o in done] == ["skipped", "skipped"] and len(servers) == 2 and servers[0]
+    assert multiprocessing.forkserver._forkserver._forkserver_pid is None
+    assert not os.path.exists(f"/proc/{servers[0]}")
+    assert sha256_file(zoo / "early-start" / "cnn.keras") == first[0].sha256
+
+
 def test_only_jobs_that_need_keras_preload_it():
     from modelxform.batch.local import _context
     from modelxform.lang.compiler import compile_recipe

@@ -11,6 +11,7 @@ output is byte-identical to a single ``apply`` run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -108,6 +109,62 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
     on_event = on_event or (lambda kind, outcome: None)
     batch_start = time.perf_counter()
     outcomes = [Outcome(job) for job in zoo.jobs]
+    with contextlib.ExitStack() as stack:
+        processes = None
+        if executor == "local" and zoo.jobs:
+            # The workers' server (where they need TensorFlow) imports it while this process checks
+            # which jobs are done: the import is the part of a run no number of workers shortens.
+            from .local import started_early
+            processes = stack.enter_context(started_early(any(_needs_keras(zoo, job) for job in zoo.jobs)))
+        payloads = _to_run(zoo, outcomes, force, dry_run, on_event)
+
+        def on_start(payload):
+            outcome = outcomes[payload["index"]]
+            outcome.status, outcome.started = "running", time.perf_counter()
+            outcome.offset = outcome.started - batch_start
+            on_event("start", outcome)
+
+        def on_result(result):
+            outcome = outcomes[result["index"]]
+            outcome.status = result["status"]
+            outcome.duration = result.get("duration")
+            if outcome.duration is None and outcome.started is not None:
+                outcome.duration = time.perf_counter() - outcome.started
+            for key in ("sha256", "error", "exit_code", "statements", "worker"):
+                setattr(outcome, key, result.get(key))
+            on_event("finish", outcome)
+
+        missing = _missing_folders(o.job.output for o in outcomes if o.status == "pending")
+        try:
+            if executor == "local":
+                from .local import run_local
+                run_local(payloads, workers, on_start, on_result, processes)
+            elif executor == "ray":
+                from .ray_executor import run_ray
+                run_ray(payloads, workers, ray_address, on_start, on_result)
+            else:
+                from ..errors import UsageError
+                raise UsageError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
+        except KeyboardInterrupt as exc:
+            for outcome in outcomes:
+                if outcome.status in ("pending", "running"):
+                    outcome.status = "not run" if outcome.status == "pending" else "interrupted"
+            exc.outcomes = outcomes
+            raise
+        finally:
+            _remove_empty(missing)
+    return outcomes
+
+
+def _needs_keras(zoo: Zoo, job: Job) -> bool:
+    """Whether the job takes the Keras path (its recipe needs it, or its model is not a .keras
+    archive), rather than the TensorFlow-free weight-only one."""
+    return zoo.recipes[job.recipe].program.needs_keras or not job.model.endswith(".keras")
+
+
+def _to_run(zoo: Zoo, outcomes: list[Outcome], force: bool, dry_run: bool, on_event) -> list[dict]:
+    """Stale temporary files removed, the jobs already done marked skipped, and the payloads of the
+    others, largest model first."""
     if not dry_run:
         _remove_stale_temp_files(outcomes, on_event)
     hashes: dict = {}
@@ -124,50 +181,15 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
     todo = [o for o in outcomes if o.status == "pending"]
     # Largest models first: the long jobs start early, and the last ones to finish are short, so no
     # worker idles long at the end while another finishes a big model.
-    payloads = [o.job.payload("plan" if dry_run else "apply") for o in sorted(todo, key=_size, reverse=True)]
-    for payload in payloads:  # (the local pool imports Keras once for its workers where jobs need it)
-        payload["needs_keras"] = (zoo.recipes[payload["recipe"]].program.needs_keras
-                                  or not payload["model"].endswith(".keras"))
+    payloads = []
+    for outcome in sorted(todo, key=_size, reverse=True):
+        payload = outcome.job.payload("plan" if dry_run else "apply")
+        payload["needs_keras"] = _needs_keras(zoo, outcome.job)
         digest = hashes.get(payload["model"])
         if digest and digest[1] is not None:
             payload["input_digest"] = [digest[0], list(digest[1])]
-
-    def on_start(payload):
-        outcome = outcomes[payload["index"]]
-        outcome.status, outcome.started = "running", time.perf_counter()
-        outcome.offset = outcome.started - batch_start
-        on_event("start", outcome)
-
-    def on_result(result):
-        outcome = outcomes[result["index"]]
-        outcome.status = result["status"]
-        outcome.duration = result.get("duration")
-        if outcome.duration is None and outcome.started is not None:
-            outcome.duration = time.perf_counter() - outcome.started
-        for key in ("sha256", "error", "exit_code", "statements", "worker"):
-            setattr(outcome, key, result.get(key))
-        on_event("finish", outcome)
-
-    missing = _missing_folders(o.job.output for o in todo)
-    try:
-        if executor == "local":
-            from .local import run_local
-            run_local(payloads, workers, on_start, on_result)
-        elif executor == "ray":
-            from .ray_executor import run_ray
-            run_ray(payloads, workers, ray_address, on_start, on_result)
-        else:
-            from ..errors import UsageError
-            raise UsageError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
-    except KeyboardInterrupt as exc:
-        for outcome in outcomes:
-            if outcome.status in ("pending", "running"):
-                outcome.status = "not run" if outcome.status == "pending" else "interrupted"
-        exc.outcomes = outcomes
-        raise
-    finally:
-        _remove_empty(missing)
-    return outcomes
+        payloads.append(payload)
+    return payloads
 
 
 def _remove_stale_temp_files(outcomes: list[Outcome], on_event) -> None:

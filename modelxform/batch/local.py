@@ -13,6 +13,7 @@ pool, recognised by its name (keras_io.files.stale_temp_files). SIGTERM reaches 
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -64,15 +65,34 @@ def describe_exit(code: int | None) -> str:
     return f"the worker process running this job exited with status {code} before finishing it"
 
 
-def run_local(payloads: list[dict], workers: int, on_start, on_result) -> None:
+@contextlib.contextmanager
+def started_early(preload: bool):
+    """The way workers start, begun now: where they are forked from a server that imports TensorFlow
+    (``preload``; see _context), the server is started at once, so that its import — the part of a
+    run no number of workers shortens — runs while the main process still removes stale files and
+    checks which jobs are done, rather than after. Yields what run_local takes as ``processes``; the
+    server is stopped when the block ends (also where no job was left to run)."""
+    ctx, server = _context(preload)
+    with server:
+        if ctx.get_start_method() == "forkserver":
+            import multiprocessing.forkserver
+            multiprocessing.forkserver.ensure_running()  # (returns at once; the server imports on its own)
+        yield ctx
+
+
+def run_local(payloads: list[dict], workers: int, on_start, on_result, processes=None) -> None:
     """Run every payload on ``workers`` processes; ``on_start(payload)`` when a job is handed to a
     worker, ``on_result(result)`` for each finished job (in completion order). On Ctrl-C, the running
-    jobs are interrupted and reported, and KeyboardInterrupt is raised again."""
+    jobs are interrupted and reported, and KeyboardInterrupt is raised again. ``processes``: what
+    started_early yielded, else the way workers start is chosen here (and ended after the run)."""
     queue = collections.deque(payloads)
     if not queue:
         return
     threads = max(1, (os.cpu_count() or 1) // max(1, min(workers, len(queue))))
-    ctx, forkserver = _context(preload=any(p.get("needs_keras") for p in payloads))
+    if processes is None:
+        ctx, forkserver = _context(preload=any(p.get("needs_keras") for p in payloads))
+    else:
+        ctx, forkserver = processes, contextlib.nullcontext()
     with tempfile.TemporaryDirectory(prefix="modelxform-batch-") as log_dir, forkserver:
         pool: list[_Worker] = []
         started = 0
@@ -146,7 +166,6 @@ def _context(preload: bool):
     for this run, with this process's environment, and stopped after it (a later run may have another).
     Otherwise (weight-only jobs, which never import TensorFlow; other backends, whose runtimes are not
     fork-safe; systems without fork): each worker is a fresh interpreter ('spawn')."""
-    import contextlib
     from ..keras_io.backend import keras_backend
     if not (preload and keras_backend() == "tensorflow" and "forkserver" in multiprocessing.get_all_start_methods()):
         return multiprocessing.get_context("spawn"), contextlib.nullcontext()

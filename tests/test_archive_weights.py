@@ -754,6 +754,59 @@ def test_an_elementwise_recipe_never_holds_a_whole_array(tmp_path, monkeypatch):
     assert_same_result(tmp_path / "fast.keras", tmp_path / "engine.keras", path)
 
 
+@pytest.mark.parametrize("path", ["weight-only", "structural"])
+def test_a_large_output_is_written_to_disk_while_it_is_made(tmp_path, monkeypatch, path):
+    """The weights of a large output go to disk in the background as they are written (streams.Writeback,
+    every 1 MiB here instead of 256 MiB): at least one sync starts while the weights are being written and
+    one once they are all written, all before the file is renamed into place; and the file is the same
+    as the engine's."""
+    import os
+
+    from modelxform.keras_io import streams
+    source = tmp_path / "wide.keras"
+    _large_dense_model(source)  # an 8 MiB kernel
+    events = []
+    real_fdatasync, real_replace = os.fdatasync, os.replace
+
+    class EveryMiB(streams.Writeback):
+        def __init__(self, fd, every=1 << 20):
+            super().__init__(fd, every)
+
+        def kick(self, after_running=False):
+            events.append("last kick" if after_running else "kick")
+            super().kick(after_running)
+
+    def fdatasync(fd):
+        events.append("sync")
+        real_fdatasync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        real_replace(src, dst)
+    monkeypatch.setattr(archive_module, "Writeback", EveryMiB)
+    monkeypatch.setattr(streams, "Writeback", EveryMiB)
+    monkeypatch.setattr(archive_module, "WRITEBACK_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(streams, "WRITEBACK_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "replace", replace)
+    text = "select where type=Dense\nscale kernel 0.5\n"
+    if path == "structural":
+        text += "insert Dropout(rate=0.1) before head\n"
+    recipe = compile_recipe(text, "writeback.recipe")
+    out = tmp_path / "out.keras"
+    if path == "weight-only":
+        archive_apply(recipe, source, out)
+    else:
+        apply_file(recipe, source, out, seed=SEED)
+    assert events.count("kick") >= 1 and events.count("last kick") == 1
+    assert events.count("sync") >= 2
+    assert events.index("kick") < events.index("last kick") < max(i for i, e in enumerate(events) if e == "sync") \
+        < events.index("rename")
+    monkeypatch.undo()
+    engine_apply(Subject(source), recipe, tmp_path / "engine.keras")
+    assert_same_result(out, tmp_path / "engine.keras", source)
+
+
 def test_deferred_changes_read_in_any_order_give_the_same_values(subjects):
     """A deferred noise pass read by rows out of order (which restarts it), by rows in order, and whole,
     gives the values of the pass run on the whole array."""

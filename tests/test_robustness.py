@@ -1026,6 +1026,34 @@ def test_disk_full_while_the_model_is_written(tmp_path, cnn, monkeypatch, capfd,
         assert len(writes) > 3  # the failure came from the in-place writer (h5py writes again as it closes)
 
 
+@pytest.mark.parametrize("recipe_kind", ["weight-only", "structural"])
+def test_a_disk_error_met_by_the_background_writeback_fails_the_write(tmp_path, cnn, monkeypatch, recipe_kind):
+    """Large outputs are written to disk in the background while they are made (streams.Writeback). A
+    write error is reported by Linux to the sync that meets it, not to the fsync made after it, so an
+    error of the background sync must fail the write itself: exit 3, one line naming the output, the
+    old output kept, no temporary file left."""
+    from modelxform.keras_io import archive, streams
+    monkeypatch.setattr(archive, "WRITEBACK_MIN_BYTES", 0)  # (this small model's output, too)
+    monkeypatch.setattr(streams, "WRITEBACK_MIN_BYTES", 0)
+    syncs = []
+
+    def failing_fdatasync(fd):
+        syncs.append(fd)
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text(RECIPES[recipe_kind])
+    out = _previous_output(tmp_path)
+    before = sha256(cnn)
+    r = run_cli("apply", recipe, cnn, "-o", out)
+    assert r.status == 3, r.err
+    only_error_line(r.err, str(out), "Input/output error")
+    assert syncs, "no background sync ran"
+    assert out.read_bytes() == b"previous output"
+    assert sha256(cnn) == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.keras"]
+
+
 @contextlib.contextmanager
 def file_size_limit(limit: int):
     """Real write failures in every writer (Keras, h5py, zipfile, the fast path): files may not grow

@@ -43,7 +43,8 @@ from .config import MODEL_CLASS_NAMES as MODEL_CLASSES
 from .config import layers_of
 from .layers import LayerInfo, snake_case
 from .safety import CONFIG_MEMBER, METADATA_MEMBER, PROVENANCE_MEMBER
-from .streams import EditedCrc, copy_range, preallocate, read_exact, write_all
+from .streams import (WRITEBACK_MIN_BYTES, EditedCrc, Writeback, copy_range, preallocate, read_exact,
+                      write_all)
 from .zipmember import Window as _Window
 from .zipmember import member_offset
 
@@ -651,6 +652,7 @@ class Archive:
         config = self.current_config()
         metadata_json = json.dumps({"keras_version": self.keras_version, "date_saved": stamp})
         self.hash_input()
+        writeback = None
         with zipfile.ZipFile(tmp, "w") as dst:
             dst.writestr(info(METADATA_MEMBER, zipfile.ZIP_STORED), metadata_json.encode())
             dst.writestr(info(CONFIG_MEMBER, zipfile.ZIP_STORED), json.dumps(config).encode())
@@ -661,7 +663,11 @@ class Archive:
                     dst.fp.flush()
                     base = dst.fp.tell()
                     preallocate(dst.fp.fileno(), base, self.h5_size)
-                    crc = self._write_weights_at(dst.fp.fileno(), base)
+                    if self.h5_size >= WRITEBACK_MIN_BYTES:  # (disk writes overlap the work left: streams.Writeback)
+                        writeback = Writeback(dst.fp.fileno())
+                    crc = self._write_weights_at(dst.fp.fileno(), base, writeback)
+                    if writeback is not None:
+                        writeback.kick(after_running=True)  # while the input's digest is awaited
                     dst.fp.seek(base + self.h5_size)
                     files.set_member_written(out, self.h5_size, crc)
                 else:
@@ -669,6 +675,8 @@ class Archive:
             record = provenance(self.input_sha256())
             dst.writestr(info(files.PROVENANCE_MEMBER, zipfile.ZIP_DEFLATED),
                          json.dumps(record, indent=1, sort_keys=True).encode())
+        if writeback is not None:
+            writeback.finish()
 
     def _touched(self) -> list:
         """The variables whose bytes the written file changes, in file order."""
@@ -727,12 +735,13 @@ class Archive:
         if position < self.h5_size:
             yield position, self.h5_size - position, None
 
-    def _write_weights_at(self, out_fd: int, base: int) -> int:
+    def _write_weights_at(self, out_fd: int, base: int, writeback=None) -> int:
         """Write model.weights.h5 into ``out_fd`` at ``base``: kept ranges copied file to file (in the
         kernel where it can), changed bytes written once. Returns the member's CRC-32, worked out from the
         input's and the changed ranges' old and new bytes (streams.EditedCrc), without reading the kept
         ones. (Computing it over the written bytes would read a little less when most bytes change, but
-        would give damaged input bytes a valid CRC: this way the damage stays detectable.)"""
+        would give damaged input bytes a valid CRC: this way the damage stays detectable.) ``writeback``
+        (a streams.Writeback) is told of every piece written."""
         touched = self._touched()
         fd = self._fh.fileno()
         edited = EditedCrc(self.h5_crc, self.h5_size)
@@ -742,6 +751,8 @@ class Archive:
             else:
                 write_all(out_fd, new, base + offset)
                 edited.replace_new(offset, new)
+            if writeback is not None:
+                writeback.wrote(size)
         return edited.value
 
     def _write_weights_through(self, out) -> None:

@@ -445,6 +445,7 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None, lor
 
     size_hint = _weights_file_size_hint(model)
     saved = True
+    writeback = None
     with open(path, "w+b") as raw:
         with zipfile.ZipFile(raw, "w") as dst:
             put = _member_writer(dst, date_time)
@@ -458,12 +459,16 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None, lor
                 info.file_size = size_hint
                 with dst.open(info, "w") as out:
                     if member_writer_settable(out):
-                        from .streams import FileWindow, crc_of_range, preallocate
+                        from .streams import WRITEBACK_MIN_BYTES, FileWindow, Writeback, crc_of_range, preallocate
                         dst.fp.flush()
                         base = dst.fp.tell()
                         preallocate(dst.fp.fileno(), base, size_hint)
-                        window = FileWindow(dst.fp.fileno(), base)
+                        if size_hint >= WRITEBACK_MIN_BYTES:  # (disk writes overlap the work left: streams.Writeback)
+                            writeback = Writeback(dst.fp.fileno())
+                        window = FileWindow(dst.fp.fileno(), base, writeback)
                         saved = save_weights(window)
+                        if writeback is not None:
+                            writeback.kick(after_running=True)  # while the member's CRC is worked out
                         size = window.size
                         crc = crc_of_range(dst.fp.fileno(), base, size)
                         dst.fp.seek(base + size)
@@ -483,6 +488,8 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None, lor
                 put(PROVENANCE_MEMBER, json.dumps(provenance, indent=1, sort_keys=True).encode(),
                     zipfile.ZIP_DEFLATED)
         raw.truncate(raw.tell())  # (nothing of the weights file h5py cut short is left at the end)
+    if writeback is not None:
+        writeback.finish()
     if not saved:
         path.unlink()  # the model saves assets: Keras's own save writes this file instead
         return False

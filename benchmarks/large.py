@@ -246,7 +246,9 @@ def plot(results: dict, path: pathlib.Path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     right.legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"modelxform on large models ({results['nproc']} CPUs; {results['date']})", fontsize=10)
+    earlier = [f"{e['gib']:g} GiB: {e['date']}" for e in results["sizes"] if e.get("date", results["date"]) != results["date"]]
+    fig.suptitle(f"modelxform on large models ({results['nproc']} CPUs; {results['date']}"
+                 + (f"; {', '.join(earlier)}" if earlier else "") + ")", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

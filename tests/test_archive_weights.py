@@ -769,8 +769,8 @@ def test_a_large_output_is_written_to_disk_while_it_is_made(tmp_path, monkeypatc
     real_fdatasync, real_replace = os.fdatasync, os.replace
 
     class EveryMiB(streams.Writeback):
-        def __init__(self, fd, every=1 << 20):
-            super().__init__(fd, every)
+        def __init__(self, fd, size, every=1 << 20):
+            super().__init__(fd, size, every)
 
         def kick(self, after_running=False):
             events.append("last kick" if after_running else "kick")
@@ -785,7 +785,6 @@ def test_a_large_output_is_written_to_disk_while_it_is_made(tmp_path, monkeypatc
         real_replace(src, dst)
     monkeypatch.setattr(archive_module, "Writeback", EveryMiB)
     monkeypatch.setattr(streams, "Writeback", EveryMiB)
-    monkeypatch.setattr(archive_module, "WRITEBACK_MIN_BYTES", 1 << 20)
     monkeypatch.setattr(streams, "WRITEBACK_MIN_BYTES", 1 << 20)
     monkeypatch.setattr(os, "fdatasync", fdatasync)
     monkeypatch.setattr(os, "replace", replace)

@@ -1032,9 +1032,8 @@ def test_a_disk_error_met_by_the_background_writeback_fails_the_write(tmp_path, 
     write error is reported by Linux to the sync that meets it, not to the fsync made after it, so an
     error of the background sync must fail the write itself: exit 3, one line naming the output, the
     old output kept, no temporary file left."""
-    from modelxform.keras_io import archive, streams
-    monkeypatch.setattr(archive, "WRITEBACK_MIN_BYTES", 0)  # (this small model's output, too)
-    monkeypatch.setattr(streams, "WRITEBACK_MIN_BYTES", 0)
+    from modelxform.keras_io import streams
+    monkeypatch.setattr(streams, "WRITEBACK_MIN_BYTES", 0)  # (this small model's output, too)
     syncs = []
 
     def failing_fdatasync(fd):

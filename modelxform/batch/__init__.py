@@ -110,8 +110,7 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
     batch_start = time.perf_counter()
     outcomes = [Outcome(job) for job in zoo.jobs]
     with contextlib.ExitStack() as stack:
-        processes = None
-        if executor == "local" and zoo.jobs:
+        if executor == "local":
             # The workers' server (where they need TensorFlow) imports it while this process checks
             # which jobs are done: the import is the part of a run no number of workers shortens.
             from .local import started_early

@@ -80,20 +80,16 @@ def started_early(preload: bool):
         yield ctx
 
 
-def run_local(payloads: list[dict], workers: int, on_start, on_result, processes=None) -> None:
-    """Run every payload on ``workers`` processes; ``on_start(payload)`` when a job is handed to a
-    worker, ``on_result(result)`` for each finished job (in completion order). On Ctrl-C, the running
-    jobs are interrupted and reported, and KeyboardInterrupt is raised again. ``processes``: what
-    started_early yielded, else the way workers start is chosen here (and ended after the run)."""
+def run_local(payloads: list[dict], workers: int, on_start, on_result, ctx) -> None:
+    """Run every payload on ``workers`` processes started by ``ctx`` (what started_early yielded);
+    ``on_start(payload)`` when a job is handed to a worker, ``on_result(result)`` for each finished job
+    (in completion order). On Ctrl-C, the running jobs are interrupted and reported, and
+    KeyboardInterrupt is raised again."""
     queue = collections.deque(payloads)
     if not queue:
         return
     threads = max(1, (os.cpu_count() or 1) // max(1, min(workers, len(queue))))
-    if processes is None:
-        ctx, forkserver = _context(preload=any(p.get("needs_keras") for p in payloads))
-    else:
-        ctx, forkserver = processes, contextlib.nullcontext()
-    with tempfile.TemporaryDirectory(prefix="modelxform-batch-") as log_dir, forkserver:
+    with tempfile.TemporaryDirectory(prefix="modelxform-batch-") as log_dir:
         pool: list[_Worker] = []
         started = 0
 

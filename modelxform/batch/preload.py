@@ -1,7 +1,7 @@
 """What the local pool's fork server imports once, before it forks the workers (batch/local.py):
 Keras and TensorFlow, about 2.5 s of CPU that each worker would otherwise spend importing them itself,
 and modelxform's modules that a job runs. JAX and matplotlib, where installed, are left out of that import
-(keras_io.backend.keras_import_without_extras), and TensorFlow's objects are frozen out of the
+(keras_io.backend.backend_import), and TensorFlow's objects are frozen out of the
 garbage collector's walks before the workers are forked.
 
 Only the import: nothing here starts TensorFlow's runtime (no device query, no op), whose thread pools
@@ -15,14 +15,13 @@ import signal
 
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 try:
-    from ..keras_io.backend import (collector_paused_then_frozen, import_before_fork, own_process,
-                                    start_up_messages_kept_off)
+    from ..keras_io.backend import backend_import, import_before_fork, keras_backend, own_process
 
-    # (collector_paused_then_frozen: as files.import_keras does, the collector does not walk what
-    # TensorFlow leaves behind while it imports, nor at each full collection in every forked worker,
-    # which inherits the frozen objects — nor copies their pages by touching them)
-    with collector_paused_then_frozen(), start_up_messages_kept_off(silent=lambda exc: True):
-        own_process()  # (the server and the workers forked from it are modelxform's own processes)
+    own_process()  # (the server and the workers forked from it are modelxform's own processes)
+    # (backend_import, as files.import_keras imports: messages kept off the terminal, no JAX or matplotlib,
+    # and the collector paused, then what was imported frozen, which every forked worker inherits: no
+    # full collection in a job walks TensorFlow's objects again, nor copies their pages by touching them)
+    with backend_import(keras_backend(), silent=lambda exc: True):  # (a worker reports what fails itself)
         import_before_fork()  # (batch/local.py preloads only on TensorFlow)
         # (and what a job runs: modelxform's own modules, once, rather than in each worker's first job)
         from .. import provenance, session  # noqa: F401

@@ -43,8 +43,7 @@ from .config import MODEL_CLASS_NAMES as MODEL_CLASSES
 from .config import layers_of
 from .layers import LayerInfo, snake_case
 from .safety import CONFIG_MEMBER, METADATA_MEMBER, PROVENANCE_MEMBER
-from .streams import (WRITEBACK_MIN_BYTES, EditedCrc, Writeback, copy_range, preallocate, read_exact,
-                      write_all)
+from .streams import EditedCrc, Writeback, copy_range, preallocate, read_exact, write_all
 from .zipmember import Window as _Window
 from .zipmember import member_offset
 
@@ -663,11 +662,9 @@ class Archive:
                     dst.fp.flush()
                     base = dst.fp.tell()
                     preallocate(dst.fp.fileno(), base, self.h5_size)
-                    if self.h5_size >= WRITEBACK_MIN_BYTES:  # (disk writes overlap the work left: streams.Writeback)
-                        writeback = Writeback(dst.fp.fileno())
+                    writeback = Writeback(dst.fp.fileno(), self.h5_size)  # (disk writes overlap the work left)
                     crc = self._write_weights_at(dst.fp.fileno(), base, writeback)
-                    if writeback is not None:
-                        writeback.kick(after_running=True)  # while the input's digest is awaited
+                    writeback.kick(after_running=True)  # while the input's digest is awaited
                     dst.fp.seek(base + self.h5_size)
                     files.set_member_written(out, self.h5_size, crc)
                 else:
@@ -735,7 +732,7 @@ class Archive:
         if position < self.h5_size:
             yield position, self.h5_size - position, None
 
-    def _write_weights_at(self, out_fd: int, base: int, writeback=None) -> int:
+    def _write_weights_at(self, out_fd: int, base: int, writeback: Writeback) -> int:
         """Write model.weights.h5 into ``out_fd`` at ``base``: kept ranges copied file to file (in the
         kernel where it can), changed bytes written once. Returns the member's CRC-32, worked out from the
         input's and the changed ranges' old and new bytes (streams.EditedCrc), without reading the kept
@@ -751,8 +748,7 @@ class Archive:
             else:
                 write_all(out_fd, new, base + offset)
                 edited.replace_new(offset, new)
-            if writeback is not None:
-                writeback.wrote(size)
+            writeback.wrote(size)
         return edited.value
 
     def _write_weights_through(self, out) -> None:

@@ -225,12 +225,10 @@ def collector_paused_then_frozen():
 def import_before_fork() -> None:
     """Import Keras and its backend's library without starting the backend's runtime (no device query,
     no op: TensorFlow's thread pools would not survive a fork). The import a fork server does once for
-    the workers it forks (batch/preload.py)."""
-    backend = keras_backend()
-    with keras_import_without_extras(backend):
-        import keras  # noqa: F401
-        if backend == "tensorflow":
-            import tensorflow  # noqa: F401
+    the workers it forks (batch/preload.py), inside backend_import."""
+    import keras  # noqa: F401
+    if keras_backend() == "tensorflow":
+        import tensorflow  # noqa: F401
 
 
 def tensorflow_probe(enabled: bool) -> None:
@@ -293,6 +291,17 @@ def start_up_messages_kept_off(silent=lambda exc: False):
         os.close(saved)
 
 
+@contextlib.contextmanager
+def backend_import(backend: str, silent=lambda exc: False):
+    """How modelxform imports Keras and a backend's library, and starts it: with its start-up messages
+    kept off the terminal (start_up_messages_kept_off, ``silent`` as there), without what it would import
+    only to offer what modelxform never calls (keras_import_without_extras; in modelxform's own processes),
+    and with the garbage collector paused and what the import leaves frozen (collector_paused_then_frozen).
+    files.import_keras, require_tensorflow and the batch fork server (batch/preload.py) import through it."""
+    with collector_paused_then_frozen(), start_up_messages_kept_off(silent), keras_import_without_extras(backend):
+        yield
+
+
 def require_tensorflow(what: str) -> None:
     """A UsageError (exit 2) saying that ``what`` needs TensorFlow, unless it can be imported (on any
     Keras backend: Keras exports a JAX model through jax2tf, which needs TensorFlow too)."""
@@ -301,9 +310,8 @@ def require_tensorflow(what: str) -> None:
     if "tensorflow" in sys.modules:
         return
     try:
-        with start_up_messages_kept_off(silent=lambda exc: isinstance(exc, ImportError)):
-            with keras_import_without_extras(keras_backend()):
-                import tensorflow
+        with backend_import(keras_backend(), silent=lambda exc: isinstance(exc, ImportError)):
+            import tensorflow
             tensorflow.config.list_physical_devices()  # (it looks for accelerators, and logs, on first use)
     except ImportError:
         raise UsageError(f"{what} writes a TensorFlow SavedModel and needs TensorFlow, which is not installed "

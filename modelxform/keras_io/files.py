@@ -48,21 +48,16 @@ def import_keras():
     if "keras" in sys.modules:
         import keras
         return keras
-    from .backend import (collector_paused_then_frozen, keras_backend, keras_import_without_extras,
-                          missing_backend_message, start_up_messages_kept_off)
+    from .backend import backend_import, keras_backend, missing_backend_message
     backend = keras_backend()
 
     def missing(exc) -> bool:
         return isinstance(exc, ImportError) and missing_backend_message(exc) is not None
     try:
-        # (collector_paused_then_frozen: TensorFlow leaves a few hundred thousand long-lived objects
-        # behind, which the collector would walk again and again while they import and a model is built)
-        with collector_paused_then_frozen(), start_up_messages_kept_off(silent=missing):
-            with keras_import_without_extras(backend):
-                import keras
-                if backend == "tensorflow":
-                    import tensorflow as tf
+        with backend_import(backend, silent=missing):
+            import keras
             if backend == "tensorflow":
+                import tensorflow as tf
                 tf.config.list_physical_devices()
             elif backend == "jax":
                 import jax
@@ -459,16 +454,14 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None, lor
                 info.file_size = size_hint
                 with dst.open(info, "w") as out:
                     if member_writer_settable(out):
-                        from .streams import WRITEBACK_MIN_BYTES, FileWindow, Writeback, crc_of_range, preallocate
+                        from .streams import FileWindow, Writeback, crc_of_range, preallocate
                         dst.fp.flush()
                         base = dst.fp.tell()
                         preallocate(dst.fp.fileno(), base, size_hint)
-                        if size_hint >= WRITEBACK_MIN_BYTES:  # (disk writes overlap the work left: streams.Writeback)
-                            writeback = Writeback(dst.fp.fileno())
+                        writeback = Writeback(dst.fp.fileno(), size_hint)  # (disk writes overlap the work left)
                         window = FileWindow(dst.fp.fileno(), base, writeback)
                         saved = save_weights(window)
-                        if writeback is not None:
-                            writeback.kick(after_running=True)  # while the member's CRC is worked out
+                        writeback.kick(after_running=True)  # while the member's CRC is worked out
                         size = window.size
                         crc = crc_of_range(dst.fp.fileno(), base, size)
                         dst.fp.seek(base + size)
@@ -651,11 +644,8 @@ def member_digests(path: str | os.PathLike) -> dict | None:
 
 def sha256_file(path: str | os.PathLike) -> str:
     import hashlib
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def sha256_with_identity(path: str | os.PathLike) -> tuple[str, tuple | None]:
@@ -672,11 +662,8 @@ def sha256_with_identity(path: str | os.PathLike) -> tuple[str, tuple | None]:
             return remembered, digests.file_identity(st)
         started = time.time_ns()
         import hashlib
-        h = hashlib.sha256()
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+        sha = hashlib.file_digest(fh, "sha256").hexdigest()
         after = os.fstat(fh.fileno())
-    sha = h.hexdigest()
     digests.remember(st, after, sha, started)
     before, after = digests.file_identity(st), digests.file_identity(after)
     return sha, (before if before == after else None)

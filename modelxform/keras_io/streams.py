@@ -200,10 +200,12 @@ class Writeback:
     bytes written, one at a time, and once more when the bulk is written (``kick(after_running=True)``),
     while the process goes on making bytes, or waits for the input's digest. Durability still rests on the final
     fsync (files.write_atomically). An error of a background sync would be reported to it alone, not to
-    that fsync: :meth:`finish` waits for the thread and raises it."""
+    that fsync: :meth:`finish` waits for the thread and raises it. For a member of ``size`` bytes under
+    WRITEBACK_MIN_BYTES it does nothing."""
 
-    def __init__(self, fd: int, every: int = 256 << 20):
+    def __init__(self, fd: int, size: int, every: int = 256 << 20):
         self._fd, self._every = fd, every
+        self._on = size >= WRITEBACK_MIN_BYTES
         self._unsynced = 0
         self._thread: threading.Thread | None = None
         self._error: OSError | None = None
@@ -217,6 +219,8 @@ class Writeback:
         """A sync of what was written so far, in the background. If one is still running, this one is
         left to the next call, or with ``after_running`` (the last call, when the bulk is written)
         starts once it ends."""
+        if not self._on:
+            return
         if self._thread is not None and self._thread.is_alive():
             if not after_running:
                 return

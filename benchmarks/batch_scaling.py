@@ -10,6 +10,9 @@ run by run, so a slow spell of the machine hits all of them. Reported: median wa
 throughput (jobs per minute), the throughput ratio against -j 1 (issue 5's target on a 2-core
 machine: at least 1.7x with 2 workers), the CPU seconds of the whole process tree, and when the first
 job started (what every job waits for: the one TensorFlow import, which more workers do not shorten).
+Two more ratios say where the throughput ratio is bounded: the ceiling (Amdahl's law on the -j 1 runs:
+the ratio if each of N workers ran its jobs as fast as the lone worker, with the rest of the run — start,
+import, end — unchanged) and the ratio from the first job's start on (how the workers themselves scale).
 The machine's load average is recorded before each run: other work on the machine takes cores from
 the workers, and the ratio means little when it is high.
 
@@ -169,6 +172,18 @@ def main(argv=None) -> int:
                      "job_seconds": statistics.median(r["job_seconds"] for r in runs if r["workers"] == workers),
                      "first_job": statistics.median(r["first_job"] for r in runs if r["workers"] == workers),
                      "load_before": [r["load_before"] for r in runs if r["workers"] == workers]})
+    # Where the ratio is bounded, from the -j 1 runs themselves: what is not job time there (interpreter
+    # start, the one TensorFlow import, the end) runs once whatever the number of workers. The ceiling is
+    # the ratio N workers would reach if each ran its jobs as fast as the lone worker does (Amdahl's law);
+    # "after the first job" compares the runs from the first job's start on, where the workers scale.
+    ones = [r for r in runs if r["workers"] == args.workers[0]]
+    for row in rows:
+        n = row["workers"] / args.workers[0]
+        row["ceiling"] = statistics.median(r["wall"] / (r["wall"] - r["job_seconds"] + r["job_seconds"] / n)
+                                           for r in ones)
+        row["ratio_after_first_job"] = (statistics.median(r["wall"] - r["first_job"] for r in ones)
+                                        / statistics.median(r["wall"] - r["first_job"] for r in runs
+                                                            if r["workers"] == row["workers"]))
     pair = statistics.median(pairs)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -177,12 +192,13 @@ def main(argv=None) -> int:
                "zoo": description,
                "runs": args.runs, "results": rows}
     (HERE / f"batch-scaling-{args.zoo}.json").write_text(json.dumps(results, indent=2) + "\n")
-    print("| workers | median wall (s) | runs (s) | jobs/min | throughput vs -j 1 | CPU (s, median) "
-          "| first job started (s, median) | job time, summed (s, median) | load avg before runs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| workers | median wall (s) | runs (s) | jobs/min | throughput vs -j 1 | ceiling | after the first job "
+          "| CPU (s, median) | first job started (s, median) | job time, summed (s, median) | load avg before runs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| -j {r['workers']} | {r['median_wall']:.1f} | {', '.join(f'{w:.1f}' for w in r['walls'])} | "
-              f"{r['jobs_per_minute']:.1f} | {r['throughput_ratio']:.2f}x | {r['cpu_seconds']:.1f} | "
+              f"{r['jobs_per_minute']:.1f} | {r['throughput_ratio']:.2f}x | {r['ceiling']:.2f}x | "
+              f"{r['ratio_after_first_job']:.2f}x | {r['cpu_seconds']:.1f} | "
               f"{r['first_job']:.1f} | {r['job_seconds']:.1f} | "
               f"{', '.join(f'{x:.1f}' for x in r['load_before'])} |")
     print(f"\nTwo processes of a pure-Python loop against one, on this machine: {pair:.2f}x the throughput "

@@ -306,24 +306,35 @@ def verify_file(model, original, *, unsafe: bool = False, imports=(),
 
     >>> differences, notes = verify_file("out.keras", "cnn.keras")   # doctest: +SKIP
     """
+    weights = dict(weights or {})
+    # A clear error for a bad ORIGINAL first. Opened as apply opens a model (open_model): a .keras file
+    # the archive engine reads is re-made as apply made it, a variable at a time, rather than loaded
+    # whole with Keras — on a 6 GB model that was a 20 GB peak.
+    source = open_model(original, unsafe=unsafe, imports=imports)
+    with _closing(source):
+        return _verify(model, original, source, unsafe=unsafe, imports=imports, weights=weights)
+
+
+def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) -> tuple[list[str], list[str]]:
+    """verify_file's work, with ``source`` the original opened (and closed by the caller)."""
     import tempfile
 
     from .keras_io.backend import BACKEND_LIBRARIES, library_versions
-    from .keras_io.files import load_model, model_format, sha256_file
+    from .keras_io.files import model_format, sha256_file, sha256_with_identity
     from .provenance import backend_of, content_differences, read_record, recipe_sha256
 
-    weights = dict(weights or {})
-    load_model(original, unsafe=unsafe, imports=imports)  # a clear error for a bad ORIGINAL first
     record = read_record(model)
     if not record or not record.get("chain"):
         raise UsageError(f"{model}: has no modelxform provenance record; nothing to verify")
     chain = record["chain"]
     recipes = [_recorded_recipe(model, n, step, weights) for n, step in enumerate(chain, start=1)]
     differences, notes = [], []
-    original_sha = sha256_file(original)
-    if original_sha != chain[0]["input_sha256"]:
+    # every byte read (no digest cache: verify trusts none), and the digest handed to the step that
+    # reads the file, which then need not read it again
+    digest = sha256_with_identity(original, cached=False)
+    if digest[0] != chain[0]["input_sha256"]:
         differences.append(f"{original} is not the file this model was made from: its sha256 is "
-                           f"{original_sha}, the record says {chain[0]['input_sha256']}")
+                           f"{digest[0]}, the record says {chain[0]['input_sha256']}")
         return differences, notes
     here = library_versions() or {}
     for n, step in enumerate(chain, start=1):
@@ -343,24 +354,30 @@ def verify_file(model, original, *, unsafe: bool = False, imports=(),
             if recipe_sha256(recipe) != step["recipe"]["sha256"]:
                 differences.append(f"step {n}: the recorded recipe text does not match its recorded sha256")
             out = pathlib.Path(tmp) / f"step{n}{suffix if n == len(chain) else '.keras'}"
-            source = load_model(current, unsafe=unsafe, imports=imports)
-            result = _apply(recipe, source, str(current), str(out), step["seed"], step["params"],
-                            False, previous=so_far, read_previous=False, unsafe=unsafe, imports=imports,
-                            weights_file=_weights_chooser(n, step, weights))
+            opened = source if n == 1 else open_model(current, unsafe=unsafe, imports=imports)
+            with _closing(opened) if n > 1 else contextlib.nullcontext():
+                result = _apply(recipe, opened, str(current), str(out), step["seed"], step["params"],
+                                False, previous=so_far, read_previous=False, unsafe=unsafe, imports=imports,
+                                weights_file=_weights_chooser(n, step, weights), input_digest=digest)
             so_far = result.provenance
             if so_far["chain"][-1]["statements"] != step["statements"]:
                 differences.append(f"step {n}: the statements now report differently than recorded")
             differences.extend(_record_differences(n, step, so_far["chain"][-1]))
-            if n < len(chain) and sha256_file(out) != chain[n].get("input_sha256"):
-                notes.append(f"step {n + 1}'s recorded input is not byte-identical to the re-made step {n} output"
-                             + (" (they differ in the backend the provenance records)"
-                                if backend_of(step.get("versions", {})) != here.get("backend") else ""))
+            if n < len(chain):
+                digest = sha256_with_identity(out, cached=False)
+                if digest[0] != chain[n].get("input_sha256"):
+                    notes.append(f"step {n + 1}'s recorded input is not byte-identical to the re-made step {n} output"
+                                 + (" (they differ in the backend the provenance records)"
+                                    if backend_of(step.get("versions", {})) != here.get("backend") else ""))
             current = out
         extra = sorted(set(record) - {"format", "chain"})
         if extra:
             differences.append(f"the record holds fields modelxform does not write: {', '.join(extra)[:200]}")
         if model_format(model) == "keras":
-            if sha256_file(current) != sha256_file(model):
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(2) as pool:  # (side by side: hashlib lets go of the GIL)
+                remade_sha, model_sha = pool.map(sha256_file, (current, model))
+            if remade_sha != model_sha:
                 if _same_but_backend(current, model):
                     notes.append("the re-made file differs only in the Keras backend its provenance records")
                 else:

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import io
 import json
+import pathlib
 import re
 import subprocess
 import sys
@@ -671,6 +672,60 @@ def test_weight_only_apply_and_plan_do_not_import_tensorflow(subjects, tmp_path,
     else:
         assert "dry run: nothing was written" in proc.stdout
 
+
+
+def test_verify_re_makes_a_weight_only_output_without_tensorflow(subjects, tmp_path):
+    """verify re-makes a weight-only output as apply made it, on the archive: neither Keras nor
+    TensorFlow is imported (a 6 GB model loaded whole with Keras was a 20 GB peak)."""
+    subject = subjects("cnn")
+    recipe = tmp_path / "w.recipe"
+    recipe.write_text("select where type=Dense\nscale kernel 0.8\nselect all\nfreeze\n")
+    made = run_cli("apply", recipe, subject.path, "-o", tmp_path / "out.keras")
+    assert made.status == 0, made.err
+    proc = subprocess.run([sys.executable, "-c", NO_TF_PROBE, "verify", "out.keras", "--input", str(subject.path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "STATUS 0" in proc.stdout, proc.stdout + proc.stderr
+    assert "out.keras: verified" in proc.stdout
+    assert "LOADED False False" in proc.stdout, proc.stdout
+
+
+def test_verify_re_makes_a_chain_on_the_archive_reading_each_input_once(subjects, tmp_path, monkeypatch):
+    """A chain of a structural and a weight-only recipe is re-made the way apply made it: every step
+    from the archive (no model loaded whole with Keras), each step's input hashed once by verify itself
+    (the archive does not hash it again), and the result is identical; a tampered byte is still found."""
+    from modelxform.keras_io import files
+    subject = subjects("cnn")
+    structural = tmp_path / "s.recipe"
+    structural.write_text("select where type=Conv2D\nadd noise normal(stddev=0.01) to kernel\n"
+                          "append Dense(units=3, name=\"extra_head\")\n")
+    weight_only = tmp_path / "w.recipe"
+    weight_only.write_text("select where type=Dense\nscale kernel 0.5\n")
+    step1, step2 = tmp_path / "step1.keras", tmp_path / "step2.keras"
+    apply_file(structural, subject.path, step1, seed=SEED)
+    apply_file(weight_only, step1, step2, seed=SEED)
+
+    def whole_load(*args, **kwargs):
+        raise AssertionError("verify loaded a model whole with Keras")
+    hashed, archive_hashes = [], []
+    real = files.sha256_with_identity
+    monkeypatch.setattr(files, "load_model", whole_load)
+    monkeypatch.setattr(files, "sha256_with_identity", lambda path, **kw: hashed.append(path) or real(path, **kw))
+    monkeypatch.setattr(archive_module._FileDigest, "start", lambda self: archive_hashes.append(self))
+    differences, notes = session.verify_file(step2, subject.path)
+    assert differences == [] and notes[-1] == f"re-made step2.keras from {subject.path} in 2 step(s): identical"
+    assert [pathlib.Path(p).name for p in hashed] == [subject.path.name, "step1.keras"]
+    assert archive_hashes == []
+
+    tampered = tmp_path / "tampered.keras"
+    data = bytearray(step2.read_bytes())
+    with zipfile.ZipFile(step2) as zf:
+        info = zf.getinfo("model.weights.h5")
+    # (the member's last byte: the last value of the last array written, the new head's bias)
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size - 1] ^= 0xFF
+    tampered.write_bytes(bytes(data))
+    monkeypatch.undo()
+    differences, _ = session.verify_file(tampered, subject.path)
+    assert len(differences) == 1 and differences[0].startswith("extra_head: bias differs"), differences
 
 # ---- arrays that stream (issue 19) ----------------------------------------------------------------------
 # Elementwise statements (scale, clip, add noise, set … to a constant) on the archive change an array as it

@@ -648,23 +648,25 @@ def sha256_file(path: str | os.PathLike) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def sha256_with_identity(path: str | os.PathLike) -> tuple[str, tuple | None]:
+def sha256_with_identity(path: str | os.PathLike, *, cached: bool = True) -> tuple[str, tuple | None]:
     """The file's sha256 and its identity (digests.file_identity) if it did not change while it was
-    read, else None: a digest taken once (by a batch run's main process) that a later reader of the same
-    file may use instead of reading it again, when the identity is still the same. A large file's
-    digest comes from the digest cache when it holds one for this identity (digests.py), and goes
-    there once read."""
+    read, else None: a digest taken once (by a batch run's main process, by verify) that a later reader
+    of the same file may use instead of reading it again, when the identity is still the same (the
+    ``input_digest`` of session.apply_file). A large file's digest comes from the digest cache when it
+    holds one for this identity (digests.py), and goes there once read; ``cached=False`` (verify, which
+    trusts no cache) reads every byte and leaves the cache alone."""
     from . import digests
     with open(path, "rb") as fh:
         st = os.fstat(fh.fileno())
-        remembered = digests.lookup(st)
+        remembered = digests.lookup(st) if cached else None
         if remembered is not None:
             return remembered, digests.file_identity(st)
         started = time.time_ns()
         import hashlib
         sha = hashlib.file_digest(fh, "sha256").hexdigest()
         after = os.fstat(fh.fileno())
-    digests.remember(st, after, sha, started)
+    if cached:
+        digests.remember(st, after, sha, started)
     before, after = digests.file_identity(st), digests.file_identity(after)
     return sha, (before if before == after else None)
 

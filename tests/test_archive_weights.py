@@ -727,6 +727,55 @@ def test_verify_re_makes_a_chain_on_the_archive_reading_each_input_once(subjects
     differences, _ = session.verify_file(tampered, subject.path)
     assert len(differences) == 1 and differences[0].startswith("extra_head: bias differs"), differences
 
+
+@pytest.mark.parametrize("name", ["cnn", "nested", "shared", "multi_io", "attention", "tokens", "subclassed",
+                                  "zoo", "resnet50", "bert"])
+def test_inspect_builds_from_the_archive_what_keras_loads(subjects, name, tmp_path, monkeypatch):
+    """inspect shows the model built from the archive, its large variables without their values, as
+    apply builds it: the same layers, shapes, flags, sharing, nesting and variables (--json --weights) as
+    the model Keras loads whole (MODELXFORM_FASTPATH=0). A frozen attention block keeps its flags; a
+    subclassed model, which the archive declines, is loaded as before."""
+    if name in BUILDERS:
+        path = subjects(name).path
+    else:
+        model = FACTORIES[name]()
+        path = tmp_path / f"{name}.keras"
+        save_model(model, path)
+        if name == "attention":  # a frozen composite layer, as modelxform writes it
+            frozen = tmp_path / "frozen.recipe"
+            frozen.write_text("select mha\nfreeze\n")
+            apply_file(frozen, path, tmp_path / "frozen.keras")
+            path = tmp_path / "frozen.keras"
+    fast = run_cli("inspect", path, "--json", "--weights")
+    assert fast.status == 0, fast.err
+    monkeypatch.setenv(session.DISABLE_ENV, "0")
+    slow = run_cli("inspect", path, "--json", "--weights")
+    assert slow.status == 0, slow.err
+    assert json.loads(fast.out) == json.loads(slow.out)
+    if name == "attention":
+        assert {row["path"]: row["trainable"] for row in json.loads(fast.out)["layers"]}["mha/query"] is False
+
+
+def test_inspect_leaves_large_arrays_in_the_file(tmp_path, monkeypatch):
+    """inspect on the archive makes its large variables without values and never fills them (arrays of
+    more than 1 KiB count as large here): a 6 GiB model is inspected in the runtime's memory."""
+    from modelxform.keras_io import variables
+    path = tmp_path / "wide.keras"
+    _large_dense_model(path, inputs=64, units=32)
+    monkeypatch.setattr(variables, "LARGE_ARRAY", 1 << 10)
+    lazy, filled = [], []
+    real_init, real_fill = variables.FromSource.__init__, variables._fill_by_rows
+    monkeypatch.setattr(variables.FromSource, "__init__",
+                        lambda self, source, var: lazy.append(var.path) or real_init(self, source, var))
+    monkeypatch.setattr(variables, "_fill_by_rows", lambda var, *a: filled.append(var.path) or real_fill(var, *a))
+    shown = run_cli("inspect", path, "--weights")
+    assert shown.status == 0, shown.err
+    assert lazy == ["wide/kernel"] and filled == []
+    assert "(64, 32)" in shown.out
+    with session.model_to_look_at(path) as model:  # (the check can fail: reading a value fills it)
+        assert np.asarray(model.get_layer("wide").kernel.numpy()).shape == (64, 32)
+    assert filled == ["wide/kernel"]
+
 # ---- arrays that stream (issue 19) ----------------------------------------------------------------------
 # Elementwise statements (scale, clip, add noise, set … to a constant) on the archive change an array as it
 # streams into the written file, a block at a time; the kept ranges of model.weights.h5 are copied file to

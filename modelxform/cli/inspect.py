@@ -53,13 +53,17 @@ def compile_predicate(text: str):
 
 def run(args, console) -> int:
     pred = compile_predicate(args.where) if args.where else None
+    from ..session import model_to_look_at
+    with model_to_look_at(args.model, unsafe=args.unsafe, imports=args.imports) as model:
+        return _show(args, console, pred, model)
+
+
+def _show(args, console, pred, model) -> int:
     from ..diff import by_type, snapshot
-    from ..keras_io.files import load_model
     from ..engine.plan import Params
     from ..engine.selectors import matches
     from ..keras_io.layers import walk
     from ..keras_io.shapes import shape_text as _shape_text
-    model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     snap = snapshot(model, name=str(args.model), weights=False)
     if args.depth is not None and args.depth < 1:
         raise UsageError(f"--depth {args.depth}: the depth is 1 or more")

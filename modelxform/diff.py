@@ -56,7 +56,7 @@ class LayerFacts:
     def signature(self) -> tuple:
         """What stays the same when only the name changes."""
         return (self.type, _canonical(self.config), self.policy, self.lora,
-                tuple((w.dtype.str, w.shape, w.tobytes()) for _, w in self.weights))
+                tuple(_fingerprint(w) for _, w in self.weights))
 
 
 @dataclass
@@ -119,7 +119,9 @@ def _canonical(config) -> str:
 
 def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapshot:
     """Read ``model`` into a Snapshot (copies of its weights included unless ``weights`` is False, as
-    ``inspect`` needs none; the model is not changed)."""
+    ``inspect`` needs none; the model is not changed). A large variable's values are not copied but read
+    where they are, a block of rows at a time, when compared (StoredValues): the model must stay open
+    (session.model_to_look_at) while the snapshot is compared."""
     from .keras_io.finetune import lora_state, policy_name
     from .keras_io.layers import graph_config, model_kind, node_aliases
     kind = model_kind(model)
@@ -150,7 +152,7 @@ def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapsho
         config = {k: v for k, v in _plain(config).items() if k not in _NOT_CONFIG}
         own = info.weights
         names = [v.name for v in own]
-        arrays = [np.array(v.numpy(), copy=True) for v in own] if weights else []
+        arrays = [_values(v) for v in own] if weights else []
         layers[info.path] = LayerFacts(
             path=info.path, type=info.type_name, config=config, trainable=bool(layer.trainable),
             weights=list(zip(names, arrays)), params=info.params(),
@@ -185,6 +187,55 @@ def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapsho
     return Snapshot(name=name or model.name, kind=kind, layers=layers, inputs=inputs, outputs=outputs,
                     submodels=submodels, params=total, connected=connected,
                     composites={p: {"type": t, "inbound": list(conn.inbound.get(p, []))} for p, t in composites.items()})
+
+
+class StoredValues:
+    """A large variable's values, left where they are (in the variable, or in the .keras file of a model
+    built from its archive) and read a block of rows at a time: a diff of two 6 GiB models holds a few
+    blocks, not four copies of the weights."""
+
+    def __init__(self, var):
+        from .keras_io.variables import numpy_dtype
+        self.var = var
+        self.shape = tuple(int(d) for d in var.shape)
+        self.dtype = numpy_dtype(var.dtype)
+        self._digest = None
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        from .keras_io.variables import read_variable_rows
+        return np.asarray(read_variable_rows(self.var, start, stop))
+
+    def digest(self) -> str:
+        if self._digest is None:
+            import hashlib
+            h = hashlib.sha256()
+            for block in _blocks(self, self.dtype.itemsize):
+                h.update(np.ascontiguousarray(block).data)
+            self._digest = h.hexdigest()
+        return self._digest
+
+
+def _values(var):
+    """A variable's values for a snapshot: a copy, or StoredValues for a large one."""
+    from .keras_io.variables import is_large
+    if is_large(tuple(var.shape), var.dtype):
+        return StoredValues(var)
+    return np.array(var.numpy(), copy=True)
+
+
+def _blocks(values, itemsize: int):
+    """``values`` (an array or StoredValues) a block of rows at a time, blocks cut for ``itemsize``."""
+    from .keras_io.variables import row_blocks
+    for start, stop in row_blocks(values.shape, itemsize):
+        yield values.rows(start, stop) if isinstance(values, StoredValues) else values[start:stop]
+
+
+def _fingerprint(values) -> tuple:
+    """What tells two arrays' contents the same: dtype, shape and the sha256 of their bytes."""
+    import hashlib
+    digest = values.digest() if isinstance(values, StoredValues) else \
+        hashlib.sha256(np.ascontiguousarray(values).data).hexdigest()
+    return values.dtype.str, tuple(values.shape), digest
 
 
 def _nested(model) -> dict:
@@ -518,21 +569,60 @@ def compare_weights(path: str, a: list, b: list) -> list[WeightChange]:
         if x.shape != y.shape:
             out.append(WeightChange(path, name, tuple(x.shape), tuple(y.shape), None, None, *kinds))
             continue
-        if x.dtype == y.dtype and x.tobytes() == y.tobytes():
-            continue
-        if not (_is_float(x) and _is_float(y)):  # int8 values against floats: no difference to measure
+        if isinstance(x, StoredValues) or isinstance(y, StoredValues):
+            measured = _compare_by_blocks(x, y)
+            if measured is None:
+                continue
+            max_abs, norm_a, norm_d = measured
+        else:
+            if x.dtype == y.dtype and x.tobytes() == y.tobytes():
+                continue
+            if not (_is_float(x) and _is_float(y)):  # int8 values against floats: no difference to measure
+                out.append(WeightChange(path, name, tuple(x.shape), tuple(y.shape), None, None, *kinds))
+                continue
+            xd, yd = x.astype(np.float64), y.astype(np.float64)
+            delta = yd - xd
+            nan_same = np.isnan(xd) & np.isnan(yd)
+            delta[nan_same] = 0.0
+            max_abs = float(np.max(np.abs(delta))) if delta.size else 0.0
+            norm_a = float(np.linalg.norm(np.nan_to_num(xd)))
+            norm_d = float(np.linalg.norm(delta))
+        if max_abs is None:  # int8 values against floats: no difference to measure
             out.append(WeightChange(path, name, tuple(x.shape), tuple(y.shape), None, None, *kinds))
             continue
-        xd, yd = x.astype(np.float64), y.astype(np.float64)
-        delta = yd - xd
-        nan_same = np.isnan(xd) & np.isnan(yd)
-        delta[nan_same] = 0.0
-        max_abs = float(np.max(np.abs(delta))) if delta.size else 0.0
-        norm_a = float(np.linalg.norm(np.nan_to_num(xd)))
-        norm_d = float(np.linalg.norm(delta))
         rel = norm_d / norm_a if norm_a > 0 else (0.0 if norm_d == 0 else math.inf)
         out.append(WeightChange(path, name, tuple(x.shape), tuple(y.shape), max_abs, rel, *kinds))
     return out
+
+
+def _compare_by_blocks(x, y):
+    """compare_weights's measures for arrays of the same shape, at least one of them StoredValues, a
+    block of rows at a time: None when their bytes are the same (and so their dtypes), (None, None,
+    None) when they differ but are not both floats, else (max |y - x|, ||x||, ||y - x||) — the norms
+    summed block by block, so they may differ from a whole-array norm in the last bits."""
+    same = x.dtype == y.dtype
+    floats = _is_float(x) and _is_float(y)
+    max_abs, sum_a, sum_d = 0.0, 0.0, 0.0
+    for bx, by in zip(_blocks(x, max(x.dtype.itemsize, y.dtype.itemsize)),
+                      _blocks(y, max(x.dtype.itemsize, y.dtype.itemsize))):
+        if same:
+            same = np.ascontiguousarray(bx).tobytes() == np.ascontiguousarray(by).tobytes()
+        if not floats:
+            if not same:
+                return None, None, None
+            continue
+        xd, yd = bx.astype(np.float64), by.astype(np.float64)
+        delta = yd - xd
+        delta[np.isnan(xd) & np.isnan(yd)] = 0.0
+        if delta.size:
+            max_abs = max(max_abs, float(np.max(np.abs(delta))))
+        a = np.nan_to_num(xd).ravel()
+        sum_a += float(np.dot(a, a))
+        d = delta.ravel()
+        sum_d += float(np.dot(d, d))
+    if same:
+        return None
+    return max_abs, math.sqrt(sum_a), math.sqrt(sum_d)
 
 
 def _dtype(array) -> str:

@@ -24,6 +24,7 @@ import pytest
 
 from conftest import FACTORIES, run_cli
 from modelxform import apply_file, compile_recipe, plan_file, session
+from modelxform import diff as diff_module
 from modelxform.keras_io import archive as archive_module
 from modelxform.keras_io.files import load_model, read_provenance, save_model, sha256_file
 from modelxform.errors import ModelxformError
@@ -775,6 +776,81 @@ def test_inspect_leaves_large_arrays_in_the_file(tmp_path, monkeypatch):
     with session.model_to_look_at(path) as model:  # (the check can fail: reading a value fills it)
         assert np.asarray(model.get_layer("wide").kernel.numpy()).shape == (64, 32)
     assert filled == ["wide/kernel"]
+
+
+DIFF_CASES = {
+    "cnn": "select where type=Conv2D\nadd noise normal(stddev=0.01) to kernel\n"
+           "append Dense(units=3, name=\"extra_head\")\n",
+    "zoo": "select where has weights\nscale weights 0.5\nselect dense\nrename to \"dense_renamed\"\n",
+    "resnet50": "replace MaxPooling2D with AveragePooling2D\nselect where type=BatchNormalization\nfreeze\n",
+    "attention": "select mha\nfreeze\nselect head\ncast bfloat16\n",
+    "tokens": "select where type=Dense\nquantize int8\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(DIFF_CASES))
+def test_diff_of_archives_is_the_diff_of_the_loaded_models(subjects, name, tmp_path, monkeypatch):
+    """diff builds both models from their archives (large variables left in the files): the same
+    report (--json) as from the models Keras loads whole (MODELXFORM_FASTPATH=0), for structural,
+    weight-only, flag, rename, cast and quantize edits."""
+    if name in BUILDERS:
+        path = subjects(name).path
+    else:
+        path = tmp_path / f"{name}.keras"
+        save_model(FACTORIES[name](), path)
+    recipe = tmp_path / "edit.recipe"
+    recipe.write_text(DIFF_CASES[name])
+    out = tmp_path / "out.keras"
+    apply_file(recipe, path, out, seed=SEED)
+    fast = run_cli("diff", path, out, "--json")
+    monkeypatch.setenv(session.DISABLE_ENV, "0")
+    slow = run_cli("diff", path, out, "--json")
+    assert fast.status == slow.status == 1, fast.err + slow.err
+    assert json.loads(fast.out) == json.loads(slow.out)
+
+
+def test_diff_compares_large_arrays_a_block_at_a_time(tmp_path, monkeypatch):
+    """Large variables (more than 512 bytes here) are compared where they are, a block of rows at a
+    time, never copied whole (snapshot's StoredValues), and the report is the one of whole arrays: the
+    same changes, a renamed layer found by its values' digest, unchanged arrays not listed, the same
+    maximum difference, and the relative L2 to the last few bits (its sums are taken block by block)."""
+    from modelxform.keras_io import variables
+    path = tmp_path / "wide.keras"
+    _large_dense_model(path, inputs=256, units=64)  # kernels of 64 KiB (wide) and 1 KiB (head)
+    recipe = tmp_path / "edit.recipe"
+    recipe.write_text("select head\nadd noise normal(stddev=0.01) to kernel\nselect wide\n"
+                      "rename to \"renamed_wide\"\n")
+    out = tmp_path / "out.keras"
+    apply_file(recipe, path, out, seed=SEED)
+    whole = json.loads(run_cli("diff", path, out, "--json").out)
+    monkeypatch.setattr(variables, "LARGE_ARRAY", 512)
+    monkeypatch.setattr(variables, "BLOCK_BYTES", 256)  # 16 rows of the head's 64 x 4 kernel per block
+    stored, rows_read = [], []
+    real_init, real_rows = diff_module.StoredValues.__init__, diff_module.StoredValues.rows
+
+    def init(self, var):
+        stored.append(var.path)
+        real_init(self, var)
+
+    def rows(self, start, stop):
+        rows_read.append(stop - start)
+        return real_rows(self, start, stop)
+    monkeypatch.setattr(diff_module.StoredValues, "__init__", init)
+    monkeypatch.setattr(diff_module.StoredValues, "rows", rows)
+    blocks = run_cli("diff", path, out, "--json")
+    assert blocks.status == 1, blocks.err
+    streamed = json.loads(blocks.out)
+    assert sorted(stored) == ["head/kernel", "head/kernel", "renamed_wide/kernel", "wide/kernel"]
+    assert rows_read and max(rows_read) == 16
+    assert whole["renamed"] == streamed["renamed"] == [{"from": "wide", "to": "renamed_wide"}]
+    (change,) = whole["changed"]
+    (streamed_change,) = streamed["changed"]
+    assert change["path"] == "head" and [w["name"] for w in change["weights"]] == ["kernel"]  # (bias kept)
+    kernel, streamed_kernel = change["weights"][0], streamed_change["weights"][0]
+    assert kernel["max_abs_diff"] > 0 and streamed_kernel["max_abs_diff"] == kernel["max_abs_diff"]
+    assert streamed_kernel["relative_l2"] == pytest.approx(kernel["relative_l2"], rel=1e-12)
+    streamed_kernel["relative_l2"] = kernel["relative_l2"]
+    assert streamed == whole
 
 # ---- arrays that stream (issue 19) ----------------------------------------------------------------------
 # Elementwise statements (scale, clip, add noise, set … to a constant) on the archive change an array as it

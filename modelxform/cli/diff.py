@@ -53,15 +53,18 @@ def run(args, console) -> int:
     import pathlib
 
     from ..diff import diff, snapshot
-    from ..keras_io.files import load_model, model_format
+    from ..keras_io.files import model_format
+    from ..session import model_to_look_at
     model_format(args.a)
     model_format(args.b)
     if args.html:
         from ..report_html import require_dot
         require_dot()
-    model_a = load_model(args.a, unsafe=args.unsafe, imports=args.imports)
-    model_b = load_model(args.b, unsafe=args.unsafe, imports=args.imports)
-    d = diff(snapshot(model_a, name=str(args.a)), snapshot(model_b, name=str(args.b)))
+    # each model built from its archive as apply builds it, where the engine reads the file: the values
+    # of its large variables stay in the file and are compared a block of rows at a time
+    with model_to_look_at(args.a, unsafe=args.unsafe, imports=args.imports) as model_a, \
+            model_to_look_at(args.b, unsafe=args.unsafe, imports=args.imports) as model_b:
+        d = diff(snapshot(model_a, name=str(args.a)), snapshot(model_b, name=str(args.b)))
     if args.html:
         from ..keras_io.files import sha256_file
         from ..provenance import read_record

@@ -191,16 +191,13 @@ def same_but_backend(a: dict | None, b: dict | None) -> bool:
     return a is not None and b is not None and strip(a) == strip(b)
 
 
-def content_differences(remade, model_path, unsafe, imports) -> list[str]:
-    """What differs between two model files in config, weights and trainable flags (verify's details)."""
-    import numpy as np
-
+def content_differences(a, b) -> list[str]:
+    """What differs between two models in config, weights and trainable flags (verify's details: ``a`` the
+    re-made model, ``b`` the one verified). A large variable is compared where it is, a block of rows at a
+    time (keras_io.variables.read_variable_rows: from the file, for a model built from its archive)."""
     import keras
 
-    from .keras_io.files import load_model
     from .keras_io.layers import walk
-    a = load_model(remade, unsafe=unsafe, imports=imports)
-    b = load_model(model_path, unsafe=unsafe, imports=imports)
     out = []
     if keras.saving.serialize_keras_object(a) != keras.saving.serialize_keras_object(b):
         out.append("the model configs differ (layers, connections or settings)")
@@ -211,12 +208,34 @@ def content_differences(remade, model_path, unsafe, imports) -> list[str]:
             out.append(f"layer {path} exists in only one of them")
             continue
         for va, vb in zip(wa[path].weights, wb[path].weights):
-            x, y = np.asarray(va.numpy()), np.asarray(vb.numpy())
-            if x.shape != y.shape:
-                out.append(f"{path}: {va.name} has shape {y.shape}, re-made {x.shape}")
-            elif x.tobytes() != y.tobytes():
-                diff = float(np.max(np.abs(x.astype("float64") - y.astype("float64"))))
+            if tuple(va.shape) != tuple(vb.shape):
+                out.append(f"{path}: {va.name} has shape {tuple(vb.shape)}, re-made {tuple(va.shape)}")
+                continue
+            diff = _largest_difference(va, vb)
+            if diff is not None:
                 out.append(f"{path}: {va.name} differs (max abs difference {diff:.3g})")
         if bool(wa[path].layer.trainable) != bool(wb[path].layer.trainable):
             out.append(f"{path}: trainable is {wb[path].layer.trainable}, re-made {wa[path].layer.trainable}")
     return out
+
+
+def _largest_difference(va, vb) -> float | None:
+    """None when two variables of one shape hold the same bytes, else the largest absolute difference of
+    their values (a large variable's a block of rows at a time)."""
+    import numpy as np
+
+    from .keras_io.variables import is_large, numpy_dtype, read_variable_rows, row_blocks
+    shape = tuple(va.shape)
+    if not (is_large(shape, va.dtype) or is_large(shape, vb.dtype)):
+        pieces = [(np.asarray(va.numpy()), np.asarray(vb.numpy()))]
+    else:
+        itemsize = max(numpy_dtype(va.dtype).itemsize, numpy_dtype(vb.dtype).itemsize)
+        pieces = ((read_variable_rows(va, start, stop), read_variable_rows(vb, start, stop))
+                  for start, stop in row_blocks(shape, itemsize))
+    largest = None
+    for x, y in pieces:
+        x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+        if x.tobytes() != y.tobytes():
+            d = float(np.max(np.abs(x.astype("float64") - y.astype("float64")))) if x.size else 0.0
+            largest = d if largest is None else max(largest, d)
+    return largest

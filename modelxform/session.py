@@ -348,7 +348,7 @@ def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) ->
 
     from .keras_io.backend import BACKEND_LIBRARIES, library_versions
     from .keras_io.files import model_format, sha256_file, sha256_with_identity
-    from .provenance import backend_of, content_differences, read_record, recipe_sha256
+    from .provenance import backend_of, read_record, recipe_sha256
 
     record = read_record(model)
     if not record or not record.get("chain"):
@@ -408,15 +408,24 @@ def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) ->
                 if _same_but_backend(current, model):
                     notes.append("the re-made file differs only in the Keras backend its provenance records")
                 else:
-                    differences.extend(content_differences(current, model, unsafe, imports)
+                    differences.extend(_content_differences(current, model, unsafe, imports)
                                        or ([] if differences else
                                            ["the files differ in bytes (metadata), not in config, weights or record"]))
         else:
-            differences.extend(content_differences(current, model, unsafe, imports))
+            differences.extend(_content_differences(current, model, unsafe, imports))
     if differences:
         return differences, notes
     notes.append(f"re-made {os.path.basename(str(model))} from {original} in {len(chain)} step(s): identical")
     return differences, notes
+
+
+def _content_differences(remade, model, unsafe: bool, imports) -> list[str]:
+    """What differs between the re-made file and the one verified, each model built as apply builds it
+    (model_to_look_at: the values of large variables stay in the files and are compared a block at a time)."""
+    from .provenance import content_differences
+    with model_to_look_at(remade, unsafe=unsafe, imports=imports) as a, \
+            model_to_look_at(model, unsafe=unsafe, imports=imports) as b:
+        return content_differences(a, b)
 
 
 def _recorded_recipe(model, n: int, step: dict, weights: dict):

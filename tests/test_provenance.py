@@ -300,3 +300,29 @@ def test_apply_uses_a_digest_taken_earlier_only_while_it_holds(tmp_path, model_f
 def threading_start(thread):
     import threading
     return threading.Thread.start(thread)
+
+
+def test_verify_says_what_differs_reading_large_arrays_a_block_at_a_time(tmp_path, model_file, monkeypatch):
+    """When the files differ, verify says how from the models built as apply builds them, not loaded
+    whole: a variable over LARGE_ARRAY (1 KiB here) is compared where it is, a block of rows at a time,
+    and the message is the one a whole-array comparison gives."""
+    from modelxform.keras_io import files, variables
+    original = model_file("cnn")
+    out = tmp_path / "out.keras"
+    assert run_cli("apply", PERTURB, original, "-o", out).status == 0
+    model = load_model(out)
+    kernel = model.get_layer("dense_2").kernel
+    kernel.assign(np.asarray(kernel.numpy()) + np.float32(1e-3))
+    save_model(model, out, provenance=read_provenance(out))
+    whole = run_cli("verify", out, "--input", original)
+    assert whole.status == 1 and "dense_2: kernel differs (max abs difference 0.001)" in whole.out
+    monkeypatch.setattr(variables, "LARGE_ARRAY", 1 << 10)
+    monkeypatch.setattr(variables, "BLOCK_BYTES", 16 << 10)
+    blocks, real_rows = [], variables.read_variable_rows
+    monkeypatch.setattr(variables, "read_variable_rows",
+                        lambda var, start, stop: blocks.append((var.path, stop - start)) or real_rows(var, start, stop))
+    monkeypatch.setattr(files, "load_model", lambda *a, **k: pytest.fail("verify loaded a model whole"))
+    streamed = run_cli("verify", out, "--input", original)
+    assert streamed.status == 1 and streamed.out == whole.out
+    # dense_1's (1936, 32) kernel in blocks of 128 rows (16 KiB), the changed (32, 10) dense_2 kernel in one
+    assert {("dense_1/kernel", 128), ("dense_2/kernel", 32)} <= set(blocks)

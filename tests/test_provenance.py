@@ -85,7 +85,8 @@ def test_chain_of_three_recipes_and_verify(tmp_path, model_file):
     assert wrong.status == 1 and "is not the file this model was made from" in wrong.out
 
 
-def test_verify_names_a_tampered_weight(tmp_path, model_file):
+def _tampered(tmp_path, model_file):
+    """(original, output of PERTURB whose dense_2 kernel was then moved by 1e-3, record kept)."""
     original = model_file("cnn")
     out = tmp_path / "out.keras"
     assert run_cli("apply", PERTURB, original, "-o", out).status == 0
@@ -93,6 +94,11 @@ def test_verify_names_a_tampered_weight(tmp_path, model_file):
     kernel = model.get_layer("dense_2").kernel
     kernel.assign(np.asarray(kernel.numpy()) + np.float32(1e-3))
     save_model(model, out, provenance=read_provenance(out))
+    return original, out
+
+
+def test_verify_names_a_tampered_weight(tmp_path, model_file):
+    original, out = _tampered(tmp_path, model_file)
     r = run_cli("verify", out, "--input", original)
     assert r.status == 1
     assert "dense_2: kernel differs (max abs difference 0.001)" in r.out
@@ -307,13 +313,7 @@ def test_verify_says_what_differs_reading_large_arrays_a_block_at_a_time(tmp_pat
     whole: a variable over LARGE_ARRAY (1 KiB here) is compared where it is, a block of rows at a time,
     and the message is the one a whole-array comparison gives."""
     from modelxform.keras_io import files, variables
-    original = model_file("cnn")
-    out = tmp_path / "out.keras"
-    assert run_cli("apply", PERTURB, original, "-o", out).status == 0
-    model = load_model(out)
-    kernel = model.get_layer("dense_2").kernel
-    kernel.assign(np.asarray(kernel.numpy()) + np.float32(1e-3))
-    save_model(model, out, provenance=read_provenance(out))
+    original, out = _tampered(tmp_path, model_file)
     whole = run_cli("verify", out, "--input", original)
     assert whole.status == 1 and "dense_2: kernel differs (max abs difference 0.001)" in whole.out
     monkeypatch.setattr(variables, "LARGE_ARRAY", 1 << 10)

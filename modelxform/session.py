@@ -266,17 +266,17 @@ def plan_file(recipe, model, *, seed: int | None = None, params: dict | None = N
                           read_previous=False, unsafe=unsafe, imports=imports).plan
     from .diff import diff, snapshot
     from .engine.runner import run
-    from .keras_io.files import load_model
     from .report_html import require_dot, statements_from_report, write_report
     require_dot()  # before the slow part
-    loaded = load_model(model, unsafe=unsafe, imports=imports)
-    before = snapshot(loaded, name=str(model))
-    ctx, plan = run(recipe, loaded, seed=seed, params=params, apply=False, unsafe=unsafe, imports=imports)
-    after = snapshot(ctx.current_model(), name=f"{model} after {recipe.source.name}")
+    with model_to_look_at(model, unsafe=unsafe, imports=imports) as loaded:  # (large values left in the file)
+        before = snapshot(loaded, name=str(model))
+        ctx, plan = run(recipe, loaded, seed=seed, params=params, apply=False, unsafe=unsafe, imports=imports)
+        after = snapshot(ctx.current_model(), name=f"{model} after {recipe.source.name}")
+        report = diff(before, after)
     title = f"plan: {pathlib.Path(str(recipe.source.name)).name} on {pathlib.Path(model).name}"
     subtitle = f"seed {plan.seed}" + (", params " + ", ".join(f"{k}={v}" for k, v in plan.params.items())
                                       if plan.params else "") + " — a plan: no arrays were changed"
-    write_report(html, diff(before, after), title=title, subtitle=subtitle, statements=statements_from_report(plan))
+    write_report(html, report, title=title, subtitle=subtitle, statements=statements_from_report(plan))
     plan.before, plan.after = (len(before.layers), before.params), (len(after.layers), after.params)
     return plan
 

@@ -337,3 +337,43 @@ def test_resnet50_report_in_chromium(browser, resnet_reports, tmp_path):
     for key, colour in STATUS_COLORS.items():
         assert count(control, colour) < 20, key
     assert count(control, "#ffffff") > 2000  # while the (white) layers are drawn
+
+
+@pytest.mark.parametrize("recipe_text", [
+    "replace MaxPooling2D with AveragePooling2D\nselect dense_1\nscale weights 0.5\nselect conv2d_2\nfreeze\n",
+    "select where type=Dense\nadd noise normal(stddev=0.01) to kernel\nappend Dense(units=3, name=\"extra\")\n",
+])
+def test_plan_html_from_the_archive_is_the_page_from_the_loaded_model(tmp_path, cnn_path, monkeypatch, recipe_text):
+    """plan --html runs the plan on the model built from the archive (large values left in the file, as
+    inspect and diff do): the same page, byte for byte, as from the model Keras loads whole."""
+    from modelxform import session
+    recipe = write(tmp_path / "r.recipe", recipe_text)
+    pages = []
+    for fastpath in ("1", "0"):
+        monkeypatch.setenv(session.DISABLE_ENV, fastpath)
+        report = tmp_path / f"plan-{fastpath}.html"
+        r = run_cli("plan", recipe, cnn_path, "--html", report, "--seed", "2")
+        assert r.status == 0, r.err
+        pages.append(report.read_bytes())
+    assert pages[0] == pages[1]
+
+
+def test_plan_html_reads_no_large_array(tmp_path, cnn_path, monkeypatch):
+    """A plan changes no array, and the model before and the one after take their large arrays from the
+    same archive: plan --html compares them without reading a value (variables over 1 KiB count as
+    large here), and draws the same page as with every array copied."""
+    from modelxform import diff as diff_module
+    from modelxform.keras_io import variables
+    recipe = write(tmp_path / "r.recipe", "select dense_1\nscale weights 0.5\ninsert Dropout(rate=0.1) before dense_2\n")
+    copied = tmp_path / "copied.html"
+    assert run_cli("plan", recipe, cnn_path, "--html", copied, "--seed", "2").status == 0
+    monkeypatch.setattr(variables, "LARGE_ARRAY", 1 << 10)
+    stored, read = [], []
+    real_init = diff_module.StoredValues.__init__
+    monkeypatch.setattr(diff_module.StoredValues, "__init__", lambda self, var: stored.append(var.path) or real_init(self, var))
+    monkeypatch.setattr(diff_module.StoredValues, "rows", lambda self, a, b: read.append(self.var.path))
+    in_place = tmp_path / "in-place.html"
+    r = run_cli("plan", recipe, cnn_path, "--html", in_place, "--seed", "2")
+    assert r.status == 0, r.err
+    assert "dense_1/kernel" in stored and read == []
+    assert in_place.read_bytes() == copied.read_bytes()

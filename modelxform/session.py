@@ -112,29 +112,43 @@ def open_model(path, *, unsafe: bool = False, imports=(), archive: bool = True):
 
 @contextlib.contextmanager
 def model_to_look_at(path, *, unsafe: bool = False, imports=()):
-    """The Keras model of the file ``path``, to look at — its layers, shapes, flags and variables' names,
-    shapes and dtypes — not at its values (``inspect``): built from the .keras archive where the engine
-    reads it, as apply builds one, its large variables made without their values, which stay in the file
-    (a 2 GiB model: 0.6 GiB instead of 3.7 GiB, and a fifth of the time); else loaded with Keras. Either
-    way with the trainable flags the file holds, the sublayers of a frozen composite layer included
+    """The Keras model of the file ``path``, to look at — its layers, shapes, flags and variables — rather
+    than to compute with (``inspect``, ``diff``, ``plan --html``, ``verify``'s details): built from the
+    .keras archive where the engine reads it, as apply builds one, its large variables made without their
+    values, which stay in the file and are read where needed while the block runs (a 2 GiB model: 0.6 GiB
+    instead of 3.7 GiB, and a fifth of the time); else, or where that build fails, loaded with Keras.
+    Either way with the trainable flags the file holds, the sublayers of a frozen composite layer included
     (keras_io.layers.restore_trainable, as load_model)."""
     from .keras_io.archive import Archive
+    from .keras_io.files import load_model as load
     from .keras_io.layers import restore_trainable
     source = open_model(path, unsafe=unsafe, imports=imports)
-    if not isinstance(source, Archive):
-        restore_trainable(source)
-        yield source
-        return
-    with source:
-        from .keras_io.files import import_keras
-        from .keras_io.graph import GraphEditor
-        import_keras()
-        model = GraphEditor(source.current_config(), 0, unsafe).build(source.layers)
-        restore_trainable(model)
-        try:
-            yield model
-        finally:
-            source.forget_lazy_variables()  # (nothing reads their values: closing need not fill them)
+    if isinstance(source, Archive):
+        with source:
+            model = _built_from(source, unsafe)
+            if model is not None:
+                restore_trainable(model)
+                try:
+                    yield model
+                finally:
+                    source.forget_lazy_variables()  # (the values left unread stay so: closing need not fill them)
+                return
+        source = load(path, unsafe=unsafe, imports=imports)
+    restore_trainable(source)
+    yield source
+
+
+def _built_from(archive, unsafe: bool):
+    """The model an archive holds, built as apply builds it, or None where the build fails (the caller
+    then loads the file with Keras, whose own error, if any, is the one to show)."""
+    from .keras_io.files import import_keras
+    from .keras_io.graph import GraphEditor
+    import_keras()
+    try:
+        return GraphEditor(archive.current_config(), 0, unsafe).build(archive.layers)
+    except Exception as exc:  # noqa: BLE001 - Keras loads it, or says what is wrong with it
+        log.debug("the archive's model could not be built: %s: %s", type(exc).__name__, exc)
+        return None
 
 
 def _closing(source):

@@ -757,6 +757,23 @@ def test_inspect_builds_from_the_archive_what_keras_loads(subjects, name, tmp_pa
         assert {row["path"]: row["trainable"] for row in json.loads(fast.out)["layers"]}["mha/query"] is False
 
 
+def test_inspect_loads_the_file_where_the_archive_cannot_be_built(subjects, monkeypatch):
+    """Where building the model from its archive fails, inspect (and diff, plan --html) loads the file
+    with Keras instead, and shows the same."""
+    from modelxform.keras_io import graph
+    path = subjects("cnn").path
+    built = run_cli("inspect", path, "--json", "--weights")
+    failures = []
+
+    def fail(self, old_layers):
+        failures.append(len(old_layers))
+        raise RuntimeError("this build fails")
+    monkeypatch.setattr(graph.GraphEditor, "build", fail)
+    loaded = run_cli("inspect", path, "--json", "--weights")
+    assert loaded.status == built.status == 0, loaded.err
+    assert failures and json.loads(loaded.out) == json.loads(built.out)
+
+
 def test_inspect_leaves_large_arrays_in_the_file(tmp_path, monkeypatch):
     """inspect on the archive makes its large variables without values and never fills them (arrays of
     more than 1 KiB count as large here): a 6 GiB model is inspected in the runtime's memory."""

@@ -217,7 +217,7 @@ class StoredValues:
             import hashlib
             h = hashlib.sha256()
             for block in _blocks(self, self.dtype.itemsize):
-                h.update(np.ascontiguousarray(block).data)
+                h.update(_as_bytes(block))
             self._digest = h.hexdigest()
         return self._digest
 
@@ -240,9 +240,14 @@ def _blocks(values, itemsize: int):
 def _fingerprint(values) -> tuple:
     """What tells two arrays' contents the same: dtype, shape and the sha256 of their bytes."""
     import hashlib
-    digest = values.digest() if isinstance(values, StoredValues) else \
-        hashlib.sha256(np.ascontiguousarray(values).data).hexdigest()
+    digest = values.digest() if isinstance(values, StoredValues) else hashlib.sha256(_as_bytes(values)).hexdigest()
     return values.dtype.str, tuple(values.shape), digest
+
+
+def _as_bytes(array: np.ndarray) -> np.ndarray:
+    """An array's bytes, without a copy where it is contiguous, as a buffer hashlib takes (numpy exports
+    no buffer of ml_dtypes' bfloat16 and float8 arrays, but of their bytes viewed as uint8)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
 def _nested(model) -> dict:

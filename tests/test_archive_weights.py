@@ -826,6 +826,27 @@ def test_diff_of_archives_is_the_diff_of_the_loaded_models(subjects, name, tmp_p
     assert json.loads(fast.out) == json.loads(slow.out)
 
 
+@pytest.mark.parametrize("large", [False, True])
+def test_diff_finds_a_renamed_bfloat16_layer(tmp_path, monkeypatch, large):
+    """A renamed layer is matched by its values' digest, also for bfloat16 arrays (whose bytes numpy
+    exports only viewed as integers), whether they are copied or left in the file (large: over 1 KiB)."""
+    from modelxform.keras_io import variables
+    path = tmp_path / "wide.keras"
+    _large_dense_model(path, inputs=256, units=64)
+    cast, rename = tmp_path / "cast.recipe", tmp_path / "rename.recipe"
+    cast.write_text("select wide\ncast bfloat16\n")
+    rename.write_text("select wide\nrename to \"renamed_wide\"\n")
+    a, b = tmp_path / "a.keras", tmp_path / "b.keras"
+    apply_file(cast, path, a, seed=SEED)
+    apply_file(rename, a, b, seed=SEED)
+    if large:
+        monkeypatch.setattr(variables, "LARGE_ARRAY", 1 << 10)
+    shown = run_cli("diff", a, b, "--json")
+    assert shown.status == 1, shown.err
+    report = json.loads(shown.out)
+    assert report["renamed"] == [{"from": "wide", "to": "renamed_wide"}] and report["changed"] == []
+
+
 def test_diff_compares_large_arrays_a_block_at_a_time(tmp_path, monkeypatch):
     """Large variables (more than 512 bytes here) are compared where they are, a block of rows at a
     time, never copied whole (snapshot's StoredValues), and the report is the one of whole arrays: the

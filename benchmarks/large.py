@@ -104,8 +104,9 @@ def _tree_rss(root: int) -> int:
     return total
 
 
-def measure(argv, limit: int, extra_env: dict | None = None) -> dict:
-    """One whole process: wall seconds, peak resident bytes of its tree, and whether it was killed."""
+def measure(argv, limit: int, extra_env: dict | None = None, ok_codes=(0,)) -> dict:
+    """One whole process: wall seconds, peak resident bytes of its tree, and whether it was killed (an
+    exit status outside ``ok_codes`` stops the benchmark)."""
     os.sync()
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT), **(extra_env or {}))
     start = time.perf_counter()
@@ -129,7 +130,7 @@ def measure(argv, limit: int, extra_env: dict | None = None) -> dict:
     stop.set()
     watcher.join()
     (WORK / "out.keras").unlink(missing_ok=True)
-    if proc.returncode != 0 and not killed:
+    if proc.returncode not in ok_codes and not killed:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}\n{err.decode()[-2000:]}")
     return {"seconds": wall, "peak_rss_bytes": peak, "killed": killed}
 
@@ -139,6 +140,30 @@ def measure(argv, limit: int, extra_env: dict | None = None) -> dict:
 # The runtime as modelxform's own processes import it (without what keras_io.backend.UNUSED_EXTRAS leaves out)
 RUNTIME = [PY, "-c", "from modelxform.keras_io import backend, files; backend.own_process(); keras = files.import_keras(); "
            "import modelxform.session; keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])"]
+
+
+def timed(cases: dict, runs: int, limit: int, log, ok_codes=(0,)) -> dict:
+    """Every side of every case (case -> side -> (argv, environment added)) timed ``runs`` times,
+    alternating run by run: case -> side -> median seconds, peak memory, whether it was killed, samples.
+    A side killed once for its memory is not run again (it would be again)."""
+    samples = {(case, side): [] for case, sides in cases.items() for side in sides}
+    for n in range(runs):
+        for case, sides in cases.items():
+            for side, (argv, extra_env) in sides.items():
+                if any(s["killed"] for s in samples[(case, side)]):
+                    continue
+                sample = measure(argv, limit, extra_env, ok_codes)
+                samples[(case, side)].append(sample)
+                log(f"{case} {side} run {n + 1}/{runs}: {sample['seconds']:.2f} s, "
+                    f"{sample['peak_rss_bytes'] / 2**20:.0f} MiB" + (" (killed)" if sample["killed"] else ""))
+    out: dict = {}
+    for (case, side), got in samples.items():
+        done = [s for s in got if not s["killed"]]
+        out.setdefault(case, {})[side] = {
+            "median_s": statistics.median(s["seconds"] for s in done) if done else None,
+            "peak_rss_bytes": max(s["peak_rss_bytes"] for s in got),
+            "killed": any(s["killed"] for s in got), "samples": got}
+    return out
 
 
 def run(sizes, runs: int, limit: int, log) -> dict:
@@ -151,26 +176,11 @@ def run(sizes, runs: int, limit: int, log) -> dict:
         entry = {"gib": gib, "file_bytes": model.stat().st_size, "load_average_before": os.getloadavg()[0],
                  "date": results["date"], "cases": {}}
         cases = commands(model)
-        samples = {(case, side): [] for case, sides in cases.items() for side in sides}
         for sides in cases.values():  # a run before, not counted, leaves the input's digest in the cache
             for side, (argv, extra_env) in sides.items():
                 if side.endswith("hashed before"):
                     measure(argv, limit, extra_env)
-        for n in range(runs):
-            for case, sides in cases.items():
-                for side, (argv, extra_env) in sides.items():
-                    if any(s["killed"] for s in samples[(case, side)]):
-                        continue  # killed once for its memory: it would be again
-                    sample = measure(argv, limit, extra_env)
-                    samples[(case, side)].append(sample)
-                    log(f"{gib:g} GiB {case} {side} run {n + 1}/{runs}: {sample['seconds']:.2f} s, "
-                        f"{sample['peak_rss_bytes'] / 2**20:.0f} MiB" + (" (killed)" if sample["killed"] else ""))
-        for (case, side), got in samples.items():
-            done = [s for s in got if not s["killed"]]
-            entry["cases"].setdefault(case, {})[side] = {
-                "median_s": statistics.median(s["seconds"] for s in done) if done else None,
-                "peak_rss_bytes": max(s["peak_rss_bytes"] for s in got),
-                "killed": any(s["killed"] for s in got), "samples": got}
+        entry["cases"] = timed(cases, runs, limit, lambda m: log(f"{gib:g} GiB {m}"))
         entry["load_average_after"] = os.getloadavg()[0]
         results["sizes"].append(entry)
     return results

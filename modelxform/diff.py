@@ -611,29 +611,38 @@ def _compare_by_blocks(x, y):
     """compare_weights's measures for arrays of the same shape, at least one of them StoredValues, a
     block of rows at a time: None when their bytes are the same (and so their dtypes), (None, None,
     None) when they differ but are not both floats, else (max |y - x|, ||x||, ||y - x||) — the norms
-    summed block by block, so they may differ from a whole-array norm in the last bits."""
+    summed block by block, so they may differ from a whole-array norm in the last bits. A block whose
+    bytes are the same adds only to ||x||; a NaN in both arrays at one place is no difference, as in
+    compare_weights."""
     if isinstance(x, StoredValues) and x.same_array(y):
         return None
     same = x.dtype == y.dtype
     floats = _is_float(x) and _is_float(y)
     max_abs, sum_a, sum_d = 0.0, 0.0, 0.0
-    for bx, by in zip(_blocks(x, max(x.dtype.itemsize, y.dtype.itemsize)),
-                      _blocks(y, max(x.dtype.itemsize, y.dtype.itemsize))):
-        if same:
-            same = np.ascontiguousarray(bx).tobytes() == np.ascontiguousarray(by).tobytes()
+    itemsize = max(x.dtype.itemsize, y.dtype.itemsize)
+    for bx, by in zip(_blocks(x, itemsize), _blocks(y, itemsize)):
+        block_same = same and np.array_equal(_as_bytes(bx), _as_bytes(by))
+        same = block_same
         if not floats:
             if not same:
                 return None, None, None
             continue
-        xd, yd = bx.astype(np.float64), by.astype(np.float64)
+        xd = bx.astype(np.float64).ravel()
+        norm2 = float(np.dot(xd, xd))
+        if not math.isfinite(norm2):  # (a NaN or an infinity: counted as nan_to_num counts them)
+            finite = np.nan_to_num(xd)
+            norm2 = float(np.dot(finite, finite))
+        sum_a += norm2
+        if block_same or not xd.size:
+            continue
+        yd = by.astype(np.float64).ravel()
         delta = yd - xd
-        delta[np.isnan(xd) & np.isnan(yd)] = 0.0
-        if delta.size:
-            max_abs = max(max_abs, float(np.max(np.abs(delta))))
-        a = np.nan_to_num(xd).ravel()
-        sum_a += float(np.dot(a, a))
-        d = delta.ravel()
-        sum_d += float(np.dot(d, d))
+        largest = float(np.max(np.abs(delta)))
+        if math.isnan(largest):
+            delta[np.isnan(xd) & np.isnan(yd)] = 0.0
+            largest = float(np.max(np.abs(delta)))
+        max_abs = largest if math.isnan(largest) or largest > max_abs else max_abs
+        sum_d += float(np.dot(delta, delta))
     if same:
         return None
     return max_abs, math.sqrt(sum_a), math.sqrt(sum_d)

@@ -15,6 +15,7 @@ from conftest import FACTORIES, make_cnn, make_nested, make_shared, run_cli
 
 keras = pytest.importorskip("keras")
 
+from modelxform import diff as diff_module  # noqa: E402
 from modelxform.diff import compare_weights, diff, snapshot  # noqa: E402
 from modelxform.keras_io.files import load_model, save_model  # noqa: E402
 
@@ -369,3 +370,53 @@ def test_renamed_layers_without_weights_need_the_same_inputs(tmp_path, cnn_path)
     status, data = diff_json(cnn_path, c)
     assert data["renamed"] == []
     assert [x["path"] for x in data["removed"]] == ["dropout"] and [x["path"] for x in data["added"]] == ["drop"]
+
+
+class _InFile(diff_module.StoredValues):
+    """StoredValues over a numpy array (as the values of a large variable left in a file)."""
+
+    def __init__(self, array):
+        self.var, self.source, self._digest = None, None, None
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+
+    def rows(self, start, stop):
+        return self.array[start:stop]
+
+
+@pytest.mark.parametrize("case", ["noise", "same", "nan in both", "nan in one", "inf", "all zeros before",
+                                  "int8", "cast"])
+def test_arrays_compared_by_blocks_measure_what_whole_arrays_do(case, monkeypatch):
+    """compare_weights on arrays left where they are (StoredValues, read a block of rows at a time) gives
+    what it gives on whole arrays: the same changes, the same largest difference (NaN where a NaN is on
+    one side only; none where both have one), the relative L2 to the last bits."""
+    from modelxform.keras_io import variables
+    monkeypatch.setattr(variables, "BLOCK_BYTES", 64)  # blocks of 2 rows
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(9, 8)).astype(np.float32)
+    b = a + rng.normal(scale=0.01, size=a.shape).astype(np.float32)
+    if case == "same":
+        b = a.copy()
+    elif case == "nan in both":
+        a[3, 2] = b[3, 2] = np.nan
+    elif case == "nan in one":
+        b[7, 1] = np.nan
+    elif case == "inf":
+        a[0, 0] = b[0, 0] = np.inf
+        b[5, 5] += 1
+    elif case == "all zeros before":
+        a = np.zeros_like(a)
+    elif case == "int8":
+        a, b = (a * 10).astype(np.int8), (b * 10 + 1).astype(np.int8)
+    elif case == "cast":
+        b = b.astype(np.float16)
+    whole = diff_module.compare_weights("layer", [("kernel", a)], [("kernel", b)])
+    blocks = diff_module.compare_weights("layer", [("kernel", _InFile(a))], [("kernel", _InFile(b))])
+    assert len(whole) == len(blocks) == (0 if case == "same" else 1)
+    for w, k in zip(whole, blocks):
+        assert (k.name, k.shape_a, k.shape_b, k.dtype_a, k.dtype_b, k.status) == \
+            (w.name, w.shape_a, w.shape_b, w.dtype_a, w.dtype_b, w.status)
+        for got, expected in ((k.max_abs_diff, w.max_abs_diff), (k.relative_l2, w.relative_l2)):
+            if expected is None or np.isnan(expected) or np.isinf(expected):
+                assert got is expected or (np.isnan(got) and np.isnan(expected)) or got == expected, (got, expected)
+            else:
+                assert got == pytest.approx(expected, rel=1e-12)

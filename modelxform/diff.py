@@ -26,6 +26,7 @@ import numpy as np
 
 from .keras_io.config import flat_histories, flat_order, histories, is_model_entry
 from .keras_io.layers import is_model, walk
+from .keras_io.variables import StoredValues, as_bytes, paired_blocks, values_of
 
 MODEL_CLASSES = ("Functional", "Sequential", "Model")
 
@@ -152,7 +153,7 @@ def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapsho
         config = {k: v for k, v in _plain(config).items() if k not in _NOT_CONFIG}
         own = info.weights
         names = [v.name for v in own]
-        arrays = [_values(v) for v in own] if weights else []
+        arrays = [values_of(v) for v in own] if weights else []
         layers[info.path] = LayerFacts(
             path=info.path, type=info.type_name, config=config, trainable=bool(layer.trainable),
             weights=list(zip(names, arrays)), params=info.params(),
@@ -189,65 +190,11 @@ def snapshot(model, *, name: str | None = None, weights: bool = True) -> Snapsho
                     composites={p: {"type": t, "inbound": list(conn.inbound.get(p, []))} for p, t in composites.items()})
 
 
-class StoredValues:
-    """A large variable's values, left where they are (in the variable, or in the .keras file of a model
-    built from its archive) and read a block of rows at a time: a diff of two 6 GiB models holds a few
-    blocks, not four copies of the weights."""
-
-    def __init__(self, var):
-        from .keras_io.variables import numpy_dtype, pending_source
-        self.var = var
-        self.shape = tuple(int(d) for d in var.shape)
-        self.dtype = numpy_dtype(var.dtype)
-        self.source = pending_source(var)  # the array of a .keras archive it still takes its values from
-        self._digest = None
-
-    def same_array(self, other) -> bool:
-        """Whether both take their values from the same array of the same open archive (a model and
-        the model rebuilt from it, as plan --html compares them): the same values, without reading them."""
-        return isinstance(other, StoredValues) and self.source is not None and self.source is other.source \
-            and self.dtype == other.dtype
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        from .keras_io.variables import read_variable_rows
-        return np.asarray(read_variable_rows(self.var, start, stop))
-
-    def digest(self) -> str:
-        if self._digest is None:
-            import hashlib
-            h = hashlib.sha256()
-            for block in _blocks(self, self.dtype.itemsize):
-                h.update(_as_bytes(block))
-            self._digest = h.hexdigest()
-        return self._digest
-
-
-def _values(var):
-    """A variable's values for a snapshot: a copy, or StoredValues for a large one."""
-    from .keras_io.variables import is_large
-    if is_large(tuple(var.shape), var.dtype):
-        return StoredValues(var)
-    return np.array(var.numpy(), copy=True)
-
-
-def _blocks(values, itemsize: int):
-    """``values`` (an array or StoredValues) a block of rows at a time, blocks cut for ``itemsize``."""
-    from .keras_io.variables import row_blocks
-    for start, stop in row_blocks(values.shape, itemsize):
-        yield values.rows(start, stop) if isinstance(values, StoredValues) else values[start:stop]
-
-
 def _fingerprint(values) -> tuple:
     """What tells two arrays' contents the same: dtype, shape and the sha256 of their bytes."""
     import hashlib
-    digest = values.digest() if isinstance(values, StoredValues) else hashlib.sha256(_as_bytes(values)).hexdigest()
+    digest = values.digest() if isinstance(values, StoredValues) else hashlib.sha256(as_bytes(values)).hexdigest()
     return values.dtype.str, tuple(values.shape), digest
-
-
-def _as_bytes(array: np.ndarray) -> np.ndarray:
-    """An array's bytes, without a copy where it is contiguous, as a buffer hashlib takes (numpy exports
-    no buffer of ml_dtypes' bfloat16 and float8 arrays, but of their bytes viewed as uint8)."""
-    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
 def _nested(model) -> dict:
@@ -581,24 +528,10 @@ def compare_weights(path: str, a: list, b: list) -> list[WeightChange]:
         if x.shape != y.shape:
             out.append(WeightChange(path, name, tuple(x.shape), tuple(y.shape), None, None, *kinds))
             continue
-        if isinstance(x, StoredValues) or isinstance(y, StoredValues):
-            measured = _compare_by_blocks(x, y)
-            if measured is None:
-                continue
-            max_abs, norm_a, norm_d = measured
-        else:
-            if x.dtype == y.dtype and x.tobytes() == y.tobytes():
-                continue
-            if not (_is_float(x) and _is_float(y)):  # int8 values against floats: no difference to measure
-                out.append(WeightChange(path, name, tuple(x.shape), tuple(y.shape), None, None, *kinds))
-                continue
-            xd, yd = x.astype(np.float64), y.astype(np.float64)
-            delta = yd - xd
-            nan_same = np.isnan(xd) & np.isnan(yd)
-            delta[nan_same] = 0.0
-            max_abs = float(np.max(np.abs(delta))) if delta.size else 0.0
-            norm_a = float(np.linalg.norm(np.nan_to_num(xd)))
-            norm_d = float(np.linalg.norm(delta))
+        measured = _measure(x, y)
+        if measured is None:
+            continue
+        max_abs, norm_a, norm_d = measured
         if max_abs is None:  # int8 values against floats: no difference to measure
             out.append(WeightChange(path, name, tuple(x.shape), tuple(y.shape), None, None, *kinds))
             continue
@@ -607,21 +540,20 @@ def compare_weights(path: str, a: list, b: list) -> list[WeightChange]:
     return out
 
 
-def _compare_by_blocks(x, y):
-    """compare_weights's measures for arrays of the same shape, at least one of them StoredValues, a
-    block of rows at a time: None when their bytes are the same (and so their dtypes), (None, None,
-    None) when they differ but are not both floats, else (max |y - x|, ||x||, ||y - x||) — the norms
+def _measure(x, y):
+    """compare_weights's measures for two arrays of one shape (paired_blocks: whole, or a block of rows
+    at a time where one is StoredValues): None when their bytes are the same (and so their dtypes),
+    (None, None, None) when they differ but are not both floats (int8 values against floats: no
+    difference to measure), else (max |y - x|, ||x||, ||y - x||) in float64. By blocks the norms are
     summed block by block, so they may differ from a whole-array norm in the last bits. A block whose
-    bytes are the same adds only to ||x||; a NaN in both arrays at one place is no difference, as in
-    compare_weights."""
+    bytes are the same adds only to ||x||; a NaN in both arrays at one place is no difference."""
     if isinstance(x, StoredValues) and x.same_array(y):
         return None
     same = x.dtype == y.dtype
     floats = _is_float(x) and _is_float(y)
     max_abs, sum_a, sum_d = 0.0, 0.0, 0.0
-    itemsize = max(x.dtype.itemsize, y.dtype.itemsize)
-    for bx, by in zip(_blocks(x, itemsize), _blocks(y, itemsize)):
-        block_same = same and np.array_equal(_as_bytes(bx), _as_bytes(by))
+    for bx, by in paired_blocks(x, y):
+        block_same = same and np.array_equal(as_bytes(bx), as_bytes(by))
         same = block_same
         if not floats:
             if not same:

@@ -221,21 +221,13 @@ def content_differences(a, b) -> list[str]:
 
 def _largest_difference(va, vb) -> float | None:
     """None when two variables of one shape hold the same bytes, else the largest absolute difference of
-    their values (a large variable's a block of rows at a time)."""
+    their values (a large variable's a block of rows at a time: keras_io.variables.paired_blocks)."""
     import numpy as np
 
-    from .keras_io.variables import is_large, numpy_dtype, read_variable_rows, row_blocks
-    shape = tuple(va.shape)
-    if not (is_large(shape, va.dtype) or is_large(shape, vb.dtype)):
-        pieces = [(np.asarray(va.numpy()), np.asarray(vb.numpy()))]
-    else:
-        itemsize = max(numpy_dtype(va.dtype).itemsize, numpy_dtype(vb.dtype).itemsize)
-        pieces = ((read_variable_rows(va, start, stop), read_variable_rows(vb, start, stop))
-                  for start, stop in row_blocks(shape, itemsize))
+    from .keras_io.variables import as_bytes, paired_blocks, values_of
     largest = None
-    for x, y in pieces:
-        x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
-        if x.tobytes() != y.tobytes():
+    for x, y in paired_blocks(values_of(va), values_of(vb)):
+        if not np.array_equal(as_bytes(x), as_bytes(y)):
             d = float(np.max(np.abs(x.astype("float64") - y.astype("float64")))) if x.size else 0.0
             largest = d if largest is None else max(largest, d)
     return largest

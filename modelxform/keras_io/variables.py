@@ -277,3 +277,65 @@ def set_variables(weights: list, arrays, name: str = "") -> None:
     """``layer.set_weights(arrays)`` for the variables ``weights``, also for a layer built by
     LazyVariables whose variables hold no value yet."""
     copy_variables(weights, [_Array(a) for a in arrays], name)
+
+
+# ---- a variable's values to compare, where they are ------------------------------------------------------
+
+class StoredValues:
+    """A large variable's values, left where they are (in the variable, or in the .keras file of a model
+    built from its archive) and read a block of rows at a time (read_variable_rows): a diff of two 6 GiB
+    models holds a few blocks, not four copies of the weights."""
+
+    def __init__(self, var):
+        self.var = var
+        self.shape = tuple(int(d) for d in var.shape)
+        self.dtype = numpy_dtype(var.dtype)
+        self.source = pending_source(var)  # the array of a .keras archive it still takes its values from
+        self._digest = None
+
+    def same_array(self, other) -> bool:
+        """Whether both take their values from the same array of the same open archive (a model and
+        the model rebuilt from it, as plan --html compares them): the same values, without reading them."""
+        return isinstance(other, StoredValues) and self.source is not None and self.source is other.source \
+            and self.dtype == other.dtype
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(read_variable_rows(self.var, start, stop))
+
+    def digest(self) -> str:
+        if self._digest is None:
+            import hashlib
+            h = hashlib.sha256()
+            for block in value_blocks(self, self.dtype.itemsize):
+                h.update(as_bytes(block))
+            self._digest = h.hexdigest()
+        return self._digest
+
+
+def values_of(var):
+    """A variable's values to compare (diff's snapshots, verify's details): a copy, or StoredValues for a
+    large one."""
+    if is_large(tuple(var.shape), var.dtype):
+        return StoredValues(var)
+    return np.array(var.numpy(), copy=True)
+
+
+def value_blocks(values, itemsize: int):
+    """``values`` (an array or StoredValues) a block of rows at a time, blocks cut for ``itemsize``."""
+    for start, stop in row_blocks(values.shape, itemsize):
+        yield values.rows(start, stop) if isinstance(values, StoredValues) else values[start:stop]
+
+
+def paired_blocks(x, y):
+    """Two arrays of one shape (numpy arrays or StoredValues) side by side: whole where both are in
+    memory, else a block of rows of each at a time (cut for the larger itemsize, so that they align)."""
+    if not (isinstance(x, StoredValues) or isinstance(y, StoredValues)):
+        return [(x, y)]
+    itemsize = max(x.dtype.itemsize, y.dtype.itemsize)
+    return zip(value_blocks(x, itemsize), value_blocks(y, itemsize))
+
+
+def as_bytes(array: np.ndarray) -> np.ndarray:
+    """An array's bytes, without a copy where it is contiguous, as a buffer hashlib takes (numpy exports
+    no buffer of ml_dtypes' bfloat16 and float8 arrays, but of their bytes viewed as uint8)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)

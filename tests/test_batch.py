@@ -370,6 +370,63 @@ def test_the_fork_server_imports_while_the_main_process_checks_which_jobs_are_do
     assert sha256_file(zoo / "early-start" / "cnn.keras") == first[0].sha256
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the fork server through /proc")
+def test_the_command_line_begins_the_fork_server_before_it_reads_the_zoo(zoo, monkeypatch):
+    """`batch` starts the workers' server before it reads ZOO.yaml and the recipes (whether a job needs
+    Keras is not known yet): where one does, that server runs the jobs; where none does, it is killed
+    and the workers are fresh interpreters; where ZOO.yaml is bad, it is killed and the error is the
+    same. No server is left after any of them."""
+    import multiprocessing.forkserver
+
+    import modelxform.batch as batch
+    from modelxform.batch import local
+
+    def server() -> int | None:
+        pid = multiprocessing.forkserver._forkserver._forkserver_pid
+        return pid if pid is not None and os.path.exists(f"/proc/{pid}") else None
+
+    seen = []
+    load_zoo, run_local = batch.load_zoo, local.run_local
+    monkeypatch.setattr(batch, "load_zoo", lambda *a, **k: seen.append(("read", server())) or load_zoo(*a, **k))
+    monkeypatch.setattr(local, "run_local", lambda payloads, workers, on_start, on_result, ctx: (
+        seen.append(("run", server(), ctx.get_start_method()))
+        or run_local(payloads, workers, on_start, on_result, ctx)))
+
+    def gone(pid):
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not os.path.exists(f"/proc/{pid}")
+
+    def one_job(name, recipe):
+        (zoo / f"{name}.yaml").write_text(f'models: [zoo/cnn.keras]\nrecipes: [recipes/{recipe}]\n'
+                                          f'output: "{name}/{{model}}.keras"\nseed: 3\n')
+        return run_cli("batch", zoo / f"{name}.yaml", "-j", 1, "--force")
+
+    assert one_job("begun", "conv.recipe").status == 0
+    (_, reading), (_, running, method) = seen
+    assert reading and running == reading and method == "forkserver"  # the server begun first ran the job
+    assert server() is None and gone(reading)
+
+    seen.clear()
+    assert one_job("weight-only", "scale.recipe").status == 0
+    (_, reading), (_, running, method) = seen
+    assert reading and running is None and method == "spawn"  # begun, then killed: no job needs Keras
+    assert gone(reading)
+    single = zoo / "weight-only-single.keras"
+    assert run_cli("apply", zoo / "recipes" / "scale.recipe", zoo / "zoo" / "cnn.keras", "-o", single,
+                   "--seed", 3).status == 0
+    assert sha256_file(zoo / "weight-only" / "cnn.keras") == sha256_file(single)
+
+    seen.clear()
+    (zoo / "bad-begun.yaml").write_text("models: [zoo/cnn.keras]\nrecipes: [recipes/conv.recipe]\noutput: 3\n")
+    result = run_cli("batch", zoo / "bad-begun.yaml", "-j", 2)
+    assert result.status == 2 and "bad-begun.yaml:3:9" in result.err and "Traceback" not in result.err, result.err
+    ((_, reading),) = seen
+    assert reading and server() is None and gone(reading)
+
+
+
 def test_only_jobs_that_need_keras_preload_it():
     from modelxform.batch.local import _context
     from modelxform.lang.compiler import compile_recipe

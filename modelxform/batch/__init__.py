@@ -96,25 +96,30 @@ def _input_hashes(paths: list[str]) -> dict[str, tuple | None]:
 
 
 def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", ray_address: str | None = None,
-              force: bool = False, dry_run: bool = False, on_event=None) -> list[Outcome]:
+              force: bool = False, dry_run: bool = False, on_event=None, early=None) -> list[Outcome]:
     """Run every job of ``zoo``; returns one Outcome per job, in the zoo's order.
 
     ``on_event(kind, outcome)`` is called with kind "cleaned" (temporary files of an earlier, killed run
     removed beside its output: ``outcome.cleaned``), "skipped" (decided before anything runs), "start"
     and "finish". A dry run loads each model and resolves each recipe's plan, writing nothing. On
     Ctrl-C, KeyboardInterrupt propagates after the running jobs were stopped and recorded; the
-    outcomes list (``exc.outcomes``) says what was done.
+    outcomes list (``exc.outcomes``) says what was done. ``early``: a ``local.WorkerStarts`` the caller
+    began before it read the zoo (the command line does), so that the workers' TensorFlow import overlaps
+    that too; it is settled here for the zoo's jobs and ended with the run.
     """
     workers = workers or os.cpu_count() or 1
     on_event = on_event or (lambda kind, outcome: None)
     batch_start = time.perf_counter()
     outcomes = [Outcome(job) for job in zoo.jobs]
     with contextlib.ExitStack() as stack:
+        if early is not None:
+            stack.callback(early.end)  # (the server is not kept past the run)
         if executor == "local":
             # The workers' server (where they need TensorFlow) imports it while this process checks
             # which jobs are done: the import is the part of a run no number of workers shortens.
-            from .local import started_early
-            processes = stack.enter_context(started_early(any(_needs_keras(zoo, job) for job in zoo.jobs)))
+            from .local import WorkerStarts
+            starts = early if early is not None else stack.enter_context(WorkerStarts())
+            processes = starts.settle(any(_needs_keras(zoo, job) for job in zoo.jobs))
         payloads = _to_run(zoo, outcomes, force, dry_run, on_event)
 
         def on_start(payload):

@@ -65,23 +65,55 @@ def describe_exit(code: int | None) -> str:
     return f"the worker process running this job exited with status {code} before finishing it"
 
 
-@contextlib.contextmanager
-def started_early(preload: bool):
-    """The way workers start, begun now: where they are forked from a server that imports TensorFlow
-    (``preload``; see _context), the server is started at once, so that its import — the part of a
-    run no number of workers shortens — runs while the main process still removes stale files and
-    checks which jobs are done, rather than after. Yields what run_local takes as ``processes``; the
-    server is stopped when the block ends (also where no job was left to run)."""
-    ctx, server = _context(preload)
-    with server:
-        if ctx.get_start_method() == "forkserver":
-            import multiprocessing.forkserver
-            multiprocessing.forkserver.ensure_running()  # (returns at once; the server imports on its own)
-        yield ctx
+class WorkerStarts:
+    """How the pool's workers start (see _context), begun as early as the caller can.
+
+    The fork server's import of TensorFlow is the part of a run no number of workers shortens, so it
+    should overlap everything the main process does before the first job: reading ZOO.yaml and the
+    recipes, hashing the inputs, reading the existing outputs' records. The command line begins it
+    before it reads the zoo, when whether a job needs Keras is not known yet (``begin``: the server is
+    started wherever workers could be forked from one); ``settle`` then says whether one does, and a
+    server no job needs (a weight-only zoo, whose workers are fresh interpreters) is killed in the
+    middle of its import, having used a core the main process was not using. The server is stopped
+    at ``end`` (and when the ``with`` block ends: a bad ZOO.yaml, Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self._server = contextlib.ExitStack()
+        self.ctx = multiprocessing.get_context("spawn")
+
+    def begin(self) -> "WorkerStarts":
+        """Start the fork server now (returns at once; the server imports on its own), where workers can
+        be forked from one (Keras on TensorFlow, a system with fork)."""
+        if self.ctx.get_start_method() != "forkserver":
+            ctx, server = _context(True)
+            if ctx.get_start_method() == "forkserver":
+                import multiprocessing.forkserver
+                self._server.enter_context(server)
+                self.ctx = ctx
+                multiprocessing.forkserver.ensure_running()
+        return self
+
+    def settle(self, preload: bool):
+        """The context run_local starts the workers with, now that it is known whether a job needs Keras
+        (``preload``): the server begun (if it was not), or stopped (if it was)."""
+        if preload:
+            return self.begin().ctx
+        self.end()
+        return self.ctx
+
+    def end(self) -> None:
+        self._server.close()
+        self.ctx = multiprocessing.get_context("spawn")
+
+    def __enter__(self) -> "WorkerStarts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end()
 
 
 def run_local(payloads: list[dict], workers: int, on_start, on_result, ctx) -> None:
-    """Run every payload on ``workers`` processes started by ``ctx`` (what started_early yielded);
+    """Run every payload on ``workers`` processes started by ``ctx`` (WorkerStarts.settle's);
     ``on_start(payload)`` when a job is handed to a worker, ``on_result(result)`` for each finished job
     (in completion order). On Ctrl-C, the running jobs are interrupted and reported, and
     KeyboardInterrupt is raised again."""

@@ -38,8 +38,6 @@ def add_parser(subparsers):
 
 
 def run(args, console) -> int:
-    from ..batch import load_zoo, run_batch
-
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"-j {args.workers}: the number of workers must be at least 1")
     if args.ray_address and args.executor != "ray":
@@ -51,6 +49,16 @@ def run(args, console) -> int:
     if args.executor == "ray":
         from ..batch.ray_executor import import_ray
         import_ray()  # fail now, with the install hint, not after reading the zoo
+    from ..batch.local import WorkerStarts
+    with WorkerStarts() as early:
+        if args.executor == "local":
+            early.begin()  # (the workers' TensorFlow import, under way while the zoo is read; see WorkerStarts)
+        return _run(args, console, early)
+
+
+def _run(args, console, early) -> int:
+    from ..batch import load_zoo, run_batch
+
     zoo = load_zoo(args.zoo, include_root=include_root(args))
     workers = args.workers or os.cpu_count() or 1
     models = len(dict.fromkeys(job.model for job in zoo.jobs))
@@ -63,7 +71,7 @@ def run(args, console) -> int:
     interrupted = False
     try:
         outcomes = run_batch(zoo, workers=workers, executor=args.executor, ray_address=args.ray_address,
-                             force=args.force, dry_run=args.dry_run, on_event=progress.event)
+                             force=args.force, dry_run=args.dry_run, on_event=progress.event, early=early)
     except KeyboardInterrupt as exc:
         from ..errors import Terminated
         outcomes = getattr(exc, "outcomes", None)

@@ -61,6 +61,7 @@ class Context:
         self.reference = None  # (probe inputs, outputs) of the input model, for `assert equivalent`
         self.loaded: dict[str, list] = {}  # layers of the models read by `load weights from`
         self.pending: list[StatementReport] = []  # structural statements waiting for the rebuild
+        self.pending_edits: list[int] = []  # the edits queued by the end of each of them (hold)
         self.archive = source if isinstance(source, Archive) else None
         self._model = None if self.archive is not None else source
         self._editor: GraphEditor | None = None
@@ -202,23 +203,37 @@ class Context:
                 self._editor = GraphEditor(self._model, self.seed, self.unsafe)
         return self._editor
 
+    def hold(self, report: StatementReport) -> None:
+        """A structural statement's report, kept until the rebuild says what the statement changed."""
+        self.pending.append(report)
+        self.pending_edits.append(len(self._editor.edits) if self._editor is not None else 0)
+
     def flush(self) -> None:
         """Rebuild the model from the queued structural edits, if any. A pass must not hold on to an
         editor across a call that flushes (selected(), layers(), current_model())."""
         if self._editor is None:
             return
-        editor, pending = self._editor, self.pending
-        self._editor, self.pending = None, []
+        editor, pending, counts = self._editor, self.pending, self.pending_edits
+        self._editor, self.pending, self.pending_edits = None, [], []
         editor.closed = True
         before, outputs_before, old_layers = self._before_rebuild()
         new_model = editor.build(old_layers)
         self.obligations.update(editor.reshaped)
-        after = _layer_facts(new_model)
-        outputs_after = _output_shapes(new_model)
-        # Consecutive structural statements are rebuilt together, so "after" is the state after all of
-        # them; say so rather than attribute a later statement's effect to an earlier one.
-        together = f" (after rebuilding {len(pending)} structural statements together)" if len(pending) > 1 else ""
-        for report in pending:
+        states = [(before, outputs_before), (_layer_facts(new_model), _output_shapes(new_model))]
+        together = ""
+        if len(pending) > 1 and not _each_kept_what_it_was(pending, states[0][0], states[1][0]):
+            # Consecutive structural statements are rebuilt together; what each one did is read off the
+            # model as it stood after its own edits, built again without values (GraphEditor.models_between).
+            # Where such a state does not build on its own, every statement is described by the state after
+            # all of them, and says so, rather than attribute a later statement's effect to an earlier one.
+            between = editor.models_between(counts[:-1])
+            if all(model is not None for model in between):
+                states[1:1] = [(_layer_facts(model), _output_shapes(model)) for model in between]
+            else:
+                together = f" (after rebuilding {len(pending)} structural statements together)"
+        for i, report in enumerate(pending):
+            # (one state between each statement and the next, or only the states before and after them all)
+            (before, outputs_before), (after, outputs_after) = states[i:i + 2] if len(states) > 2 else states
             for path in report.rebuilt:
                 old_path = report.layers[report.rebuilt.index(path)] if path not in before else path
                 if old_path in before and path in after:
@@ -482,6 +497,28 @@ class Context:
 class _Nested:
     def __init__(self, path: str, class_name: str):
         self.path, self.class_name = path, class_name
+
+
+def _each_kept_what_it_was(pending, before, after) -> bool:
+    """Whether the states before and after several structural statements tell what each of them did,
+    without the states between: each replaces layers that no other one touches, by layers that give out
+    the same shape and hold as many parameters (a pooling swapped for another, an activation for
+    another). Every layer then had the same output shape and parameters in every state between (its
+    input is what it was, and either config gives the same from it), so each statement's own before
+    and after are those. Any other statement (an insert, a tap, a replace that changes a shape, two
+    replaces of one layer) needs the states between (GraphEditor.models_between)."""
+    seen: set = set()
+    for report in pending:
+        if report.statement.keyword != "replace":
+            return False
+        if len(report.layers) != len(report.rebuilt):
+            return False
+        for index, path in enumerate(report.rebuilt):
+            old = path if path in before else report.layers[index]
+            if old in seen or path in seen or old not in before or path not in after or before[old] != after[path]:
+                return False
+            seen.update((old, path))
+    return True
 
 
 def _layer_facts(model) -> dict:

@@ -50,7 +50,7 @@ def _run_statements(recipe, ctx: Context, plan: Plan, apply: bool) -> None:
         _attach(report.warnings, recipe)
         plan.statements.append(report)
         if stmt.structural:
-            ctx.pending.append(report)
+            ctx.hold(report)
     ctx.flush()
     if ctx.obligations:
         paths = sorted(ctx.obligations)

@@ -593,8 +593,8 @@ class GraphEditor:
             culprit = self._find_culprit(old_layers)
             self._blame(exc, culprit)
 
-    def _find_culprit(self, old_layers):
-        """Replay the queued edits one at a time from the original config to find the first failure."""
+    def _replay(self) -> "GraphEditor":
+        """An editor on the original config with nothing queued, to apply the queued edits to again."""
         replay = GraphEditor.__new__(GraphEditor)
         replay.model, replay.seed, replay.unsafe = self.model, self.seed, self.unsafe
         replay.base_config = self.base_config
@@ -602,6 +602,36 @@ class GraphEditor:
         replay.fresh, replay.edits, replay.origin, replay.reshape, replay.reshaped = {}, [], {}, {}, {}
         replay.computed, replay.input_statement, replay.nested_inputs = {}, None, set()
         replay.closed = False
+        return replay
+
+    def models_between(self, counts: list[int]) -> list:
+        """The model as it stands after the first n queued edits, for each n of ``counts`` (ascending):
+        what a report says each of several structural statements rebuilt together did. Built without
+        values where Keras allows (LazyVariables: layers, shapes and variables' shapes only, a fraction
+        of a rebuild), the ordinary way where it does not, as the rebuild itself is; None where that state
+        does not build on its own. Python's random state is as it was afterwards: Keras draws from it for
+        the default seed of every initializer and seed generator it makes, and these models are only
+        looked at, so they must not change what a later build draws."""
+        import random
+        replay, done, models = self._replay(), 0, []
+        state = random.getstate()
+        try:
+            for n in counts:
+                try:
+                    for edit in self.edits[done:n]:
+                        edit.apply(replay)
+                    model = replay._deserialized(replay.config)[0]
+                except Exception:  # noqa: BLE001 - the caller says what it can without this state
+                    model = None
+                done = n
+                models.append(model)
+        finally:
+            random.setstate(state)
+        return models
+
+    def _find_culprit(self, old_layers):
+        """Replay the queued edits one at a time from the original config to find the first failure."""
+        replay = self._replay()
         for edit in self.edits:
             try:
                 edit.apply(replay)
@@ -617,6 +647,21 @@ class GraphEditor:
         raise exc
 
     def _build(self, config: dict, old_layers, fresh: dict):
+        new_model, lazy = self._deserialized(config)
+        if lazy is not None:
+            check_memory(new_model)  # before a value is given to any variable: a refusal, not an OOM
+        try:
+            self.reshaped = transfer_weights(old_layers, new_model, fresh, self.seed, self.origin, self.reshape,
+                                             self.computed, self.input_statement)
+        finally:
+            if lazy is not None:
+                lazy.initialise_the_rest()
+        return new_model
+
+    def _deserialized(self, config: dict):
+        """The model ``config`` describes, built with its variables left without values (and the
+        LazyVariables that holds them), or, where that fails, the ordinary way (and None): Keras then
+        says what is wrong, or a layer that needs TensorFlow is let import it."""
         import keras
         config = copy.deepcopy(config)
         _restore_single_refs(config, self.base_config)
@@ -644,15 +689,7 @@ class GraphEditor:
                     raise ApplyError(f"the edited model does not build: {_build_failure(exc)}") from exc
                 # a layer that needs TensorFlow whatever the backend (StringLookup, …): let Keras import it
                 new_model = keras.saving.deserialize_keras_object(config, safe_mode=not self.unsafe)
-        if lazy is not None:
-            check_memory(new_model)  # before a value is given to any variable: a refusal, not an OOM
-        try:
-            self.reshaped = transfer_weights(old_layers, new_model, fresh, self.seed, self.origin, self.reshape,
-                                             self.computed, self.input_statement)
-        finally:
-            if lazy is not None:
-                lazy.initialise_the_rest()
-        return new_model
+        return new_model, lazy
 
 
 def memory_limit() -> int | None:

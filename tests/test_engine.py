@@ -833,9 +833,41 @@ def test_report_of_replaces_that_keep_shapes_needs_no_state_between(monkeypatch)
                for c in pooling), pooling
     assert any(c.startswith("dropout: output") and c.endswith("params 0 -> 0") for c in dropout), dropout
     assert not any("together" in c for c in pooling + dropout)
-    # where one of them changes a shape (the head's): built
-    with pytest.raises(AssertionError, match="the states between were built"):
-        apply("replace MaxPooling2D with AveragePooling2D\nreplace dense_3 with Dense(units=5)", make_cnn())
+    # and where the last statement is another kind, on other layers: the design card's recipe
+    _, report = apply("replace MaxPooling2D with AveragePooling2D\ntap conv2d_1", make_cnn())
+    pooling, tap = (s.changes for s in report.statements)
+    assert "max_pooling2d: output (None, 13, 13, 8) -> (None, 13, 13, 8), params 0 -> 0" in pooling, pooling
+    assert "model outputs: (None, 10) -> (None, 10), (None, 26, 26, 8)" in tap, tap
+    _, report = apply("replace dropout with Dropout(rate=0.1)\nreplace dense_3 with Dense(units=5)", make_cnn())
+    assert "dense_3: output (None, 10) -> (None, 5), params 170 -> 85" in report.statements[1].changes
+    # where a replace before the last changes a shape (the head's), or the last is on a replaced layer:
+    # built
+    for recipe in ("replace dense_3 with Dense(units=5)\nreplace dropout with Dropout(rate=0.1)",
+                   "replace dropout with Dropout(rate=0.1)\nreplace dropout with Dropout(rate=0.2)",
+                   "replace MaxPooling2D with AveragePooling2D\ntap max_pooling2d"):
+        with pytest.raises(AssertionError, match="the states between were built"):
+            apply(recipe, make_cnn())
+
+
+@pytest.mark.parametrize("kind,recipe", [
+    ("cnn", "replace MaxPooling2D with AveragePooling2D\ntap conv2d_1"),
+    ("cnn", "replace dropout with Dropout(rate=0.1)\nreplace dense_3 with Dense(units=5)"),
+    ("cnn", 'replace MaxPooling2D with AveragePooling2D\ninsert Dense(units=8, name="mid") after dense_3'),
+    ("nested", "replace MaxPooling2D with AveragePooling2D\nreplace head with Dense(units=3)\ntap gap"),
+    ("nested", "replace backbone/block/bn_a with BatchNormalization()\nreplace gap with GlobalMaxPooling2D()"),
+])
+def test_report_without_the_states_between_is_what_they_would_say(monkeypatch, kind, recipe):
+    """Where the states before and after several structural statements are taken to say what each did
+    (context._each_kept_what_it_was), the report is the one the states between, built, give."""
+    from modelxform.engine import context
+    make = {"cnn": make_cnn, "nested": make_nested}[kind]
+    _, report = apply(recipe, make())
+    kept = context._each_kept_what_it_was
+    seen = []
+    monkeypatch.setattr(context, "_each_kept_what_it_was", lambda *a: seen.append(kept(*a)) or False)
+    _, built = apply(recipe, make())
+    assert seen == [True]  # (the case is one the shortcut takes)
+    assert [s.changes for s in report.statements] == [s.changes for s in built.statements]
 
 
 def test_report_of_statements_rebuilt_together_says_so_where_a_state_does_not_build(monkeypatch):

@@ -501,24 +501,26 @@ class _Nested:
 
 def _each_kept_what_it_was(pending, before, after) -> bool:
     """Whether the states before and after several structural statements tell what each of them did,
-    without the states between: each replaces layers that no other one touches, by layers that give out
-    the same shape and hold as many parameters (a pooling swapped for another, an activation for
-    another). Every layer then had the same output shape and parameters in every state between (its
-    input is what it was, and either config gives the same from it), so each statement's own before
-    and after are those. Any other statement (an insert, a tap, a replace that changes a shape, two
-    replaces of one layer) needs the states between (GraphEditor.models_between)."""
+    without the states between: each but the last replaces layers that no other one touches, by layers
+    that give out the same shape and hold as many parameters in the model after them all (a pooling
+    swapped for another, an activation for another), and the last touches none of those layers. Every
+    layer then had its first shape and parameters in every state before the last statement (its input is
+    what it was, and either config gives the same from it), so each statement's own before is the state
+    before them all, and its own after the state after them all (what the last one changed shows in the
+    replaced layers' figures there, which are then checked against their first ones). Anything else (an
+    insert or a tap before the last statement, a replace that changes a shape, two statements on one
+    layer) needs the states between (GraphEditor.models_between)."""
     seen: set = set()
-    for report in pending:
-        if report.statement.keyword != "replace":
-            return False
-        if len(report.layers) != len(report.rebuilt):
+    for report in pending[:-1]:
+        if report.statement.keyword != "replace" or len(report.layers) != len(report.rebuilt):
             return False
         for index, path in enumerate(report.rebuilt):
             old = path if path in before else report.layers[index]
             if old in seen or path in seen or old not in before or path not in after or before[old] != after[path]:
                 return False
             seen.update((old, path))
-    return True
+    last = pending[-1]
+    return not seen & (set(last.layers) | set(last.rebuilt))
 
 
 def _layer_facts(model) -> dict:

@@ -870,6 +870,35 @@ def test_report_without_the_states_between_is_what_they_would_say(monkeypatch, k
     assert [s.changes for s in report.statements] == [s.changes for s in built.statements]
 
 
+@pytest.mark.parametrize("kind,recipe,built", [
+    ("cnn", 'cut after conv2d_2\nappend GlobalAveragePooling2D(name="features")', 0),
+    ("cnn", 'cut after dense_2\nappend Dense(units=4, name="head")\ntap dense_1', 1),
+    ("cnn", 'insert Dropout(rate=0.1, name="extra") after dense_1\nappend Dense(units=4, name="head")', 1),
+    ("cnn", 'insert Dense(units=32, name="mid") after dense_1\nreplace mid with Dense(units=32)', 1),
+    ("nested", 'remove backbone/block/bn_a\nappend Dense(units=2, name="head2")', 0),
+])
+def test_report_reads_only_the_states_between_it_needs(monkeypatch, kind, recipe, built):
+    """A statement that rebuilt nothing and tapped nothing (cut, remove) needs no state after it, and one
+    whose layers are all new (append, insert) none before it: the report is the one every state between
+    gives, with ``built`` of them built."""
+    from modelxform.engine import context
+    from modelxform.keras_io.graph import GraphEditor
+    make = {"cnn": make_cnn, "nested": make_nested}[kind]
+    counts, real = [], GraphEditor.models_between
+
+    def counted(self, wanted):
+        counts.append(len(wanted))
+        return real(self, wanted)
+    monkeypatch.setattr(GraphEditor, "models_between", counted)
+    _, report = apply(recipe, make())
+    assert counts == [built]
+    monkeypatch.setattr(context, "_states_needed", lambda pending, first: list(range(1, len(pending))))
+    _, every = apply(recipe, make())
+    assert counts[1] == recipe.count("\n")
+    assert [s.changes for s in report.statements] == [s.changes for s in every.statements]
+    assert not any("together" in c for s in report.statements for c in s.changes)
+
+
 def test_report_of_statements_rebuilt_together_says_so_where_a_state_does_not_build(monkeypatch):
     from modelxform.keras_io.graph import GraphEditor
     monkeypatch.setattr(GraphEditor, "models_between", lambda self, counts: [None] * len(counts))

@@ -219,21 +219,25 @@ class Context:
         before, outputs_before, old_layers = self._before_rebuild()
         new_model = editor.build(old_layers)
         self.obligations.update(editor.reshaped)
-        states = [(before, outputs_before), (_layer_facts(new_model), _output_shapes(new_model))]
+        first, last = (before, outputs_before), (_layer_facts(new_model), _output_shapes(new_model))
+        pairs = [(first, last)] * len(pending)  # (the model before each statement, and after it)
         together = ""
-        if len(pending) > 1 and not _each_kept_what_it_was(pending, states[0][0], states[1][0]):
+        if len(pending) > 1 and not _each_kept_what_it_was(pending, first[0], last[0]):
             # Consecutive structural statements are rebuilt together; what each one did is read off the
-            # model as it stood after its own edits, built again without values (GraphEditor.models_between).
-            # Where such a state does not build on its own, every statement is described by the state after
-            # all of them, and says so, rather than attribute a later statement's effect to an earlier one.
-            between = editor.models_between(counts[:-1])
+            # model as it stood after its own edits, built again without values (GraphEditor.models_between),
+            # where a statement's figures need that state (_states_needed). Where such a state does not
+            # build on its own, every statement is described by the state after all of them, and says so,
+            # rather than attribute a later statement's effect to an earlier one.
+            needed = _states_needed(pending, first[0])
+            between = editor.models_between([counts[k - 1] for k in needed])
             if all(model is not None for model in between):
-                states[1:1] = [(_layer_facts(model), _output_shapes(model)) for model in between]
+                states = [first] + [({}, None)] * (len(pending) - 1) + [last]  # (({}, None): not needed)
+                for k, model in zip(needed, between):
+                    states[k] = (_layer_facts(model), _output_shapes(model))
+                pairs = list(zip(states, states[1:]))
             else:
                 together = f" (after rebuilding {len(pending)} structural statements together)"
-        for i, report in enumerate(pending):
-            # (one state between each statement and the next, or only the states before and after them all)
-            (before, outputs_before), (after, outputs_after) = states[i:i + 2] if len(states) > 2 else states
+        for report, ((before, outputs_before), (after, outputs_after)) in zip(pending, pairs):
             for path in report.rebuilt:
                 old_path = report.layers[report.rebuilt.index(path)] if path not in before else path
                 if old_path in before and path in after:
@@ -521,6 +525,27 @@ def _each_kept_what_it_was(pending, before, after) -> bool:
             seen.update((old, path))
     last = pending[-1]
     return not seen & (set(last.layers) | set(last.rebuilt))
+
+
+def _states_needed(pending, first) -> list[int]:
+    """Which states between statements rebuilt together a report needs (k: the model after the first k
+    statements; ``first``: the layer facts before them all). A statement's figures are read off the
+    states before and after it where it rebuilt layers or tapped outputs; none where it did neither (a
+    cut, a remove). The state before it is not needed either where every layer it rebuilt is new there:
+    a name the model before them all did not have, which no statement before it touched (an append, an
+    insert: only its figures after are given)."""
+    def figures(report) -> bool:
+        return bool(report.rebuilt) or report.statement.keyword == "tap"
+
+    touched: set = set()
+    new_to: list[bool] = []
+    for report in pending:
+        named = set(report.rebuilt) | set(report.layers)
+        new_to.append(report.statement.keyword != "tap" and not (named & touched)
+                      and not any(path in first for path in named))
+        touched |= named
+    return [k for k in range(1, len(pending))
+            if figures(pending[k - 1]) or (figures(pending[k]) and not new_to[k])]
 
 
 def _layer_facts(model) -> dict:

@@ -112,13 +112,11 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
     batch_start = time.perf_counter()
     outcomes = [Outcome(job) for job in zoo.jobs]
     with contextlib.ExitStack() as stack:
-        if early is not None:
-            stack.callback(early.end)  # (the server is not kept past the run)
+        from .local import WorkerStarts
+        starts = stack.enter_context(early if early is not None else WorkerStarts())  # (ended with the run)
         if executor == "local":
             # The workers' server (where they need TensorFlow) imports it while this process checks
             # which jobs are done: the import is the part of a run no number of workers shortens.
-            from .local import WorkerStarts
-            starts = early if early is not None else stack.enter_context(WorkerStarts())
             processes = starts.settle(any(_needs_keras(zoo, job) for job in zoo.jobs))
         payloads = _to_run(zoo, outcomes, force, dry_run, on_event)
 

@@ -238,8 +238,7 @@ class Context:
             else:
                 together = f" (after rebuilding {len(pending)} structural statements together)"
         for report, ((before, outputs_before), (after, outputs_after)) in zip(pending, pairs):
-            for path in report.rebuilt:
-                old_path = report.layers[report.rebuilt.index(path)] if path not in before else path
+            for old_path, path in _rebuilt(report, before):
                 if old_path in before and path in after:
                     report.changes.append(f"{path}: output {before[old_path][0]} -> {after[path][0]}, "
                                           f"params {before[old_path][1]:,} -> {after[path][1]:,}{together}")
@@ -503,6 +502,13 @@ class _Nested:
         self.path, self.class_name = path, class_name
 
 
+def _rebuilt(report, before):
+    """(the layer it was, the layer it is) for each layer a structural statement rebuilt: the same path
+    where ``before`` (the model before the statement) has it, else the layer the statement named."""
+    for path in report.rebuilt:
+        yield (path if path in before else report.layers[report.rebuilt.index(path)]), path
+
+
 def _each_kept_what_it_was(pending, before, after) -> bool:
     """Whether the states before and after several structural statements tell what each of them did,
     without the states between: each but the last replaces layers that no other one touches, by layers
@@ -518,8 +524,7 @@ def _each_kept_what_it_was(pending, before, after) -> bool:
     for report in pending[:-1]:
         if report.statement.keyword != "replace" or len(report.layers) != len(report.rebuilt):
             return False
-        for index, path in enumerate(report.rebuilt):
-            old = path if path in before else report.layers[index]
+        for old, path in _rebuilt(report, before):
             if old in seen or path in seen or old not in before or path not in after or before[old] != after[path]:
                 return False
             seen.update((old, path))

@@ -223,6 +223,43 @@ def test_copy_range_copies_between_offsets(tmp_path, monkeypatch, kernel):
     assert out[:20] == b"x" * 20 and out[20:7020] == data[123:7123]
 
 
+def test_large_writes_reach_the_kernel_in_pieces(tmp_path, monkeypatch):
+    """write_all, write_pieces and FileWindow.write hand the kernel at most WRITE_PIECE bytes per call
+    (large writes into the page cache are several times slower per byte on the benchmark machine), and
+    every byte lands where it belongs, from memoryviews and numpy arrays alike."""
+    import io
+    import os
+    import numpy as np
+    from modelxform.keras_io import streams
+    monkeypatch.setattr(streams, "WRITE_PIECE", 1000)
+    sizes = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        sizes.append(len(data))
+        return real_pwrite(fd, data, offset)
+    monkeypatch.setattr(streams.os, "pwrite", pwrite)
+    values = np.arange(2_600, dtype=np.float32)  # 10,400 bytes
+    data = values.tobytes()
+    path = tmp_path / "f"
+    path.write_bytes(b"H" * 7)
+    with open(path, "r+b") as fh:
+        streams.write_all(fh.fileno(), values, 7)
+        assert sizes == [1000] * 10 + [400]
+        window = streams.FileWindow(fh.fileno(), 7 + len(data))
+        window.write(memoryview(data)[3:2503])
+        assert sizes[11:] == [1000, 1000, 500]
+    assert path.read_bytes() == b"H" * 7 + data + data[3:2503]
+
+    class Recorder(io.BytesIO):
+        def write(self, b):
+            sizes.append(len(b))
+            return super().write(b)
+    out, sizes[:] = Recorder(), []
+    streams.write_pieces(out, values)
+    assert sizes == [1000] * 10 + [400] and out.getvalue() == data
+
+
 @pytest.mark.parametrize("way", ["through the zip writer", "through a temporary file"])
 def test_a_saved_model_is_the_same_whichever_way_its_weights_reach_the_zip(tmp_path, monkeypatch, way):
     """Keras's weights file is written in place inside the zip (its CRC read off the page cache); through

@@ -43,7 +43,7 @@ from .config import MODEL_CLASS_NAMES as MODEL_CLASSES
 from .config import layers_of
 from .layers import LayerInfo, snake_case
 from .safety import CONFIG_MEMBER, METADATA_MEMBER, PROVENANCE_MEMBER
-from .streams import EditedCrc, Writeback, copy_range, preallocate, read_exact, write_all
+from .streams import EditedCrc, Writeback, copy_range, preallocate, read_exact, write_all, write_pieces
 from .zipmember import Window as _Window
 from .zipmember import member_offset
 
@@ -757,7 +757,7 @@ class Archive:
         buffer = None
         for offset, size, new in self._weights_pieces(self._touched()):
             if new is not None:
-                out.write(new)
+                write_pieces(out, new)
                 continue
             buffer = buffer or bytearray(min(BLOCK_BYTES, size))
             done = 0
@@ -765,7 +765,7 @@ class Archive:
                 n = min(len(buffer), size - done)
                 view = memoryview(buffer)[:n]
                 read_exact(fd, view, self.h5_start + offset + done)
-                out.write(view)
+                write_pieces(out, view)
                 done += n
 
 

@@ -382,6 +382,8 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None, lor
     import io
     import json
     import shutil
+
+    from .streams import WRITE_PIECE
     try:
         import h5py
         import keras
@@ -474,7 +476,7 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None, lor
                     info.file_size = weights_file.seek(0, os.SEEK_END)  # what writestr sets before it writes
                     weights_file.seek(0)
                     with dst.open(info, "w") as out:
-                        shutil.copyfileobj(weights_file, out, 8 << 20)
+                        shutil.copyfileobj(weights_file, out, WRITE_PIECE)
             if lora is not None:
                 put(LORA_MEMBER, lora, zipfile.ZIP_STORED)
             if provenance is not None:
@@ -528,10 +530,12 @@ def _weights_file_size_hint(model) -> int | None:
 def _save_through(out, save_weights, path) -> bool:
     """The weights file through the zip writer (which computes its CRC), by way of a temporary file."""
     import shutil
+
+    from .streams import WRITE_PIECE
     with tempfile.TemporaryFile(prefix=f".{path.name}.", dir=path.parent) as weights_file:
         saved = save_weights(weights_file)
         weights_file.seek(0)
-        shutil.copyfileobj(weights_file, out, 8 << 20)
+        shutil.copyfileobj(weights_file, out, WRITE_PIECE)
     return saved
 
 

@@ -29,6 +29,14 @@ except ImportError:  # pragma: no cover - a dependency, but the arithmetic holds
     from zlib import crc32
 
 _CHUNK = 8 << 20
+# The most bytes handed to the kernel in one write. On Linux 6.18 (this project's benchmark machine, a
+# virtual machine), new bytes written into a file's page cache cost 3 to 6 times as much per byte in calls
+# of 2 MiB or more (sometimes 1 MiB) as in calls of 512 KiB or less: the same 2 GiB copied through a
+# 16 MiB buffer took 3.2-6.1 s written 16 MiB at a time, 1.0-1.1 s written 512 KiB at a time; nearly all
+# of the difference is the copy into the page cache (perf: copy_folio_from_iter_atomic), which a large
+# write gets as large folios, likely of memory the host had taken back. A call per 512 KiB costs
+# microseconds per MiB where writes of any size are fast. (benchmarks/README.md has the figures.)
+WRITE_PIECE = 1 << 19
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM, errno.EBADF}
 _kernel_copy = hasattr(os, "copy_file_range")  # until the kernel says it cannot
 
@@ -94,10 +102,19 @@ def crc_of_range(fd: int, offset: int, size: int) -> int:
 
 
 def write_all(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` to ``fd`` at ``offset``, in calls of at most WRITE_PIECE bytes (see there)."""
     view = memoryview(data).cast("B")
     done = 0
     while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
+        done += os.pwrite(fd, view[done:done + WRITE_PIECE], offset + done)
+
+
+def write_pieces(out, data) -> None:
+    """``out.write(data)`` (a writable file object, such as a zip member's writer), in calls of at most
+    WRITE_PIECE bytes: the writers below hand each call's bytes to the kernel whole."""
+    view = memoryview(data).cast("B")
+    for at in range(0, len(view), WRITE_PIECE):
+        out.write(view[at:at + WRITE_PIECE])
 
 
 # ---- CRC-32 arithmetic (zlib's crc32_combine, in Python: 32-bit polynomials, reflected) ----------------

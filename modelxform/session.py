@@ -158,13 +158,14 @@ def _closing(source):
 
 def apply_file(recipe, model, output=None, *, seed: int | None = None, params: dict | None = None,
                unsafe: bool = False, imports=(), format: str | None = None, in_place: bool = False,
-               dry_run: bool = False, input_digest: tuple | None = None) -> ApplyResult:
+               dry_run: bool = False, input_digest=None) -> ApplyResult:
     """Apply ``recipe`` (a Recipe or a recipe file) to the model file ``model`` and write ``output``
     (.keras or .h5 by its extension; ``format="savedmodel"``: a SavedModel folder) atomically, with the
     input's provenance record extended. The input is never modified (``in_place`` allows ``output`` to
     be ``model``). ``params`` maps names to values or to their text as ``--param`` gives it.
     ``input_digest``: the input's sha256 as ``keras_io.files.sha256_with_identity`` gave it earlier in
-    this run (a batch run hashes its inputs first), used instead of reading the file again when the
+    this run (a batch run hashes its inputs first), or a ``keras_io.digests.FileDigest`` hashing it
+    since earlier (``apply`` begins one as it starts), used instead of reading the file again when the
     file has not changed since (same file, size, mtime and ctime).
 
     >>> apply_file("prep.recipe", "cnn.keras", "out.keras", seed=7).plan.after   # doctest: +SKIP
@@ -197,7 +198,7 @@ def apply_file(recipe, model, output=None, *, seed: int | None = None, params: d
 
 def _apply(recipe, source, model_path: str, output, seed, params, savedmodel: bool, *, previous,
            read_previous: bool, unsafe: bool = False, imports=(), weights_file=None,
-           input_digest: tuple | None = None) -> ApplyResult:
+           input_digest=None) -> ApplyResult:
     """Run ``recipe`` on ``source`` and, unless ``output`` is None, save the result with ``previous``
     (or the input's own record) extended by this run's provenance entry."""
     from .keras_io.archive import Archive

@@ -26,6 +26,7 @@ from conftest import FACTORIES, run_cli
 from modelxform import apply_file, compile_recipe, plan_file, session
 from modelxform import diff as diff_module
 from modelxform.keras_io import archive as archive_module
+from modelxform.keras_io import digests as digests_module
 from modelxform.keras_io.files import load_model, read_provenance, save_model, sha256_file
 from modelxform.errors import ModelxformError
 from modelxform.provenance import entry, extend
@@ -711,7 +712,7 @@ def test_verify_re_makes_a_chain_on_the_archive_reading_each_input_once(subjects
     real = files.sha256_with_identity
     monkeypatch.setattr(files, "load_model", whole_load)
     monkeypatch.setattr(files, "sha256_with_identity", lambda path, **kw: hashed.append(path) or real(path, **kw))
-    monkeypatch.setattr(archive_module._FileDigest, "start", lambda self: archive_hashes.append(self))
+    monkeypatch.setattr(digests_module.FileDigest, "start", lambda self: archive_hashes.append(self))
     differences, notes = session.verify_file(step2, subject.path)
     assert differences == [] and notes[-1] == f"re-made step2.keras from {subject.path} in 2 step(s): identical"
     assert [pathlib.Path(p).name for p in hashed] == [subject.path.name, "step1.keras"]

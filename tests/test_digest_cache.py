@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from modelxform.keras_io import archive, digests
+from modelxform.keras_io import digests
 from modelxform.keras_io.files import read_provenance, sha256_file, sha256_with_identity
 
 keras = pytest.importorskip("keras")
@@ -38,12 +38,12 @@ def big_model(tmp_path):
 def hashes(monkeypatch):
     """The files the apply path's hashing thread read, by descriptor's path."""
     seen = []
-    start = archive._FileDigest.start
+    start = digests.FileDigest.start
 
     def counting(self):
         seen.append(os.readlink(f"/proc/self/fd/{self._fd}"))
         return start(self)
-    monkeypatch.setattr(archive._FileDigest, "start", counting)
+    monkeypatch.setattr(digests.FileDigest, "start", counting)
     return seen
 
 
@@ -186,3 +186,71 @@ def test_concurrent_hashes_of_one_file_leave_one_good_entry(cache, big_model):
         t.join()
     assert set(results) == {sha256_file(big_model)}
     assert [json.loads(e.read_text())["sha256"] for e in cache.iterdir()] == [sha256_file(big_model)]
+
+
+# ---- apply begins hashing its input as it starts (digests.begin) ------------------------------------------
+
+_EARLY = """\
+import json, sys
+from modelxform.keras_io import digests
+seen, starts = {}, []
+real_begin, real_start = digests.begin, digests.FileDigest.start
+
+def begin(path):
+    seen["imported"] = sorted(m for m in ("numpy", "lark", "h5py", "modelxform.session") if m in sys.modules)
+    digest = real_begin(path)
+    seen["began"] = digest is not None and not digest.known
+    return digest
+
+def start(self):
+    starts.append(self.identity)
+    return real_start(self)
+digests.begin, digests.FileDigest.start = begin, start
+from modelxform.cli import main
+seen["status"] = main(sys.argv[1:])
+seen["hashes"] = len(starts)
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("flag", ["-o", "--in-place"])
+def test_apply_begins_hashing_its_input_before_it_imports_the_rest(big_model, tmp_path, flag):
+    """The input's sha256, which the output's record holds, is begun before numpy, lark, h5py and the
+    session are imported, and is the only hashing of the input: the archive uses it."""
+    import subprocess
+    import sys
+    recipe = tmp_path / "half.recipe"
+    recipe.write_text(RECIPE)
+    sha = sha256_file(big_model)
+    out = tmp_path / "out.keras"
+    argv = ["apply", str(recipe), str(big_model)] + (["-o", str(out)] if flag == "-o" else ["--in-place"])
+    env = dict(os.environ, MODELXFORM_DIGEST_CACHE="0", TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-c", _EARLY, *argv], capture_output=True, text=True, env=env, timeout=300)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"imported": [], "began": True, "status": 0, "hashes": 1}, done.stderr[-2000:]
+    written = out if flag == "-o" else big_model
+    assert read_provenance(written)["chain"][-1]["input_sha256"] == sha
+
+
+def test_a_digest_begun_before_the_file_was_replaced_is_not_used(cache, big_model, tmp_path, hashes):
+    """A file replaced between the start of the hashing and the run's opening of it: the run hashes the
+    file it opened, and the early hashing is stopped. Where the file is unchanged, the early digest is
+    the one used (and the one files.known_sha256 gives). Nothing is begun for a missing file or a FIFO."""
+    from modelxform.keras_io.files import known_sha256
+    recipe = tmp_path / "half.recipe"
+    recipe.write_text(RECIPE)
+    early = digests.begin(big_model)
+    assert early is not None and hashes == [os.path.realpath(big_model)]
+    assert known_sha256(big_model, early) == sha256_file(big_model)
+    os.mkfifo(tmp_path / "pipe.keras")  # (not opened: opening a FIFO to read waits for a writer)
+    assert digests.begin(tmp_path / "missing.keras") is None and digests.begin(tmp_path / "pipe.keras") is None
+    for e in cache.iterdir():
+        e.unlink()  # (so that the next begin hashes again)
+    early = digests.begin(big_model)
+    os.replace(_dense_model(tmp_path / "other.keras", seed=6), big_model)
+    from modelxform.session import apply_file
+    apply_file(recipe, big_model, tmp_path / "out.keras", seed=1, input_digest=early)
+    assert not early.is_alive()
+    assert read_provenance(tmp_path / "out.keras")["chain"][-1]["input_sha256"] == sha256_file(big_model)
+    assert hashes == [os.path.realpath(big_model)] * 3  # the first, the early one, the run's own
+    assert known_sha256(big_model, early) is None

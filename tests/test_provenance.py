@@ -286,12 +286,12 @@ def test_apply_uses_a_digest_taken_earlier_only_while_it_holds(tmp_path, model_f
     the recorded input sha256 is the known one without reading the file again, and the output bytes are
     those of a plain apply; a digest whose file changed since is not used."""
     from modelxform import apply_file
-    from modelxform.keras_io import archive, files
+    from modelxform.keras_io import digests, files
     model_file = model_file("cnn", suffix=suffix)
     plain = apply_file(compile_recipe(recipe), model_file, tmp_path / f"plain{suffix}", seed=1)
     digest = files.sha256_with_identity(model_file)
     hashed = []
-    monkeypatch.setattr(archive._FileDigest, "start", lambda self: hashed.append(self) or threading_start(self))
+    monkeypatch.setattr(digests.FileDigest, "start", lambda self: hashed.append(self) or threading_start(self))
     monkeypatch.setattr(files, "sha256_remembered", lambda p: hashed.append(p) or sha256_file(p))
     reused = apply_file(compile_recipe(recipe), model_file, tmp_path / f"reused{suffix}", seed=1, input_digest=digest)
     assert hashed == []

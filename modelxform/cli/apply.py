@@ -26,6 +26,12 @@ def add_parser(subparsers):
 
 
 def run(args, console) -> int:
+    input_digest = None
+    if not args.dry_run and (args.output is not None or args.in_place):
+        # (the output's record will hold the input's sha256: hashing a large model is the floor of a
+        # weight-only edit's first run, so it begins before the rest of modelxform is imported)
+        from ..keras_io.digests import begin
+        input_digest = begin(args.model)
     from ..session import apply_file, load_recipe
 
     recipe = load_recipe(args.recipe, include_root=include_root(args))
@@ -37,5 +43,5 @@ def run(args, console) -> int:
         raise UsageError("--format savedmodel needs -o DIR (a SavedModel is a folder, not the input model file)")
     result = apply_file(recipe, args.model, output, seed=args.seed, params=parse_params(args.params),
                         unsafe=args.unsafe, imports=args.imports, format=args.format, in_place=args.in_place,
-                        dry_run=args.dry_run)
+                        dry_run=args.dry_run, input_digest=input_digest)
     return print_plan(result.plan, args, console, output=result.output)

@@ -32,8 +32,6 @@ import math
 import os
 import pathlib
 import tempfile
-import threading
-import time
 import zipfile
 
 import numpy as np
@@ -405,13 +403,20 @@ class Archive:
     def hash_input(self, known=None) -> None:
         """Start computing the input file's sha256 (for the provenance record) in a thread, alongside
         the work on the arrays: hashlib and os.pread release the GIL. ``known``: a digest of this file
-        taken earlier in the run (files.sha256_with_identity), used if the file is unchanged since;
-        else the digest cache's, where it holds one for this file as it is (digests.py)."""
+        taken earlier in the run (files.sha256_with_identity), or one being taken since before the
+        file was opened (digests.begin), used if the file is unchanged since; else the digest cache's,
+        where it holds one for this file as it is (digests.py)."""
         if self._digest is None:
             from . import digests
             from .files import known_sha256
-            sha = known_sha256(self._fh.fileno(), known) or digests.lookup(os.fstat(self._fh.fileno()))
-            self._digest = _FileDigest(self._fh.fileno(), sha)
+            st = os.fstat(self._fh.fileno())
+            if isinstance(known, digests.FileDigest):
+                if known.identity == digests.file_identity(st):
+                    self._digest = known  # (begun before this file was opened: the same file, unchanged)
+                    return
+                known.stop()  # (of a file since changed or replaced)
+            sha = known_sha256(self._fh.fileno(), known) or digests.lookup(st)
+            self._digest = digests.FileDigest(self._fh.fileno(), sha)
             if sha is None:
                 self._digest.start()
 
@@ -808,50 +813,3 @@ class _Cursor:
     def end(self) -> None:
         for pass_ in self.passes:
             pass_.end()
-
-
-class _FileDigest(threading.Thread):
-    """sha256 of a whole file (by descriptor, so that the file hashed is the one being copied)."""
-
-    def __init__(self, fd: int, known: str | None = None):
-        super().__init__(name="modelxform-sha256", daemon=True)
-        self._fd = fd
-        self._stopped = False
-        self._hexdigest = known  # (known already: the thread is not started)
-        self._error = None
-
-    def run(self) -> None:
-        import hashlib
-
-        from . import digests
-        try:
-            started, before = time.time_ns(), os.fstat(self._fd)
-            digest = hashlib.sha256()
-            buffer = bytearray(_CHUNK)
-            offset = 0
-            while not self._stopped:
-                got = os.preadv(self._fd, [buffer], offset)
-                if got <= 0:
-                    break
-                digest.update(memoryview(buffer)[:got])
-                offset += got
-            self._hexdigest = digest.hexdigest()
-            if not self._stopped:  # the whole file: kept for the next run that reads it
-                digests.remember(before, os.fstat(self._fd), self._hexdigest, started)
-        except BaseException as exc:  # handed to the caller of result()
-            self._error = exc
-
-    def result(self) -> str:
-        if self.is_alive() or self._hexdigest is None:
-            self.join()
-        if self._error is not None:
-            raise self._error
-        return self._hexdigest
-
-    def stop(self) -> None:
-        self._stopped = True
-        if self.ident is not None:
-            self.join()
-
-
-_CHUNK = 1 << 20  # read and hashed at a time: hashing is no faster in larger pieces

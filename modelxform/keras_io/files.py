@@ -682,13 +682,22 @@ def sha256_remembered(path: str | os.PathLike) -> str:
 
 
 def known_sha256(path_or_fd, digest) -> str | None:
-    """``digest`` (sha256, identity) from sha256_with_identity, if the file — a path, or an open file
-    descriptor — still has that identity; None otherwise (read it again)."""
-    if not digest or digest[1] is None:
+    """``digest`` (sha256, identity) from sha256_with_identity, or a digests.FileDigest begun earlier
+    (its sha256, once it is done), if the file — a path, or an open file descriptor — still has that
+    identity; None otherwise (read it again)."""
+    from .digests import FileDigest, file_identity
+    if isinstance(digest, FileDigest):
+        sha, identity = None, digest.identity
+    elif not digest or digest[1] is None:
         return None
-    from .digests import file_identity
+    else:
+        sha, identity = digest[0], tuple(digest[1])
     st = os.fstat(path_or_fd) if isinstance(path_or_fd, int) else os.stat(path_or_fd)
-    return digest[0] if file_identity(st) == tuple(digest[1]) else None
+    if file_identity(st) != identity:
+        if sha is None:
+            digest.stop()  # (of a file since changed or replaced)
+        return None
+    return digest.result() if sha is None else sha
 
 
 def save_model(model, path: str | os.PathLike, provenance: dict | None = None) -> None:

@@ -410,11 +410,11 @@ class Archive:
             from . import digests
             from .files import known_sha256
             st = os.fstat(self._fh.fileno())
-            if isinstance(known, digests.FileDigest):
-                if known.identity == digests.file_identity(st):
-                    self._digest = known  # (begun before this file was opened: the same file, unchanged)
+            if isinstance(known, digests.FileDigest):  # (begun before this file was opened: its thread)
+                if known.holds(st):
+                    self._digest = known
                     return
-                known.stop()  # (of a file since changed or replaced)
+                known = None
             sha = known_sha256(self._fh.fileno(), known) or digests.lookup(st)
             self._digest = digests.FileDigest(self._fh.fileno(), sha)
             if sha is None:

@@ -177,6 +177,14 @@ class FileDigest(threading.Thread):
             if self._owned:
                 os.close(self._fd)
 
+    def holds(self, st: os.stat_result) -> bool:
+        """Whether this is the digest of the file whose status is ``st`` (the same file, unchanged since
+        the digest was begun); if not, the hashing is stopped: no one will ask for it."""
+        if file_identity(st) == self.identity:
+            return True
+        self.stop()
+        return False
+
     @property
     def known(self) -> bool:
         """Whether the digest was known when it was begun (from the cache): no thread hashes."""

@@ -686,18 +686,12 @@ def known_sha256(path_or_fd, digest) -> str | None:
     (its sha256, once it is done), if the file — a path, or an open file descriptor — still has that
     identity; None otherwise (read it again)."""
     from .digests import FileDigest, file_identity
-    if isinstance(digest, FileDigest):
-        sha, identity = None, digest.identity
-    elif not digest or digest[1] is None:
+    if not digest or not isinstance(digest, FileDigest) and digest[1] is None:
         return None
-    else:
-        sha, identity = digest[0], tuple(digest[1])
     st = os.fstat(path_or_fd) if isinstance(path_or_fd, int) else os.stat(path_or_fd)
-    if file_identity(st) != identity:
-        if sha is None:
-            digest.stop()  # (of a file since changed or replaced)
-        return None
-    return digest.result() if sha is None else sha
+    if isinstance(digest, FileDigest):
+        return digest.result() if digest.holds(st) else None
+    return digest[0] if file_identity(st) == tuple(digest[1]) else None
 
 
 def save_model(model, path: str | os.PathLike, provenance: dict | None = None) -> None:

@@ -19,6 +19,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # the digest cache (keras_io/digests.py) of this run's processes, not the user's
 os.environ["MODELXFORM_CACHE_DIR"] = tempfile.mkdtemp(prefix="modelxform-test-cache-")
 atexit.register(shutil.rmtree, os.environ["MODELXFORM_CACHE_DIR"], ignore_errors=True)
+# the width the CLI's tables are laid out for (console.py: the terminal's, at least 100), the same in every
+# run: without it a terminal narrower than 120 columns that runs ./dev test — pytest captures sys.stdout,
+# not sys.__stdout__, which shutil.get_terminal_size asks — wraps table cells the tests read whole
+os.environ["COLUMNS"] = "120"
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

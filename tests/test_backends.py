@@ -269,7 +269,7 @@ AGAIN_UNDER_JAX = [
 
 def test_core_tests_pass_again_under_jax(tmp_path):
     env = backend_env(tmp_path, "jax")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-x",
                            "-k", "(cnn or not small_models) and not numpy_backend", *AGAIN_UNDER_JAX], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     tail = proc.stdout[-3000:] + proc.stderr[-2000:]

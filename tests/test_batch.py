@@ -745,3 +745,34 @@ def test_the_fork_server_imports_once_what_a_job_runs_with_the_collector_frozen(
     assert state["full_collections"] == 0 and state["collector"] is True
     assert state["frozen"] > 100_000
     assert state["runtime"] is False
+
+
+def test_jobs_are_handed_out_longest_first_by_layers_on_the_keras_path_and_bytes_on_the_weight_only_one(
+        tmp_path):
+    """A deep model in a small file (60 layers, ~240 kB) against a shallow one in a big file (2 layers,
+    ~4 MB): a structural job rebuilds every layer, so the deep model's goes first; a weight-only job
+    costs its bytes, so the big file's goes first, and after both structural jobs."""
+    from modelxform.batch import Outcome, _to_run, load_zoo
+    from modelxform.keras_io.files import import_keras
+    keras = import_keras()
+    (tmp_path / "zoo").mkdir()
+    x = inputs = keras.Input((4,))
+    for i in range(60):
+        x = keras.layers.Dense(4, name=f"d{i}")(x)
+    save_model(keras.Model(inputs, x), tmp_path / "zoo" / "deep.keras")
+    save_model(keras.Sequential([keras.Input((500,)), keras.layers.Dense(2000), keras.layers.Dense(2)]),
+               tmp_path / "zoo" / "wide.keras")
+    write(tmp_path / "structural.recipe", "append Dropout(rate=0.1)\n")
+    write(tmp_path / "weights.recipe", "select where type=Dense\nscale kernel 0.5\n")
+    zoo = load_zoo(str(write(tmp_path / "zoo.yaml", """\
+        models: [zoo/wide.keras, zoo/deep.keras]
+        recipes: [weights.recipe, structural.recipe]
+        output: "out/{model}-{recipe}.keras"
+        """)))
+    size = {name: os.path.getsize(tmp_path / "zoo" / f"{name}.keras") for name in ("deep", "wide")}
+    assert size["wide"] > 10 * size["deep"]
+    payloads = _to_run(zoo, [Outcome(job) for job in zoo.jobs], force=True, dry_run=False,
+                       on_event=lambda *a: None)
+    order = [(os.path.basename(p["model"]), os.path.basename(p["recipe"]), p["needs_keras"]) for p in payloads]
+    assert order == [("deep.keras", "structural.recipe", True), ("wide.keras", "structural.recipe", True),
+                     ("wide.keras", "weights.recipe", False), ("deep.keras", "weights.recipe", False)]

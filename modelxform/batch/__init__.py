@@ -12,6 +12,7 @@ output is byte-identical to a single ``apply`` run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -167,7 +168,7 @@ def _needs_keras(zoo: Zoo, job: Job) -> bool:
 
 def _to_run(zoo: Zoo, outcomes: list[Outcome], force: bool, dry_run: bool, on_event) -> list[dict]:
     """Stale temporary files removed, the jobs already done marked skipped, and the payloads of the
-    others, the longest first (_Estimate)."""
+    others, the longest first (_expected_seconds)."""
     if not dry_run:
         _remove_stale_temp_files(outcomes, on_event)
     hashes: dict = {}
@@ -183,10 +184,10 @@ def _to_run(zoo: Zoo, outcomes: list[Outcome], force: bool, dry_run: bool, on_ev
                 on_event("skipped", outcome)
     todo = [o for o in outcomes if o.status == "pending"]
     # The longest jobs first: they start early, and the last ones to finish are short, so no worker
-    # idles long at the end while another finishes a big model.
-    estimate = _Estimate(zoo)
+    # idles long at the end while another finishes a long job.
+    config_bytes = functools.cache(_config_bytes)  # (a model's archive read once, whatever its recipes)
     payloads = []
-    for outcome in sorted(todo, key=lambda o: estimate.seconds(o.job), reverse=True):
+    for outcome in sorted(todo, key=lambda o: _expected_seconds(zoo, o.job, config_bytes), reverse=True):
         payload = outcome.job.payload("plan" if dry_run else "apply")
         payload["needs_keras"] = _needs_keras(zoo, outcome.job)
         digest = hashes.get(payload["model"])
@@ -220,28 +221,16 @@ KERAS_SECONDS_PER_BYTE = 3.6e-9
 WEIGHT_ONLY_SECONDS_PER_BYTE = 1.5e-9
 
 
-class _Estimate:
-    """A job's expected duration in seconds from its model file (each file read once: its size and,
-    for a .keras archive on the Keras path, the size of its config.json)."""
-
-    def __init__(self, zoo: Zoo):
-        self.zoo = zoo
-        self._files: dict[str, tuple[int, int]] = {}
-
-    def seconds(self, job: Job) -> float:
-        size, config = self._file(job.model)
-        if not _needs_keras(self.zoo, job):
-            return size * WEIGHT_ONLY_SECONDS_PER_BYTE
-        return size * KERAS_SECONDS_PER_BYTE + config * KERAS_SECONDS_PER_CONFIG_BYTE
-
-    def _file(self, path: str) -> tuple[int, int]:
-        if path not in self._files:
-            try:
-                size = os.path.getsize(path)
-            except OSError:
-                size = 0
-            self._files[path] = (size, _config_bytes(path))
-        return self._files[path]
+def _expected_seconds(zoo: Zoo, job: Job, config_bytes) -> float:
+    """A job's expected duration in seconds, from its model file: its size, and on the Keras path the
+    size of its archive's config.json (``config_bytes``, _config_bytes or a cache of it)."""
+    try:
+        size = os.path.getsize(job.model)
+    except OSError:
+        size = 0
+    if not _needs_keras(zoo, job):
+        return size * WEIGHT_ONLY_SECONDS_PER_BYTE
+    return size * KERAS_SECONDS_PER_BYTE + config_bytes(job.model) * KERAS_SECONDS_PER_CONFIG_BYTE
 
 
 def _config_bytes(path: str) -> int:

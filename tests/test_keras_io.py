@@ -404,3 +404,53 @@ def test_collector_paused_then_frozen_restores_the_callers_collector_and_freezes
         assert not gc.isenabled()
     finally:
         gc.enable() if was_enabled else gc.disable()
+
+
+@pytest.mark.parametrize("kind", ["cnn", "nested", "bert"])
+def test_the_saving_walk_works_out_the_attributes_to_skip_once_per_kind_with_the_same_bytes(kind, tmp_path,
+                                                                                           monkeypatch):
+    """Keras's saving walk asks saving_lib.get_attr_skipset at every layer, which keeps its answer under
+    another key than it reads (keras 3.15.1): a throwaway Layer() per layer. In an own process
+    (backend.saving_walk_cached) it is worked out once per kind of object, and the file is the same."""
+    if kind == "bert":
+        pytest.importorskip("keras_hub")
+    from keras.src.backend.common import global_state
+    from keras.src.saving import saving_lib
+
+    from conftest import FACTORIES
+    from modelxform.keras_io import backend
+    model = FACTORIES[kind]()
+    layers = len(model._flatten_layers(include_self=False, recursive=True))
+    keras_own = saving_lib.get_attr_skipset
+    # what keras does: it writes its answer where it does not look for it (if this fails, Keras fixed
+    # that: saving_walk_cached may go)
+    kind_of_model = model._obj_type()
+    keras_own(kind_of_model)
+    assert global_state.get_global_attribute(f"saving_attr_skiplist_{kind_of_model}") is None
+    assert global_state.get_global_attribute(f"saving_attr_skipset_{kind_of_model}") is not None
+
+    asked = []
+
+    def counted(obj_type):
+        asked.append(obj_type)
+        return keras_own(obj_type)
+
+    monkeypatch.setattr(saving_lib, "get_attr_skipset", counted)
+    model.save(tmp_path / "keras.keras")
+    worked_out_by_keras = len(asked)
+    assert worked_out_by_keras >= layers  # at every layer
+    asked.clear()
+    monkeypatch.setattr(backend, "_OWN_PROCESS", True)
+    backend.saving_walk_cached()
+    backend.saving_walk_cached()  # (once is enough; twice changes nothing)
+    assert saving_lib.get_attr_skipset.__wrapped__ is counted
+    model.save(tmp_path / "cached.keras")
+    assert len(asked) <= 4 < worked_out_by_keras  # Operation, Layer, Functional, Sequential at most
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "keras.keras") as a, zipfile.ZipFile(tmp_path / "cached.keras") as b:
+        assert a.read("model.weights.h5") == b.read("model.weights.h5")
+        assert a.read("config.json") == b.read("config.json")
+    loaded = keras.saving.load_model(tmp_path / "cached.keras")  # the loading walk uses it too
+    assert len(loaded.weights) == len(model.weights)
+    for x, y in zip(loaded.weights, model.weights):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

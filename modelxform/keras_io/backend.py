@@ -229,6 +229,7 @@ def import_before_fork() -> None:
     import keras  # noqa: F401
     if keras_backend() == "tensorflow":
         import tensorflow  # noqa: F401
+    saving_walk_cached()  # (the workers forked from the server inherit it)
 
 
 def tensorflow_probe(enabled: bool) -> None:
@@ -251,6 +252,40 @@ def tensorflow_probe(enabled: bool) -> None:
             handle._available = None  # asked again, and TensorFlow imported, on the next question
     elif handle._available is None and "tensorflow" not in sys.modules:
         handle._available = False
+
+
+def saving_walk_cached() -> None:
+    """Let Keras's saving walk keep what it works out once per kind of object, as it means to.
+
+    Saving a model, and loading one through Keras, visits every layer (saving_lib._walk_saveable), and
+    each visit asks ``saving_lib.get_attr_skipset`` for the attributes that every layer has (those of a
+    throwaway ``Layer()``). The function keeps its answer in Keras's global state for the next visit, but
+    under another key than the one it looks under (``saving_attr_skipset_<type>`` written,
+    ``saving_attr_skiplist_<type>`` read; Keras 3.15.1 and the releases before it): every visit builds a
+    fresh ``Layer()`` and lists its attributes, about 2 ms a layer, a fifth of a structural batch job.
+    In modelxform's own processes (own_process) the answer is read back under the key it is written
+    under: the same set Keras computes, so the same walk and the same bytes; a Keras that computes it
+    anew (say, after ``clear_session``, which empties its global state) is asked again. A program that
+    calls the session API in its own process keeps Keras's behaviour. Nothing happens where Keras has
+    no such function (another version): tests/test_keras_io.py checks that it is there."""
+    if not _OWN_PROCESS or "keras" not in sys.modules:
+        return
+    try:
+        from keras.src.backend.common import global_state
+        from keras.src.saving import saving_lib
+        compute = saving_lib.get_attr_skipset
+    except (ImportError, AttributeError):
+        return
+    if getattr(compute, "_modelxform_cached", False):
+        return
+
+    def get_attr_skipset(obj_type):
+        kept = global_state.get_global_attribute(f"saving_attr_skipset_{obj_type}", None)
+        return kept if kept is not None else compute(obj_type)
+
+    get_attr_skipset._modelxform_cached = True
+    get_attr_skipset.__wrapped__ = compute
+    saving_lib.get_attr_skipset = get_attr_skipset
 
 
 def needs_tensorflow(exc: BaseException) -> bool:

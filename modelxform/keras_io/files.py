@@ -47,6 +47,9 @@ def import_keras():
     import sys
     if "keras" in sys.modules:
         import keras
+
+        from .backend import saving_walk_cached
+        saving_walk_cached()
         return keras
     from .backend import backend_import, keras_backend, missing_backend_message
     backend = keras_backend()
@@ -69,9 +72,10 @@ def import_keras():
         for name in [m for m in sys.modules if m == "keras" or m.startswith("keras.")]:
             del sys.modules[name]  # half imported: let a later import fail the same way
         raise UsageError(message) from None
-    from .backend import owns_process, tensorflow_probe
+    from .backend import owns_process, saving_walk_cached, tensorflow_probe
     if backend != "tensorflow" and owns_process():
         tensorflow_probe(False)  # (Keras would import TensorFlow, where installed, to serialise a model)
+    saving_walk_cached()
     return keras
 
 

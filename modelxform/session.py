@@ -93,21 +93,44 @@ class ApplyResult:
         return sha256_file(self.output)
 
 
-def open_model(path, *, unsafe: bool = False, imports=(), archive: bool = True):
+def open_model(path, *, unsafe: bool = False, imports=(), archive: bool = True, opened=None):
     """The model to run on: its .keras archive when the engine can read it without Keras (see
-    keras_io.archive), else the model loaded with Keras (safe mode unless ``unsafe``)."""
-    from .keras_io.files import check_readable, load_model
-    if archive and not imports and os.environ.get(DISABLE_ENV, "1").strip() != "0" \
-            and pathlib.Path(path).suffix.lower() == ".keras":
-        check_readable(pathlib.Path(path))  # load_model's first check, and its message
-        from .keras_io.archive import Archive
-        try:
-            return Archive(path, unsafe=unsafe)
-        except ModelFileError:  # what no path may read (too large, refused by safe mode)
-            raise
-        except Exception as exc:  # noqa: BLE001 - Keras reads it, or says what is wrong with it
-            log.debug("the archive cannot stand in for the model: %s: %s", type(exc).__name__, exc)
+    keras_io.archive), else the model loaded with Keras (safe mode unless ``unsafe``). ``opened``: the
+    archive of this file as another process opened it (a batch job's payload), used where it still holds
+    the file it read (Archive.reopened)."""
+    from .keras_io.files import load_model
+    if archive:
+        if opened is not None and opened.reopened:
+            if os.fspath(opened.path) == os.fspath(path) and _archive_may_stand_in(path, imports):
+                return opened
+            opened.close()
+        source = open_archive(path, unsafe=unsafe, imports=imports)
+        if source is not None:
+            return source
     return load_model(path, unsafe=unsafe, imports=imports)
+
+
+def _archive_may_stand_in(path, imports) -> bool:
+    return not imports and os.environ.get(DISABLE_ENV, "1").strip() != "0" \
+        and pathlib.Path(path).suffix.lower() == ".keras"
+
+
+def open_archive(path, *, unsafe: bool = False, imports=()):
+    """The .keras archive of the file ``path`` opened for the engine, without Keras (keras_io.archive),
+    or None where it cannot stand in for the model (Keras then loads it). A ModelFileError for what no
+    path may read (unreadable, too large, refused by safe mode)."""
+    from .keras_io.files import check_readable
+    if not _archive_may_stand_in(path, imports):
+        return None
+    check_readable(pathlib.Path(path))  # load_model's first check, and its message
+    from .keras_io.archive import Archive
+    try:
+        return Archive(path, unsafe=unsafe)
+    except ModelFileError:  # what no path may read (too large, refused by safe mode)
+        raise
+    except Exception as exc:  # noqa: BLE001 - Keras reads it, or says what is wrong with it
+        log.debug("the archive cannot stand in for the model: %s: %s", type(exc).__name__, exc)
+        return None
 
 
 @contextlib.contextmanager
@@ -158,7 +181,7 @@ def _closing(source):
 
 def apply_file(recipe, model, output=None, *, seed: int | None = None, params: dict | None = None,
                unsafe: bool = False, imports=(), format: str | None = None, in_place: bool = False,
-               dry_run: bool = False, input_digest=None) -> ApplyResult:
+               dry_run: bool = False, input_digest=None, opened=None) -> ApplyResult:
     """Apply ``recipe`` (a Recipe or a recipe file) to the model file ``model`` and write ``output``
     (.keras or .h5 by its extension; ``format="savedmodel"``: a SavedModel folder) atomically, with the
     input's provenance record extended. The input is never modified (``in_place`` allows ``output`` to
@@ -166,7 +189,8 @@ def apply_file(recipe, model, output=None, *, seed: int | None = None, params: d
     ``input_digest``: the input's sha256 as ``keras_io.files.sha256_with_identity`` gave it earlier in
     this run (a batch run hashes its inputs first), or a ``keras_io.digests.FileDigest`` hashing it
     since earlier (``apply`` begins one as it starts), used instead of reading the file again when the
-    file has not changed since (same file, size, mtime and ctime).
+    file has not changed since (same file, size, mtime and ctime). ``opened``: the input's archive as
+    another process opened it (batch; see open_model).
 
     >>> apply_file("prep.recipe", "cnn.keras", "out.keras", seed=7).plan.after   # doctest: +SKIP
     (8, 63930)
@@ -190,7 +214,7 @@ def apply_file(recipe, model, output=None, *, seed: int | None = None, params: d
             raise ModelFileError(f"{output}: folder {folder} does not exist")
         if same_file(output, model) and not in_place:
             raise UsageError(f"-o {output} is the input model; refusing to overwrite it (use --in-place)")
-    source = open_model(model, unsafe=unsafe, imports=imports)
+    source = open_model(model, unsafe=unsafe, imports=imports, opened=opened)
     with _closing(source):
         return _apply(recipe, source, os.fspath(model), None if dry_run else output, seed, params, savedmodel,
                       previous=None, read_previous=True, unsafe=unsafe, imports=imports, input_digest=input_digest)

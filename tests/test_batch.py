@@ -388,9 +388,9 @@ def test_the_command_line_begins_the_fork_server_before_it_reads_the_zoo(zoo, mo
     seen = []
     load_zoo, run_local = batch.load_zoo, local.run_local
     monkeypatch.setattr(batch, "load_zoo", lambda *a, **k: seen.append(("read", server())) or load_zoo(*a, **k))
-    monkeypatch.setattr(local, "run_local", lambda payloads, workers, on_start, on_result, ctx: (
+    monkeypatch.setattr(local, "run_local", lambda payloads, workers, on_start, on_result, ctx, **options: (
         seen.append(("run", server(), ctx.get_start_method()))
-        or run_local(payloads, workers, on_start, on_result, ctx)))
+        or run_local(payloads, workers, on_start, on_result, ctx, **options)))
 
     def gone(pid):
         deadline = time.monotonic() + 10
@@ -776,3 +776,75 @@ def test_jobs_are_handed_out_longest_first_by_layers_on_the_keras_path_and_bytes
     order = [(os.path.basename(p["model"]), os.path.basename(p["recipe"]), p["needs_keras"]) for p in payloads]
     assert order == [("deep.keras", "structural.recipe", True), ("wide.keras", "structural.recipe", True),
                      ("wide.keras", "weights.recipe", False), ("deep.keras", "weights.recipe", False)]
+
+
+def test_an_archive_opened_in_the_main_process_gives_the_worker_the_same_output(zoo, tmp_path):
+    """At -j 2 the main process opens the first jobs' archives while the server imports TensorFlow and
+    sends them with the jobs (local._Preparer): the output is the one the worker makes opening the file
+    itself; a file changed since it was opened is opened again, and its output is the new file's."""
+    import pickle
+
+    from modelxform.session import apply_file, load_recipe, open_archive
+    recipe = load_recipe(zoo / "recipes" / "conv.recipe")
+    model = tmp_path / "model.keras"
+    shutil.copyfile(zoo / "zoo" / "mobilenet.keras", model)
+    opened = open_archive(model)
+    sent = pickle.dumps(opened)  # (what the pipe to the worker does)
+    opened.close()
+    received = pickle.loads(sent)
+    assert received.reopened
+    apply_file(recipe, model, tmp_path / "handed.keras", seed=3, opened=received)
+    assert not received.reopened  # used and closed by the run
+    apply_file(recipe, model, tmp_path / "itself.keras", seed=3)
+    assert sha256_file(tmp_path / "handed.keras") == sha256_file(tmp_path / "itself.keras")
+
+    opened = open_archive(model)
+    sent = pickle.dumps(opened)
+    opened.close()
+    shutil.copyfile(zoo / "zoo" / "cnn.keras", tmp_path / "other.keras")
+    os.replace(tmp_path / "other.keras", model)  # another model by that name since it was opened
+    stale = pickle.loads(sent)
+    assert not stale.reopened
+    apply_file(recipe, model, tmp_path / "stale.keras", seed=3, opened=stale)
+    apply_file(recipe, model, tmp_path / "fresh.keras", seed=3)
+    assert sha256_file(tmp_path / "stale.keras") == sha256_file(tmp_path / "fresh.keras")
+    assert sha256_file(tmp_path / "stale.keras") != sha256_file(tmp_path / "itself.keras")
+
+
+def test_the_preparer_changes_no_job_after_it_is_stopped():
+    """local._Preparer puts opened archives in the payloads in hand-out order until stopped; one it opens
+    after being stopped is closed, not put in a payload that may be on its way to a worker."""
+    import threading
+
+    from modelxform.batch.local import _Preparer, _release
+
+    class Opened:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    payloads = [{"index": i} for i in range(4)]
+    made, second_begun, go_on = [], threading.Event(), threading.Event()
+
+    def prepare(payload):
+        if payload["index"] == 1:
+            second_begun.set()
+            go_on.wait(10)
+        if payload["index"] == 2:
+            return None  # (not opened: the worker opens it)
+        made.append(Opened())
+        return made[-1]
+
+    preparer = _Preparer(payloads, prepare)
+    preparer.start()
+    assert second_begun.wait(10)
+    preparer.stop()
+    go_on.set()
+    preparer.join(10)
+    assert not preparer.is_alive()
+    assert payloads[0]["opened"] is made[0] and not made[0].closed
+    assert all("opened" not in p for p in payloads[1:])
+    assert len(made) == 2 and made[1].closed  # opened while being stopped: closed
+    _release(payloads[0])
+    assert made[0].closed and "opened" not in payloads[0]

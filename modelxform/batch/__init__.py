@@ -142,7 +142,7 @@ def run_batch(zoo: Zoo, *, workers: int | None = None, executor: str = "local", 
         try:
             if executor == "local":
                 from .local import run_local
-                run_local(payloads, workers, on_start, on_result, processes)
+                run_local(payloads, workers, on_start, on_result, processes, prepare=_archive_for)
             elif executor == "ray":
                 from .ray_executor import run_ray
                 run_ray(payloads, workers, ray_address, on_start, on_result)
@@ -195,6 +195,21 @@ def _to_run(zoo: Zoo, outcomes: list[Outcome], force: bool, dry_run: bool, on_ev
             payload["input_digest"] = [digest[0], list(digest[1])]
         payloads.append(payload)
     return payloads
+
+
+def _archive_for(payload: dict):
+    """The job's model opened as an archive for the engine (session.open_archive: TensorFlow-free), to be
+    handed to the worker that runs the job (local._Preparer); None where the worker should open it itself:
+    a dry run, a weight-only job (its worker does nothing else), imports or environment of its own, a
+    file the archive cannot stand in for or that no path may read (the job says why)."""
+    if payload.get("kind") != "apply" or not payload.get("needs_keras") or payload.get("imports") \
+            or payload.get("env"):
+        return None
+    from ..session import open_archive
+    try:
+        return open_archive(payload["model"], unsafe=bool(payload.get("unsafe")))
+    except Exception:  # noqa: BLE001 - the worker opens it again and reports what is wrong
+        return None
 
 
 def _remove_stale_temp_files(outcomes: list[Outcome], on_event) -> None:

@@ -79,7 +79,7 @@ def run_job(payload: dict) -> dict:
         else:
             os.makedirs(os.path.dirname(payload["output"]), exist_ok=True)
             done = apply_file(recipe, payload["model"], payload["output"], input_digest=payload.get("input_digest"),
-                              **options)
+                              opened=payload.get("opened"), **options)
             result["sha256"] = done.sha256
             result["status"] = "done"
     except ModelxformError as exc:
@@ -97,6 +97,9 @@ def run_job(payload: dict) -> dict:
         result["error"] = f"internal error: {type(exc).__name__}: {first}"
     finally:
         _in_job = _interrupted = False
+        opened = payload.get("opened")  # (the archive the main process opened for it, if the run never used it)
+        if opened is not None and opened.reopened:
+            opened.close()
     result["duration"] = time.perf_counter() - start
     return result
 

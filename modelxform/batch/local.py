@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
+import threading
 import time
 from multiprocessing.connection import wait
 
@@ -112,10 +113,61 @@ class WorkerStarts:
         self.end()
 
 
-def run_local(payloads: list[dict], workers: int, on_start, on_result, ctx) -> None:
+class _Preparer(threading.Thread):
+    """The first jobs' models opened while the workers' TensorFlow imports, on the core that waits.
+
+    With N >= 2 workers on as many cores, the fork server's import (3-4 s, before any job can start)
+    keeps one core busy and leaves the others idle. This thread uses that time for the part of each job
+    that needs no TensorFlow and that the worker would do first: opening the model's .keras archive
+    (batch._archive_for; reading config.json and the layout of model.weights.h5, about a sixth of a
+    structural job). It goes through the queue in the order the jobs will be handed out and puts each
+    opened archive in its job's payload ("opened"), which carries it to the worker (Archive.__getstate__:
+    what was read travels; the worker opens the file again and checks that it is unchanged, else it reads
+    it itself). ``stop`` ends it when the workers are started: from then on no payload is changed, and the
+    cores are the workers'. At -j 1 it does not run: the one core that run asks for is the import's."""
+
+    def __init__(self, queue, prepare):
+        super().__init__(name="modelxform-prepare", daemon=True)
+        self._payloads = list(queue)
+        self._prepare = prepare
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def run(self) -> None:
+        for payload in self._payloads:
+            if self._stopped:
+                return
+            try:
+                opened = self._prepare(payload)
+            except Exception:  # noqa: BLE001 - the worker opens it itself
+                opened = None
+            if opened is None:
+                continue
+            with self._lock:
+                if not self._stopped:
+                    payload["opened"] = opened
+                    continue
+            opened.close()  # (too late: the job may be on its way)
+            return
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+
+def _release(payload: dict) -> None:
+    """Close the main process's file of an archive opened for ``payload`` (sent, or never to be)."""
+    opened = payload.pop("opened", None)
+    if opened is not None:
+        opened.close()
+
+
+def run_local(payloads: list[dict], workers: int, on_start, on_result, ctx, prepare=None) -> None:
     """Run every payload on ``workers`` processes started by ``ctx`` (WorkerStarts.settle's);
     ``on_start(payload)`` when a job is handed to a worker, ``on_result(result)`` for each finished job
-    (in completion order). On Ctrl-C, the running jobs are interrupted and reported, and
+    (in completion order). ``prepare(payload)``: the job's model opened without TensorFlow (or None),
+    called for the first jobs while the workers are forked from a server still importing TensorFlow,
+    with two workers or more (_Preparer). On Ctrl-C, the running jobs are interrupted and reported, and
     KeyboardInterrupt is raised again."""
     queue = collections.deque(payloads)
     if not queue:
@@ -130,8 +182,16 @@ def run_local(payloads: list[dict], workers: int, on_start, on_result, ctx) -> N
             started += 1
             return _Worker(ctx, log_dir, started, threads)
 
+        preparer = None
+        if prepare is not None and workers >= 2 and len(queue) >= 2 and ctx.get_start_method() == "forkserver":
+            preparer = _Preparer(queue, prepare)
+            preparer.start()
         try:
-            pool = [new_worker() for _ in range(min(workers, len(queue)))]
+            try:
+                pool = [new_worker() for _ in range(min(workers, len(queue)))]  # (waits for the server's import)
+            finally:
+                if preparer is not None:
+                    preparer.stop()
             while queue or any(w.job is not None for w in pool):
                 for w in pool:
                     if w.job is None and queue and w.process.is_alive():
@@ -140,6 +200,13 @@ def run_local(payloads: list[dict], workers: int, on_start, on_result, ctx) -> N
                             w.conn.send(w.job)
                         except (OSError, ValueError):
                             pass  # it died; its sentinel says so below
+                        except Exception:  # noqa: BLE001 - the opened archive would not travel: the worker opens the file
+                            _release(w.job)
+                            try:
+                                w.conn.send(w.job)
+                            except (OSError, ValueError):
+                                pass
+                        _release(w.job)
                         on_start(w.job)
                 busy = [w for w in pool if w.job is not None]
                 ready = wait([w.conn for w in busy] + [w.process.sentinel for w in pool])
@@ -182,6 +249,12 @@ def run_local(payloads: list[dict], workers: int, on_start, on_result, ctx) -> N
             raise
         finally:
             _shutdown(pool)
+            if preparer is not None:
+                # (stopped before the first hand-out, but maybe still opening one archive: h5py's C code in
+                # a thread while the interpreter shuts down can crash it, so it ends here, after the jobs)
+                preparer.join()
+            for payload in queue:  # (never handed out: Ctrl-C, or every worker gone)
+                _release(payload)
 
 
 def _context(preload: bool):

@@ -452,6 +452,48 @@ class Archive:
             self._spill.close()
             self._spill = None
 
+    # -- handed to another process ---------------------------------------------------------------
+    # batch opens the first jobs' archives in its main process while the workers' TensorFlow imports
+    # (batch/local.py, _Preparer) and hands each to the worker that runs the job, inside the job's
+    # payload: what was read of the file travels, and the worker opens the file again. Only an archive
+    # as opened can be handed over (nothing assigned, deferred or read by rows yet).
+    def __getstate__(self) -> dict:
+        if self._patches or self._changes or self._cursors or self._spill is not None or self.lazy_variables \
+                or self._digest is not None:
+            raise TypeError("only an archive as opened can be handed to another process")
+        from .digests import file_identity
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_fh", "lazy_variables")}
+        state["_identity"] = file_identity(os.fstat(self._fh.fileno()))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """Open the file again; where it is no longer the file that was read (another file by that name,
+        or this one written or changed since: digests.file_identity), or cannot be opened, the archive is
+        not ``reopened`` and must not be used (the receiver opens the file itself). Never raises: it runs
+        while a job's payload is received, and the job says what is wrong."""
+        from .digests import file_identity
+        identity = state.pop("_identity", None)
+        self.__dict__.update(state)
+        self.lazy_variables = []
+        self._fh = None
+        try:
+            fh = open(self.path, "rb")
+        except OSError:
+            return
+        try:
+            same = file_identity(os.fstat(fh.fileno())) == identity
+        except OSError:
+            same = False
+        if same:
+            self._fh = fh
+        else:
+            fh.close()
+
+    @property
+    def reopened(self) -> bool:
+        """Whether this archive, handed over from another process, holds its file open again, unchanged."""
+        return self._fh is not None and not self._fh.closed
+
     # -- the layer tree (layers.walk's order) and model.weights.h5's layout --------------------
     def _map_layers(self, h5) -> list[ArchiveLayerInfo]:
         top = self.output_config

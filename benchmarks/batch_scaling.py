@@ -13,7 +13,9 @@ job started, counted from the process's start (what every job waits for: the one
 which more workers do not shorten).
 Two more ratios say where the throughput ratio is bounded: the ceiling (Amdahl's law on the -j 1 runs:
 the ratio if each of N workers ran its jobs as fast as the lone worker, with the rest of the run — start,
-import, end — unchanged) and the ratio from the first job's start on (how the workers themselves scale).
+import, end — unchanged; with two workers or more the main process opens the first jobs' archives during
+the import, job work a -j 1 run does in its jobs, so -j 2 can pass this ceiling) and the ratio from the
+first job's start on (how the workers themselves scale).
 The machine's load average is recorded before each run: other work on the machine takes cores from
 the workers, and the ratio means little when it is high.
 

@@ -506,20 +506,20 @@ class Archive:
         # h5py would open each group on the way again (through the archive's file object), about a third
         # of opening the archive of a 400-layer model. (What only a soft link reaches is not here, and
         # the archive then does not stand in for the model.)
-        objects: dict = {}
+        objects: dict = {"": h5}
         h5.visititems(objects.__setitem__)
-        self._visit(objects, h5, top, "", "", (), layers, expected)
+        self._visit(objects, top, "", "", (), layers, expected)
         found = {name for name, obj in objects.items() if hasattr(obj, "shape")}
         if found != expected:
             raise NotApplicable("model.weights.h5 holds arrays no layer accounts for")
         return layers
 
-    def _visit(self, objects, h5, model_entry, group, prefix, ancestors, out, expected) -> None:
+    def _visit(self, objects, model_entry, group, prefix, ancestors, out, expected) -> None:
         config = model_entry["config"]
         if config.get("trainable") is not True:
             raise NotApplicable("a frozen model (its flag overrides its layers')")
         _check_policy(config)
-        self._check_group(objects, h5, group, {"layers", "vars"}, 0, config["name"])
+        self._check_group(objects, group, {"layers", "vars"}, 0, config["name"])
         entries = layers_of(model_entry)
         if model_entry["class_name"] == "Sequential" and entries and entries[0]["class_name"] == "InputLayer":
             entries = entries[1:]  # Sequential.layers leaves out its InputLayer, and so does the h5 file
@@ -534,14 +534,14 @@ class Archive:
             name = cfg["name"]
             if cls in MODEL_CLASSES and isinstance(cfg.get("layers"), list):
                 _check_model_entry(entry)
-                self._visit(objects, h5, entry, sub, f"{prefix}{name}/", ancestors + (cls,), out, expected)
+                self._visit(objects, entry, sub, f"{prefix}{name}/", ancestors + (cls,), out, expected)
                 continue
             if entry.get("module") != "keras.layers" or entry.get("registered_name") is not None:
                 raise NotApplicable(f"layer class {cls} from {entry.get('module')}")
             if cls == "InputLayer":
                 if model_entry["class_name"] == "Sequential":
                     raise NotApplicable("an InputLayer inside a Sequential stack")
-                self._check_group(objects, h5, sub, {"vars"}, 0, name)
+                self._check_group(objects, sub, {"vars"}, 0, name)
                 continue
             names = variable_names(cls, cfg)
             if names is None:
@@ -550,7 +550,7 @@ class Archive:
             _check_settings(cfg, name)
             if not isinstance(cfg.get("trainable"), bool):
                 raise NotApplicable("a layer without a trainable flag")
-            self._check_group(objects, h5, sub, {"vars"}, len(names), name)
+            self._check_group(objects, sub, {"vars"}, len(names), name)
             shapes = expected_shapes(cls, cfg, (entry.get("build_config") or {}).get("input_shape")) \
                 if names else []
             if shapes is None:
@@ -566,14 +566,14 @@ class Archive:
             out.append(ArchiveLayerInfo(f"{prefix}{name}", ArchiveLayer(entry, variables), ancestors))
 
     @staticmethod
-    def _check_group(objects: dict, h5, group: str, members: set, count: int, name: str):
-        node = objects[group] if group else h5
+    def _check_group(objects: dict, group: str, members: set, count: int, name: str) -> None:
+        """``objects``: the file's groups and arrays by path ("" the file itself)."""
+        node = objects[group]
         if set(node.keys()) != members:
             raise NotApplicable(f"h5 group {group or '/'} holds {sorted(node.keys())}")
         vars_group = objects[f"{group}/vars" if group else "vars"]
         if vars_group.attrs.get("name") != name or sorted(vars_group.keys()) != sorted(str(i) for i in range(count)):
             raise NotApplicable(f"h5 group {group or '/'} does not match layer {name!r}")
-        return vars_group
 
     def _variable(self, ds, name: str, key: str) -> ArchiveVariable:
         import h5py

@@ -909,6 +909,36 @@ def test_arrays_streamed_in_small_blocks_agree_with_the_engine(subjects, name, t
     differential(subject, recipe_for(subject.layers), tmp_path)
 
 
+def test_a_block_is_made_in_a_thread_and_left_alone_while_it_is_written(subjects, tmp_path, monkeypatch):
+    """The next blocks are read and changed in a thread while the last one is written (streams.Ahead):
+    a block's bytes do not change while they are written, however far the thread runs ahead, and the
+    file is the engine's."""
+    import threading
+    import time
+
+    from modelxform.keras_io import streams
+    monkeypatch.setattr(archive_module, "BLOCK_BYTES", 4096)
+    real_write, real_old = archive_module.write_all, streams.EditedCrc.replace_old
+    makers, changed = set(), []
+
+    def slow_write(fd, data, offset):
+        before = bytes(data)
+        time.sleep(0.002)  # (the thread makes the next blocks meanwhile)
+        if bytes(data) != before:
+            changed.append(offset)
+        real_write(fd, data, offset)
+
+    def replace_old(self, offset, old):
+        makers.add(threading.current_thread().name)
+        real_old(self, offset, old)
+    monkeypatch.setattr(archive_module, "write_all", slow_write)
+    monkeypatch.setattr(streams.EditedCrc, "replace_old", replace_old)
+    subject = subjects("cnn")
+    differential(subject, "select all\nscale weights 0.5\nadd noise normal(stddev=0.01) to kernel\n", tmp_path)
+    assert makers == {"modelxform-ahead"}
+    assert not changed, f"blocks changed while written at {changed[:5]}"
+
+
 @pytest.mark.parametrize("way", ["through zipfile", "without copy_file_range"])
 def test_other_ways_of_writing_the_weights_give_the_same_file(subjects, tmp_path, monkeypatch, way):
     """Where the zip writer's CRC cannot be set (another Python) the bytes go through it; where the kernel

@@ -206,6 +206,52 @@ def test_edited_crc_refuses_ranges_out_of_order():
         crc.value
 
 
+def test_ahead_makes_the_items_in_a_thread_in_order_and_raises_the_iterators_error():
+    import threading
+    from modelxform.keras_io.streams import Ahead
+    makers = []
+
+    def items():
+        for i in range(50):
+            makers.append(threading.current_thread().name)
+            yield i
+        raise OSError("the disk went away")
+    made = Ahead(items())
+    got = []
+    with made, pytest.raises(OSError, match="the disk went away"):
+        for item in made:
+            got.append(item)
+    assert got == list(range(50))
+    assert set(makers) == {"modelxform-ahead"}
+
+
+def test_ahead_stops_making_when_the_loop_ends_early():
+    """A loop that fails (or is interrupted) ends the thread before the block ends: the iterator makes at
+    most the items the queue holds and the one under way, nothing after the block, and is closed."""
+    import time
+    from modelxform.keras_io.streams import Ahead
+    made_count, closed = [0], []
+
+    def items():
+        try:
+            for i in range(1000):
+                made_count[0] += 1
+                yield i
+        finally:
+            closed.append(True)
+    made = Ahead(items())
+    with pytest.raises(KeyboardInterrupt):
+        with made:
+            for item in made:
+                if item == 3:
+                    time.sleep(0.05)  # (the thread runs ahead until the queue is full)
+                    raise KeyboardInterrupt
+    after = made_count[0]
+    assert 4 <= after <= 4 + Ahead.DEPTH + 1
+    time.sleep(0.05)
+    assert made_count[0] == after and closed == [True]
+
+
 @pytest.mark.parametrize("kernel", [True, False])
 def test_copy_range_copies_between_offsets(tmp_path, monkeypatch, kernel):
     import os

@@ -41,7 +41,7 @@ from .config import MODEL_CLASS_NAMES as MODEL_CLASSES
 from .config import layers_of
 from .layers import LayerInfo, snake_case
 from .safety import CONFIG_MEMBER, METADATA_MEMBER, PROVENANCE_MEMBER
-from .streams import EditedCrc, Writeback, copy_range, preallocate, read_exact, write_all, write_pieces
+from .streams import Ahead, EditedCrc, Writeback, copy_range, preallocate, read_exact, write_all, write_pieces
 from .zipmember import Window as _Window
 from .zipmember import member_offset
 
@@ -733,15 +733,17 @@ class Archive:
         keys = {k for k in self._patches} | {k for k, c in self._changes.items() if c}
         return sorted((by_key[k] for k in keys if by_key[k].nbytes), key=lambda v: v.offset)
 
-    def _weights_pieces(self, touched: list, on_old=None):
+    def _weights_pieces(self, touched: list, on_old=None, buffers: int = 1):
         """model.weights.h5 as written, in order: ``(offset, size, None)`` for a range kept from the
-        input's, ``(offset, size, new)`` for changed bytes (a memoryview of a block, valid until the next
-        piece). An array changes a block at a time: what was assigned to it (in memory or in the spill
-        file), or its input values, through its deferred changes — in the buffer they were read into.
-        ``on_old(offset, old)``, if given, sees the input's bytes of each changed piece before they
-        change (streams.EditedCrc.replace_old)."""
+        input's, ``(offset, size, new)`` for changed bytes (a memoryview of a block, valid until
+        ``buffers`` more pieces were made: the blocks take turns in that many buffers). An array changes
+        a block at a time: what was assigned to it (in memory or in the spill file), or its input
+        values, through its deferred changes — in the buffer they were read into. ``on_old(offset,
+        old)``, if given, sees the input's bytes of each changed piece before they change
+        (streams.EditedCrc.replace_old)."""
         fd = self._fh.fileno()
-        buffer = spare = None
+        rotation = spare = None
+        turn = 0
         position = 0
         for var in touched:
             offset = var.offset
@@ -750,11 +752,14 @@ class Archive:
             pending = self._patches.get(var.key)
             passes = [c.begin() for c in self._changes.get(var.key, ())]
             step = max(1, BLOCK_BYTES // var.np_dtype.itemsize) * var.np_dtype.itemsize
-            if buffer is None:
-                buffer, spare = np.empty(BLOCK_BYTES, np.uint8), np.empty(BLOCK_BYTES, np.uint8)
+            if rotation is None:
+                rotation = [np.empty(BLOCK_BYTES, np.uint8) for _ in range(max(1, buffers))]
+                spare = np.empty(BLOCK_BYTES, np.uint8)
             flat = pending.reshape(-1).view(np.uint8) if isinstance(pending, np.ndarray) else None
             for at in range(0, var.nbytes, step):
                 n = min(step, var.nbytes - at)
+                buffer = rotation[turn]
+                turn = (turn + 1) % len(rotation)
                 where = self.h5_start + offset + at
                 if pending is None:  # the input's values, changed where they were read
                     read_exact(fd, buffer[:n], where)
@@ -794,13 +799,19 @@ class Archive:
         touched = self._touched()
         fd = self._fh.fileno()
         edited = EditedCrc(self.h5_crc, self.h5_size)
-        for offset, size, new in self._weights_pieces(touched, on_old=edited.replace_old):
-            if new is None:
-                copy_range(fd, self.h5_start + offset, size, out_fd, base + offset)
-            else:
-                write_all(out_fd, new, base + offset)
-                edited.replace_new(offset, new)
-            writeback.wrote(size)
+        # The pieces are made (read, changed, the CRC of their old bytes) in a thread, a piece ahead of
+        # this loop, which writes them (and works out the CRC of the new bytes): two cores on one file.
+        # A piece's block stays untouched until three more are made: the one written, the one waiting
+        # in the queue and the one being made.
+        made = Ahead(self._weights_pieces(touched, on_old=edited.replace_old, buffers=Ahead.DEPTH + 2))
+        with made:
+            for offset, size, new in made:
+                if new is None:
+                    copy_range(fd, self.h5_start + offset, size, out_fd, base + offset)
+                else:
+                    write_all(out_fd, new, base + offset)
+                    edited.replace_new(offset, new)
+                writeback.wrote(size)
         return edited.value
 
     def _write_weights_through(self, out) -> None:

@@ -201,6 +201,70 @@ class EditedCrc:
         return self._original ^ crc32_zeros(self._old, rest) ^ crc32_zeros(self._new, rest)
 
 
+class Ahead:
+    """The items of ``items`` (an iterator) made in a thread, up to DEPTH ahead of the loop that takes
+    them: one core makes the next pieces of a file (reads them, changes them, works out a CRC) while
+    another writes the last ones (os.preadv and os.pwrite, the CRC and NumPy's arithmetic on a block
+    let go of the GIL). Use it as a context manager, and iterate it once inside the block.
+
+    An exception the iterator raises comes out of the loop, as without the thread. A loop that ends
+    early (an error of its own, Ctrl-C) has the thread stop once the item it is making is made, and the
+    block waits for that before it ends: nothing of the iterator runs after it (a caller may close the
+    files it reads). The iterator is then closed, in the caller's thread."""
+
+    DEPTH = 1  # items made and waiting, besides the one taken and the one being made
+
+    _ITEM, _END, _FAILED = range(3)
+
+    def __init__(self, items):
+        import queue
+        self._items = items
+        self._queue = queue.Queue(maxsize=self.DEPTH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._make, name="modelxform-ahead", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __iter__(self):
+        while True:
+            kind, value = self._queue.get()
+            if kind == self._ITEM:
+                yield value
+            elif kind == self._FAILED:
+                raise value
+            else:
+                return
+
+    def _make(self) -> None:
+        try:
+            items = iter(self._items)
+            while not self._stop.is_set():  # (asked before each item is made, not after)
+                try:
+                    item = next(items)
+                except StopIteration:
+                    self._queue.put((self._END, None))
+                    return
+                self._queue.put((self._ITEM, item))
+        except BaseException as exc:  # handed to the loop
+            self._queue.put((self._FAILED, exc))
+
+    def __exit__(self, *exc_info):
+        import queue
+        self._stop.set()
+        while self._thread.is_alive():  # (taking what it made lets a put that waits for room return)
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+        close = getattr(self._items, "close", None)
+        if close is not None:
+            close()
+        return False
+
+
 # An output member this large is written to disk while the rest of the output is made (Writeback); below
 # it the final fsync is short, and a thread would cost more than it saves.
 WRITEBACK_MIN_BYTES = 64 << 20

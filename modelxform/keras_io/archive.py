@@ -754,7 +754,6 @@ class Archive:
             step = max(1, BLOCK_BYTES // var.np_dtype.itemsize) * var.np_dtype.itemsize
             if rotation is None:
                 rotation = [np.empty(BLOCK_BYTES, np.uint8) for _ in range(max(1, buffers))]
-                spare = np.empty(BLOCK_BYTES, np.uint8)
             flat = pending.reshape(-1).view(np.uint8) if isinstance(pending, np.ndarray) else None
             for at in range(0, var.nbytes, step):
                 n = min(step, var.nbytes - at)
@@ -768,6 +767,8 @@ class Archive:
                     block = buffer[:n]
                 else:
                     if on_old is not None:
+                        if spare is None:  # (the old bytes of an array assigned whole: rare)
+                            spare = np.empty(BLOCK_BYTES, np.uint8)
                         read_exact(fd, spare[:n], where)
                         on_old(offset + at, memoryview(spare)[:n])
                     if flat is None:

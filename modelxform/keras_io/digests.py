@@ -160,7 +160,7 @@ class FileDigest(threading.Thread):
         try:
             started, before = time.time_ns(), self._status
             digest = hashlib.sha256()
-            buffer = bytearray(_CHUNK)
+            buffer = bytearray(max(1, min(_CHUNK, before.st_size)))
             offset = 0
             while not self._stopped:
                 got = os.preadv(self._fd, [buffer], offset)
@@ -203,7 +203,12 @@ class FileDigest(threading.Thread):
             self.join()
 
 
-_CHUNK = 1 << 20  # read and hashed at a time: hashing is no faster in larger pieces
+# Read and hashed at a time. Alone, hashing is no faster in larger pieces (1.2 GiB/s here from 1 MiB
+# on); but the thread takes the GIL back after each read and each update, and while the main thread
+# runs Python (apply's imports, Keras importing and building a model) each of those waits for the switch
+# interval (5 ms). Beside a thread running Python, 1 MiB pieces were hashed at 0.1 GiB/s, 4 MiB at 0.28
+# and 16 MiB at 0.57: a structural edit of a 2 GiB model waited 1.6 s for its input's digest at the end.
+_CHUNK = 16 << 20
 
 
 def begin(path) -> FileDigest | None:

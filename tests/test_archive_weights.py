@@ -983,7 +983,12 @@ def test_an_elementwise_recipe_never_holds_a_whole_array(tmp_path, monkeypatch):
     Python allocations stay below a quarter of the kernel's size (the whole array read once would be
     all of it), and the file is the engine's."""
     import tracemalloc
+
+    from modelxform.keras_io import digests
     monkeypatch.setattr(archive_module, "BLOCK_BYTES", 64 << 10)
+    # (the input's digest reads the file in pieces of digests._CHUNK, 16 MiB, whatever the arrays: as large
+    # as this whole 8 MiB file, so scaled down with the blocks)
+    monkeypatch.setattr(digests, "_CHUNK", 64 << 10)
     path = tmp_path / "wide.keras"
     _large_dense_model(path)
     subject = Subject(path)

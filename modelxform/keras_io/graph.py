@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import ApplyError
 from ..rng import derive_seed
-from .config import (ConfigLayer, NotInGraph, container_of, entry_at, flat_order, histories, io_refs,
+from .config import (ConfigLayer, NotInGraph, container_of, copied, entry_at, flat_order, histories, io_refs,
                      is_model_entry, layers_of, model_entries, tensor_refs, walk as walk_config)
 from .backend import needs_tensorflow
 from .initializers import initial_values
@@ -85,7 +85,7 @@ class GraphEditor:
             import keras
             config = keras.saving.serialize_keras_object(self.model)
         self.base_config = json.loads(json.dumps(config, default=_json_default))
-        self.config = copy.deepcopy(self.base_config)
+        self.config = copied(self.base_config)
 
     # -- views ---------------------------------------------------------------------------------
     def leaves(self) -> list[ConfigLayer]:
@@ -598,7 +598,7 @@ class GraphEditor:
         replay = GraphEditor.__new__(GraphEditor)
         replay.model, replay.seed, replay.unsafe = self.model, self.seed, self.unsafe
         replay.base_config = self.base_config
-        replay.config = copy.deepcopy(self.base_config)
+        replay.config = copied(self.base_config)
         replay.fresh, replay.edits, replay.origin, replay.reshape, replay.reshaped = {}, [], {}, {}, {}
         replay.computed, replay.input_statement, replay.nested_inputs = {}, None, set()
         replay.closed = False
@@ -663,14 +663,14 @@ class GraphEditor:
         LazyVariables that holds them), or, where that fails, the ordinary way (and None): Keras then
         says what is wrong, or a layer that needs TensorFlow is let import it."""
         import keras
-        config = copy.deepcopy(config)
+        config = copied(config)
         _restore_single_refs(config, self.base_config)
         # nested models whose inputs set_input_shape opened learn their shapes one level at a time: a
         # model inside another receives what its parent, once closed, computes
         for depth in sorted({path.count("/") for path in self.nested_inputs}):
             try:
                 with LazyVariables():  # (deserializing changes the config it reads: give it a copy)
-                    opened = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=not self.unsafe)
+                    opened = keras.saving.deserialize_keras_object(copied(config), safe_mode=not self.unsafe)
             except Exception:  # noqa: BLE001 - built below, which says what is wrong
                 break
             self._close_inputs(config, opened, depth)
@@ -679,11 +679,11 @@ class GraphEditor:
         try:
             with LazyVariables() as lazy:
                 # a copy: deserializing changes the config it reads, and a failure is built again below
-                new_model = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=not self.unsafe)
+                new_model = keras.saving.deserialize_keras_object(copied(config), safe_mode=not self.unsafe)
         except Exception:  # noqa: BLE001 - built the ordinary way below, which says what is wrong
             lazy = None
             try:
-                new_model = keras.saving.deserialize_keras_object(copy.deepcopy(config), safe_mode=not self.unsafe)
+                new_model = keras.saving.deserialize_keras_object(copied(config), safe_mode=not self.unsafe)
             except Exception as exc:  # Keras reports shape and argument problems as many exception types
                 if not needs_tensorflow(exc):
                     raise ApplyError(f"the edited model does not build: {_build_failure(exc)}") from exc

@@ -254,3 +254,174 @@ def test_a_digest_begun_before_the_file_was_replaced_is_not_used(cache, big_mode
     assert read_provenance(tmp_path / "out.keras")["chain"][-1]["input_sha256"] == sha256_file(big_model)
     assert hashes == [os.path.realpath(big_model)] * 3  # the first, the early one, the run's own
     assert known_sha256(big_model, early) is None
+
+
+# -- a digest that hashes the bytes another reader read (FileDigest.share / offer / withdraw) --------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def _reads(draw):
+    """A file, the ranges a reader shares, the pieces it reads them in (each offered or not), where it
+    stops (None: at the end), and whether the digest's thread began before the ranges were shared."""
+    size = draw(st.integers(0, 3000))
+    cuts = sorted(set(draw(st.lists(st.integers(0, size), max_size=10))))
+    ranges = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2)]
+    pieces = []
+    for start, stop in ranges:
+        at = start
+        while at < stop:
+            n = draw(st.integers(1, stop - at))
+            pieces.append((at, at + n, draw(st.booleans()) or draw(st.booleans())))
+            at += n
+    stop_after = draw(st.none() | st.integers(0, len(pieces)))
+    return size, ranges, pieces, stop_after, draw(st.booleans()), draw(st.integers(0, 2**32 - 1))
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=_reads())
+def test_a_digest_hashes_what_a_reader_offers_and_reads_the_rest_itself(case):
+    """Whatever the reader offers, skips or leaves unread, and however far the digest's thread got
+    before the ranges were shared: the digest is the file's sha256; bytes offered are hashed before
+    the reader is told it may change them (here it scribbles over them at once); and a digest begun
+    after sharing, every piece offered, reads only what lies outside the shared ranges."""
+    import hashlib
+    import tempfile
+    size, ranges, pieces, stop_after, started_before, seed = case
+    data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    read_here = []
+    real_preadv, real_chunk = os.preadv, digests._CHUNK
+
+    def preadv(fd, buffers, offset):
+        got = real_preadv(fd, buffers, offset)
+        if threading.current_thread().name == "modelxform-sha256":
+            read_here.append(max(got, 0))
+        return got
+    with tempfile.NamedTemporaryFile() as fh:
+        fh.write(data)
+        fh.flush()
+        os.preadv, digests._CHUNK = preadv, 7  # (small pieces: the thread is part-way when the reader comes)
+        try:
+            digest = digests.FileDigest(os.open(fh.name, os.O_RDONLY), owned=True)
+            if started_before:
+                digest.start()
+            shared = digest.share(ranges)
+            if not started_before:
+                digest.start()
+            held = []  # (offer, buffer): each is waited for once the next piece is read, then scribbled over
+            try:
+                for i, (start, stop, offered) in enumerate(pieces):
+                    if stop_after is not None and i == stop_after:
+                        break
+                    buffer = bytearray(data[start:stop])
+                    held.append((digest.offer(start, buffer) if offered else None, buffer))
+                    if len(held) > 1:
+                        offer, previous = held.pop(0)
+                        if offer is not None:
+                            offer.wait()
+                        previous[:] = bytes(len(previous))
+                else:  # read to the end: the last piece is waited for too, as the changes do
+                    for offer, _ in held:
+                        if offer is not None:
+                            offer.wait()
+            finally:
+                digest.withdraw()
+            for _, buffer in held:
+                buffer[:] = bytes(len(buffer))
+            assert digest.result() == hashlib.sha256(data).hexdigest()
+        finally:
+            os.preadv, digests._CHUNK = real_preadv, real_chunk
+    if not started_before:  # (begun before, the thread may have hashed the whole file already)
+        assert shared == any(stop > start for start, stop in ranges)
+    if not started_before and stop_after is None and all(offered for *_, offered in pieces):
+        assert sum(read_here) == size - sum(stop - start for start, stop in ranges)
+
+
+def _gated_digests(monkeypatch):
+    """Digests whose thread begins hashing only once a reader shares its ranges (or after 30 s), each
+    offer hashed slowly (so that the reader waits for it), and what their threads read themselves."""
+    made, read_here = [], []
+    real_run, real_share, real_next = digests.FileDigest.run, digests.FileDigest.share, digests.FileDigest._next
+    real_preadv = os.preadv
+    gate = threading.Event()
+
+    def run(self):
+        made.append(self)
+        gate.wait(30)
+        real_run(self)
+
+    def share(self, ranges):
+        shared = real_share(self, ranges)
+        gate.set()
+        return shared
+
+    def next_(self):
+        offer, limit = real_next(self)
+        if offer is not None:
+            self._lock.release()  # (as the hashing does, outside the lock)
+            try:
+                import time
+                time.sleep(0.002)
+            finally:
+                self._lock.acquire()
+        return offer, limit
+
+    def preadv(fd, buffers, offset):
+        got = real_preadv(fd, buffers, offset)
+        if threading.current_thread().name == "modelxform-sha256":
+            read_here.append(max(got, 0))
+        return got
+    monkeypatch.setattr(digests.FileDigest, "run", run)
+    monkeypatch.setattr(digests.FileDigest, "share", share)
+    monkeypatch.setattr(digests.FileDigest, "_next", next_)
+    monkeypatch.setattr(os, "preadv", preadv)
+    return made, read_here
+
+
+def test_a_weight_only_edit_hashes_its_input_from_the_blocks_it_reads(big_model, tmp_path, monkeypatch):
+    """The arrays a weight-only edit changes are read once: the input's digest hashes them from the
+    blocks they were read into, before they change, and reads only the rest of the file. The record's
+    digest is the file's, and the output is the same, byte for byte, as when the digest reads the whole
+    file itself."""
+    from modelxform.keras_io import archive as archive_module
+    monkeypatch.setenv(digests.ENV_OFF, "0")
+    monkeypatch.setattr(archive_module, "BLOCK_BYTES", 64 << 10)  # (many blocks, in turn in four buffers)
+    recipe = tmp_path / "half.recipe"
+    recipe.write_text(RECIPE)
+    with monkeypatch.context() as m:
+        m.setattr(digests.FileDigest, "share", lambda self, ranges: False)
+        _apply(recipe, big_model, tmp_path / "alone.keras")
+    made, read_here = _gated_digests(monkeypatch)
+    _apply(recipe, big_model, tmp_path / "shared.keras")
+    assert len(made) == 1 and not made[0].is_alive()
+    assert read_provenance(tmp_path / "shared.keras")["chain"][-1]["input_sha256"] == sha256_file(big_model)
+    assert (tmp_path / "shared.keras").read_bytes() == (tmp_path / "alone.keras").read_bytes()
+    kernels = (700 * 700 + 700 * 4) * 4  # the arrays scaled: read once, by the edit
+    assert sum(read_here) == os.path.getsize(big_model) - kernels
+
+
+def test_a_weight_only_edit_that_fails_part_way_leaves_the_digest_to_read_the_rest(big_model, tmp_path, monkeypatch):
+    """A write that fails after a few blocks: the edit reports it and writes nothing, and the digest's
+    thread does not wait for blocks that will not come: it reads them itself and ends."""
+    from modelxform.errors import ModelxformError
+    from modelxform.keras_io import archive as archive_module
+    monkeypatch.setenv(digests.ENV_OFF, "0")
+    monkeypatch.setattr(archive_module, "BLOCK_BYTES", 64 << 10)
+    recipe = tmp_path / "half.recipe"
+    recipe.write_text(RECIPE)
+    made, _ = _gated_digests(monkeypatch)
+    real_write, written = archive_module.write_all, []
+
+    def failing_write(fd, data, offset):
+        if len(written) == 5:
+            raise OSError(28, "No space left on device")
+        written.append(offset)
+        real_write(fd, data, offset)
+    monkeypatch.setattr(archive_module, "write_all", failing_write)
+    with pytest.raises((OSError, ModelxformError), match="No space left on device"):
+        _apply(recipe, big_model, tmp_path / "out.keras")
+    assert not (tmp_path / "out.keras").exists() and len(made) == 1
+    made[0].join(30)
+    assert not made[0].is_alive() and made[0].result() == sha256_file(big_model)

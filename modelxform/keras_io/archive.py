@@ -740,7 +740,44 @@ class Archive:
         a block at a time: what was assigned to it (in memory or in the spill file), or its input
         values, through its deferred changes — in the buffer they were read into. ``on_old(offset,
         old)``, if given, sees the input's bytes of each changed piece before they change
-        (streams.EditedCrc.replace_old)."""
+        (streams.EditedCrc.replace_old); it may answer something to ``wait()`` for before they do (the
+        input's digest hashing them from the buffer, digests.FileDigest.offer): the piece is then
+        changed once the next one is read, so that the two overlap, and takes one buffer more."""
+        passes: list = []
+
+        def changed(var, offset, n, block, first, last, pending):
+            nonlocal passes
+            if pending is not None:
+                pending.wait()
+            if first:
+                passes = [c.begin() for c in self._changes.get(var.key, ())]
+            if passes:
+                values = block.view(var.np_dtype)
+                for pass_ in passes:
+                    pass_(values)
+            if last:
+                for pass_ in passes:
+                    pass_.end()
+            return offset, n, memoryview(block).cast("B")
+
+        held = None  # a block read whose old bytes are being hashed: changed after the next is read
+        for piece in self._weights_read(touched, on_old, buffers):
+            if held is not None:
+                yield changed(*held)
+                held = None
+            if len(piece) == 3:  # a kept range
+                yield piece
+            elif piece[-1] is not None:
+                held = piece
+            else:
+                yield changed(*piece)
+        if held is not None:
+            yield changed(*held)
+
+    def _weights_read(self, touched: list, on_old, buffers: int):
+        """_weights_pieces' reading: ``(offset, size, None)`` for a kept range, ``(var, offset, n,
+        block, first, last, pending)`` for a block of a changed array before its changes (``pending``:
+        what on_old answered, to wait for before the block changes)."""
         fd = self._fh.fileno()
         rotation = spare = None
         turn = 0
@@ -750,7 +787,7 @@ class Archive:
             if offset > position:
                 yield position, offset - position, None
             pending = self._patches.get(var.key)
-            passes = [c.begin() for c in self._changes.get(var.key, ())]
+            changes = bool(self._changes.get(var.key))
             step = max(1, BLOCK_BYTES // var.np_dtype.itemsize) * var.np_dtype.itemsize
             if rotation is None:
                 rotation = [np.empty(BLOCK_BYTES, np.uint8) for _ in range(max(1, buffers))]
@@ -760,32 +797,29 @@ class Archive:
                 buffer = rotation[turn]
                 turn = (turn + 1) % len(rotation)
                 where = self.h5_start + offset + at
+                waiting = None
                 if pending is None:  # the input's values, changed where they were read
                     read_exact(fd, buffer[:n], where)
                     if on_old is not None:
-                        on_old(offset + at, memoryview(buffer)[:n])
+                        waiting = on_old(offset + at, memoryview(buffer)[:n])
                     block = buffer[:n]
                 else:
                     if on_old is not None:
                         if spare is None:  # (the old bytes of an array assigned whole: rare)
                             spare = np.empty(BLOCK_BYTES, np.uint8)
                         read_exact(fd, spare[:n], where)
-                        on_old(offset + at, memoryview(spare)[:n])
+                        done = on_old(offset + at, memoryview(spare)[:n])
+                        if done is not None:  # (one spare buffer: waited for at once)
+                            done.wait()
                     if flat is None:
                         read_exact(self._spill.fileno(), buffer[:n], pending[0] + at)
                         block = buffer[:n]
-                    elif passes:  # the passes change a private copy of what was assigned
+                    elif changes:  # the passes change a private copy of what was assigned
                         buffer[:n] = flat[at:at + n]
                         block = buffer[:n]
                     else:
                         block = flat[at:at + n]
-                if passes:
-                    values = block.view(var.np_dtype)
-                    for pass_ in passes:
-                        pass_(values)
-                yield offset + at, n, memoryview(block).cast("B")
-            for pass_ in passes:
-                pass_.end()
+                yield var, offset + at, n, block, at == 0, at + n >= var.nbytes, waiting
             position = offset + var.nbytes
         if position < self.h5_size:
             yield position, self.h5_size - position, None
@@ -796,23 +830,36 @@ class Archive:
         input's and the changed ranges' old and new bytes (streams.EditedCrc), without reading the kept
         ones. (Computing it over the written bytes would read a little less when most bytes change, but
         would give damaged input bytes a valid CRC: this way the damage stays detectable.) ``writeback``
-        (a streams.Writeback) is told of every piece written."""
+        (a streams.Writeback) is told of every piece written. The input's digest, if it is still being
+        taken, hashes the changed arrays' old bytes from the blocks they are read into rather than read
+        them again (digests.FileDigest.share)."""
         touched = self._touched()
         fd = self._fh.fileno()
         edited = EditedCrc(self.h5_crc, self.h5_size)
+        digest = self._digest
+        start = self.h5_start
+        shared = digest is not None and digest.share([(start + v.offset, start + v.offset + v.nbytes) for v in touched])
+
+        def on_old(offset, old):
+            edited.replace_old(offset, old)
+            return digest.offer(start + offset, old) if shared else None
         # The pieces are made (read, changed, the CRC of their old bytes) in a thread, a piece ahead of
         # this loop, which writes them (and works out the CRC of the new bytes): two cores on one file.
         # A piece's block stays untouched until three more are made: the one written, the one waiting
-        # in the queue and the one being made.
-        made = Ahead(self._weights_pieces(touched, on_old=edited.replace_old, buffers=Ahead.DEPTH + 2))
-        with made:
-            for offset, size, new in made:
-                if new is None:
-                    copy_range(fd, self.h5_start + offset, size, out_fd, base + offset)
-                else:
-                    write_all(out_fd, new, base + offset)
-                    edited.replace_new(offset, new)
-                writeback.wrote(size)
+        # in the queue and the one being made; four while the digest hashes blocks (the one read meanwhile).
+        made = Ahead(self._weights_pieces(touched, on_old=on_old, buffers=Ahead.DEPTH + (3 if shared else 2)))
+        try:
+            with made:
+                for offset, size, new in made:
+                    if new is None:
+                        copy_range(fd, self.h5_start + offset, size, out_fd, base + offset)
+                    else:
+                        write_all(out_fd, new, base + offset)
+                        edited.replace_new(offset, new)
+                    writeback.wrote(size)
+        finally:
+            if shared:
+                digest.withdraw()
         return edited.value
 
     def _write_weights_through(self, out) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -362,7 +363,6 @@ def _gated_digests(monkeypatch):
         if offer is not None:
             self._lock.release()  # (as the hashing does, outside the lock)
             try:
-                import time
                 time.sleep(0.002)
             finally:
                 self._lock.acquire()
@@ -383,8 +383,8 @@ def _gated_digests(monkeypatch):
 def test_a_weight_only_edit_hashes_its_input_from_the_blocks_it_reads(big_model, tmp_path, monkeypatch):
     """The arrays a weight-only edit changes are read once: the input's digest hashes them from the
     blocks they were read into, before they change, and reads only the rest of the file. The record's
-    digest is the file's, and the output is the same, byte for byte, as when the digest reads the whole
-    file itself."""
+    digest is the file's; the output is the same, byte for byte, as when the digest reads the whole
+    file itself; and no block changes while it is written (one buffer more takes turns)."""
     from modelxform.keras_io import archive as archive_module
     monkeypatch.setenv(digests.ENV_OFF, "0")
     monkeypatch.setattr(archive_module, "BLOCK_BYTES", 64 << 10)  # (many blocks, in turn in four buffers)
@@ -394,7 +394,17 @@ def test_a_weight_only_edit_hashes_its_input_from_the_blocks_it_reads(big_model,
         m.setattr(digests.FileDigest, "share", lambda self, ranges: False)
         _apply(recipe, big_model, tmp_path / "alone.keras")
     made, read_here = _gated_digests(monkeypatch)
+    real_write, changed = archive_module.write_all, []
+
+    def slow_write(fd, data, offset):  # (the blocks after it are read, hashed and changed meanwhile)
+        before = bytes(data)
+        time.sleep(0.002)
+        if bytes(data) != before:
+            changed.append(offset)
+        real_write(fd, data, offset)
+    monkeypatch.setattr(archive_module, "write_all", slow_write)
     _apply(recipe, big_model, tmp_path / "shared.keras")
+    assert not changed, f"blocks changed while written at {changed[:5]}"
     assert len(made) == 1 and not made[0].is_alive()
     assert read_provenance(tmp_path / "shared.keras")["chain"][-1]["input_sha256"] == sha256_file(big_model)
     assert (tmp_path / "shared.keras").read_bytes() == (tmp_path / "alone.keras").read_bytes()

@@ -380,7 +380,8 @@ def _gated_digests(monkeypatch):
     return made, read_here
 
 
-def test_a_weight_only_edit_hashes_its_input_from_the_blocks_it_reads(big_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("edit", ["scale kernel 0.5", "set kernel to ones\nadd noise normal(stddev=0.1) to kernel", "prune kernel 30%\nscale kernel 0.5"])
+def test_a_weight_only_edit_hashes_its_input_from_the_blocks_it_reads(big_model, tmp_path, monkeypatch, edit):
     """The arrays a weight-only edit changes are read once: the input's digest hashes them from the
     blocks they were read into, before they change, and reads only the rest of the file. The record's
     digest is the file's; the output is the same, byte for byte, as when the digest reads the whole
@@ -388,8 +389,8 @@ def test_a_weight_only_edit_hashes_its_input_from_the_blocks_it_reads(big_model,
     from modelxform.keras_io import archive as archive_module
     monkeypatch.setenv(digests.ENV_OFF, "0")
     monkeypatch.setattr(archive_module, "BLOCK_BYTES", 64 << 10)  # (many blocks, in turn in four buffers)
-    recipe = tmp_path / "half.recipe"
-    recipe.write_text(RECIPE)
+    recipe = tmp_path / "edit.recipe"  # (values changed as read; arrays assigned whole, then changed; ranked)
+    recipe.write_text(f'recipe "edit" version "1"\nselect where type=Dense\n{edit}\n')
     with monkeypatch.context() as m:
         m.setattr(digests.FileDigest, "share", lambda self, ranges: False)
         _apply(recipe, big_model, tmp_path / "alone.keras")

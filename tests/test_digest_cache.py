@@ -281,6 +281,18 @@ def _reads(draw):
     return size, ranges, pieces, stop_after, draw(st.booleans()), draw(st.integers(0, 2**32 - 1))
 
 
+def _reads_by_the_digest():
+    """An os.preadv that counts what the digest's thread reads itself, and the list of its counts."""
+    real_preadv, read_here = os.preadv, []
+
+    def preadv(fd, buffers, offset):
+        got = real_preadv(fd, buffers, offset)
+        if threading.current_thread().name == "modelxform-sha256":
+            read_here.append(max(got, 0))
+        return got
+    return preadv, read_here
+
+
 @settings(max_examples=80, deadline=None)
 @given(case=_reads())
 def test_a_digest_hashes_what_a_reader_offers_and_reads_the_rest_itself(case):
@@ -292,14 +304,8 @@ def test_a_digest_hashes_what_a_reader_offers_and_reads_the_rest_itself(case):
     import tempfile
     size, ranges, pieces, stop_after, started_before, seed = case
     data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
-    read_here = []
     real_preadv, real_chunk = os.preadv, digests._CHUNK
-
-    def preadv(fd, buffers, offset):
-        got = real_preadv(fd, buffers, offset)
-        if threading.current_thread().name == "modelxform-sha256":
-            read_here.append(max(got, 0))
-        return got
+    preadv, read_here = _reads_by_the_digest()
     with tempfile.NamedTemporaryFile() as fh:
         fh.write(data)
         fh.flush()
@@ -343,9 +349,9 @@ def test_a_digest_hashes_what_a_reader_offers_and_reads_the_rest_itself(case):
 def _gated_digests(monkeypatch):
     """Digests whose thread begins hashing only once a reader shares its ranges (or after 30 s), each
     offer hashed slowly (so that the reader waits for it), and what their threads read themselves."""
-    made, read_here = [], []
+    made = []
     real_run, real_share, real_next = digests.FileDigest.run, digests.FileDigest.share, digests.FileDigest._next
-    real_preadv = os.preadv
+    preadv, read_here = _reads_by_the_digest()
     gate = threading.Event()
 
     def run(self):
@@ -367,12 +373,6 @@ def _gated_digests(monkeypatch):
             finally:
                 self._lock.acquire()
         return offer, limit
-
-    def preadv(fd, buffers, offset):
-        got = real_preadv(fd, buffers, offset)
-        if threading.current_thread().name == "modelxform-sha256":
-            read_here.append(max(got, 0))
-        return got
     monkeypatch.setattr(digests.FileDigest, "run", run)
     monkeypatch.setattr(digests.FileDigest, "share", share)
     monkeypatch.setattr(digests.FileDigest, "_next", next_)

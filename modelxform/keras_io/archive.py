@@ -745,10 +745,10 @@ class Archive:
         changed once the next one is read, so that the two overlap, and takes one buffer more."""
         passes: list = []
 
-        def changed(var, offset, n, block, first, last, pending):
+        def changed(var, offset, n, block, first, last, hashing):
             nonlocal passes
-            if pending is not None:
-                pending.wait()
+            if hashing is not None:
+                hashing.wait()
             if first:
                 passes = [c.begin() for c in self._changes.get(var.key, ())]
             if passes:
@@ -776,7 +776,7 @@ class Archive:
 
     def _weights_read(self, touched: list, on_old, buffers: int):
         """_weights_pieces' reading: ``(offset, size, None)`` for a kept range, ``(var, offset, n,
-        block, first, last, pending)`` for a block of a changed array before its changes (``pending``:
+        block, first, last, hashing)`` for a block of a changed array before its changes (``hashing``:
         what on_old answered, to wait for before the block changes)."""
         fd = self._fh.fileno()
         rotation = spare = None
@@ -797,11 +797,11 @@ class Archive:
                 buffer = rotation[turn]
                 turn = (turn + 1) % len(rotation)
                 where = self.h5_start + offset + at
-                waiting = None
+                hashing = None
                 if pending is None:  # the input's values, changed where they were read
                     read_exact(fd, buffer[:n], where)
                     if on_old is not None:
-                        waiting = on_old(offset + at, memoryview(buffer)[:n])
+                        hashing = on_old(offset + at, memoryview(buffer)[:n])
                     block = buffer[:n]
                 else:
                     if on_old is not None:
@@ -819,7 +819,7 @@ class Archive:
                         block = buffer[:n]
                     else:
                         block = flat[at:at + n]
-                yield var, offset + at, n, block, at == 0, at + n >= var.nbytes, waiting
+                yield var, offset + at, n, block, at == 0, at + n >= var.nbytes, hashing
             position = offset + var.nbytes
         if position < self.h5_size:
             yield position, self.h5_size - position, None
@@ -852,7 +852,7 @@ class Archive:
             with made:
                 for offset, size, new in made:
                     if new is None:
-                        copy_range(fd, self.h5_start + offset, size, out_fd, base + offset)
+                        copy_range(fd, start + offset, size, out_fd, base + offset)
                     else:
                         write_all(out_fd, new, base + offset)
                         edited.replace_new(offset, new)

@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/large.py                        # fixtures once, then 3 runs per side
     .venv/bin/python benchmarks/large.py --sizes 0.5,2 --runs 2   # (6 GiB keeps its earlier figures)
     .venv/bin/python benchmarks/large.py --plot-only            # the table and plot from large-results.json
+    .venv/bin/python benchmarks/large.py --sizes 12 --runs 1    # a model whose copy does not fit in the page
+                                                                # cache beside it (24 GiB of disk)
 
 The fixtures are functional MLPs written by benchmarks/large_fixture.py without holding their weights in
 memory. Per size, three commands are timed as whole processes, alternating run by run:
@@ -270,8 +272,8 @@ def plot(results: dict, path: pathlib.Path) -> None:
         ax.grid(alpha=0.3)
     right.legend(fontsize=8, loc="upper left")
     earlier = [f"{e['gib']:g} GiB: {e['date']}" for e in results["sizes"] if e.get("date", results["date"]) != results["date"]]
-    fig.suptitle(f"modelxform on large models ({results['nproc']} CPUs; {results['date']}"
-                 + (f"; {', '.join(earlier)}" if earlier else "") + ")", fontsize=10)
+    fig.suptitle(f"modelxform on large models ({results['nproc']} CPUs; {results['date']})"
+                 + (f"\nsizes measured earlier: {', '.join(earlier)}" if earlier else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -203,8 +203,7 @@ def markdown(results: dict) -> str:
     for entry in results["sizes"]:
         when = entry.get("date", results["date"])
         if when != results["date"]:  # a size kept from an earlier run (main)
-            lines.append(f"| {entry['file_bytes'] / 2**30:.2f} GiB | *measured {when}, with the code of then* "
-                         "| | | | | | | | |")
+            lines.append(f"| {entry['file_bytes'] / 2**30:.2f} GiB | *measured {when}* | | | | | | | | |")
         copies = entry["cases"]["copy"]
         cp = copies["cp"]["median_s"]
         durable = copies.get("cp + sync", {}).get("median_s")

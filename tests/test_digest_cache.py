@@ -310,6 +310,7 @@ def test_a_digest_hashes_what_a_reader_offers_and_reads_the_rest_itself(case):
         fh.write(data)
         fh.flush()
         os.preadv, digests._CHUNK = preadv, 7  # (small pieces: the thread is part-way when the reader comes)
+        digests.MAP_WINDOWS = False  # (the reading path: no lease, no maps)
         try:
             digest = digests.FileDigest(os.open(fh.name, os.O_RDONLY), owned=True)
             if started_before:
@@ -339,7 +340,7 @@ def test_a_digest_hashes_what_a_reader_offers_and_reads_the_rest_itself(case):
                 buffer[:] = bytes(len(buffer))
             assert digest.result() == hashlib.sha256(data).hexdigest()
         finally:
-            os.preadv, digests._CHUNK = real_preadv, real_chunk
+            os.preadv, digests._CHUNK, digests.MAP_WINDOWS = real_preadv, real_chunk, True
     if not started_before:  # (begun before, the thread may have hashed the whole file already)
         assert shared == any(stop > start for start, stop in ranges)
     if not started_before and stop_after is None and all(offered for *_, offered in pieces):
@@ -377,6 +378,7 @@ def _gated_digests(monkeypatch):
     monkeypatch.setattr(digests.FileDigest, "share", share)
     monkeypatch.setattr(digests.FileDigest, "_next", next_)
     monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(digests, "MAP_WINDOWS", False)  # (the reading path, where no lease is granted)
     return made, read_here
 
 
@@ -436,3 +438,145 @@ def test_a_weight_only_edit_that_fails_part_way_leaves_the_digest_to_read_the_re
     assert not (tmp_path / "out.keras").exists() and len(made) == 1
     made[0].join(30)
     assert not made[0].is_alive() and made[0].result() == sha256_file(big_model)
+
+
+# -- a digest that hashes from memory maps under a read lease (digests._Lease) ----------------------
+
+def _leases_here(tmp_path) -> bool:
+    probe = tmp_path / "probe.bin"
+    probe.write_bytes(b"x" * 4096)
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        lease = digests._Lease.take(fd)
+        if lease is not None:
+            lease.release()
+        return lease is not None
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def leased_file(tmp_path, monkeypatch):
+    """A file of 64 windows of 64 KiB, random bytes; skipped where the system grants no read lease."""
+    if not _leases_here(tmp_path):
+        pytest.skip("no read leases on this system (F_SETLEASE): digests read with preadv there")
+    monkeypatch.setattr(digests, "_WINDOW", 64 << 10)
+    path = tmp_path / "leased.bin"
+    path.write_bytes(np.random.default_rng(3).integers(0, 256, 64 << 16, dtype=np.uint8).tobytes())
+    return path
+
+
+def _slow_windows(monkeypatch, pause: float):
+    """Each window of a leased digest hashed after ``pause`` seconds; the windows looked at so far."""
+    seen = []
+    real_held = digests._Lease.held
+
+    def held(self):
+        seen.append(time.perf_counter())
+        time.sleep(pause)
+        return real_held(self)
+    monkeypatch.setattr(digests._Lease, "held", held)
+    return seen
+
+
+def test_a_digest_under_a_read_lease_hashes_from_maps_and_reads_nothing(leased_file, monkeypatch):
+    """Under a read lease the digest hashes the file from memory maps: the same sha256, nothing read
+    with preadv, no offers taken (share says no), and the lease given back at the end (a writer can
+    then open the file at once)."""
+    import hashlib
+    preadv, read_here = _reads_by_the_digest()
+    monkeypatch.setattr(os, "preadv", preadv)
+    digest = digests.FileDigest(os.open(leased_file, os.O_RDONLY), owned=True)
+    assert digest._lease is not None and digest.share([(0, 100)]) is False
+    digest.start()
+    assert digest.result() == hashlib.sha256(leased_file.read_bytes()).hexdigest()
+    assert sum(read_here) == 0  # (one read at the end finds the end of the file)
+    fd = os.open(leased_file, os.O_RDONLY)
+    try:  # (a read lease is granted again: this digest's was given back, and no writer is left)
+        lease = digests._Lease.take(fd)
+        assert lease is not None
+        lease.release()
+    finally:
+        os.close(fd)
+
+
+def test_a_writer_waits_for_one_window_then_the_digest_reads_the_rest(leased_file, monkeypatch):
+    """A process that opens the file to write it while the digest hashes from maps: the digest gives
+    the lease back at the next window (the writer waits a window, not the whole hash, nor the 45 s
+    the kernel would allow), reads the rest with preadv, and its sha256 is still the file's."""
+    import hashlib
+    import subprocess
+    import sys
+    seen = _slow_windows(monkeypatch, 0.02)  # (64 windows: 1.3 s in all)
+    preadv, read_here = _reads_by_the_digest()
+    monkeypatch.setattr(os, "preadv", preadv)
+    digest = digests.FileDigest(os.open(leased_file, os.O_RDONLY), owned=True)
+    digest.start()
+    while len(seen) < 8:
+        time.sleep(0.005)
+    writer = subprocess.run([sys.executable, "-c", "import os, sys, time\nt = time.perf_counter()\n"
+                             "os.close(os.open(sys.argv[1], os.O_WRONLY))\nprint(time.perf_counter() - t)",
+                             str(leased_file)], capture_output=True, text=True, timeout=60)
+    waited = float(writer.stdout)
+    assert digest.result() == hashlib.sha256(leased_file.read_bytes()).hexdigest()
+    hashed_from_maps = (len(seen) - 1) * digests._WINDOW  # (the last look found the lease being broken)
+    assert 0 < sum(read_here) == leased_file.stat().st_size - hashed_from_maps
+    assert hashed_from_maps < leased_file.stat().st_size / 2 and waited < 1.0
+
+
+def test_a_truncation_under_the_lease_waits_and_the_digest_does_not_crash(leased_file, monkeypatch):
+    """A file truncated by another process while the digest hashes it from maps would kill a reader
+    that touched a page past the new end (SIGBUS: this test's process). The truncation waits for the
+    lease instead; the digest ends with what is left, and says it no longer holds for the file."""
+    import subprocess
+    import sys
+    seen = _slow_windows(monkeypatch, 0.02)
+    digest = digests.FileDigest(os.open(leased_file, os.O_RDONLY), owned=True)
+    digest.start()
+    while len(seen) < 8:
+        time.sleep(0.005)
+    subprocess.run([sys.executable, "-c", "import os, sys; os.truncate(sys.argv[1], 4096)", str(leased_file)],
+                   check=True, timeout=60)
+    assert len(digest.result()) == 64  # (the bytes it got to: not the file's, which changed)
+    assert leased_file.stat().st_size == 4096 and not digest.holds(os.stat(leased_file))
+
+
+def test_no_lease_is_taken_while_a_writer_has_the_file_open(leased_file, monkeypatch):
+    """A file open for writing somewhere is read with preadv (the lease would be refused), and the
+    digest is the same."""
+    import hashlib
+    preadv, read_here = _reads_by_the_digest()
+    monkeypatch.setattr(os, "preadv", preadv)
+    writer = os.open(leased_file, os.O_WRONLY)
+    try:
+        digest = digests.FileDigest(os.open(leased_file, os.O_RDONLY), owned=True)
+        assert digest._lease is None
+        digest.start()
+        assert digest.result() == hashlib.sha256(leased_file.read_bytes()).hexdigest()
+    finally:
+        os.close(writer)
+    assert sum(read_here) == leased_file.stat().st_size
+
+
+def test_a_weight_only_edit_is_the_same_whether_its_digest_maps_or_reads(big_model, tmp_path, monkeypatch):
+    """The output of a weight-only edit, byte for byte, and its record's input digest, are the same
+    whether the digest hashes from maps under a lease or reads the file (and hashes offered blocks)."""
+    if not _leases_here(tmp_path):
+        pytest.skip("no read leases on this system (F_SETLEASE)")
+    monkeypatch.setenv(digests.ENV_OFF, "0")
+    recipe = tmp_path / "half.recipe"
+    recipe.write_text(RECIPE)
+    leases = []
+    real_take = digests._Lease.take
+
+    def take(fd):
+        lease = real_take(fd)
+        leases.append(lease)
+        return lease
+    monkeypatch.setattr(digests._Lease, "take", take)
+    _apply(recipe, big_model, tmp_path / "mapped.keras")
+    assert leases and all(lease is not None for lease in leases)
+    monkeypatch.setattr(digests, "MAP_WINDOWS", False)
+    _apply(recipe, big_model, tmp_path / "read.keras")
+    assert (tmp_path / "mapped.keras").read_bytes() == (tmp_path / "read.keras").read_bytes()
+    assert read_provenance(tmp_path / "mapped.keras")["chain"][-1]["input_sha256"] == sha256_file(big_model)

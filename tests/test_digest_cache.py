@@ -580,3 +580,48 @@ def test_a_weight_only_edit_is_the_same_whether_its_digest_maps_or_reads(big_mod
     _apply(recipe, big_model, tmp_path / "read.keras")
     assert (tmp_path / "mapped.keras").read_bytes() == (tmp_path / "read.keras").read_bytes()
     assert read_provenance(tmp_path / "mapped.keras")["chain"][-1]["input_sha256"] == sha256_file(big_model)
+
+
+_SUSPENDED = r"""
+import mmap, sys, time
+from modelxform.keras_io import digests
+
+class SlowClose(mmap.mmap):  # (a window stays mapped 20 ms: a stop would land in one)
+    def close(self):
+        time.sleep(0.02)
+        super().close()
+mmap.mmap = SlowClose
+digests._WINDOW = 64 << 10
+digest = digests.begin(sys.argv[1])
+print("lease" if digest._lease is not None else "no lease", flush=True)
+print(digest.result(), flush=True)
+"""
+
+
+def test_ctrl_z_stops_the_process_with_no_window_mapped(leased_file):
+    """Ctrl-Z (SIGTSTP) while a digest hashes from maps: the process stops only once its window is
+    closed, so that nothing is mapped while it is stopped (a lease holds writers back for 45 s at
+    most: a file truncated meanwhile would kill it when it went on); after SIGCONT it finishes."""
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+    # (a process group of its own under this one's session: a stop signal sent to an orphaned group,
+    # as a process started by a test runner's worker may be in, is discarded by the kernel)
+    proc = subprocess.Popen([sys.executable, "-c", _SUSPENDED, str(leased_file)], stdout=subprocess.PIPE, text=True,
+                            process_group=0)
+    try:
+        assert proc.stdout.readline().strip() == "lease"
+        time.sleep(0.3)  # (windows mapped, one after the other)
+        proc.send_signal(signal.SIGTSTP)
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{proc.pid}/stat").read().split(")")[-1].split()[0] != "T":
+            assert time.monotonic() < deadline, "the process did not stop"
+            time.sleep(0.005)
+        maps = open(f"/proc/{proc.pid}/maps").read()
+        assert str(leased_file) not in maps
+        proc.send_signal(signal.SIGCONT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.strip() == hashlib.sha256(leased_file.read_bytes()).hexdigest()

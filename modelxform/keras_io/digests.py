@@ -381,22 +381,34 @@ class _Lease:
 
     def hash_windows(self, digest, size: int, stopped) -> int:
         """Hash the file into ``digest`` from its start, a map of _WINDOW bytes at a time, while the
-        lease holds; gives the lease back and returns how far it got (``size`` when it got to the end)."""
+        lease holds; gives the lease back and returns how far it got (``size`` when it got to the end).
+        No window is mapped while the process stops for Ctrl-Z (stop_maps_on_suspend)."""
         import mmap
+        global _maps_open
         at = 0
         try:
-            while at < size and not stopped() and self.held():
-                n = min(_WINDOW, size - at)
+            while at < size and not stopped():
+                with _MAPS:
+                    _MAPS.wait_for(lambda: not _suspending)
+                    if not self.held():
+                        break
+                    _maps_open += 1
                 try:
-                    window = mmap.mmap(self._fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=at)
-                except (OSError, ValueError):  # (read instead)
-                    break
-                try:
-                    with memoryview(window) as view:
-                        digest.update(view)
+                    n = min(_WINDOW, size - at)
+                    try:
+                        window = mmap.mmap(self._fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=at)
+                    except (OSError, ValueError):  # (read instead)
+                        break
+                    try:
+                        with memoryview(window) as view:
+                            digest.update(view)
+                    finally:
+                        window.close()
+                    at += n
                 finally:
-                    window.close()
-                at += n
+                    with _MAPS:
+                        _maps_open -= 1
+                        _MAPS.notify_all()
         finally:
             self.release()
         return at
@@ -414,6 +426,39 @@ class _Lease:
 # Whether digests hash from memory maps under a read lease where they can (_Lease); the tests of the
 # reading path turn it off.
 MAP_WINDOWS = True
+# The windows mapped this moment, and whether the process is about to stop (Ctrl-Z): none is mapped then.
+_MAPS = threading.Condition()
+_maps_open = 0
+_suspending = False
+
+
+def stop_maps_on_suspend() -> None:
+    """Have Ctrl-Z (SIGTSTP) stop the process only once no digest has a window mapped, and keep new
+    windows from being mapped until it goes on. A lease holds a writer back for 45 s at most
+    (lease-break-time): a process stopped longer with a window mapped, its file truncated meanwhile,
+    would die of SIGBUS when it went on. For a command's main thread, where SIGTSTP is not handled
+    already; elsewhere nothing is changed (SIGSTOP, which no process can catch, stays the gap
+    docs/robustness.md names)."""
+    import signal
+    if not hasattr(signal, "SIGTSTP") or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTSTP) not in (signal.SIG_DFL, None):
+        return
+
+    def on_suspend(signum, frame):
+        global _suspending
+        with _MAPS:
+            _suspending = True
+            _MAPS.wait_for(lambda: _maps_open == 0, timeout=2.0)  # (a window: milliseconds)
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)
+        try:
+            os.kill(os.getpid(), signal.SIGTSTP)  # (stopped here, until SIGCONT)
+        finally:
+            signal.signal(signal.SIGTSTP, on_suspend)
+            with _MAPS:
+                _suspending = False
+                _MAPS.notify_all()
+    signal.signal(signal.SIGTSTP, on_suspend)
 # A map's size (a multiple of mmap.ALLOCATIONGRANULARITY): the pages mapped count in the process's
 # resident memory while they are, so a map covers one window and is closed before the next.
 _WINDOW = 16 << 20
@@ -448,6 +493,8 @@ def begin(path) -> FileDigest | None:
     except OSError:
         os.close(fd)
         return None
+    if digest._lease is not None:
+        stop_maps_on_suspend()
     if not digest.known:
         digest.start()
     return digest

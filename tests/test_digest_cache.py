@@ -625,3 +625,35 @@ def test_ctrl_z_stops_the_process_with_no_window_mapped(leased_file):
     finally:
         proc.kill()
     assert proc.returncode == 0 and out.strip() == hashlib.sha256(leased_file.read_bytes()).hexdigest()
+
+
+
+def test_nothing_is_mapped_where_ctrl_z_could_stop_a_map_open(leased_file):
+    """Files are mapped only while modelxform's SIGTSTP handler is in place: a digest begun outside the
+    main thread before it is (no handler can be installed there), or where the process handles SIGTSTP
+    itself, takes no lease and maps nothing: it reads, to the same sha256."""
+    import hashlib
+    import signal
+    expected = hashlib.sha256(leased_file.read_bytes()).hexdigest()
+    previous = signal.signal(signal.SIGTSTP, signal.SIG_DFL)  # (as before any digest of this process)
+    try:
+        made = []
+        worker = threading.Thread(target=lambda: made.append(
+            digests.FileDigest(os.open(leased_file, os.O_RDONLY), owned=True)))
+        worker.start()
+        worker.join()
+        assert made[0]._lease is None
+        made[0].start()
+        assert made[0].result() == expected
+        signal.signal(signal.SIGTSTP, lambda *a: None)  # (the process's own handler)
+        digest = digests.FileDigest(os.open(leased_file, os.O_RDONLY), owned=True)
+        assert digest._lease is None
+        digest.start()
+        assert digest.result() == expected
+        signal.signal(signal.SIGTSTP, signal.SIG_DFL)  # (and in the main thread, with the default, it maps)
+        digest = digests.FileDigest(os.open(leased_file, os.O_RDONLY), owned=True)
+        assert digest._lease is not None and signal.getsignal(signal.SIGTSTP) is digests._on_suspend
+        digest.start()
+        assert digest.result() == expected
+    finally:
+        signal.signal(signal.SIGTSTP, previous)

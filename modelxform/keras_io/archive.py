@@ -417,8 +417,6 @@ class Archive:
                 known = None
             sha = known_sha256(self._fh.fileno(), known) or digests.lookup(st)
             self._digest = digests.FileDigest(self._fh.fileno(), sha)
-            if self._digest._lease is not None:
-                digests.stop_maps_on_suspend()
             if sha is None:
                 self._digest.start()
 

@@ -353,7 +353,9 @@ class _Lease:
 
     @classmethod
     def take(cls, fd: int) -> "_Lease | None":
-        if not MAP_WINDOWS:
+        """A read lease on ``fd``'s file, or None (read it then): none either where Ctrl-Z could stop
+        the process with a window mapped (stop_maps_on_suspend)."""
+        if not MAP_WINDOWS or not stop_maps_on_suspend():
             return None
         try:
             import fcntl
@@ -432,18 +434,23 @@ _maps_open = 0
 _suspending = False
 
 
-def stop_maps_on_suspend() -> None:
+def stop_maps_on_suspend() -> bool:
     """Have Ctrl-Z (SIGTSTP) stop the process only once no digest has a window mapped, and keep new
-    windows from being mapped until it goes on. A lease holds a writer back for 45 s at most
-    (lease-break-time): a process stopped longer with a window mapped, its file truncated meanwhile,
-    would die of SIGBUS when it went on. For a command's main thread, where SIGTSTP is not handled
-    already; elsewhere nothing is changed (SIGSTOP, which no process can catch, stays the gap
+    windows from being mapped until it goes on; whether that is so (files are mapped only then). A
+    lease holds a writer back for 45 s at most (lease-break-time): a process stopped longer with a
+    window mapped, its file truncated meanwhile, would die of SIGBUS when it went on. The handler is
+    installed from the main thread, where SIGTSTP is not handled already, and stays; elsewhere nothing
+    is changed and nothing is mapped (SIGSTOP, which no process can catch, stays the gap
     docs/robustness.md names)."""
+    global _on_suspend
     import signal
-    if not hasattr(signal, "SIGTSTP") or threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTSTP) not in (signal.SIG_DFL, None):
-        return
+    if not hasattr(signal, "SIGTSTP"):
+        return False
+    current = signal.getsignal(signal.SIGTSTP)
+    if _on_suspend is not None and current is _on_suspend:
+        return True
+    if threading.current_thread() is not threading.main_thread() or current not in (signal.SIG_DFL, None):
+        return False
 
     def on_suspend(signum, frame):
         global _suspending
@@ -459,6 +466,13 @@ def stop_maps_on_suspend() -> None:
                 _suspending = False
                 _MAPS.notify_all()
     signal.signal(signal.SIGTSTP, on_suspend)
+    _on_suspend = on_suspend
+    return True
+
+
+_on_suspend = None  # the SIGTSTP handler stop_maps_on_suspend installed, once it has
+
+
 # A map's size (a multiple of mmap.ALLOCATIONGRANULARITY): the pages mapped count in the process's
 # resident memory while they are, so a map covers one window and is closed before the next.
 _WINDOW = 16 << 20
@@ -493,8 +507,6 @@ def begin(path) -> FileDigest | None:
     except OSError:
         os.close(fd)
         return None
-    if digest._lease is not None:
-        stop_maps_on_suspend()
     if not digest.known:
         digest.start()
     return digest

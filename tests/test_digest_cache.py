@@ -583,8 +583,10 @@ def test_a_weight_only_edit_is_the_same_whether_its_digest_maps_or_reads(big_mod
 
 
 _SUSPENDED = r"""
-import mmap, sys, time
+import mmap, signal, sys, time
 from modelxform.keras_io import digests
+
+signal.signal(signal.SIGTSTP, signal.SIG_DFL)  # (as under a terminal, whatever the test runner left)
 
 class SlowClose(mmap.mmap):  # (a window stays mapped 20 ms: a stop would land in one)
     def close(self):
@@ -655,5 +657,14 @@ def test_nothing_is_mapped_where_ctrl_z_could_stop_a_map_open(leased_file):
         assert digest._lease is not None and signal.getsignal(signal.SIGTSTP) is digests._on_suspend
         digest.start()
         assert digest.result() == expected
+        signal.signal(signal.SIGTSTP, signal.SIG_IGN)  # (ignored: nothing can stop it, so it maps, any thread)
+        made = []
+        worker = threading.Thread(target=lambda: made.append(
+            digests.FileDigest(os.open(leased_file, os.O_RDONLY), owned=True)))
+        worker.start()
+        worker.join()
+        assert made[0]._lease is not None and signal.getsignal(signal.SIGTSTP) is signal.SIG_IGN
+        made[0].start()
+        assert made[0].result() == expected
     finally:
         signal.signal(signal.SIGTSTP, previous)

@@ -447,8 +447,8 @@ def stop_maps_on_suspend() -> bool:
     if not hasattr(signal, "SIGTSTP"):
         return False
     current = signal.getsignal(signal.SIGTSTP)
-    if _on_suspend is not None and current is _on_suspend:
-        return True
+    if current is signal.SIG_IGN or _on_suspend is not None and current is _on_suspend:
+        return True  # (ignored: Ctrl-Z cannot stop the process at all)
     if threading.current_thread() is not threading.main_thread() or current not in (signal.SIG_DFL, None):
         return False
 

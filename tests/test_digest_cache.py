@@ -479,6 +479,17 @@ def _slow_windows(monkeypatch, pause: float):
     return seen
 
 
+def _hashing_part_way(path, monkeypatch):
+    """A digest of ``path`` begun, its windows hashed 20 ms apart (64 windows: 1.3 s in all), once it
+    has looked at eight of them; and its looks (_slow_windows)."""
+    seen = _slow_windows(monkeypatch, 0.02)
+    digest = digests.FileDigest(os.open(path, os.O_RDONLY), owned=True)
+    digest.start()
+    while len(seen) < 8:
+        time.sleep(0.005)
+    return digest, seen
+
+
 def test_a_digest_under_a_read_lease_hashes_from_maps_and_reads_nothing(leased_file, monkeypatch):
     """Under a read lease the digest hashes the file from memory maps: the same sha256, nothing read
     with preadv, no offers taken (share says no), and the lease given back at the end (a writer can
@@ -507,13 +518,9 @@ def test_a_writer_waits_for_one_window_then_the_digest_reads_the_rest(leased_fil
     import hashlib
     import subprocess
     import sys
-    seen = _slow_windows(monkeypatch, 0.02)  # (64 windows: 1.3 s in all)
     preadv, read_here = _reads_by_the_digest()
     monkeypatch.setattr(os, "preadv", preadv)
-    digest = digests.FileDigest(os.open(leased_file, os.O_RDONLY), owned=True)
-    digest.start()
-    while len(seen) < 8:
-        time.sleep(0.005)
+    digest, seen = _hashing_part_way(leased_file, monkeypatch)
     writer = subprocess.run([sys.executable, "-c", "import os, sys, time\nt = time.perf_counter()\n"
                              "os.close(os.open(sys.argv[1], os.O_WRONLY))\nprint(time.perf_counter() - t)",
                              str(leased_file)], capture_output=True, text=True, timeout=60)
@@ -530,11 +537,7 @@ def test_a_truncation_under_the_lease_waits_and_the_digest_does_not_crash(leased
     lease instead; the digest ends with what is left, and says it no longer holds for the file."""
     import subprocess
     import sys
-    seen = _slow_windows(monkeypatch, 0.02)
-    digest = digests.FileDigest(os.open(leased_file, os.O_RDONLY), owned=True)
-    digest.start()
-    while len(seen) < 8:
-        time.sleep(0.005)
+    digest, _ = _hashing_part_way(leased_file, monkeypatch)
     subprocess.run([sys.executable, "-c", "import os, sys; os.truncate(sys.argv[1], 4096)", str(leased_file)],
                    check=True, timeout=60)
     assert len(digest.result()) == 64  # (the bytes it got to: not the file's, which changed)

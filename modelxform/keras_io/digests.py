@@ -354,8 +354,9 @@ class _Lease:
     @classmethod
     def take(cls, fd: int) -> "_Lease | None":
         """A read lease on ``fd``'s file, or None (read it then): none either where Ctrl-Z could stop
-        the process with a window mapped (stop_maps_on_suspend)."""
-        if not MAP_WINDOWS or not stop_maps_on_suspend():
+        the process with a window mapped (stop_maps_on_suspend, asked once the lease is granted, so
+        that no handler is installed where nothing will be mapped)."""
+        if not MAP_WINDOWS:
             return None
         try:
             import fcntl
@@ -369,7 +370,11 @@ class _Lease:
             fcntl.fcntl(fd, setlease, fcntl.F_RDLCK)
         except OSError:  # (no leases here, a writer has the file open, not the user's file)
             return None
-        return cls(fd)
+        lease = cls(fd)
+        if not stop_maps_on_suspend():
+            lease.release()
+            return None
+        return lease
 
     def held(self) -> bool:
         """Whether the lease is still ours and nobody waits for it."""
@@ -447,8 +452,10 @@ def stop_maps_on_suspend() -> bool:
     if not hasattr(signal, "SIGTSTP"):
         return False
     current = signal.getsignal(signal.SIGTSTP)
-    if current is signal.SIG_IGN or _on_suspend is not None and current is _on_suspend:
-        return True  # (ignored: Ctrl-Z cannot stop the process at all)
+    if current is signal.SIG_IGN:  # (Ctrl-Z cannot stop the process at all)
+        return True
+    if _on_suspend is not None and current is _on_suspend:
+        return True
     if threading.current_thread() is not threading.main_thread() or current not in (signal.SIG_DFL, None):
         return False
 

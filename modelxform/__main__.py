@@ -4,10 +4,21 @@ Importing this module and the package costs next to nothing (modelxform/__init__
 Ctrl-C at any moment after the interpreter has started is handled here or by cli.main: a message and
 exit status 130, never a traceback.
 """
+import os
 import sys
+
+# numpy's OpenBLAS starts a thread per core when it is loaded, and each spins for about 0.1 s of CPU
+# (2**28 cycles) waiting for work that, in most commands, never comes: 0.13 s of a second core in every
+# process that imports numpy on the benchmark machine, while a first run's input digest needs that core,
+# and proportionally more on a machine with more cores (per batch worker too: the setting is inherited).
+# With 2**4 cycles the threads go to sleep at once and wake when BLAS has work (a first run on 2 GiB:
+# 1.78 -> 1.72-1.74 s, benchmarks/README.md). A value the user set is kept.
+BLAS_SPIN = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 def run() -> int:
+    for name, value in BLAS_SPIN.items():
+        os.environ.setdefault(name, value)
     # Ctrl-C while the command line is being imported is an interruption like any other
     try:
         from .cli import main

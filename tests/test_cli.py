@@ -1049,6 +1049,48 @@ def test_a_file_that_is_no_model_is_refused_without_tensorflow(tmp_path, name, c
     assert not (tmp_path / "out.keras").exists()
 
 
+BLAS_SPIN_PROBE = """\
+import os, sys, time
+import modelxform.cli
+assert "numpy" not in sys.modules
+
+
+def main(argv=None):  # in place of the command line: load numpy as a command would, then look
+    import numpy
+    time.sleep(0.4)  # (OpenBLAS's threads spin about 0.1 s after it loads, unless told not to)
+    me = os.getpid()
+    ticks = 0
+    for tid in os.listdir(f"/proc/{me}/task"):
+        if int(tid) != me:
+            fields = open(f"/proc/{me}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    print("OTHER_THREADS_CPU", ticks / os.sysconf("SC_CLK_TCK"))
+    return 0
+
+
+modelxform.cli.main = main
+from modelxform.__main__ import run
+sys.exit(run())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the threads' CPU time from /proc")
+def test_the_command_line_keeps_numpys_blas_threads_from_spinning(tmp_path):
+    """modelxform's entry point tells OpenBLAS's threads to sleep while they have no work (they would
+    otherwise spin ~0.1 s of CPU per core when numpy loads, which a first run's digest needs); a value
+    the user set is kept: 28 (OpenBLAS's default) shows the spinning this prevents."""
+    def other_threads_cpu(**env):
+        proc = subprocess.run([sys.executable, "-c", BLAS_SPIN_PROBE], cwd=tmp_path,
+                              env={k: v for k, v in subprocess_env(**env).items() if v is not None},
+                              capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+        assert proc.returncode == 0, proc.stderr
+        return float(re.search(r"OTHER_THREADS_CPU (\S+)", proc.stdout).group(1))
+    told = other_threads_cpu(OPENBLAS_THREAD_TIMEOUT="28")
+    if told < 0.03:
+        pytest.skip(f"numpy's BLAS does not spin here ({told:.2f} s of CPU in other threads)")
+    assert other_threads_cpu(OPENBLAS_THREAD_TIMEOUT=None) <= 0.01
+
+
 def test_module_help_lists_subcommands_and_exit_codes(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "modelxform", "--help"], cwd=tmp_path, env=subprocess_env(),
                           capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)

@@ -33,6 +33,7 @@ import datetime
 import json
 import os
 import pathlib
+import shutil
 import signal
 import statistics
 import subprocess
@@ -43,6 +44,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORK = HERE / ".work" / "large"
+EXPORTED = WORK / "exported"  # a SavedModel folder (looking.py's export case), removed after each run
 RESULTS = HERE / "large-results.json"
 PLOT = HERE / "large.png"
 PY = sys.executable
@@ -139,6 +141,7 @@ def measure(argv, limit: int, extra_env: dict | None = None, ok_codes=(0,)) -> d
     stop.set()
     watcher.join()
     (WORK / "out.keras").unlink(missing_ok=True)
+    shutil.rmtree(EXPORTED, ignore_errors=True)
     if proc.returncode not in ok_codes and not killed:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}\n{err.decode()[-2000:]}")
     return {"seconds": wall, "peak_rss_bytes": peak, "killed": killed}

@@ -1,4 +1,4 @@
-"""Looking at large models: inspect, diff, plan --html and verify at 2 GiB (and other sizes), against the
+"""Looking at large models: inspect, diff, plan --html, verify and export at 2 GiB (and other sizes), against the
 Keras code a user would write by hand, as whole processes (issue 19).
 
     .venv/bin/python benchmarks/looking.py                  # 2 GiB, 3 runs per side
@@ -14,7 +14,9 @@ timed, alternating run by run, with the peak resident memory of each process tre
 - plan --html: ``modelxform plan recipes/insert-dropout.recipe MODEL --html …`` (no script: a user does
   not write a graph drawing by hand);
 - verify: ``modelxform verify EDITED --input MODEL`` (no script: re-making the file is the script of
-  large.py, timed there).
+  large.py, timed there);
+- export: ``modelxform export MODEL DIR`` against scripts/export_model.py (load, ``model.export`` as a
+  TensorFlow SavedModel); the folder is removed after each run.
 
 Results: benchmarks/looking-results.json and a Markdown table on stdout (benchmarks/README.md quotes it).
 """
@@ -48,6 +50,8 @@ def commands(model: pathlib.Path, edited: pathlib.Path) -> dict:
         "plan --html": {"modelxform": mx + ["plan", str(HERE / "recipes" / "insert-dropout.recipe"), str(model),
                                             "--html", str(large.WORK / "plan.html")]},
         "verify": {"modelxform": mx + ["verify", str(edited), "--input", str(model)]},
+        "export": {"modelxform": mx + ["export", str(model), str(large.EXPORTED)],
+                   "script": [PY, str(scripts / "export_model.py"), str(model), str(large.EXPORTED)]},
     }
 
 

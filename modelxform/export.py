@@ -1,4 +1,5 @@
-"""Export for serving: a TensorFlow SavedModel written with Keras's own ``model.export``.
+"""Export for serving: a TensorFlow SavedModel as Keras's own ``model.export`` writes it, but with each
+variable stored once (``keras_io.savedmodel``: Keras stores every weight twice with the TensorFlow backend).
 
 The SavedModel is written atomically: into a temporary folder beside the destination, then renamed into
 place, so a crash leaves either no folder or a complete one. It is what TensorFlow Serving, TFLite's
@@ -34,6 +35,7 @@ def export_savedmodel(model, directory, *, provenance: dict | None = None, overw
     replaced (the old one is moved aside first and deleted after the new one is in place).
     """
     from .keras_io.backend import require_tensorflow
+    from .keras_io.savedmodel import write_saved_model
     require_tensorflow("export")
     dest = pathlib.Path(directory)
     parent = dest.parent if str(dest.parent) else pathlib.Path(".")
@@ -52,7 +54,7 @@ def export_savedmodel(model, directory, *, provenance: dict | None = None, overw
         stage = work / "savedmodel"
         try:
             with _quiet():
-                model.export(str(stage), format="tf_saved_model", verbose=False)
+                write_saved_model(model, str(stage))
         except Exception as exc:  # TensorFlow raises many types here; all mean "this model did not export"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelFileError(f"{dest}: cannot export the model as a SavedModel: {first}") from exc

@@ -136,7 +136,8 @@ def open_archive(path, *, unsafe: bool = False, imports=()):
 @contextlib.contextmanager
 def model_to_look_at(path, *, unsafe: bool = False, imports=()):
     """The Keras model of the file ``path``, to look at — its layers, shapes, flags and variables — rather
-    than to compute with (``inspect``, ``diff``, ``plan --html``, ``verify``'s details): built from the
+    than to compute with (``inspect``, ``diff``, ``plan --html``, ``verify``'s details; ``export``, which
+    reads every array when it writes the SavedModel): built from the
     .keras archive where the engine reads it, as apply builds one, its large variables made without their
     values, which stay in the file and are read where needed while the block runs (a 2 GiB model: 0.6 GiB
     instead of 3.7 GiB, and a fifth of the time); else, or where that build fails, loaded with Keras.

@@ -55,6 +55,34 @@ def test_savedmodel_serves_what_keras_computes(tmp_path):
     assert not np.allclose(expected, expected[:1])  # the outputs depend on the input: the check means something
 
 
+def stored_values(folder) -> dict:
+    """The SavedModel's checkpoint: stored name -> number of values."""
+    reader = tf.train.load_checkpoint(str(folder / "variables" / "variables"))
+    return {k: int(np.prod(s)) for k, s in reader.get_variable_to_shape_map().items() if "VARIABLE_VALUE" in k}
+
+
+@pytest.mark.parametrize("kind", ["cnn", "multi_io", "nested"])
+def test_savedmodel_stores_each_variable_once(tmp_path, kind):
+    """Keras's model.export stores every weight twice with the TensorFlow backend (keras-team/keras#23553):
+    twice the files, and twice the variables' memory in whatever loads them. modelxform's export stores
+    each once, and the loaded object still lists the model's variables."""
+    model = FACTORIES[kind]()
+    dest = tmp_path / kind
+    export_savedmodel(model, dest)
+    stored = stored_values(dest)
+    # (model.variables: the weights and any other state, such as a Dropout's seed)
+    assert sum(stored.values()) == sum(int(np.prod(v.shape)) for v in model.variables) >= model.count_params() > 0, stored
+    loaded = tf.saved_model.load(str(dest))
+    assert (len(loaded.variables), len(loaded.trainable_variables), len(loaded.non_trainable_variables)) == \
+        (len(model.variables), len(model.trainable_variables), len(model.non_trainable_variables))
+    values = sorted((v.shape.as_list(), np.asarray(v).tobytes()) for v in loaded.variables)
+    assert values == sorted((list(v.shape), np.asarray(v).tobytes()) for v in model.variables)
+    xs = random_inputs(model, seed=3)
+    for g, e in zip(as_list(loaded.serve(xs if len(xs) > 1 else xs[0])),
+                    as_list(model(xs if len(xs) > 1 else xs[0], training=False))):
+        np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)
+
+
 def test_multi_input_multi_output_and_nested(tmp_path):
     for kind in ("multi_io", "nested"):
         model = FACTORIES[kind]()
@@ -101,6 +129,29 @@ def test_cli_export_keeps_provenance_and_refuses_to_overwrite(tmp_path):
     assert leftovers(tmp_path, "exported") == []
 
 
+def test_cli_export_builds_the_model_from_the_archive(tmp_path, monkeypatch):
+    """`export` of a .keras file builds the model as apply does, its large arrays left in the file until
+    the export reads them (keras_io.variables.FromSource), and serves what Keras's loaded model computes,
+    each variable stored once."""
+    from modelxform.keras_io import variables
+    from modelxform.keras_io.graph import GraphEditor
+    monkeypatch.setattr(variables, "LARGE_ARRAY", 4096)  # the CNN's 61952-value Dense kernel stays in the file
+    built = []
+    real_build = GraphEditor.build
+    monkeypatch.setattr(GraphEditor, "build", lambda self, *a, **k: built.append(1) or real_build(self, *a, **k))
+    base = tmp_path / "cnn.keras"
+    save_model(make_cnn(), base)
+    dest = tmp_path / "exported"
+    r = run_cli("export", base, dest)
+    assert r.status == 0, r.err
+    assert built  # (not loaded with Keras)
+    model = keras.saving.load_model(base)
+    assert sum(stored_values(dest).values()) == sum(int(np.prod(v.shape)) for v in model.variables)
+    (x,) = random_inputs(model, seed=4)
+    served = tf.saved_model.load(str(dest))
+    np.testing.assert_array_equal(np.asarray(served.serve(x)), np.asarray(model(x, training=False)))
+
+
 def test_export_errors(tmp_path):
     model = make_cnn()
     a_file = tmp_path / "file"
@@ -115,14 +166,15 @@ def test_export_errors(tmp_path):
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    from modelxform.keras_io import savedmodel
     model = make_cnn()
 
-    def broken(filepath, **kwargs):
+    def broken(model, filepath):
         os.makedirs(filepath)
         with open(os.path.join(filepath, "saved_model.pb"), "wb") as fh:
             fh.write(b"half")
         raise ValueError("simulated failure while tracing")
-    monkeypatch.setattr(model, "export", broken)
+    monkeypatch.setattr(savedmodel, "write_saved_model", broken)
     with pytest.raises(ModelFileError, match="cannot export the model as a SavedModel: simulated failure"):
         export_savedmodel(model, tmp_path / "out")
     assert os.listdir(tmp_path) == []

@@ -7,8 +7,9 @@ from . import add_model_options
 from ..errors import ExitCode
 
 EPILOG = """\
-The SavedModel is written with Keras's model.export(DIR, format="tf_saved_model"): its endpoint
-`serve` (signature `serving_default`) runs the model in inference mode. Load it with
+The SavedModel is what Keras's model.export(DIR, format="tf_saved_model") writes, with each variable
+stored once (Keras stores every weight twice with the TensorFlow backend): its endpoint `serve`
+(signature `serving_default`) runs the model in inference mode. Load it with
 
   import tensorflow as tf
   served = tf.saved_model.load("DIR")
@@ -41,17 +42,19 @@ def run(args, console) -> int:
     from ..export import export_savedmodel
     from ..errors import ModelxformError
     from ..keras_io.backend import require_tensorflow
-    from ..keras_io.files import load_model
     from ..provenance import read_record
+    from ..session import model_to_look_at
     require_tensorflow("export")  # before the model is loaded
-    model = load_model(args.model, unsafe=args.unsafe, imports=args.imports)
     try:
         record = read_record(args.model)  # only a well-formed record travels along
     except ModelxformError:  # an unreadable record is no reason not to export
         record = None
-    export_savedmodel(model, args.directory, provenance=record, overwrite=args.force)
-    ins = ", ".join(f"{getattr(t, 'name', '?')} {tuple(t.shape)}" for t in model.inputs)
-    outs = ", ".join(str(tuple(t.shape)) for t in model.outputs)
+    # built from the .keras archive as apply builds it (each array read from the file once, no random
+    # initial values first), else loaded with Keras
+    with model_to_look_at(args.model, unsafe=args.unsafe, imports=args.imports) as model:
+        export_savedmodel(model, args.directory, provenance=record, overwrite=args.force)
+        ins = ", ".join(f"{getattr(t, 'name', '?')} {tuple(t.shape)}" for t in model.inputs)
+        outs = ", ".join(str(tuple(t.shape)) for t in model.outputs)
     console.print(f"wrote {args.directory} (TensorFlow SavedModel; endpoint `serve`, signature `serving_default`)")
     console.print(f"  inputs: {ins}")
     console.print(f"  outputs: {outs}")

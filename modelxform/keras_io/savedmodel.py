@@ -22,29 +22,24 @@ ENDPOINT = "serve"  # the name model.export gives its endpoint (keras.src.export
 def write_saved_model(model, path: str) -> None:
     """Write ``model`` as a SavedModel folder at ``path`` (which must not exist), each variable once."""
     import keras
+    from .variables import materialise
+    for variable in model.variables:  # (a rebuilt model's large arrays, still in the input file: read now,
+        materialise(variable)         # not inside the trace)
     if keras.backend.backend() != "tensorflow":
         model.export(path, format="tf_saved_model", verbose=False)
         return
     import tensorflow as tf
     from keras.src.export.export_utils import get_input_signature
-    from .variables import materialise
-    for variable in model.variables:  # (a rebuilt model's large arrays, still in the input file: read now)
-        materialise(variable)
     archive = keras.export.ExportArchive()
     archive.track_and_add_endpoint(ENDPOINT, model, get_input_signature(model))
     tracked = archive._tf_trackable  # (the AutoTrackable that write_out saves)
     for name in ("variables", "trainable_variables", "non_trainable_variables"):
-        setattr(tracked, name, [_tf_variable(v, tf) for v in getattr(tracked, name)])
+        setattr(tracked, name, [_tf_variable(v, keras, tf) for v in getattr(tracked, name)])
     archive.write_out(path, verbose=False)
 
 
-def _tf_variable(variable, tf):
+def _tf_variable(variable, keras, tf):
     """The tf.Variable a Keras variable of the TensorFlow backend holds (what a traced function
     captures), or ``variable`` itself."""
-    value = getattr(variable, "_value", None) if isinstance(variable, _keras_variable()) else None
+    value = getattr(variable, "_value", None) if isinstance(variable, keras.Variable) else None
     return value if isinstance(value, tf.Variable) else variable
-
-
-def _keras_variable():
-    import keras
-    return keras.Variable

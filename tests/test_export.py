@@ -152,6 +152,35 @@ def test_cli_export_builds_the_model_from_the_archive(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(served.serve(x)), np.asarray(model(x, training=False)))
 
 
+def test_cli_export_of_a_lora_file_serves_what_the_file_computes(tmp_path):
+    """A file `lora` wrote keeps the factors beside the merged kernels Keras saves; the model export builds
+    from the archive has them back (modelxform.load_model's model), not counted twice: the SavedModel
+    serves what Keras's own loading of the file computes."""
+    import modelxform
+    base = tmp_path / "cnn.keras"
+    save_model(make_cnn(), base)
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text("select where type=Dense\nlora rank 2\n")
+    assert run_cli("apply", recipe, base, "-o", tmp_path / "lora.keras").status == 0
+    model = modelxform.load_model(tmp_path / "lora.keras")
+    rng = np.random.default_rng(5)
+    for layer in model.layers:
+        if getattr(layer, "lora_enabled", False):  # factors as training would leave them
+            layer.lora_kernel_a.assign(0.05 * rng.standard_normal(layer.lora_kernel_a.shape).astype("float32"))
+            layer.lora_kernel_b.assign(0.05 * rng.standard_normal(layer.lora_kernel_b.shape).astype("float32"))
+    trained = tmp_path / "trained.keras"
+    save_model(model, trained)
+    dest = tmp_path / "served"
+    r = run_cli("export", trained, dest)
+    assert r.status == 0, r.err
+    (x,) = random_inputs(model, seed=6)
+    expected = np.asarray(keras.saving.load_model(trained)(x, training=False))
+    before = np.asarray(keras.saving.load_model(base)(x, training=False))
+    assert np.abs(expected - before).max() > 1e-3  # the factors change what the model computes
+    served = tf.saved_model.load(str(dest))
+    np.testing.assert_allclose(np.asarray(served.serve(x)), expected, atol=1e-6, rtol=0)
+
+
 def test_export_errors(tmp_path):
     model = make_cnn()
     a_file = tmp_path / "file"

@@ -671,3 +671,48 @@ def test_nothing_is_mapped_where_ctrl_z_could_stop_a_map_open(leased_file):
         assert made[0].result() == expected
     finally:
         signal.signal(signal.SIGTSTP, previous)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a system that sets CPU affinity, and two CPUs")
+def test_a_running_digest_and_the_edit_keep_to_different_cpus_on_two(tmp_path, monkeypatch):
+    """FileDigest.apart: where the process may run on exactly two CPUs, the digest's thread keeps to one
+    and the calling thread, with the threads it starts in the block, to the other; both get their CPUs
+    back after. On any other number of CPUs, and for a digest that is not running, nothing changes."""
+    monkeypatch.setattr(digests, "MAP_WINDOWS", False)  # (read in pieces: slow enough to be caught running)
+    path = tmp_path / "big.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes())
+    whole = set(os.sched_getaffinity(0))
+    two = set(sorted(whole)[:2])
+    os.sched_setaffinity(0, two)  # (threads started from here on inherit it)
+    try:
+        slow = digests.os.preadv
+
+        def preadv(fd, buffers, offset):  # a digest that takes a while (four pieces: 0.2 s)
+            time.sleep(0.05)
+            return slow(fd, buffers, offset)
+        monkeypatch.setattr(digests.os, "preadv", preadv)
+        digest = digests.FileDigest(os.open(path, os.O_RDONLY), owned=True)
+        digest.start()
+        seen = {}
+        with digest.apart():
+            started = threading.Thread(target=lambda: seen.setdefault("started", set(os.sched_getaffinity(0))))
+            started.start()
+            started.join()
+            seen["digest"] = set(os.sched_getaffinity(digest.native_id))
+            seen["caller"] = set(os.sched_getaffinity(0))
+        assert seen["digest"] == {max(two)} and seen["caller"] == seen["started"] == two - {max(two)}
+        assert set(os.sched_getaffinity(digest.native_id)) == two and set(os.sched_getaffinity(0)) == two
+        assert digest.result() == sha256_file(path)
+        with digest.apart():  # (done: nothing to keep apart)
+            assert set(os.sched_getaffinity(0)) == two
+        if len(whole) > 2:  # more than two CPUs: nothing changes
+            os.sched_setaffinity(0, whole)
+            other = digests.FileDigest(os.open(path, os.O_RDONLY), owned=True)
+            other.start()
+            with other.apart():
+                assert set(os.sched_getaffinity(0)) == whole
+                assert set(os.sched_getaffinity(other.native_id)) == whole
+            other.result()
+    finally:
+        os.sched_setaffinity(0, whole)

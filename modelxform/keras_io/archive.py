@@ -27,6 +27,7 @@ model, bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -848,8 +849,10 @@ class Archive:
         # A piece's block stays untouched until three more are made: the one written, the one waiting
         # in the queue and the one being made; four while the digest hashes blocks (the one read meanwhile).
         made = Ahead(self._weights_pieces(touched, on_old=on_old, buffers=Ahead.DEPTH + (3 if shared else 2)))
+        # (on two cores, the edit's threads keep off the core that hashes the input meanwhile)
+        apart = digest.apart() if digest is not None else contextlib.nullcontext()
         try:
-            with made:
+            with apart, made:
                 for offset, size, new in made:
                     if new is None:
                         copy_range(fd, start + offset, size, out_fd, base + offset)

@@ -261,9 +261,9 @@ class FileDigest(threading.Thread):
         meanwhile) keep to different CPUs, where the process may run on exactly two (Linux); else
         nothing changes. Both get back the CPUs they had when the block ends. Measured on the benchmark
         machine's two cores, a weight-only edit's first run on 2 GiB, where the edit's threads and the
-        hash compete for the cores and the hash is the longer: 1.77 -> 1.68 s (medians of eight
-        alternating rounds; apart in seven of the eight pairs), the scheduler no longer moving threads
-        onto the hash's core. Not where the machine has more cores (not measured; the scheduler has
+        hash compete for the cores and the hash is the longer: 1.78 -> 1.73 s and 1.79 -> 1.68 s
+        (medians of two sets of eight alternating rounds), the scheduler no longer moving the edit's
+        threads onto the hash's core. Not where the machine has more cores (not measured; the scheduler has
         room there), nor around work that starts TensorFlow's thread pools (they would keep the mask)."""
         cpus = _two_cpus()
         tid = self.native_id

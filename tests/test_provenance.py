@@ -326,3 +326,18 @@ def test_verify_says_what_differs_reading_large_arrays_a_block_at_a_time(tmp_pat
     assert streamed.status == 1 and streamed.out == whole.out
     # dense_1's (1936, 32) kernel in blocks of 128 rows (16 KiB), the changed (32, 10) dense_2 kernel in one
     assert {("dense_1/kernel", 128), ("dense_2/kernel", 32)} <= set(blocks)
+
+
+def test_library_versions_are_read_once_and_handed_out_as_copies():
+    """The versions a record names are read from the installed metadata once per process (25-35 ms),
+    and every caller gets its own copy: changing one changes no later record."""
+    from importlib import metadata
+
+    from modelxform.keras_io import backend
+    first = backend.library_versions()
+    assert first["keras"] == metadata.version("keras")
+    first["keras"] = "changed"
+    hits = backend._library_versions.cache_info().hits
+    again = backend.library_versions()
+    assert again["keras"] == metadata.version("keras")
+    assert backend._library_versions.cache_info().hits == hits + 1

@@ -28,5 +28,7 @@ try:
         from ..engine import runner  # noqa: F401
         from ..keras_io import archive, files, graph  # noqa: F401
         from . import job  # noqa: F401
+        from ..keras_io.backend import library_versions
+        library_versions()  # (read once here, for every job's provenance record)
 except Exception:  # noqa: BLE001 - the worker imports it again, and reports what fails, itself
     pass

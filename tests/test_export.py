@@ -83,6 +83,19 @@ def test_savedmodel_stores_each_variable_once(tmp_path, kind):
         np.testing.assert_allclose(g, e, atol=1e-5, rtol=0)
 
 
+def test_a_keras_without_the_export_pieces_used_gets_its_own_export(tmp_path, monkeypatch):
+    """Where Keras lacks what keras_io.savedmodel uses (an older Keras 3), the model is exported with
+    model.export as it stands: the SavedModel serves what the model computes."""
+    from keras.src.export import export_utils
+    monkeypatch.delattr(export_utils, "get_input_signature")
+    model = make_cnn()
+    dest = tmp_path / "served"
+    export_savedmodel(model, dest)
+    loaded = tf.saved_model.load(str(dest))
+    (x,) = random_inputs(model)
+    np.testing.assert_allclose(np.asarray(loaded.serve(x)), np.asarray(model(x, training=False)), atol=1e-5, rtol=0)
+
+
 def test_multi_input_multi_output_and_nested(tmp_path):
     for kind in ("multi_io", "nested"):
         model = FACTORIES[kind]()

@@ -29,10 +29,15 @@ def write_saved_model(model, path: str) -> None:
         model.export(path, format="tf_saved_model", verbose=False)
         return
     import tensorflow as tf
-    from keras.src.export.export_utils import get_input_signature
-    archive = keras.export.ExportArchive()
-    archive.track_and_add_endpoint(ENDPOINT, model, get_input_signature(model))
-    tracked = archive._tf_trackable  # (the AutoTrackable that write_out saves)
+    try:
+        from keras.src.export.export_utils import get_input_signature
+        archive = keras.export.ExportArchive()
+        add_endpoint = archive.track_and_add_endpoint
+        tracked = archive._tf_trackable  # (the AutoTrackable that write_out saves)
+    except (ImportError, AttributeError):  # an older Keras 3 without these: its own export
+        model.export(path, format="tf_saved_model", verbose=False)
+        return
+    add_endpoint(ENDPOINT, model, get_input_signature(model))
     for name in ("variables", "trainable_variables", "non_trainable_variables"):
         setattr(tracked, name, [_tf_variable(v, keras, tf) for v in getattr(tracked, name)])
     archive.write_out(path, verbose=False)

@@ -18,7 +18,7 @@ import os
 import pathlib
 from dataclasses import dataclass
 
-from .errors import ApplyError, ModelFileError, UsageError
+from .errors import ApplyError, ModelFileError, ModelxformError, UsageError
 from .lang import compiler
 from .statements.weights import SUBCLASSED_TRAINABLE_NOTE
 
@@ -386,8 +386,9 @@ def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) ->
     """verify_file's work, with ``source`` the original opened (and closed by the caller)."""
     import tempfile
 
+    from .keras_io import digests
     from .keras_io.backend import BACKEND_LIBRARIES, library_versions
-    from .keras_io.files import model_format, sha256_file, sha256_with_identity
+    from .keras_io.files import model_format, same_bytes, sha256_with_identity
     from .provenance import backend_of, read_record, recipe_sha256
 
     record = read_record(model)
@@ -396,13 +397,18 @@ def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) ->
     chain = record["chain"]
     recipes = [_recorded_recipe(model, n, step, weights) for n, step in enumerate(chain, start=1)]
     differences, notes = [], []
-    # every byte read (no digest cache: verify trusts none), and the digest handed to the step that
-    # reads the file, which then need not read it again
-    digest = sha256_with_identity(original, cached=False)
-    if digest[0] != chain[0]["input_sha256"]:
-        differences.append(f"{original} is not the file this model was made from: its sha256 is "
-                           f"{digest[0]}, the record says {chain[0]['input_sha256']}")
-        return differences, notes
+
+    def not_the_original(sha: str) -> list[str]:
+        return [f"{original} is not the file this model was made from: its sha256 is {sha}, the record "
+                f"says {chain[0]['input_sha256']}"]
+    # Every byte of the original read (no digest cache: verify trusts none), in a thread beside the first
+    # step, which is handed the digest (as apply is its input's: the file is not read twice), and checked
+    # once the step is done: a 2 GiB model's hashing no longer comes before its re-making.
+    digest = digests.begin(original, cached=False)
+    if digest is None:
+        digest = sha256_with_identity(original, cached=False)
+        if digest[0] != chain[0]["input_sha256"]:
+            return not_the_original(digest[0]), notes
     here = library_versions() or {}
     for n, step in enumerate(chain, start=1):
         versions = step.get("versions", {})
@@ -422,10 +428,18 @@ def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) ->
                 differences.append(f"step {n}: the recorded recipe text does not match its recorded sha256")
             out = pathlib.Path(tmp) / f"step{n}{suffix if n == len(chain) else '.keras'}"
             opened = source if n == 1 else open_model(current, unsafe=unsafe, imports=imports)
-            with _closing(opened) if n > 1 else contextlib.nullcontext():
-                result = _apply(recipe, opened, str(current), str(out), step["seed"], step["params"],
-                                False, previous=so_far, read_previous=False, unsafe=unsafe, imports=imports,
-                                weights_file=_weights_chooser(n, step, weights), input_digest=digest)
+            try:
+                with _closing(opened) if n > 1 else contextlib.nullcontext():
+                    result = _apply(recipe, opened, str(current), str(out), step["seed"], step["params"],
+                                    False, previous=so_far, read_previous=False, unsafe=unsafe, imports=imports,
+                                    weights_file=_weights_chooser(n, step, weights), input_digest=digest)
+            except ModelxformError:  # (another file than the original may well not take the recipe)
+                if isinstance(digest, digests.FileDigest) and digest.result() != chain[0]["input_sha256"]:
+                    return not_the_original(digest.result()), []
+                raise
+            if isinstance(digest, digests.FileDigest):  # (the original's, hashed beside the first step)
+                if digest.result() != chain[0]["input_sha256"]:
+                    return not_the_original(digest.result()), []
             so_far = result.provenance
             if so_far["chain"][-1]["statements"] != step["statements"]:
                 differences.append(f"step {n}: the statements now report differently than recorded")
@@ -441,10 +455,7 @@ def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) ->
         if extra:
             differences.append(f"the record holds fields modelxform does not write: {', '.join(extra)[:200]}")
         if model_format(model) == "keras":
-            from concurrent.futures import ThreadPoolExecutor
-            with ThreadPoolExecutor(2) as pool:  # (side by side: hashlib lets go of the GIL)
-                remade_sha, model_sha = pool.map(sha256_file, (current, model))
-            if remade_sha != model_sha:
+            if not same_bytes(current, model):
                 if _same_but_backend(current, model):
                     notes.append("the re-made file differs only in the Keras backend its provenance records")
                 else:

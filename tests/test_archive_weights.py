@@ -694,7 +694,8 @@ def test_verify_re_makes_a_weight_only_output_without_tensorflow(subjects, tmp_p
 def test_verify_re_makes_a_chain_on_the_archive_reading_each_input_once(subjects, tmp_path, monkeypatch):
     """A chain of a structural and a weight-only recipe is re-made the way apply made it: every step
     from the archive (no model loaded whole with Keras), each step's input hashed once by verify itself
-    (the archive does not hash it again), and the result is identical; a tampered byte is still found."""
+    (the archive does not hash it again: the original in a thread beside the first step, step 1's output
+    before the second), and the result is identical; a tampered byte is still found."""
     from modelxform.keras_io import files
     subject = subjects("cnn")
     structural = tmp_path / "s.recipe"
@@ -712,11 +713,14 @@ def test_verify_re_makes_a_chain_on_the_archive_reading_each_input_once(subjects
     real = files.sha256_with_identity
     monkeypatch.setattr(files, "load_model", whole_load)
     monkeypatch.setattr(files, "sha256_with_identity", lambda path, **kw: hashed.append(path) or real(path, **kw))
-    monkeypatch.setattr(digests_module.FileDigest, "start", lambda self: archive_hashes.append(self))
+    real_start = digests_module.FileDigest.start
+    monkeypatch.setattr(digests_module.FileDigest, "start", lambda self: archive_hashes.append(self) or real_start(self))
     differences, notes = session.verify_file(step2, subject.path)
     assert differences == [] and notes[-1] == f"re-made step2.keras from {subject.path} in 2 step(s): identical"
-    assert [pathlib.Path(p).name for p in hashed] == [subject.path.name, "step1.keras"]
-    assert archive_hashes == []
+    assert [pathlib.Path(p).name for p in hashed] == ["step1.keras"]
+    assert len(archive_hashes) == 1  # (the original's, begun by verify and handed to the first step)
+    assert archive_hashes[0].identity == digests_module.file_identity(subject.path.stat())
+    assert archive_hashes[0].result() == files.sha256_file(subject.path)
 
     tampered = tmp_path / "tampered.keras"
     data = bytearray(step2.read_bytes())

@@ -716,3 +716,31 @@ def test_a_running_digest_and_the_edit_keep_to_different_cpus_on_two(tmp_path, m
             other.result()
     finally:
         os.sched_setaffinity(0, whole)
+
+
+def test_verify_hashes_the_original_beside_the_first_step_and_leaves_the_cache_alone(cache, big_model, tmp_path):
+    """verify hashes the original in a thread beside the re-making of the first step: every byte read,
+    no entry of the digest cache used or written; an original the recipes cannot even be applied to is
+    still reported as not the recorded input (one difference), not as the recipe's error."""
+    from modelxform.session import verify_file
+    recipe = tmp_path / "half.recipe"
+    recipe.write_text(RECIPE)
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv(digests.ENV_OFF, "0")  # (apply here keeps no entry either: the cache stays empty)
+    try:
+        _apply(recipe, big_model, tmp_path / "out.keras")
+    finally:
+        monkeypatch.undo()
+    assert not cache.exists() or list(cache.iterdir()) == []
+    differences, notes = verify_file(tmp_path / "out.keras", big_model)
+    assert differences == [] and notes[-1].endswith("identical")
+    assert not cache.exists() or list(cache.iterdir()) == []  # (verify wrote none)
+
+    other = tmp_path / "other.keras"  # another architecture: no layer is a Dense
+    keras.Sequential([keras.Input((700,)), keras.layers.Reshape((700, 1), name="r")]).save(other)
+    strict = tmp_path / "strict.recipe"
+    strict.write_text('recipe "strict" version "1"\nselect where type=Dense\nassert count == 2\nscale kernel 0.5\n')
+    _apply(strict, big_model, tmp_path / "strict.keras")
+    differences, notes = verify_file(tmp_path / "strict.keras", other)
+    assert differences == [f"{other} is not the file this model was made from: its sha256 is "
+                           f"{sha256_file(other)}, the record says {sha256_file(big_model)}"]

@@ -541,3 +541,22 @@ def test_copied_keeps_an_object_used_twice_one_object_and_copies_what_pickle_can
     with_function = {"activation": function, "units": [4]}
     copy_ = cfg.copied(with_function)
     assert copy_["activation"] is function and copy_["units"] == [4] and copy_["units"] is not with_function["units"]
+
+
+def test_same_bytes_compares_sizes_then_every_block(tmp_path):
+    from modelxform.keras_io.files import same_bytes
+    data = bytes(range(256)) * 4 + b"tail"  # 1028 bytes: blocks of 100 leave a last one of 28
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(data)
+    b.write_bytes(data)
+    assert same_bytes(a, b, block=100) and same_bytes(a, b)
+    for at in (0, 99, 100, 500, len(data) - 1):  # a block's first and last byte, the last block's
+        changed = bytearray(data)
+        changed[at] ^= 1
+        b.write_bytes(bytes(changed))
+        assert not same_bytes(a, b, block=100), at
+    b.write_bytes(data + b"x")
+    assert not same_bytes(a, b, block=100)
+    b.write_bytes(b"")
+    a.write_bytes(b"")
+    assert same_bytes(a, b)

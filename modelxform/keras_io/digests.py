@@ -159,9 +159,9 @@ class FileDigest(threading.Thread):
     reader withdraws (``withdraw``) when it stops, done or not: the thread then reads what was not
     offered. The digest is the same either way: the bytes of the file, in order."""
 
-    def __init__(self, fd: int, known: str | None = None, *, owned: bool = False):
+    def __init__(self, fd: int, known: str | None = None, *, owned: bool = False, keep: bool = True):
         super().__init__(name="modelxform-sha256", daemon=True)
-        self._fd, self._owned = fd, owned
+        self._fd, self._owned, self._keep = fd, owned, keep
         # (hashed from memory maps under a read lease where one is granted: no offers are taken then)
         self._lease = _Lease.take(fd) if known is None else None
         self._status = os.fstat(fd)
@@ -215,7 +215,7 @@ class FileDigest(threading.Thread):
                 with self._lock:
                     self._at = at + got
             self._hexdigest = digest.hexdigest()
-            if not self._stopped:  # the whole file: kept for the next run that reads it
+            if not self._stopped and self._keep:  # the whole file: kept for the next run that reads it
                 remember(before, os.fstat(self._fd), self._hexdigest, started)
         except BaseException as exc:  # handed to the caller of result()
             self._error = exc
@@ -539,13 +539,14 @@ _WINDOW = 16 << 20
 _CHUNK = 16 << 20
 
 
-def begin(path) -> FileDigest | None:
+def begin(path, *, cached: bool = True) -> FileDigest | None:
     """The sha256 of the regular file at ``path``, begun now in a thread (or known from the cache), for
     a command that will need it later: ``apply`` begins its input's before it imports the rest of
     modelxform and reads the recipe, so that the hashing of a large model (the floor of its first
     weight-only edit) starts a quarter of a second sooner. Whoever opens the file later uses it only
     if the file still has the identity it had here (Archive.hash_input, files.known_sha256). None
-    where the file cannot be opened (the command says why when it opens it itself)."""
+    where the file cannot be opened (the command says why when it opens it itself). ``cached=False``
+    (verify, which trusts no cache): every byte is read, and the cache is left alone."""
     try:  # (a FIFO or a device named as the model is not opened; one swapped in meanwhile does not block)
         if not stat.S_ISREG(os.stat(path).st_mode):
             return None
@@ -557,7 +558,7 @@ def begin(path) -> FileDigest | None:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             return None
-        digest = FileDigest(fd, lookup(st), owned=True)
+        digest = FileDigest(fd, lookup(st) if cached else None, owned=True, keep=cached)
     except OSError:
         os.close(fd)
         return None

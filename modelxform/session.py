@@ -18,7 +18,7 @@ import os
 import pathlib
 from dataclasses import dataclass
 
-from .errors import ApplyError, ModelFileError, ModelxformError, UsageError
+from .errors import ApplyError, ModelFileError, UsageError
 from .lang import compiler
 from .statements.weights import SUBCLASSED_TRAINABLE_NOTE
 
@@ -433,7 +433,7 @@ def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) ->
                     result = _apply(recipe, opened, str(current), str(out), step["seed"], step["params"],
                                     False, previous=so_far, read_previous=False, unsafe=unsafe, imports=imports,
                                     weights_file=_weights_chooser(n, step, weights), input_digest=digest)
-            except ModelxformError:  # (another file than the original may well not take the recipe)
+            except Exception:  # (another file than the original may well not take the recipe, nor Keras build it)
                 if isinstance(digest, digests.FileDigest) and digest.result() != chain[0]["input_sha256"]:
                     return not_the_original(digest.result()), []
                 raise

@@ -405,6 +405,9 @@ def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) ->
     # step, which is handed the digest (as apply is its input's: the file is not read twice), and checked
     # once the step is done: a 2 GiB model's hashing no longer comes before its re-making.
     digest = digests.begin(original, cached=False)
+
+    def wrong_original() -> bool:  # (the original's digest, taken beside the first step, is not the recorded)
+        return isinstance(digest, digests.FileDigest) and digest.result() != chain[0]["input_sha256"]
     if digest is None:
         digest = sha256_with_identity(original, cached=False)
         if digest[0] != chain[0]["input_sha256"]:
@@ -434,12 +437,11 @@ def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) ->
                                     False, previous=so_far, read_previous=False, unsafe=unsafe, imports=imports,
                                     weights_file=_weights_chooser(n, step, weights), input_digest=digest)
             except Exception:  # (another file than the original may well not take the recipe, nor Keras build it)
-                if isinstance(digest, digests.FileDigest) and digest.result() != chain[0]["input_sha256"]:
+                if wrong_original():
                     return not_the_original(digest.result()), []
                 raise
-            if isinstance(digest, digests.FileDigest):  # (the original's, hashed beside the first step)
-                if digest.result() != chain[0]["input_sha256"]:
-                    return not_the_original(digest.result()), []
+            if wrong_original():
+                return not_the_original(digest.result()), []
             so_far = result.provenance
             if so_far["chain"][-1]["statements"] != step["statements"]:
                 differences.append(f"step {n}: the statements now report differently than recorded")

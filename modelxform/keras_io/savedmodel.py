@@ -25,22 +25,32 @@ def write_saved_model(model, path: str) -> None:
     from .variables import materialise
     for variable in model.variables:  # (a rebuilt model's large arrays, still in the input file: read now,
         materialise(variable)         # not inside the trace)
-    if keras.backend.backend() != "tensorflow":
+    pieces = _export_pieces(keras)
+    if pieces is None:  # (another backend, which stores each once already; or an older Keras 3)
         model.export(path, format="tf_saved_model", verbose=False)
         return
     import tensorflow as tf
-    try:
-        from keras.src.export.export_utils import get_input_signature
-        archive = keras.export.ExportArchive()
-        add_endpoint = archive.track_and_add_endpoint
-        tracked = archive._tf_trackable  # (the AutoTrackable that write_out saves)
-    except (ImportError, AttributeError):  # an older Keras 3 without these: its own export
-        model.export(path, format="tf_saved_model", verbose=False)
-        return
-    add_endpoint(ENDPOINT, model, get_input_signature(model))
+    archive, get_input_signature = pieces
+    archive.track_and_add_endpoint(ENDPOINT, model, get_input_signature(model))
+    tracked = archive._tf_trackable  # (the AutoTrackable that write_out saves)
     for name in ("variables", "trainable_variables", "non_trainable_variables"):
         setattr(tracked, name, [_tf_variable(v, keras, tf) for v in getattr(tracked, name)])
     archive.write_out(path, verbose=False)
+
+
+def _export_pieces(keras):
+    """(an ExportArchive, Keras's get_input_signature) where the backend is TensorFlow and this Keras has
+    what write_saved_model uses; else None."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    try:
+        from keras.src.export.export_utils import get_input_signature
+        archive = keras.export.ExportArchive()
+    except (ImportError, AttributeError):
+        return None
+    if not (hasattr(archive, "track_and_add_endpoint") and hasattr(archive, "_tf_trackable")):
+        return None
+    return archive, get_input_signature
 
 
 def _tf_variable(variable, keras, tf):

@@ -232,6 +232,46 @@ def test_already_done_compares_input_recipe_seed_and_params(zoo, first_run):
     assert already_done(dataclasses.replace(job, output=job.output + ".missing.keras"), recipe, sha) is None
 
 
+def test_outputs_are_hashed_only_when_their_digest_is_asked_for(zoo, first_run, monkeypatch):
+    """Without a report nothing reads an output again for its sha256 (on a 2 GiB model that was half of
+    a weight-only job): the job's result and a skipped job carry none, the outputs are the same bytes,
+    and a later run with --report still knows the skipped outputs' digests."""
+    from modelxform.batch import load_zoo, run_batch
+    from modelxform.batch.job import run_job
+    from modelxform.session import ApplyResult
+    write(zoo / "no-digest.yaml", """\
+        models: [zoo/cnn.keras, zoo/seq.keras]
+        recipes: [recipes/scale.recipe]
+        output: "no-digest/{model}-{params}.keras"
+        seed: 3
+        params: {factor: [0.5]}
+        """)
+    batch = load_zoo(zoo / "no-digest.yaml")
+    first = run_batch(batch, workers=2, digests=False)
+    assert [(o.status, o.sha256) for o in first] == [("done", None), ("done", None)]
+    outputs = [o.job.output for o in first]
+    made_by_the_first_run = [zoo / "out" / "cnn" / "scale-factor=0.5.keras"]  # (the same job, digested)
+    assert open(outputs[0], "rb").read() == open(made_by_the_first_run[0], "rb").read()
+
+    again = run_batch(batch, workers=2, digests=False)
+    assert [(o.status, o.sha256) for o in again] == [("skipped", None), ("skipped", None)]
+    result = run_cli("batch", zoo / "no-digest.yaml", "--report", zoo / "no-digest.json")
+    report = json.loads((zoo / "no-digest.json").read_text())
+    assert result.status == 0, result.err
+    assert [(j["status"], j["sha256"]) for j in report["jobs"]] == [("skipped", sha256_file(o)) for o in outputs]
+
+    def no_reading(self):
+        raise AssertionError("the output was read for its sha256")
+    monkeypatch.setattr(ApplyResult, "sha256", property(no_reading))
+    payload = dict(batch.jobs[1].payload("apply"), digest_output=False)
+    os.unlink(payload["output"])
+    done = run_job(payload)
+    assert (done["status"], done["sha256"], done["error"]) == ("done", None, None)
+    assert sha256_file(payload["output"]) == report["jobs"][1]["sha256"]
+    checked = run_job(dict(payload, digest_output=True))  # (and the patch is what would tell)
+    assert checked["sha256"] is None and "the output was read for its sha256" in checked["error"]
+
+
 def test_a_crashing_worker_fails_only_its_job(zoo, monkeypatch):
     from modelxform.batch.job import CRASH_ENV
     monkeypatch.setenv(CRASH_ENV, "nested")  # test-only hook: that job calls os._exit in its worker

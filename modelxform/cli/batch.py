@@ -32,7 +32,8 @@ def add_parser(subparsers):
                    help="print which recipes resolve on which models (the applicability matrix); write nothing")
     p.add_argument("--force", action="store_true", help="redo jobs whose output is already up to date")
     p.add_argument("--report", metavar="REPORT.json",
-                   help="write a JSON report: per job status, duration, output, sha256 and error")
+                   help="write a JSON report: per job status, duration, output, sha256 and error (each output "
+                        "is read once more for its sha256 only when a report is written)")
     add_include_option(p)
     return p
 
@@ -71,7 +72,8 @@ def _run(args, console, early) -> int:
     interrupted = False
     try:
         outcomes = run_batch(zoo, workers=workers, executor=args.executor, ray_address=args.ray_address,
-                             force=args.force, dry_run=args.dry_run, on_event=progress.event, early=early)
+                             force=args.force, dry_run=args.dry_run, on_event=progress.event, early=early,
+                             digests=bool(args.report))  # (the outputs' sha256 is for the report only)
     except KeyboardInterrupt as exc:
         from ..errors import Terminated
         outcomes = getattr(exc, "outcomes", None)

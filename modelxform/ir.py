@@ -279,7 +279,8 @@ class Statement:
       with the classmethod ``compile(c, node, span)`` (``c``: the compiler, whose helpers read values,
       references and predicates);
     - ``yaml_key`` (and ``yaml_bare`` for a bare word such as ``freeze``), with the classmethod
-      ``read_yaml(r, body, span)`` and the method ``yaml(w)`` for the YAML form;
+      ``read_yaml(r, body, span)`` and the method ``yaml(w)`` for the YAML form (a statement with no
+      arguments takes all of these and its text from :class:`Bare`);
     - ``run(ctx)``: its pass, which resolves it against the model through the run context and returns a
       StatementReport (with any array work deferred, so that a plan runs the same pass);
     - ``needs``: what the pass needs of the model: ``"archive"`` (the arrays and config of a .keras
@@ -313,6 +314,34 @@ class Statement:
 
     def run(self, ctx):
         raise NotImplementedError(type(self).__name__)
+
+
+class Bare:
+    """A statement that is its words alone, with no arguments (``freeze``, ``fold batchnorm``): put before
+    its statement kind's other bases. ``words``: its canonical text. In YAML it is the bare key
+    (``- freeze``) or the key with nothing after it (``- freeze:``); anything given after the key is an
+    error, where it would otherwise be dropped without a word (``- freeze: [dense_1]`` freezing the
+    selection, not dense_1)."""
+
+    words = ""
+    yaml_bare = True
+
+    def __str__(self) -> str:
+        return self.words
+
+    @classmethod
+    def compile(cls, c, node, span):
+        return cls(span=span)
+
+    @classmethod
+    def read_yaml(cls, r, body, span):
+        if not r.is_null(body) and not r.is_word(body, cls.yaml_key):
+            r.error(body, f"{cls.yaml_key} takes no arguments: write `- {cls.yaml_key}`",
+                    hint="to choose the layers it acts on, put a `select` before it")
+        return cls(span=span)
+
+    def yaml(self, w):
+        return self.yaml_key
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_cli
-from modelxform import RecipeError, compile_recipe, load_recipe
+from modelxform import RecipeError, compile_recipe, ir, load_recipe, statements
 from modelxform.lang.fmt import convert, format_text
 from modelxform.lang.yaml_form import to_yaml
 
@@ -67,6 +67,27 @@ def test_unknown_statement_and_wrong_types():
     assert got[0][:2] == (1, 3) and "unknown statement 'selct' (did you mean 'select'?)" == got[0][2]
     assert (3, 35, "factor must be a number or a \"$param\"") in got
     assert (4, 28, "only must be true or false") in got
+
+
+BARE = [kind for kind in statements.KINDS if issubclass(kind, ir.Bare)]
+
+
+def test_the_bare_kinds_are_those_the_yaml_form_lists_as_words():
+    assert {kind.yaml_key for kind in BARE} == set(statements.BARE_YAML) - {"unwrap"}  # (unwrap takes a layer)
+
+
+@pytest.mark.parametrize("kind", BARE, ids=lambda kind: kind.yaml_key)
+def test_a_statement_without_arguments_refuses_them_in_yaml(kind):
+    key = kind.yaml_key
+    text = f"- select: all\n- {key}\n"
+    assert str(compile_recipe(text, "r.yaml")) == f"select all\n{kind.words}\n" == \
+        str(compile_recipe(f"- select: all\n- {key}:\n", "r.yaml")) == str(compile_recipe(f"select all; {kind.words}"))
+    for given in ("[dense_1]", "3", "yes", "{layers: [dense_1]}"):
+        # (was accepted and dropped: `- freeze: [dense_1]` froze the whole selection)
+        assert errors_of(f"- select: all\n- {key}: {given}\n") == \
+            [(2, len(key) + 5, f"{key} takes no arguments: write `- {key}`")]
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(yaml.safe_load(f"- {key}: {given}\n"), SCHEMA)
 
 
 def test_predicate_error_points_inside_the_yaml_string():

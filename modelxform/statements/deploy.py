@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import ApplyError
-from ..ir import SPAN, ParamRef, Percent, format_value
+from ..ir import SPAN, Bare, ParamRef, Percent, format_value
 from ..source import Span
 from .structure import StructuralStatement
 
@@ -32,33 +32,17 @@ def _shape_text(shape) -> str:
 
 
 @dataclass(frozen=True)
-class FoldBatchNorm(StructuralStatement):
+class FoldBatchNorm(Bare, StructuralStatement):
     """``fold batchnorm`` — every BatchNormalization that directly follows a Conv, DepthwiseConv,
     SeparableConv or Dense layer is folded into that layer's kernel and bias and removed (after a
     ``select``: only the selected ones, or those following a selected layer)."""
 
     span: Span | None = field(**SPAN)
     keyword = "fold"
+    words = "fold batchnorm"
     rules = ("fold_stmt",)
     yaml_key = "fold_batchnorm"
-    yaml_bare = True
     plan_tag = "weights"
-
-    def __str__(self) -> str:
-        return "fold batchnorm"
-
-    @classmethod
-    def compile(cls, c, node, span):
-        return cls(span=span)
-
-    @classmethod
-    def read_yaml(cls, r, body, span):
-        if not r.is_null(body) and not r.is_word(body, "fold_batchnorm"):
-            r.error(body, "fold_batchnorm takes no arguments: write `- fold_batchnorm`")
-        return cls(span=span)
-
-    def yaml(self, w):
-        return "fold_batchnorm"
 
     def run(self, ctx):
         # the layers as they stand (pending edits rebuilt first): their arrays are what folds

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from ..errors import ApplyError
-from ..ir import SPAN, ParamRef, Statement, format_value
+from ..ir import SPAN, Bare, ParamRef, Statement, format_value
 from ..source import Span
 
 QUANT_MODES = ("int8", "float8", "int4")
@@ -136,30 +136,16 @@ class Lora(FinetuneStatement):
 
 
 @dataclass(frozen=True)
-class MergeLora(FinetuneStatement):
+class MergeLora(Bare, FinetuneStatement):
     """``select all; merge lora`` — fold the selected layers' LoRA factors into their kernels
     (kernel + alpha/rank · A·B) and drop LoRA: the same outputs, plain layers again."""
 
     span: Span | None = field(**SPAN)
     keyword = "merge lora"
+    words = "merge lora"
     rules = ("merge_stmt",)
     yaml_key = "merge_lora"
-    yaml_bare = True
     plan_tag = "lora"
-
-    def __str__(self) -> str:
-        return "merge lora"
-
-    @classmethod
-    def compile(cls, c, node, span):
-        return cls(span=span)
-
-    @classmethod
-    def read_yaml(cls, r, body, span):
-        return cls(span=span)
-
-    def yaml(self, w):
-        return "merge_lora"
 
     def run(self, ctx):
         infos = ctx.selected(self)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import ApplyError, Diagnostic
-from ..ir import SPAN, Call, Pred, Ref, Statement, Value, format_value, keywords, quote, unquote
+from ..ir import SPAN, Bare, Call, Pred, Ref, Statement, Value, format_value, keywords, quote, unquote
 from ..source import Span
 
 
@@ -393,30 +393,16 @@ class Swap(StructuralStatement):
 
 
 @dataclass(frozen=True)
-class Shuffle(StructuralStatement):
+class Shuffle(Bare, StructuralStatement):
     """``select where type=Dense; shuffle`` — a seeded permutation of the selected layers' places."""
 
     span: Span | None = field(**SPAN)
     keyword = "shuffle"
+    words = "shuffle"
     rules = ("shuffle_stmt",)
     yaml_key = "shuffle"
-    yaml_bare = True
     needs_selection = True
     needs = "model"  # checks shapes on the built model
-
-    def __str__(self) -> str:
-        return "shuffle"
-
-    @classmethod
-    def compile(cls, c, node, span):
-        return cls(span=span)
-
-    @classmethod
-    def read_yaml(cls, r, body, span):
-        return cls(span=span)
-
-    def yaml(self, w):
-        return "shuffle"
 
     def run(self, ctx):
         paths = [i.path for i in ctx.selected(self)]

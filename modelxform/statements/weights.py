@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from ..errors import ApplyError
-from ..ir import SPAN, Call, ParamRef, Percent, Statement, format_value, quote, unquote
+from ..ir import SPAN, Bare, Call, ParamRef, Percent, Statement, format_value, quote, unquote
 from ..source import Span
 
 
@@ -380,60 +380,32 @@ class Prune(WeightStatement):
 
 
 @dataclass(frozen=True)
-class Freeze(WeightStatement):
+class Freeze(Bare, WeightStatement):
     """``select all; freeze`` — set trainable to False (saved with the model)."""
 
     span: Span | None = field(**SPAN)
     keyword = "freeze"
+    words = "freeze"
     rules = ("freeze_stmt",)
     yaml_key = "freeze"
-    yaml_bare = True
     needs = "archive"
     plan_tag = None  # the report marks it from the trainable flags (frozen)
-
-    def __str__(self) -> str:
-        return "freeze"
-
-    @classmethod
-    def compile(cls, c, node, span):
-        return cls(span=span)
-
-    @classmethod
-    def read_yaml(cls, r, body, span):
-        return cls(span=span)
-
-    def yaml(self, w):
-        return "freeze"
 
     def run(self, ctx):
         return _set_trainable(ctx, self, False)
 
 
 @dataclass(frozen=True)
-class Unfreeze(WeightStatement):
+class Unfreeze(Bare, WeightStatement):
     """``select last 2 where has weights; unfreeze``."""
 
     span: Span | None = field(**SPAN)
     keyword = "unfreeze"
+    words = "unfreeze"
     rules = ("unfreeze_stmt",)
     yaml_key = "unfreeze"
-    yaml_bare = True
     needs = "archive"
     plan_tag = None
-
-    def __str__(self) -> str:
-        return "unfreeze"
-
-    @classmethod
-    def compile(cls, c, node, span):
-        return cls(span=span)
-
-    @classmethod
-    def read_yaml(cls, r, body, span):
-        return cls(span=span)
-
-    def yaml(self, w):
-        return "unfreeze"
 
     def run(self, ctx):
         return _set_trainable(ctx, self, True)

@@ -763,6 +763,76 @@ def test_fmt_syntax_error_leaves_file_alone(tmp_path):
     assert recipe.read_text(encoding="utf-8") == BAD_SYNTAX
 
 
+UNFORMATTED_YAML = """\
+# header comment
+- recipe: {name: demo, version: 1.0.0}
+- select:   {where: "type=Dense"}   # the dense ones
+
+# noise
+- add_noise:
+    target: bias   # only the bias
+    # a normal one
+    normal: {stddev: 0.01}
+- replace: {source: MaxPool2D, with: "AveragePooling2D"}  # "#" in a string: {glob: "a#b"}
+# the end
+"""
+
+FORMATTED_YAML = """\
+# header comment
+- recipe: {name: demo, version: 1.0.0}
+- select: {where: type=Dense}  # the dense ones
+
+# noise
+# a normal one
+- add_noise:
+    target: bias
+    normal: {stddev: 0.01}  # only the bias
+- replace: {source: MaxPooling2D, with: AveragePooling2D}  # "#" in a string: {glob: "a#b"}
+# the end
+"""
+
+
+def test_fmt_keeps_the_comments_of_a_yaml_recipe(tmp_path):
+    recipe = write(tmp_path / "f.yaml", UNFORMATTED_YAML)
+    r = run_cli("fmt", recipe)
+    assert (r.status, r.out) == (0, f"{recipe}: formatted\n"), r.err
+    assert recipe.read_text(encoding="utf-8") == FORMATTED_YAML  # (every comment dropped before)
+    assert run_cli("fmt", "--check", recipe).status == 0  # idempotent
+    assert hidden(tmp_path) == []
+
+
+def test_fmt_to_keeps_comments_both_ways(tmp_path):
+    text = write(tmp_path / "f.recipe", UNFORMATTED)
+    r = run_cli("fmt", "--to", "yaml", text)
+    assert r.status == 0, r.err
+    for comment in ("# header comment", "# halve", "# structure", "# two taps", "# the end"):
+        assert comment in r.out
+    assert r.out.splitlines()[3] == "- scale: {target: kernel, factor: 0.5}  # halve"
+    back = run_cli("fmt", "--to", "recipe", write(tmp_path / "f.yaml", r.out))
+    assert (back.status, back.out) == (0, FORMATTED)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--stdout", "--check"], "--check changes and prints nothing; it cannot go with --stdout"),
+    (["--to", "yaml", "--check"], "--check changes and prints nothing; it cannot go with --to"),
+    (["--to", "yaml", "f.recipe"], "--to converts one recipe at a time"),
+])
+def test_fmt_options_that_cannot_go_together(tmp_path, argv, message):
+    recipe = write(tmp_path / "f.recipe", UNFORMATTED)
+    r = run_cli("fmt", *argv, recipe)  # (--check with --stdout printed the text and passed)
+    assert (r.status, r.out) == (2, "")
+    only_error_line(r.err, f"error: {message}")
+    assert recipe.read_text(encoding="utf-8") == UNFORMATTED
+
+
+def test_a_yaml_recipe_read_as_text_says_how_to_name_it():
+    r = run_cli("check", "-", stdin=b"# c\n- select: all\n- freeze\n")
+    assert r.status == 2
+    assert r.err.splitlines()[0].startswith("<stdin>:2:1: error: unexpected character '-'")
+    assert r.err.splitlines()[-1] == ("    hint: this looks like a YAML recipe, which is read as YAML when its name "
+                                      "ends in .yaml or .yml (standard input: --stdin-filename NAME.yaml)")
+
+
 # -- `-`: a recipe on standard input, as black and ruff read one ------------------------------------------
 
 def test_check_reads_a_recipe_from_stdin():

@@ -12,7 +12,8 @@ from ..errors import ExitCode, RecipeError
 def add_parser(subparsers):
     p = subparsers.add_parser("fmt", help="rewrite recipes in canonical form (idempotent, keeps comments)",
                               description="Rewrite recipes in canonical form: one statement per line, "
-                                          "canonical spelling, comments kept. Never changes meaning. "
+                                          "canonical spelling, comments kept (in either form, and by "
+                                          "--to). Never changes meaning. "
                                           "`-` reads a recipe from standard input and writes the formatted "
                                           "text to standard output.")
     add_recipe_arguments(p)
@@ -38,7 +39,12 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 
 
 def run(args, console) -> int:
+    from ..errors import UsageError
     from ..lang.fmt import convert, format_text
+    if args.check and (args.stdout or args.to):  # (a CI script would pass whatever the files held)
+        raise UsageError(f"--check changes and prints nothing; it cannot go with {'--to' if args.to else '--stdout'}")
+    if args.to and len(args.recipes) > 1:  # (the printed recipes would read as one)
+        raise UsageError("--to converts one recipe at a time")
     status = ExitCode.OK
     root = include_root(args)
     for name, path, text in recipe_inputs(args, console):

@@ -236,6 +236,11 @@ def _syntax_error(exc: UnexpectedInput, source: Source) -> RecipeError:
             message = f"unexpected character {char!r}"
             if exc.allowed:
                 message += f"; expected {_describe_expected(exc.allowed)}"
+            line_start = text.rfind("\n", 0, pos) + 1
+            if not text[line_start:pos].strip() and re.match(r"-[ \t]+[A-Za-z_{]", text[pos:]):
+                return RecipeError(message, span=span, source=source,  # (a YAML recipe, read as text)
+                                   hint="this looks like a YAML recipe, which is read as YAML when its name ends "
+                                        "in .yaml or .yml (standard input: --stdin-filename NAME.yaml)")
         return RecipeError(message, span=span, source=source)
     if isinstance(exc, UnexpectedToken):
         token = exc.token

@@ -438,17 +438,40 @@ _Dumper.add_representer(list, _flow_list)
 
 def to_yaml(program: ir.Program) -> str:
     """The YAML form of a program (its statements as written; includes stay includes)."""
-    items = [statement_to_yaml(s) for s in program.statements]
-    if not items:
+    if not program.statements:
         return "[]\n"
-    out = []
-    for item in items:
-        text = yaml.dump(item, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
-        if text.endswith("\n...\n"):  # a bare scalar document
-            text = text[: -len("...\n")]
-        lines = text.rstrip("\n").split("\n")
-        out.append("- " + lines[0] + "\n" + "".join(f"  {line}\n" for line in lines[1:]))
-    return "".join(out)
+    return "".join(yaml_item(s) + "\n" for s in program.statements)
+
+
+def yaml_item(statement) -> str:
+    """One statement as an item of a YAML recipe's list (one line or more, no newline at the end)."""
+    text = yaml.dump(statement_to_yaml(statement), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+    if text.endswith("\n...\n"):  # a bare scalar document
+        text = text[: -len("...\n")]
+    lines = text.rstrip("\n").split("\n")
+    return "\n".join(["- " + lines[0]] + [f"  {line}" for line in lines[1:]])
+
+
+def comments(text: str) -> list[tuple[int, str, bool]]:
+    """(line, comment text, whole-line?) for every comment of a YAML document that PyYAML reads: a ``#``
+    at the start of a line or after white space, outside every scalar (a quoted one may hold ``#``)."""
+    import bisect
+    spans = sorted((t.start_mark.index, t.end_mark.index) for t in yaml.scan(text)
+                   if isinstance(t, yaml.ScalarToken))
+    starts = [a for a, _ in spans]
+    out, at = [], 0
+    for number, line in enumerate(re.findall(r"[^\n\r\x85\u2028\u2029]*(?:\r\n|[\n\r\x85\u2028\u2029]|$)", text)[:-1]
+                                  if text else [], start=1):  # (the line breaks PyYAML counts)
+        for i, ch in enumerate(line):
+            if ch != "#" or (i and line[i - 1] not in " \t"):
+                continue
+            k = bisect.bisect_right(starts, at + i) - 1
+            if k >= 0 and spans[k][0] <= at + i < spans[k][1]:
+                continue  # (inside a scalar)
+            out.append((number, line[i:].rstrip("\r\n\x85\u2028\u2029 \t"), not line[:i].strip()))
+            break
+        at += len(line)
+    return out
 
 
 def is_yaml_name(filename: str | None) -> bool:

@@ -1208,3 +1208,74 @@ def test_export_keeps_tensorflows_start_up_messages_off_the_terminal(tmp_path, c
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert (tmp_path / "served" / "saved_model.pb").is_file()
+
+
+# -- a reader that goes away (`| head -1`) --------------------------------------------------------------
+
+def _with_stdout_closed_by_its_reader(argv, cwd):
+    """Run the command line with its standard output a pipe whose reading end is already closed: every
+    write to it fails with EPIPE (the interpreter ignores SIGPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([sys.executable, "-m", "modelxform", *map(str, argv)], cwd=cwd, env=subprocess_env(),
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        os.close(write_end)
+
+
+def test_output_to_a_closed_pipe_is_discarded_and_the_command_completes(tmp_path, model_file):
+    model = model_file("cnn")
+    recipe = write(tmp_path / "r.recipe", HEADER + "select where type=Dense; scale kernel 0.5\n")
+    for argv in (["check", recipe], ["fmt", "--stdout", recipe], ["inspect", model], ["plan", recipe, model]):
+        proc = _with_stdout_closed_by_its_reader(argv, tmp_path)  # (was: a BrokenPipeError traceback, exit 1)
+        assert (proc.returncode, proc.stderr) == (0, ""), argv
+    proc = _with_stdout_closed_by_its_reader(["apply", recipe, model, "-o", tmp_path / "piped.keras"], tmp_path)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert run_cli("apply", recipe, model, "-o", tmp_path / "plain.keras").status == 0
+    assert (tmp_path / "piped.keras").read_bytes() == (tmp_path / "plain.keras").read_bytes()  # saved whole
+    failing = write(tmp_path / "f.recipe", HEADER + "select where type=Dense\nassert count == 7\n")
+    proc = _with_stdout_closed_by_its_reader(["apply", failing, model, "-o", tmp_path / "no.keras"], tmp_path)
+    assert proc.returncode == 1 and "assert failed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- a backend Keras does not have ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("chosen,guess", [("nonsense", ""), ("JAX", " (did you mean 'jax'?)")])
+def test_a_backend_keras_does_not_have_is_one_line_before_any_work(tmp_path, model_file, chosen, guess):
+    model = model_file("cnn")
+    weights = write(tmp_path / "w.recipe", HEADER + "select where type=Dense; scale kernel 0.5\n")
+    structural = write(tmp_path / "s.recipe", HEADER + "replace MaxPooling2D with AveragePooling2D\n")
+    zoo = write(tmp_path / "zoo.yaml", f"models: [{model}]\nrecipes: [{weights}]\noutput: \"out/{{model}}.keras\"\n")
+    message = (f"error: Keras's backend is '{chosen}' (from KERAS_BACKEND), which is not one Keras has{guess}; "
+               "it has tensorflow, jax, torch, numpy, openvino")
+    for argv in (["apply", weights, model, "-o", "w.keras"], ["apply", structural, model, "-o", "s.keras"],
+                 ["inspect", model], ["batch", zoo]):
+        proc = subprocess.run([sys.executable, "-m", "modelxform", *map(str, argv)], cwd=tmp_path,
+                              env=subprocess_env(KERAS_BACKEND=chosen), capture_output=True, text=True,
+                              timeout=SUBPROCESS_TIMEOUT)  # (was: Keras's ValueError and a traceback; or,
+        assert (proc.returncode, proc.stdout) == (2, ""), argv  # weight-only, a record naming the backend)
+        only_error_line(proc.stderr, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["w.recipe", "s.recipe", "zoo.yaml", model.name])
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "keras.json").write_text('{"backend": "tensorflw"}')
+    proc = subprocess.run([sys.executable, "-m", "modelxform", "inspect", str(model)], cwd=tmp_path,
+                          env={**subprocess_env(KERAS_HOME=str(home)), "KERAS_BACKEND": ""}, capture_output=True,
+                          text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 2
+    only_error_line(proc.stderr, f"error: Keras's backend is 'tensorflw' (from {home / 'keras.json'}), which is "
+                                 "not one Keras has (did you mean 'tensorflow'?)")
+
+
+@pytest.mark.parametrize("given", ["-3", "x", "1.5"])
+def test_a_seed_argument_that_is_not_a_whole_number_of_at_least_0_is_refused(tmp_path, model_file, given, capsys):
+    model = model_file("cnn")
+    recipe = write(tmp_path / "r.recipe", HEADER + "select where type=Dense; scale kernel 0.5\n")
+    for command in (["apply", recipe, model, "-o", tmp_path / "out.keras"], ["plan", recipe, model]):
+        capsys.readouterr()
+        r = run_cli(*command, f"--seed={given}")  # (-3 was written into a record `provenance` then refused)
+        assert (r.status, r.out) == (2, "")
+        assert capsys.readouterr().err.splitlines()[-1] == \
+            f"modelxform {command[0]}: error: argument --seed: a seed is a whole number ≥ 0, not '{given}'"
+    assert not (tmp_path / "out.keras").exists()

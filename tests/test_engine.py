@@ -496,6 +496,20 @@ def test_recipe_seed_is_the_default_and_the_argument_overrides_it():
     assert var(overridden, "dense_2", "kernel").tobytes() != var(by_recipe, "dense_2", "kernel").tobytes()
 
 
+
+def test_a_negative_or_non_integer_seed_argument_is_refused():
+    """A record with a negative seed is refused when read (provenance.validate): none may be made, by
+    the API (``seed=``) or by ``--seed`` (tests/test_cli.py)."""
+    import re
+
+    import numpy as np
+    model = make_cnn()
+    recipe = compile_recipe("select dense_2\nadd noise normal(stddev=1) to kernel", "x.recipe")
+    for seed in (-3, True, 1.5, "7"):
+        with pytest.raises(UsageError, match=f"seed must be a whole number ≥ 0, not {re.escape(repr(seed))}"):
+            recipe.apply(model, seed=seed)
+    assert recipe.apply(model, seed=np.int64(5))[1].seed == 5 == recipe.apply(model, seed=5)[1].seed
+
 # ---- selection -----------------------------------------------------------------------------------------
 
 def _where(model, fn):

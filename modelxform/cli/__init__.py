@@ -110,8 +110,19 @@ def include_root(args):
     return root
 
 
+def seed_argument(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number ≥ 0, not {text!r}")
+    return value
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=None, help="seed for every random choice (overrides the recipe's)")
+    p.add_argument("--seed", type=seed_argument, default=None,
+                   help="seed for every random choice, a whole number ≥ 0 (overrides the recipe's)")
     p.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
                    help="override a `param` of the recipe; repeatable")
 
@@ -171,7 +182,9 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
         from ..keras_io.backend import own_process
         own_process()  # (on JAX or torch, Keras need not import an installed TensorFlow for nothing)
         with _sigterm_as_interrupt():
-            return _main(argv, console)
+            status = _main(argv, console)
+            console.flush()
+            return status
     except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM) at any moment, imports included
         return _interrupted(exc, console)
     except Exception as exc:
@@ -212,6 +225,12 @@ def _main(argv, console) -> int:
         return ExitCode.USAGE
     module = importlib.import_module(f".{args.command}", __name__)
     try:
+        if args.command not in ("check", "fmt", "provenance"):  # (what reads or writes a model)
+            from ..keras_io.backend import unknown_backend_message
+            problem = unknown_backend_message()
+            if problem is not None:  # (before any work: each batch job would fail alike)
+                from ..errors import UsageError
+                raise UsageError(problem)
         return int(module.run(args, console))
     except ModelxformError as exc:
         if args.traceback:

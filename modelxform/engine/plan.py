@@ -147,8 +147,15 @@ def _used_params(program: ir.Program) -> set[str]:
 
 def effective_seed(recipe, seed: int | None, params: Params) -> int:
     """``--seed`` if given, else the recipe's ``seed`` statement, else 0."""
-    if seed is not None:
-        return int(seed)
+    if seed is not None:  # (a record with a negative seed would be refused when read: nothing may make one)
+        import operator
+        try:
+            value = -1 if isinstance(seed, bool) else operator.index(seed)  # (numpy's integers too)
+        except TypeError:
+            value = -1
+        if value < 0:
+            raise UsageError(f"seed must be a whole number ≥ 0, not {seed!r}")
+        return value
     declared = recipe.seed
     if declared is None:
         return 0

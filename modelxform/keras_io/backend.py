@@ -88,6 +88,10 @@ def library_versions() -> dict | None:
     (importing Keras and its backend to ask them is what this module avoids). None when Keras is not
     installed. Read once per process and backend (importing importlib.metadata and looking the versions
     up cost 25-35 ms; a batch's fork server reads them before it forks its workers)."""
+    problem = unknown_backend_message()
+    if problem is not None:  # (a record would name a backend no Keras program here could run on)
+        from ..errors import UsageError
+        raise UsageError(problem)
     versions = _library_versions(keras_backend())
     return dict(versions) if versions is not None else None
 
@@ -339,9 +343,29 @@ def backend_import(backend: str, silent=lambda exc: False):
     kept off the terminal (start_up_messages_kept_off, ``silent`` as there), without what it would import
     only to offer what modelxform never calls (keras_import_without_extras; in modelxform's own processes),
     and with the garbage collector paused and what the import leaves frozen (collector_paused_then_frozen).
-    files.import_keras, require_tensorflow and the batch fork server (batch/preload.py) import through it."""
+    files.import_keras, require_tensorflow and the batch fork server (batch/preload.py) import through it.
+    A backend Keras does not have is a UsageError saying so, before anything is imported (Keras would
+    raise a ValueError from inside its import)."""
+    problem = unknown_backend_message()
+    if problem is not None and "keras" not in sys.modules:
+        from ..errors import UsageError
+        raise UsageError(problem)
     with collector_paused_then_frozen(), start_up_messages_kept_off(silent), keras_import_without_extras(backend):
         yield
+
+
+def unknown_backend_message() -> str | None:
+    """One line where the backend Keras would pick (KERAS_BACKEND, keras.json) is none it has, else None."""
+    import difflib
+    backend, origin = backend_choice()
+    if backend in BACKEND_DISTRIBUTIONS:
+        return None
+    where = {"KERAS_BACKEND": "KERAS_BACKEND", "the default": "Keras's default"}.get(origin, origin)
+    guess = [b for b in BACKEND_DISTRIBUTIONS if b == backend.strip().lower()] or \
+        difflib.get_close_matches(backend.lower(), list(BACKEND_DISTRIBUTIONS), n=1)
+    return (f"Keras's backend is {backend!r} (from {where}), which is not one Keras has"
+            + (f" (did you mean {guess[0]!r}?)" if guess else "")
+            + f"; it has {', '.join(BACKEND_DISTRIBUTIONS)}")
 
 
 def require_tensorflow(what: str) -> None:

@@ -221,6 +221,14 @@ def apply_file(recipe, model, output=None, *, seed: int | None = None, params: d
                       previous=None, read_previous=True, unsafe=unsafe, imports=imports, input_digest=input_digest)
 
 
+def _given(recipe, recorded: dict) -> dict:
+    """The parameters a recorded run was given, from the record's (which holds every declared one's value):
+    a parameter the recipe declares but never uses cannot be given (resolve_params), and was not."""
+    from .engine.plan import used_params
+    used = used_params(recipe.program)
+    return {name: value for name, value in recorded.items() if name in used}
+
+
 def _apply(recipe, source, model_path: str, output, seed, params, savedmodel: bool, *, previous,
            read_previous: bool, unsafe: bool = False, imports=(), weights_file=None,
            input_digest=None) -> ApplyResult:
@@ -433,9 +441,10 @@ def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) ->
             opened = source if n == 1 else open_model(current, unsafe=unsafe, imports=imports)
             try:
                 with _closing(opened) if n > 1 else contextlib.nullcontext():
-                    result = _apply(recipe, opened, str(current), str(out), step["seed"], step["params"],
-                                    False, previous=so_far, read_previous=False, unsafe=unsafe, imports=imports,
-                                    weights_file=_weights_chooser(n, step, weights), input_digest=digest)
+                    result = _apply(recipe, opened, str(current), str(out), step["seed"],
+                                    _given(recipe, step["params"]), False, previous=so_far, read_previous=False,
+                                    unsafe=unsafe, imports=imports, weights_file=_weights_chooser(n, step, weights),
+                                    input_digest=digest)
             except Exception:  # (another file than the original may well not take the recipe, nor Keras build it)
                 if wrong_original():
                     return not_the_original(digest.result()), []

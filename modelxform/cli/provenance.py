@@ -9,8 +9,11 @@ from ..errors import ExitCode, UsageError
 def add_parser(subparsers):
     p = subparsers.add_parser("provenance", help="show how a model file was made (recipes, seeds, versions)",
                               description="Print the provenance record modelxform wrote into MODEL "
-                                          "(the modelxform.json member of a .keras file, or OUT.provenance.json "
-                                          "beside an .h5 file). Does not import TensorFlow.")
+                                          "(the modelxform.json member of a .keras file, the modelxform_provenance "
+                                          "attribute of an .h5 file, or, for an .h5 file written before that, "
+                                          "OUT.provenance.json beside it). Does not import TensorFlow. Exit "
+                                          "status 2 when MODEL has no record, 3 when it is not a readable model "
+                                          "file or its record is malformed.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--json", action="store_true", help="print the raw record")
     return p

@@ -10,8 +10,10 @@ def add_parser(subparsers):
         "verify", help="re-run a model's recorded recipes from the original and check the result is identical",
         description="Re-run the chain of recipes recorded in MODEL's provenance, starting from ORIGINAL, and "
                     "compare the model and every field of its record. Exit 0 when identical, 1 with what "
-                    "differs, 3 when the record is malformed or altered (it may not include files, and files "
-                    "it loads weights from are read only when their sha256 matches or you name them).")
+                    "differs, 2 when MODEL has no record (or a recorded file must be named with --load-weights), "
+                    "3 when a file cannot be read or the record is malformed or altered (it may not include "
+                    "files, and files it loads weights from are read only when their sha256 matches or you "
+                    "name them).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--input", required=True, metavar="ORIGINAL", help="the model file the chain started from")
     p.add_argument("--load-weights", dest="weights", action="append", default=[], metavar="PATH[=FILE]",

@@ -106,7 +106,7 @@ def resolve_params(recipe, overrides: dict | None) -> dict:
     from ..lang.compiler import parse_value
     declared = recipe.params
     values = dict(declared)
-    used = _used_params(recipe.program)
+    used = used_params(recipe.program)
     for name, raw in (overrides or {}).items():
         if name not in declared:
             known = ", ".join(sorted(declared)) or "none"
@@ -124,7 +124,7 @@ def resolve_params(recipe, overrides: dict | None) -> dict:
     return values
 
 
-def _used_params(program: ir.Program) -> set[str]:
+def used_params(program: ir.Program) -> set[str]:
     used: set[str] = set()
 
     def visit(obj):

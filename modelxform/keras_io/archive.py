@@ -180,6 +180,18 @@ VARIABLE_TABLE = WEIGHTLESS | _KERNEL_BIAS | {
 
 
 _ALLOWED_POLICIES = frozenset({"float16", "float32", "float64", "mixed_float16", "mixed_bfloat16"})
+_POLICY_VARIABLE_DTYPE = {"mixed_float16": "float32", "mixed_bfloat16": "float32"}
+
+
+def variable_dtype(class_name: str, config: dict, var_name: str) -> str:
+    """The dtype Keras gives a variable of a layer with this config (after _check_policy): the policy's
+    variable dtype (float32 where there is none, and for mixed policies), but int64 for Normalization's
+    count."""
+    if class_name == "Normalization" and var_name == "count":
+        return "int64"
+    policy = config.get("dtype")
+    name = policy.get("config", {}).get("name") if isinstance(policy, dict) else None
+    return _POLICY_VARIABLE_DTYPE.get(name, name) if name else "float32"
 
 
 class NotApplicable(Exception):
@@ -562,6 +574,10 @@ class Archive:
                 if var.shape != want:
                     raise NotApplicable(f"{name}: {var_name} has shape {var.shape} in the file, the config "
                                         f"makes it {want} (Keras refuses to load it)")
+                dtype = variable_dtype(cls, cfg, var_name)
+                if var.dtype != dtype:  # (an edit in the stored dtype would not be the one Keras's gives)
+                    raise NotApplicable(f"{name}: {var_name} is stored as {var.dtype}, the config makes it "
+                                        f"{dtype} (Keras casts it when loading)")
                 variables.append(var)
                 expected.add(f"{sub}/vars/{n}")
             out.append(ArchiveLayerInfo(f"{prefix}{name}", ArchiveLayer(entry, variables), ancestors))

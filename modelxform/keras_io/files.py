@@ -601,9 +601,12 @@ def read_provenance(path: str | os.PathLike) -> dict | None:
     what = "its provenance record"
     try:
         if model_format(p) == "keras":
-            if not zipfile.is_zipfile(p):
+            if p.is_file() and not zipfile.is_zipfile(p):  # (not "no record": not a model file at all)
+                raise ModelFileError(f"{p}: not a .keras archive (a .keras file is a zip)")
+            if not p.is_file():
                 return None
             with zipfile.ZipFile(p) as zf:
+                safety.check_archive(zf, p)
                 if PROVENANCE_MEMBER not in zf.namelist():
                     return None
                 data = safety.read_member(zf, PROVENANCE_MEMBER, p)
@@ -616,8 +619,8 @@ def read_provenance(path: str | os.PathLike) -> dict | None:
                     data = safety.read_h5_attribute(f, H5_PROVENANCE_ATTRIBUTE, p, what)
             except ModelFileError:
                 raise
-            except Exception:  # noqa: BLE001 - not an HDF5 file: it has no record in it (loading says why)
-                data = None
+            except Exception as exc:  # noqa: BLE001 - h5py's errors are of many kinds
+                raise ModelFileError(f"{p}: not a readable HDF5 file ({_clip(str(exc))})") from None
         if data is None:
             side = sidecar_path(p)
             if not side.exists():

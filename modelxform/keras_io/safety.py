@@ -112,6 +112,9 @@ def parse_json(data: bytes, path, what: str):
 def check_member(info: zipfile.ZipInfo, path) -> None:
     """Refuse a zip member whose declared size is over its limit, or whose compression ratio no honest
     compressor reaches, before it is read."""
+    if info.flag_bits & 0x1:  # (zipfile would raise a RuntimeError asking for a password)
+        raise ModelFileError(f"{path}: {info.filename} is encrypted in the archive; Keras writes no encrypted "
+                             "members (a damaged or hostile archive)")
     limit = MEMBER_LIMITS.get(info.filename)
     if limit is not None and info.file_size > limit:
         raise ModelFileError(f"{path}: {info.filename} declares {info.file_size:,} bytes; "
@@ -134,7 +137,7 @@ def read_member(zf: zipfile.ZipFile, name: str, path) -> bytes:
     check_member(zf.getinfo(name), path)
     try:
         return zf.read(name)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
         raise ModelFileError(f"{path}: cannot read {name} from the archive ({_short(str(exc), 120)})") from None
 
 

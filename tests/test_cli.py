@@ -207,6 +207,9 @@ def test_param_of_wrong_type_is_a_usage_error(tmp_path, cnn):
     r = run_cli("plan", recipe, cnn, "--param", "f=abc")
     assert r.status == 2
     assert "'f'" in r.err and "'abc'" in r.err
+    r = run_cli("plan", recipe, cnn, "--param", "f=" + "9" * 5000)  # (was echoed whole)
+    assert r.status == 2
+    assert r.err.strip().endswith("--param gave '" + "9" * 59 + "… (5,000 characters)")
 
 
 # -- output path rules --------------------------------------------------------------------------------
@@ -963,6 +966,18 @@ def test_inspect_where_typo(cnn):
     assert "type=Dens" in r.err
     assert "Traceback" not in r.err
     assert r.out == ""
+
+
+def test_inspect_where_is_one_predicate(cnn):
+    for given, error in [("type=Dense; freeze", "--where:1:13: error: --where takes one predicate; `freeze` after "
+                                                "it is a statement"),
+                         ("type=Dense\nselect all", "--where:2:1: error: --where takes one predicate; `select all` "
+                                                    "after it is a statement")]:
+        r = run_cli("inspect", cnn, "--where", given)  # (what followed `;` was dropped: all Dense layers listed)
+        assert (r.status, r.out) == (2, "")
+        assert r.err.splitlines()[0] == error
+        statement = error.split("`")[1]
+        assert r.err.splitlines()[2].strip() == "^" * len(statement)  # (under the statement)
 
 
 def test_inspect_json(nested_file):

@@ -37,17 +37,22 @@ def compile_predicate(text: str):
     from ..errors import Diagnostic
     from ..source import Source, Span
     prefix = "select where "
+
+    def shifted(span):  # (the prefix is on the first line only)
+        if span is None:
+            return None
+        return Span(span.line, max(1, span.column - len(prefix) * (span.line == 1)), span.end_line,
+                    max(1, span.end_column - len(prefix) * (span.end_line == 1)), "--where")
     try:
         program = compile_recipe(prefix + text, "--where").program
     except RecipeError as exc:
-        diagnostics = []
-        for d in exc.diagnostics:
-            span = d.span
-            if span is not None:
-                span = Span(span.line, max(1, span.column - len(prefix)), span.end_line,
-                            max(1, span.end_column - len(prefix)), "--where")
-            diagnostics.append(Diagnostic(d.message, span, Source(text, "--where"), d.hint))
+        diagnostics = [Diagnostic(d.message, shifted(d.span), Source(text, "--where"), d.hint)
+                       for d in exc.diagnostics]
         raise UsageError(diagnostics[0].message, diagnostics=diagnostics) from None
+    if len(program.statements) != 1:  # (`type=Dense; freeze`: what followed was dropped without a word)
+        extra = program.statements[1]
+        message = f"--where takes one predicate; `{extra}` after it is a statement"
+        raise UsageError(message, diagnostics=[Diagnostic(message, shifted(extra.span), Source(text, "--where"))])
     return program.statements[0].selector.pred
 
 

@@ -118,8 +118,9 @@ def resolve_params(recipe, overrides: dict | None) -> dict:
         if isinstance(default, bool) != isinstance(value, bool) or \
                 (isinstance(default, (int, float)) and not isinstance(value, (int, float))) or \
                 (isinstance(default, str) and not isinstance(value, str)):
+            shown = repr(raw) if len(repr(raw)) <= 80 else f"{repr(raw)[:60]}… ({len(str(raw)):,} characters)"
             raise UsageError(f"parameter {name!r} is {type(default).__name__} in the recipe "
-                             f"({ir.format_value(default)}), but --param gave {raw!r}")
+                             f"({ir.format_value(default)}), but --param gave {shown}")
         values[name] = value
     return values
 

@@ -1439,3 +1439,25 @@ def test_vgg16_refusals(vgg16):
     assert "block5_pool" in msg
     assert shape_text(pool.output.shape) in msg and shape_text(pool.input.shape) in msg
     assert shape_text(pool.output.shape) != shape_text(pool.input.shape)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("select where type=Dense; replace selected with Dense(unitz=1)",
+     "Dense has no argument 'unitz' (did you mean 'units'?)"),  # (Keras: "missing … argument: 'units'")
+    ("append Dense(units=3, activaton='relu')".replace("'", '"'),
+     "Dense has no argument 'activaton' (did you mean 'activation'?)"),
+    ("insert Dropout(rat=0.1) before dense_1", "Dropout has no argument 'rat' (did you mean 'rate'?)"),
+])
+def test_a_constructor_argument_the_class_lacks_is_named(text, message):
+    model = make_cnn()
+    with pytest.raises(ApplyError) as info:
+        apply(text, model)
+    assert info.value.message == message
+    assert "units" in info.value.hint or "rate" in info.value.hint
+
+
+def test_a_constructor_that_fails_for_another_reason_keeps_keras_message():
+    with pytest.raises(ApplyError) as info:
+        apply("insert Dropout(rate=2.0) before dense_1", make_cnn())
+    assert info.value.message == ("Dropout(rate=2.0, name='dropout'): Invalid value received for argument "
+                                  "`rate`. Expected a float value between 0 and 1. Received: rate=2.0")

@@ -693,8 +693,37 @@ def construct(cls, kwargs: dict, span):
     try:
         return cls(**kwargs)
     except Exception as exc:  # the constructor's own message says what is wrong with the arguments
+        unknown = _unknown_arguments(cls, kwargs)
+        if unknown:  # (`Dense(unitz=1)`: Keras's message is that `units` is missing)
+            import difflib
+            known = sorted(_arguments_along(cls))
+            guess = difflib.get_close_matches(unknown[0], known, n=1)
+            raise ApplyError(f"{cls.__name__} has no argument {unknown[0]!r}"
+                             + (f" (did you mean {guess[0]!r}?)" if guess else ""), span=span,
+                             hint=f"{cls.__name__} takes " + ", ".join(known)) from None
         raise ApplyError(f"{cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {exc}",
                          span=span) from None
+
+
+def _arguments_along(cls) -> set:
+    """The keyword arguments the constructors of ``cls`` and its bases name (Keras layers pass what they do
+    not take to their base's, up to Layer's)."""
+    names = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            names |= {p.name for p in list(inspect.signature(init).parameters.values())[1:]
+                      if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+        except (TypeError, ValueError):
+            continue
+    return names | set(BASE_LAYER_ARGS)
+
+
+def _unknown_arguments(cls, kwargs: dict) -> list:
+    known = _arguments_along(cls)
+    return [k for k in kwargs if k not in known]
 
 
 def carried_config(cls, old_config: dict, span, old_type: str):

@@ -368,7 +368,7 @@ def _same_but_backend(a, b) -> bool:
 
 
 def verify_file(model, original, *, unsafe: bool = False, imports=(),
-                weights: dict | None = None) -> tuple[list[str], list[str]]:
+                weights: dict | None = None, include_root=None) -> tuple[list[str], list[str]]:
     """Re-run the chain of recipes recorded in ``model``'s provenance from ``original`` and compare.
     Returns ``(differences, notes)``: no differences means the re-made file is identical (byte for byte
     for .keras; same config, weights and trainable flags for .h5, whose bytes HDF5 does not keep
@@ -377,7 +377,9 @@ def verify_file(model, original, *, unsafe: bool = False, imports=(),
     The record comes with the file, so it is read as someone else's: it must be well formed
     (provenance.validate), a recorded recipe may not ``include`` anything (a record holds recipes with
     their includes inlined), and a ``load weights from PATH`` of a recorded recipe reads PATH only when
-    the user names it in ``weights`` ({PATH: file to read}) or its sha256 is the one recorded.
+    the user names it in ``weights`` ({PATH: file to read}) or its sha256 is the one recorded. With
+    ``include_root`` (or $MODELXFORM_INCLUDE_ROOT) a recorded PATH outside that folder (taken from the
+    working folder, as it is re-made) is not read even then, unless the user names it in ``weights``.
 
     >>> differences, notes = verify_file("out.keras", "cnn.keras")   # doctest: +SKIP
     """
@@ -387,10 +389,12 @@ def verify_file(model, original, *, unsafe: bool = False, imports=(),
     # whole with Keras — on a 6 GB model that was a 20 GB peak.
     source = open_model(original, unsafe=unsafe, imports=imports)
     with _closing(source):
-        return _verify(model, original, source, unsafe=unsafe, imports=imports, weights=weights)
+        return _verify(model, original, source, unsafe=unsafe, imports=imports, weights=weights,
+                       include_root=include_root)
 
 
-def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) -> tuple[list[str], list[str]]:
+def _verify(model, original, source, *, unsafe: bool, imports, weights: dict,
+            include_root=None) -> tuple[list[str], list[str]]:
     """verify_file's work, with ``source`` the original opened (and closed by the caller)."""
     import tempfile
 
@@ -403,7 +407,9 @@ def _verify(model, original, source, *, unsafe: bool, imports, weights: dict) ->
     if not record or not record.get("chain"):
         raise UsageError(f"{model}: has no modelxform provenance record; nothing to verify")
     chain = record["chain"]
-    recipes = [_recorded_recipe(model, n, step, weights) for n, step in enumerate(chain, start=1)]
+    from .lang.compiler import include_root_from
+    confine = include_root_from(include_root)
+    recipes = [_recorded_recipe(model, n, step, weights, confine) for n, step in enumerate(chain, start=1)]
     differences, notes = [], []
 
     def not_the_original(sha: str) -> list[str]:
@@ -490,9 +496,11 @@ def _content_differences(remade, model, unsafe: bool, imports) -> list[str]:
         return content_differences(a, b)
 
 
-def _recorded_recipe(model, n: int, step: dict, weights: dict):
-    """Step ``n``'s recorded recipe, compiled without includes, its `load weights from` files checked."""
+def _recorded_recipe(model, n: int, step: dict, weights: dict, confine=None):
+    """Step ``n``'s recorded recipe, compiled without includes, its `load weights from` files checked
+    (``confine``: the include root, outside which a recorded path is read only when the user names it)."""
     from .errors import RecipeError
+    from .lang.compiler import statement_file
     try:
         recipe = compile_recipe(step["recipe"]["text"], f"<step {n}>", allow_include=False)
     except RecipeError as exc:
@@ -509,6 +517,11 @@ def _recorded_recipe(model, n: int, step: dict, weights: dict):
         if stmt.keyword == "load" and stmt.path not in weights and stmt.path not in recorded:
             raise UsageError(f"{model}: step {n} loads weights from {stmt.path!r}, and the record holds no sha256 of "
                              f"that file, so verify does not read it; if you trust it, pass "
+                             f"--load-weights {stmt.path}=FILE")
+        if stmt.keyword == "load" and stmt.path not in weights and confine is not None \
+                and not statement_file(stmt).is_relative_to(confine):
+            raise UsageError(f"{model}: step {n} loads weights from {stmt.path!r}, which is outside the include "
+                             f"root {confine}, so verify does not read it; if you trust it, pass "
                              f"--load-weights {stmt.path}=FILE")
     return recipe
 

@@ -385,6 +385,79 @@ def test_batch_takes_the_include_root_too(tmp_path):
     assert not (root / "out").exists()
 
 
+# ---- 2c. `load weights from` is confined as `include` is ---------------------------------------------------
+
+def test_load_weights_from_is_confined_by_the_include_root(tmp_path, seq, donor_bytes, monkeypatch):
+    root = tmp_path / "ci"
+    (root / "parts").mkdir(parents=True)
+    (root / "m.keras").write_bytes(seq.read_bytes())
+    (root / "donor.keras").write_bytes(donor_bytes)
+    private = tmp_path / "private.keras"
+    private.write_bytes(donor_bytes)
+    (root / "parts" / "link.keras").symlink_to(private)
+    resolved = root.resolve()
+    hint = "hint: with --include-root (or $MODELXFORM_INCLUDE_ROOT) the files a recipe loads weights from"
+    out = root / "out.keras"
+    for target in ("../private.keras", str(private), "parts/link.keras"):
+        recipe = write(root / "r.recipe", f'select fc2\nload weights from "{target}"\n')
+        message = (f"{recipe}:2:1: error: cannot load weights from {target!r}: it is outside the include root "
+                   f"{resolved}")
+        for command in (["check", recipe], ["fmt", "--check", recipe], ["plan", recipe, root / "m.keras"],
+                        ["apply", recipe, root / "m.keras", "-o", out]):
+            r = run_cli(*command, "--include-root", root)
+            assert r.status == 2, (command, r.err)
+            assert r.err.splitlines()[0] == message, r.err
+            assert hint in r.err and not out.exists()
+        monkeypatch.setenv("MODELXFORM_INCLUDE_ROOT", str(root))
+        r = run_cli("apply", recipe, root / "m.keras", "-o", out)
+        monkeypatch.delenv("MODELXFORM_INCLUDE_ROOT")
+        assert r.status == 2 and r.err.splitlines()[0] == message and not out.exists()
+    # the YAML form, and a statement in an included file (at its own line)
+    yaml_recipe = write(root / "r.yaml", "- select: {layers: [fc2]}\n- load_weights: {from: ../private.keras}\n")
+    r = run_cli("check", yaml_recipe, "--include-root", root)
+    assert r.status == 2 and r.err.splitlines()[0] == (
+        f"{yaml_recipe}:2:3: error: cannot load weights from '../private.keras': it is outside the include root "
+        f"{resolved}")
+    write(root / "parts" / "part.recipe", 'select fc2\nload weights from "../../private.keras"\n')
+    main = write(root / "main.recipe", 'include "parts/part.recipe"\n')
+    monkeypatch.chdir(root)
+    r = run_cli("check", main, "--include-root", root)
+    assert r.status == 2 and "parts/part.recipe:2:1: error: cannot load weights from '../../private.keras'" in r.err
+    # in batch: a ZOO.yaml error before any job runs
+    zoo = write(root / "zoo.yaml", 'models: [m.keras]\nrecipes: [r.recipe]\noutput: "batch/{model}.keras"\n')
+    r = run_cli("batch", zoo, "--include-root", root, "-j", 1)
+    assert r.status == 2 and f"{root / 'r.recipe'}:2:1: error: cannot load weights from 'parts/link.keras'" in r.err
+    assert not (root / "batch").exists()
+    # a file inside the root loads; without a root, any file does (recipes you wrote)
+    inside = write(root / "in.recipe", 'select fc2\nload weights from "donor.keras"\n')
+    assert run_cli("apply", inside, root / "m.keras", "-o", out, "--include-root", root).status == 0
+    assert run_cli("apply", recipe, root / "m.keras", "-o", tmp_path / "out2.keras").status == 0
+
+
+@pytest.mark.timeout(180)
+def test_verify_confines_a_recorded_load_weights_path_unless_it_is_named(tmp_path, seq, donor_bytes, monkeypatch):
+    root = tmp_path / "ci"
+    root.mkdir()
+    private = tmp_path / "private.keras"
+    private.write_bytes(donor_bytes)
+    monkeypatch.chdir(root)  # a recorded path is taken from the working folder
+    recipe = write(root / "load.recipe", 'select fc2\nload weights from "../private.keras"\n')
+    made = root / "made.keras"
+    assert run_cli("apply", recipe, seq, "-o", made).status == 0  # (made by someone without a root)
+    assert run_cli("verify", made, "--input", seq).status == 0  # the recorded sha256 matches: read
+    message = (f"error: {made}: step 1 loads weights from '../private.keras', which is outside the include root "
+               f"{root.resolve()}, so verify does not read it; if you trust it, pass "
+               "--load-weights ../private.keras=FILE")
+    r = run_cli("verify", made, "--input", seq, "--include-root", root)
+    assert r.status == 2 and r.err.strip() == message, r.err
+    monkeypatch.setenv("MODELXFORM_INCLUDE_ROOT", str(root))
+    r = run_cli("verify", made, "--input", seq)
+    assert r.status == 2 and r.err.strip() == message, r.err
+    # a file the user names is read, root or not
+    r = run_cli("verify", made, "--input", seq, "--load-weights", f"../private.keras={private}")
+    assert r.status == 0, r.out + r.err
+
+
 # ---- 4. bounded reads: the recipe ------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)

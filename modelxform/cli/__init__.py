@@ -95,10 +95,11 @@ def recipe_inputs(args, console):
             yield item, item, exc
 
 
-def add_include_option(p: argparse.ArgumentParser) -> None:
+def add_include_option(p: argparse.ArgumentParser, help: str | None = None) -> None:
     p.add_argument("--include-root", metavar="DIR", default=None,
-                   help="only let recipes include files inside DIR (symbolic links resolved); default: "
-                        "$MODELXFORM_INCLUDE_ROOT, else anywhere. For recipes you did not write, e.g. in CI")
+                   help=help or "only let recipes include (and load weights from) files inside DIR (symbolic "
+                                "links resolved); default: $MODELXFORM_INCLUDE_ROOT, else anywhere. For recipes "
+                                "you did not write, e.g. in CI")
 
 
 def include_root(args):

@@ -1,7 +1,7 @@
 """modelxform verify MODEL --input ORIGINAL — re-make MODEL from ORIGINAL and compare."""
 from __future__ import annotations
 
-from . import add_model_options
+from . import add_include_option, add_model_options, include_root
 from ..errors import ExitCode
 
 
@@ -21,6 +21,9 @@ def add_parser(subparsers):
                         "sha256 is not the recorded one (or none is recorded); repeatable. Without it, verify "
                         "reads such a file only when its sha256 matches the record")
     add_model_options(p)
+    add_include_option(p, "only let a recorded `load weights from` read files inside DIR (symbolic links "
+                          "resolved; --load-weights names files it may read anyway); default: "
+                          "$MODELXFORM_INCLUDE_ROOT, else anywhere. For records you did not make, e.g. in CI")
     return p
 
 
@@ -34,7 +37,7 @@ def run(args, console) -> int:
             raise UsageError(f"--load-weights {item!r}: write PATH or PATH=FILE")
         weights[path] = file if sep else path
     differences, notes = verify_file(args.model, args.input, unsafe=args.unsafe, imports=args.imports,
-                                     weights=weights)
+                                     weights=weights, include_root=include_root(args))
     for line in notes:
         console.print(line)
     if differences:

@@ -476,6 +476,8 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None, *, reci
 
     program, unit_errors = compile_unit(source, (str(root),) if root else ())
     errors[:0] = unit_errors
+    if confine is not None and program is not None:
+        errors.extend(_outside_root(program, confine))
     if not errors:
         _check_program(program, source, errors, warnings)
     if errors:
@@ -485,6 +487,30 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None, *, reci
         errors.sort(key=lambda d: (d.span.filename or "", d.span.line, d.span.column) if d.span else ("", 0, 0))
         raise RecipeError(errors[0].message, diagnostics=errors)
     return recipe_class(program, source, warnings, sources)
+
+
+def statement_file(stmt) -> pathlib.Path:
+    """The file a ``load weights from`` statement reads, as LoadWeights.run resolves it (relative to the
+    recipe that holds it; the working folder for recipe text without a file), symbolic links resolved."""
+    base = os.getcwd()
+    span = stmt.span
+    if span is not None and span.filename and not span.filename.startswith("<"):
+        base = os.path.dirname(os.path.abspath(span.filename))
+    return pathlib.Path(base, stmt.path).resolve()
+
+
+def _outside_root(program: ir.Program, confine: pathlib.Path) -> list[Diagnostic]:
+    """A ``load weights from`` of a file outside the include root, in the recipe or a file it includes:
+    an error at the statement (the file is not read). A recipe someone else wrote must not copy the
+    weights of a model it can name into an output (a CI artifact)."""
+    out = []
+    for stmt in program.flat():
+        if stmt.keyword == "load" and not statement_file(stmt).is_relative_to(confine):
+            out.append(Diagnostic(f"cannot load weights from {stmt.path!r}: it is outside the include root "
+                                  f"{confine}", stmt.span, None,
+                                  f"with --include-root (or ${INCLUDE_ROOT_ENV}) the files a recipe loads "
+                                  "weights from are confined to that folder too"))
+    return out
 
 
 def is_yaml_name(filename) -> bool:

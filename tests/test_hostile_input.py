@@ -385,6 +385,142 @@ def test_batch_takes_the_include_root_too(tmp_path):
     assert not (root / "out").exists()
 
 
+# ---- 2b. a batch file is someone else's too: its recipes, models, outputs, imports and params -----------
+
+ZOO_HEAD = 'models: [m.keras]\noutput: "out/{model}.keras"\n'
+
+
+def zoo_with(folder: pathlib.Path, tail: str, name: str = "zoo.yaml") -> pathlib.Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "m.keras").exists():
+        (folder / "m.keras").write_bytes(b"never read: the batch file is refused first")
+    return write(folder / name, ZOO_HEAD + tail)
+
+
+def test_a_zoo_recipe_that_is_the_process_environment_prints_none_of_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MX_TEST_SECRET", "ghp_example_secret")
+    zoo = zoo_with(tmp_path / "z", "recipes: [/proc/self/environ]\n")
+    r = run_cli("batch", zoo)  # no include root: the file is read, and not quoted
+    assert r.status == 2
+    assert r.err.splitlines()[0] == (f"{zoo}:3:11: error: recipe '/proc/self/environ' is not a recipe "
+                                     "(a syntax error at line 1, column 1)"), r.err
+    assert "ghp_example_secret" not in r.err + r.out and "MX_TEST_SECRET" not in r.err + r.out
+    # under the include root it is not even read
+    for argv, extra in [(["--include-root", tmp_path / "z"], {}), ([], {"MODELXFORM_INCLUDE_ROOT": str(tmp_path / "z")})]:
+        for name, value in extra.items():
+            monkeypatch.setenv(name, value)
+        r = run_cli("batch", zoo, *argv)
+        assert r.status == 2
+        assert r.err.splitlines()[0] == (f"{zoo}:3:11: error: recipe '/proc/self/environ' is outside the include "
+                                         f"root {(tmp_path / 'z').resolve()}"), r.err
+        assert "ghp_example_secret" not in r.err + r.out
+    assert not (tmp_path / "z" / "out").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind,message", [
+    ("secrets", "recipe 'secrets.txt' is not a recipe (a syntax error at line 1, column 1)"),
+    ("yaml-mapping", "recipe 'config.yaml' is not a recipe (a YAML document that is not a list of statements at "
+                     "line 1, column 1)"),
+    ("yaml-list", "recipe 'list.yaml' is not a recipe (a key that is not a statement at line 2, column 3)"),
+    ("binary", "recipe 'bin.recipe' is not valid UTF-8 text"),
+    ("fifo", "recipe 'fifo.recipe' is a FIFO (named pipe), not a recipe file"),
+    ("device", "recipe '/dev/zero' is a character device, not a recipe file"),
+    ("directory", "recipe 'dir.recipe' is a directory, not a recipe file"),
+    ("huge", "recipe 'huge.recipe' is larger than 1000000 bytes"),
+])
+def test_a_zoo_recipe_that_is_not_recipe_text_is_refused_at_its_entry_unquoted(tmp_path, kind, message):
+    folder = tmp_path / "z"
+    folder.mkdir()
+    name = {"secrets": "secrets.txt", "yaml-mapping": "config.yaml", "yaml-list": "list.yaml", "binary": "bin.recipe",
+            "fifo": "fifo.recipe", "device": "/dev/zero", "directory": "dir.recipe", "huge": "huge.recipe"}[kind]
+    if kind == "secrets":
+        write(folder / name, "root:x:0:0:root:/root:/bin/bash\napi_key = hunter2\n")
+    elif kind == "yaml-mapping":
+        write(folder / name, "database:\n  password: hunter2\n")
+    elif kind == "yaml-list":
+        write(folder / name, "- select: all\n- password: hunter2\n")
+    elif kind == "binary":
+        (folder / name).write_bytes(b"select all\n\xff\xfe hunter2 \x00")
+    elif kind == "fifo":
+        os.mkfifo(folder / name)  # opening it would block
+    elif kind == "directory":
+        (folder / name).mkdir()
+    elif kind == "huge":
+        with open(folder / name, "wb") as fh:  # sparse: 4 GB
+            fh.truncate(4 << 30)
+    zoo = zoo_with(folder, f"recipes: [{name}]\n")
+    start = time.perf_counter()
+    r = run_cli("batch", zoo, "--dry-run")
+    assert time.perf_counter() - start < 5.0
+    assert r.status == 2
+    assert r.err.splitlines()[0] == f"{zoo}:3:11: error: {message}", r.err
+    assert "hunter2" not in r.err and "root:" not in r.err and "password" not in r.err and "0xff" not in r.err
+    assert "Traceback" not in r.err
+
+
+def test_a_zoo_recipe_with_errors_is_still_shown_with_its_lines(tmp_path):
+    folder = tmp_path / "z"
+    folder.mkdir()
+    write(folder / "typo.recipe", "select all\nscale kernel $missing\n")
+    write(folder / "typo.yaml", "- select: all\n- scale: {target: kernel, factor: $missing}\n")
+    for name, where in [("typo.recipe", "typo.recipe:2:14"), ("typo.yaml", "typo.yaml:2")]:
+        r = run_cli("batch", zoo_with(folder, f"recipes: [{name}]\n"), "--include-root", folder)
+        assert r.status == 2
+        assert f"{where}" in r.err and "unknown parameter $missing" in r.err, r.err
+        assert "$missing" in r.err.splitlines()[1]  # recipe text: quoted with its caret
+
+
+def test_include_root_confines_a_zoos_recipes_models_and_outputs(tmp_path, monkeypatch):
+    root = tmp_path / "ci"
+    folder = root / "z"
+    folder.mkdir(parents=True)
+    write(folder / "ok.recipe", WEIGHT_ONLY)
+    (folder / "m.keras").write_bytes(b"never read")
+    outside_recipe = write(tmp_path / "private.recipe", WEIGHT_ONLY)
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "private.keras").write_bytes(b"never read")
+    (folder / "link.recipe").symlink_to(outside_recipe)
+    (folder / "link.keras").symlink_to(tmp_path / "private" / "private.keras")
+    (folder / "linked").symlink_to(tmp_path / "private")  # a folder that leads outside
+    resolved = root.resolve()
+    out = 'output: "out/{model}.keras"\n'
+    cases = [  # (batch file, line, column, message)
+        (f"models: [m.keras]\nrecipes: [{outside_recipe}]\n{out}", 2, 11,
+         f"recipe '{outside_recipe}' is outside the include root {resolved}"),
+        (f"models: [m.keras]\nrecipes: [../../private.recipe]\n{out}", 2, 11,
+         f"recipe '../../private.recipe' is outside the include root {resolved}"),
+        (f"models: [m.keras]\nrecipes: [link.recipe]\n{out}", 2, 11,
+         f"recipe 'link.recipe' is outside the include root {resolved}"),
+        (f"models: [../../private/private.keras]\nrecipes: [ok.recipe]\n{out}", 1, 10,
+         f"model '../../private/private.keras' is outside the include root {resolved}"),
+        (f"models: [link.keras]\nrecipes: [ok.recipe]\n{out}", 1, 10,
+         f"model 'link.keras' is outside the include root {resolved}"),
+        (f"models: ['**/*.keras']\nrecipes: [ok.recipe]\n{out}", 1, 10,  # link.keras and linked/private.keras
+         f"'**/*.keras' matches 2 files outside the include root {resolved}"),
+        ("models: [m.keras]\nrecipes: [ok.recipe]\noutput: 'linked/{model}.keras'\n", 3, 9,
+         f"output 'linked/m.keras' for m.keras × ok.recipe is outside the include root {resolved}"),
+    ]
+    for text, line, column, message in cases:
+        zoo = write(folder / "zoo.yaml", text)
+        r = run_cli("batch", zoo, "--include-root", root)
+        assert r.status == 2, (text, r.err)
+        first = r.err.splitlines()[0]
+        assert first == f"{zoo}:{line}:{column}: error: {message}", (text, r.err)
+        assert "hint: with --include-root (or $MODELXFORM_INCLUDE_ROOT) the recipes and models" in r.err
+        monkeypatch.setenv("MODELXFORM_INCLUDE_ROOT", str(root))
+        r = run_cli("batch", zoo)
+        monkeypatch.delenv("MODELXFORM_INCLUDE_ROOT")
+        assert r.status == 2 and r.err.splitlines()[0] == first
+        assert listing(tmp_path / "private") == {"private.keras"} and not (folder / "out").exists()
+    # everything inside the root passes these checks; without a root, nothing is confined
+    from modelxform.batch import load_zoo
+    zoo = load_zoo(write(folder / "zoo.yaml", f"models: [m.keras]\nrecipes: [ok.recipe]\n{out}"), include_root=root)
+    assert [job.output_name for job in zoo.jobs] == ["out/m.keras"]
+    zoo = load_zoo(write(folder / "zoo.yaml", f"models: [link.keras]\nrecipes: [link.recipe]\n{out}"))
+    assert [job.output_name for job in zoo.jobs] == ["out/link.keras"]
+
+
 # ---- 2c. `load weights from` is confined as `include` is ---------------------------------------------------
 
 def test_load_weights_from_is_confined_by_the_include_root(tmp_path, seq, donor_bytes, monkeypatch):

@@ -12,6 +12,10 @@ Everything is checked before any job runs, without TensorFlow: the file's shape 
 types), that every model path exists and every glob matches, that the recipes compile, that every
 param is declared by a recipe and has the right type, and that the output template gives every job its
 own path inside the output folder. All problems are reported at once, each with its line and column.
+
+A batch file may come from someone else (CI on a pull request): its recipes are quoted in an error only
+when they read as recipe text, and under the include root (--include-root, $MODELXFORM_INCLUDE_ROOT) its
+recipes, models and outputs must be inside the root (docs/batch.md, docs/robustness.md).
 """
 from __future__ import annotations
 
@@ -175,7 +179,8 @@ def _compose(source: Source):
 
 def load_zoo(path: str | os.PathLike, *, include_root: str | None = None) -> Zoo:
     """Read and check a ZOO.yaml; raises ZooError (all problems at once) or returns the jobs.
-    ``include_root``: the folder the recipes may include files from (compiler.compile_recipe).
+    ``include_root`` (else $MODELXFORM_INCLUDE_ROOT): the folder the batch file's recipes, what they
+    include and load weights from, its models and its outputs must be inside (symbolic links resolved).
 
     >>> zoo = load_zoo("zoo.yaml")          # doctest: +SKIP
     >>> [job.output_name for job in zoo.jobs]  # doctest: +SKIP
@@ -194,6 +199,8 @@ def load_zoo(path: str | os.PathLike, *, include_root: str | None = None) -> Zoo
     except UnicodeDecodeError as exc:
         raise ZooError(f"{path}: is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                        f"{exc.start})") from None
+    from ..lang.compiler import include_root_from
+    confine = include_root_from(include_root)
     source = Source(text, path)
     root_node = _compose(source)
     root = os.path.dirname(os.path.abspath(path))
@@ -266,8 +273,9 @@ def load_zoo(path: str | os.PathLike, *, include_root: str | None = None) -> Zoo
                 matrix[name] = values
                 matrix_keys[name] = key_node
 
-    models = _read_models(reader, top.get("models", (None, None))[1], zoo) if "models" in top else []
-    recipes = _read_recipes(reader, top.get("recipes", (None, None))[1], include_root) if "recipes" in top else {}
+    models = _read_models(reader, top.get("models", (None, None))[1], zoo, confine) if "models" in top else []
+    recipes = _read_recipes(reader, top.get("recipes", (None, None))[1], include_root, confine) \
+        if "recipes" in top else {}
     zoo.recipes = {p: r for p, (r, _) in recipes.items() if r is not None}
 
     if reader.errors or template is None:
@@ -275,7 +283,7 @@ def load_zoo(path: str | os.PathLike, *, include_root: str | None = None) -> Zoo
     _check_params(reader, matrix, matrix_keys, models, recipes)
     if reader.errors:
         raise ZooError(reader.errors[0].message, diagnostics=reader.errors)
-    _expand(reader, zoo, models, recipes, matrix, seed, template, template_node)
+    _expand(reader, zoo, models, recipes, matrix, seed, template, template_node, confine)
     if reader.errors:
         raise ZooError(reader.errors[0].message, diagnostics=reader.errors)
     if imports or unsafe or include_root is not None:
@@ -323,7 +331,7 @@ def _is_inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def _read_models(reader: _Reader, node, zoo: Zoo) -> list[_Model]:
+def _read_models(reader: _Reader, node, zoo: Zoo, confine=None) -> list[_Model]:
     items = reader.sequence(node, "models", '["zoo/**/*.keras"]')
     explicit: dict[str, object] = {}  # path -> the node that names it
     from_globs: dict[str, _Model] = {}
@@ -367,6 +375,11 @@ def _read_models(reader: _Reader, node, zoo: Zoo) -> list[_Model]:
                     in_output += 1
                     continue
                 matches.append(found)
+            outside = [found for found in matches if confine is not None and not _is_confined(found, confine)]
+            if outside:
+                reader.error(path_node, _outside_message("model", text, True, len(outside), confine),
+                             hint=CONFINED_HINT)
+                continue
             if not matches:
                 extra = f" ({in_output} in the output folder are not taken as inputs)" if in_output else ""
                 reader.error(path_node, f"{text!r} matches no .keras or .h5 file{extra}")
@@ -384,6 +397,9 @@ def _read_models(reader: _Reader, node, zoo: Zoo) -> list[_Model]:
                 from_globs[found] = model
                 ordered.append(model)
         else:
+            if confine is not None and not _is_confined(pattern, confine):  # (nothing of it looked at)
+                reader.error(path_node, _outside_message("model", text, False, 1, confine), hint=CONFINED_HINT)
+                continue
             if not os.path.isfile(pattern):
                 reader.error(path_node, f"model {text!r} does not exist"
                              + ("" if not os.path.exists(pattern) else " as a file"))
@@ -403,41 +419,93 @@ def _read_models(reader: _Reader, node, zoo: Zoo) -> list[_Model]:
     return ordered
 
 
+CONFINED_HINT = ("with --include-root (or $MODELXFORM_INCLUDE_ROOT) the recipes and models a batch file names, "
+                 "and its outputs, are confined to that folder")
+
+
+def _is_confined(path: str, confine) -> bool:
+    """Whether ``path`` is inside the include root, symbolic links resolved (as includes are checked)."""
+    import pathlib
+    return pathlib.Path(path).resolve().is_relative_to(confine)
+
+
+def _outside_message(what: str, text: str, magic: bool, count: int, confine) -> str:
+    """(the files a glob matches outside the root are counted, not named)"""
+    if magic:
+        return f"{text!r} matches {count} file{'s' if count > 1 else ''} outside the include root {confine}"
+    return f"{what} {text!r} is outside the include root {confine}"
+
+
 def _plain(params: dict) -> dict:
     return {k: v[1] for k, v in params.items()}
 
 
-def _read_recipes(reader: _Reader, node, include_root=None) -> dict:
-    """absolute path -> (Recipe or None, node)"""
-    from ..lang.compiler import load_recipe
-    from ..errors import RecipeError
+def _read_recipes(reader: _Reader, node, include_root=None, confine=None) -> dict:
+    """absolute path -> (Recipe or None, node). ``confine``: the include root, which every recipe must
+    be inside (symbolic links resolved; nothing outside is read)."""
     out: dict = {}
     for item in reader.sequence(node, "recipes", '["recipes/prep.recipe"]'):
         text = reader.string(item, "a recipe path")
         if text is None:
             continue
         pattern = reader.absolute(text)
+        magic = glob.has_magic(text)
         paths = sorted(os.path.normpath(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)) \
-            if glob.has_magic(text) else [pattern]
+            if magic else [pattern]
+        if confine is not None:
+            outside = [p for p in paths if not _is_confined(p, confine)]
+            if outside:
+                reader.error(item, _outside_message("recipe", text, magic, len(outside), confine), hint=CONFINED_HINT)
+                for p in outside:
+                    out.setdefault(p, (None, item))
+                continue
         if not paths:
             reader.error(item, f"{text!r} matches no recipe file")
         for p in paths:
             if p in out:
                 reader.error(item, f"recipe {reader.shown(p)} is listed twice")
                 continue
-            if not os.path.isfile(p):
-                reader.error(item, f"recipe {text!r} does not exist")
-                out[p] = (None, item)
-                continue
-            try:
-                recipe = load_recipe(p, include_root=include_root)
-            except RecipeError as exc:
-                # the recipe's own errors, each with its file, line and column
-                reader.errors.extend(exc.diagnostics)
-                out[p] = (None, item)
-                continue
-            out[p] = (recipe, item)
+            out[p] = (_read_recipe(reader, p, reader.shown(p) if magic else text, item, include_root), item)
     return out
+
+
+def _read_recipe(reader: _Reader, path: str, name: str, item, include_root):
+    """A recipe the batch file names, compiled, or None with the errors added. The batch file may come
+    from someone else, so the file is held to an included file's rule (compiler.compile_recipe): a
+    regular file of at most MAX_RECIPE_BYTES, read only then, and quoted in an error only when it reads
+    as recipe text; otherwise the error is at the batch file's entry and quotes none of the file."""
+    from ..errors import RecipeError
+    from ..lang.compiler import compile_recipe
+    from ..lang.files import ReadRefused, read_bounded
+    from ..lang.parser import MAX_RECIPE_BYTES
+    try:
+        data = read_bounded(path, MAX_RECIPE_BYTES)
+    except ReadRefused as exc:
+        if exc.kind == "missing":
+            reader.error(item, f"recipe {name!r} does not exist")
+        elif exc.kind in ("directory", "special"):
+            reader.error(item, f"recipe {name!r} {exc.reason}, not a recipe file")
+        elif exc.kind == "too-large":
+            reader.error(item, f"recipe {name!r} {exc.reason}")
+        else:
+            reader.error(item, f"recipe {name!r}: {exc.reason}")
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:  # (no byte or position of a file that is not text)
+        reader.error(item, f"recipe {name!r} is not valid UTF-8 text")
+        return None
+    try:
+        return compile_recipe(text, path, include_root=include_root, foreign=True)
+    except RecipeError as exc:
+        reason = getattr(exc, "not_recipe_text", None)
+        if reason:  # not recipe text: say where it stopped reading as one, quote nothing of it
+            where_in = f" at line {exc.line}, column {exc.column}" if exc.line else ""
+            reader.error(item, f"recipe {name!r} is not a recipe ({reason}{where_in})",
+                         hint=f"to see the error, check it on its own: modelxform check {reader.shown(path)}")
+            return None
+        reader.errors.extend(exc.diagnostics)  # the recipe's own errors, each with its file, line and column
+        return None
 
 
 def _check_params(reader: _Reader, matrix: dict, matrix_keys: dict, models: list[_Model], recipes: dict) -> None:
@@ -474,7 +542,7 @@ def _check_params(reader: _Reader, matrix: dict, matrix_keys: dict, models: list
 
 
 def _expand(reader: _Reader, zoo: Zoo, models: list[_Model], recipes: dict, matrix: dict, seed,
-            template: str, template_node) -> None:
+            template: str, template_node, confine=None) -> None:
     from ..engine.plan import Params, effective_seed, resolve_params
     inputs = {m.path for m in models}
     seen: dict[str, Job] = {}
@@ -512,6 +580,11 @@ def _expand(reader: _Reader, zoo: Zoo, models: list[_Model], recipes: dict, matr
                     continue
                 if output in inputs:
                     reader.error(template_node, f"output {rendered!r} for {what} is one of the input models")
+                    continue
+                if confine is not None and not _is_confined(os.path.dirname(output), confine):
+                    # (a folder on the way that is a symbolic link to elsewhere)
+                    reader.error(template_node, f"output {rendered!r} for {what} is outside the include root "
+                                                f"{confine}", hint=CONFINED_HINT)
                     continue
                 job = Job(index=len(zoo.jobs), model=model.path, recipe=recipe_path, params=params,
                           params_text=params_text, seed=seed, output=output, model_name=reader.shown(model.path),

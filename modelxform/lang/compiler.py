@@ -386,12 +386,15 @@ def include_root_from(include_root: str | os.PathLike | None) -> pathlib.Path | 
 
 
 def compile_recipe(text: str, filename: str | os.PathLike | None = None, *, recipe_class=Recipe,
-                   include_root: str | os.PathLike | None = None, allow_include: bool = True) -> Recipe:
+                   include_root: str | os.PathLike | None = None, allow_include: bool = True,
+                   foreign: bool = False) -> Recipe:
     """Compile recipe text. Includes are resolved relative to the including file (``filename``, or the
     working folder for text without one); with ``include_root`` (or $MODELXFORM_INCLUDE_ROOT) only files
     inside that folder may be included, symbolic links resolved. ``allow_include=False`` refuses every
     include (verify: a recorded recipe never holds one). ``recipe_class``: what to return
-    (modelxform.Recipe adds plan() and apply()).
+    (modelxform.Recipe adds plan() and apply()). ``foreign``: the file was named by someone else (a
+    ZOO.yaml's `recipes`), so it is held to an included file's rule: a YAML file that is not a list of
+    statements is refused as not recipe text (a RecipeError marked ``not_recipe_text``), not quoted.
 
     An included file is read only when it is a regular file of at most MAX_RECIPE_BYTES bytes, and its
     text is quoted in an error only when it read as recipe text (it parsed): otherwise the error is at the
@@ -474,7 +477,7 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None, *, reci
         program, yaml_errors = read_yaml(unit, include, compile_fragment, included=included)
         return program, yaml_errors + parent.errors
 
-    program, unit_errors = compile_unit(source, (str(root),) if root else ())
+    program, unit_errors = compile_unit(source, (str(root),) if root else (), included=foreign)
     errors[:0] = unit_errors
     if confine is not None and program is not None:
         errors.extend(_outside_root(program, confine))

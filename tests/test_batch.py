@@ -741,6 +741,22 @@ def test_imports_and_unsafe_let_a_zoo_load_custom_and_lambda_layers(special_zoo)
         == {"dense": False, "triple": False}
 
 
+def test_the_command_line_gives_imports_and_unsafe_to_every_job(special_zoo, monkeypatch):
+    """batch --import / --unsafe, as apply's: what CI gives under --include-root, where a batch file's own
+    `imports` and `unsafe: true` are refused (tests/test_hostile_input.py); the module is found on the
+    Python path, as apply --import finds it."""
+    root = special_zoo
+    monkeypatch.syspath_prepend(str(root))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    write(root / "cli.yaml", "models: [zoo/custom.keras, zoo/lambda.keras]\nrecipes: [recipes/freeze.recipe]\n"
+                             'output: "cli/{model}.keras"\nimports: [mxzoo_layers]\n')
+    result = run_cli("batch", root / "cli.yaml", "-j", 2, "--include-root", root, "--import", "mxzoo_layers",
+                     "--unsafe", "--report", root / "cli.json")
+    assert result.status == 0, result.out + result.err
+    jobs = {j["model"]: j["status"] for j in json.loads((root / "cli.json").read_text())["jobs"]}
+    assert jobs == {"zoo/custom.keras": "done", "zoo/lambda.keras": "done"}
+
+
 def test_imports_and_unsafe_are_checked_with_their_positions(special_zoo):
     root = special_zoo
     path = write(root / "bad-keys.yaml", """\

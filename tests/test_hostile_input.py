@@ -521,6 +521,49 @@ def test_include_root_confines_a_zoos_recipes_models_and_outputs(tmp_path, monke
     assert [job.output_name for job in zoo.jobs] == ["out/link.keras"]
 
 
+EVIL = 'import pathlib\npathlib.Path({marker!r}).write_text("ran")\n'
+
+
+def test_a_zoos_imports_and_unsafe_are_refused_under_the_include_root(tmp_path, monkeypatch):
+    folder = tmp_path / "z"
+    folder.mkdir()
+    marker = tmp_path / "PWNED"
+    write(folder / "evil.py", EVIL.format(marker=str(marker)))
+    write(folder / "ok.recipe", WEIGHT_ONLY)
+    zoo = zoo_with(folder, "recipes: [ok.recipe]\nimports: [evil]\nunsafe: true\n")
+    imports = (f"{zoo}:4:11: error: imports: 'evil' would run Python code, which a batch file may not ask for under "
+               "--include-root (or $MODELXFORM_INCLUDE_ROOT); if you trust that module, pass --import evil")
+    unsafe = (f"{zoo}:5:9: error: unsafe: true would turn Keras safe mode off, which a batch file may not ask for "
+              "under --include-root (or $MODELXFORM_INCLUDE_ROOT); if you trust these models, pass --unsafe")
+    for argv, environment in [(["--include-root", folder], None), ([], str(folder))]:
+        if environment:
+            monkeypatch.setenv("MODELXFORM_INCLUDE_ROOT", environment)
+        for extra in ([], ["--force"]):
+            r = run_cli("batch", zoo, "--dry-run", *argv, *extra)
+            assert r.status == 2
+            lines = [line for line in r.err.splitlines() if ": error: " in line]
+            assert sorted(lines) == sorted([imports, unsafe]), r.err
+        r = run_cli("batch", zoo, "--dry-run", "--unsafe", *argv)  # one of the two given
+        assert r.status == 2 and [line for line in r.err.splitlines() if ": error: " in line] == [imports]
+        r = run_cli("batch", zoo, "--dry-run", "--import", "evil", *argv)
+        assert r.status == 2 and [line for line in r.err.splitlines() if ": error: " in line] == [unsafe]
+        assert not marker.exists() and not (folder / "out").exists()
+    monkeypatch.delenv("MODELXFORM_INCLUDE_ROOT")
+    from modelxform.batch import load_zoo
+    # given on the command line too: the jobs import it from where --import finds modules, not from the
+    # batch file's folder first (which a pull request may fill)
+    job = load_zoo(zoo, include_root=folder, imports=["evil"], unsafe=True).jobs[0]
+    assert (job.imports, job.unsafe, job.import_root) == (("evil",), True, "")
+    # without an include root, the batch file's imports and unsafe work as they always did
+    job = load_zoo(zoo).jobs[0]
+    assert (job.imports, job.unsafe, job.import_root) == (("evil",), True, str(folder))
+    # and the command line's add to them, for every job
+    plain = zoo_with(folder, "recipes: [ok.recipe]\n", name="plain.yaml")
+    job = load_zoo(plain, imports=["mylayers"], unsafe=True).jobs[0]
+    assert (job.imports, job.unsafe) == (("mylayers",), True)
+    assert not marker.exists()
+
+
 # ---- 2c. `load weights from` is confined as `include` is ---------------------------------------------------
 
 def test_load_weights_from_is_confined_by_the_include_root(tmp_path, seq, donor_bytes, monkeypatch):

@@ -15,7 +15,8 @@ own path inside the output folder. All problems are reported at once, each with 
 
 A batch file may come from someone else (CI on a pull request): its recipes are quoted in an error only
 when they read as recipe text, and under the include root (--include-root, $MODELXFORM_INCLUDE_ROOT) its
-recipes, models and outputs must be inside the root (docs/batch.md, docs/robustness.md).
+recipes, models and outputs must be inside the root and its `imports` and `unsafe: true` are refused
+unless the command line gives them (docs/batch.md, docs/robustness.md).
 """
 from __future__ import annotations
 
@@ -177,10 +178,12 @@ def _compose(source: Source):
         raise ZooError(diagnostics[0].message, diagnostics=diagnostics) from None
 
 
-def load_zoo(path: str | os.PathLike, *, include_root: str | None = None) -> Zoo:
+def load_zoo(path: str | os.PathLike, *, include_root: str | None = None, imports=(), unsafe: bool = False) -> Zoo:
     """Read and check a ZOO.yaml; raises ZooError (all problems at once) or returns the jobs.
     ``include_root`` (else $MODELXFORM_INCLUDE_ROOT): the folder the batch file's recipes, what they
-    include and load weights from, its models and its outputs must be inside (symbolic links resolved).
+    include and load weights from, its models and its outputs must be inside (symbolic links resolved);
+    and then the batch file may not ask for ``imports`` or ``unsafe: true`` unless the caller does too.
+    ``imports``, ``unsafe``: what the command line gives (``batch --import MODULE``, ``--unsafe``).
 
     >>> zoo = load_zoo("zoo.yaml")          # doctest: +SKIP
     >>> [job.output_name for job in zoo.jobs]  # doctest: +SKIP
@@ -199,8 +202,9 @@ def load_zoo(path: str | os.PathLike, *, include_root: str | None = None) -> Zoo
     except UnicodeDecodeError as exc:
         raise ZooError(f"{path}: is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                        f"{exc.start})") from None
-    from ..lang.compiler import include_root_from
+    from ..lang.compiler import INCLUDE_ROOT_ENV, include_root_from
     confine = include_root_from(include_root)
+    cli_imports, cli_unsafe = list(dict.fromkeys(imports)), bool(unsafe)
     source = Source(text, path)
     root_node = _compose(source)
     root = os.path.dirname(os.path.abspath(path))
@@ -233,6 +237,10 @@ def load_zoo(path: str | os.PathLike, *, include_root: str | None = None) -> Zoo
         node = top["unsafe"][1]
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:bool":
             unsafe = bool(reader._loader.construct_object(node))
+            if unsafe and confine is not None and not cli_unsafe:
+                reader.error(node, f"unsafe: true would turn Keras safe mode off, which a batch file may not ask for "
+                                   f"under --include-root (or ${INCLUDE_ROOT_ENV}); if you trust these models, "
+                                   "pass --unsafe")
         else:
             reader.error(node, "unsafe must be true or false")
     imports: list[str] = []
@@ -242,6 +250,10 @@ def load_zoo(path: str | os.PathLike, *, include_root: str | None = None) -> Zoo
             if name is not None and not all(part.isidentifier() for part in name.split(".")):
                 reader.error(item, f"imports: {name!r} is not a module name (a dotted name such as "
                                    "mypackage.layers)")
+            elif name is not None and confine is not None and name not in cli_imports:
+                reader.error(item, f"imports: {name!r} would run Python code, which a batch file may not ask for "
+                                   f"under --include-root (or ${INCLUDE_ROOT_ENV}); if you trust that module, "
+                                   f"pass --import {name}")
             elif name is not None:
                 imports.append(name)
 
@@ -286,8 +298,15 @@ def load_zoo(path: str | os.PathLike, *, include_root: str | None = None) -> Zoo
     _expand(reader, zoo, models, recipes, matrix, seed, template, template_node, confine)
     if reader.errors:
         raise ZooError(reader.errors[0].message, diagnostics=reader.errors)
-    if imports or unsafe or include_root is not None:
-        zoo.jobs = [dataclasses.replace(job, imports=tuple(imports), unsafe=unsafe, import_root=root,
+    # The command line's modules are found where apply's --import finds them; the batch file's own,
+    # in its folder first (docs/batch.md) — but not under the include root, where that folder may be a
+    # pull request's: there a module the batch file names is imported only because the command line
+    # names it too, and from where the command line's are.
+    everything = tuple(dict.fromkeys(imports + cli_imports))
+    unsafe = unsafe or cli_unsafe
+    if everything or unsafe or include_root is not None:
+        zoo.jobs = [dataclasses.replace(job, imports=everything, unsafe=unsafe,
+                                        import_root=root if imports and confine is None else "",
                                         include_root=include_root) for job in zoo.jobs]
     return zoo
 

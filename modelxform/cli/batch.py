@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from . import add_include_option, include_root
+from . import add_include_option, add_model_options, include_root
 from ..errors import ExitCode, UsageError
 
 STATUS_ORDER = ("done", "skipped", "failed", "interrupted", "not run")
@@ -34,7 +34,11 @@ def add_parser(subparsers):
     p.add_argument("--report", metavar="REPORT.json",
                    help="write a JSON report: per job status, duration, output, sha256 and error (each output "
                         "is read once more for its sha256 only when a report is written)")
-    add_include_option(p)
+    add_include_option(p, "confine the zoo's recipes (and what they include and load weights from), models "
+                          "and outputs to DIR (symbolic links resolved), and refuse the zoo's imports: and "
+                          "unsafe: true unless --import/--unsafe give them; default: $MODELXFORM_INCLUDE_ROOT, "
+                          "else anywhere. For zoos you did not write, e.g. in CI")
+    add_model_options(p)  # (--unsafe, --import MODULE: for every job, as apply's)
     return p
 
 
@@ -60,7 +64,7 @@ def run(args, console) -> int:
 def _run(args, console, early) -> int:
     from ..batch import load_zoo, run_batch
 
-    zoo = load_zoo(args.zoo, include_root=include_root(args))
+    zoo = load_zoo(args.zoo, include_root=include_root(args), imports=args.imports, unsafe=args.unsafe)
     workers = args.workers or os.cpu_count() or 1
     models = len(dict.fromkeys(job.model for job in zoo.jobs))
     recipes = len(dict.fromkeys(job.recipe for job in zoo.jobs))

@@ -641,8 +641,11 @@ def test_the_ray_executor_without_ray_names_the_extra(zoo, monkeypatch):
      "YAML anchors and aliases are not allowed in batch files"),
     ("models: [zoo/cnn.keras]\nrecipes: [recipes/scale.recipe, recipes/nope.recipe]\noutput: o/{model}.keras\n",
      2, 33, "recipe 'recipes/nope.recipe' does not exist"),
+    ("models: [zoo/cnn.keras]\nrecipes: [recipes/scale.recipe]\noutput: o/{model}-{params}.keras\n"
+     "params: {factor: [0.5, .nan]}\n", 4, 24, "a value of factor must be a finite number, not .nan"),
 ], ids=["unknown-key", "seed-type", "output-type", "params-type", "duplicate-outputs", "dotdot", "absolute",
-        "template-field", "glob-matches-nothing", "undeclared-param", "param-type", "alias", "missing-recipe"])
+        "template-field", "glob-matches-nothing", "undeclared-param", "param-type", "alias", "missing-recipe",
+        "nan-param"])
 def test_a_bad_zoo_file_gives_status_2_with_line_and_column(zoo, text, line, col, message):
     from modelxform.batch import ZooError, load_zoo
     path = write(zoo / "bad.yaml", text)

@@ -564,6 +564,37 @@ def test_a_zoos_imports_and_unsafe_are_refused_under_the_include_root(tmp_path, 
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("params,line,column,text", [
+    ("params: {f: [0.5, .nan]}\n", 4, 19, ".nan"),
+    ("params: {f: [.inf]}\n", 4, 14, ".inf"),
+    ("params: {f: [-.Inf]}\n", 4, 14, "-.Inf"),
+    ("params: {f: [1.0e+400]}\n", 4, 14, "1.0e+400"),
+])
+def test_a_zoo_refuses_nan_and_infinite_params_as_apply_does(tmp_path, seq, params, line, column, text):
+    folder = tmp_path / "z"
+    folder.mkdir()
+    (folder / "m.keras").write_bytes(seq.read_bytes())
+    write(folder / "p.recipe", "param f = 0.5\nselect where type=Dense\nscale kernel $f\n")
+    zoo = write(folder / "zoo.yaml", 'models: [m.keras]\nrecipes: [p.recipe]\noutput: "out/{model}-{params}.keras"\n'
+                + params)
+    r = run_cli("batch", zoo, "-j", 1)
+    assert r.status == 2
+    assert r.err.splitlines()[0] == f"{zoo}:{line}:{column}: error: a value of f must be a finite number, not {text}"
+    assert not (folder / "out").exists()
+    # a model's own params too
+    zoo = write(folder / "zoo.yaml", "models: [{path: m.keras, params: {f: .nan}}]\nrecipes: [p.recipe]\n"
+                                     'output: "out/{model}.keras"\n')
+    r = run_cli("batch", zoo, "-j", 1)
+    assert r.status == 2
+    assert r.err.splitlines()[0] == f"{zoo}:1:38: error: the value of f must be a finite number, not .nan"
+    # the rule apply's --param follows, and a value given in Python
+    assert run_cli("apply", folder / "p.recipe", seq, "-o", tmp_path / "o.keras", "--param", "f=nan").status == 2
+    from modelxform import UsageError, apply_file, load_recipe
+    with pytest.raises(UsageError, match="parameter 'f' must be a finite number"):
+        apply_file(load_recipe(folder / "p.recipe"), seq, tmp_path / "o.keras", params={"f": float("nan")})
+    assert not (tmp_path / "o.keras").exists()
+
+
 # ---- 2c. `load weights from` is confined as `include` is ---------------------------------------------------
 
 def test_load_weights_from_is_confined_by_the_include_root(tmp_path, seq, donor_bytes, monkeypatch):

@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import glob
 import itertools
+import math
 import os
 import string
 from dataclasses import dataclass, field
@@ -149,10 +150,14 @@ class _Reader:
             self.error(node, f"{what} must be a number, a string, true/false or null")
             return None
         try:
-            return self._loader.construct_object(node, deep=True), node.value
+            value = self._loader.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
             self.error(node, f"{what}: not a value: {exc}")
             return None
+        if isinstance(value, float) and not math.isfinite(value):  # (.nan, .inf, 1.0e400: --param refuses them)
+            self.error(node, f"{what} must be a finite number, not {node.value}")
+            return None
+        return value, node.value
 
     # -- paths -------------------------------------------------------------------------------------
     def absolute(self, text: str) -> str:

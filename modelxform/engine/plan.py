@@ -6,6 +6,7 @@ applied, so a plan runs the very same passes. Parameters and the seed of one run
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .. import ir
@@ -114,6 +115,8 @@ def resolve_params(recipe, overrides: dict | None) -> dict:
         if name not in used:
             raise UsageError(f"parameter {name!r} (--param {name}=…) is declared but never used by the recipe")
         value = parse_value(raw) if isinstance(raw, str) else raw
+        if isinstance(value, float) and not math.isfinite(value):  # (a value given in Python, or a batch file's)
+            raise UsageError(f"parameter {name!r} must be a finite number, but --param gave {raw!r}")
         default = declared[name]
         if isinstance(default, bool) != isinstance(value, bool) or \
                 (isinstance(default, (int, float)) and not isinstance(value, (int, float))) or \

@@ -44,11 +44,21 @@ SAMPLES = {"cnn": cnn}
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: python -m modelxform.samples {{{','.join(SAMPLES)}}} OUT.keras"
+    if argv in (["-h"], ["--help"]):
+        print(f"{usage}\n\nBuild a small sample model locally (no downloads) and save it to OUT.keras "
+              "(.h5 for the HDF5 format).\n  cnn  " + (cnn.__doc__ or "").split(";")[0].strip())
+        return 0
     if len(argv) != 2 or argv[0] not in SAMPLES:
-        print(f"usage: python -m modelxform.samples {{{','.join(SAMPLES)}}} OUT.keras", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
+    from .errors import ModelxformError
     from .keras_io.files import save_model
-    save_model(SAMPLES[argv[0]](), argv[1])
+    try:
+        save_model(SAMPLES[argv[0]](), argv[1])
+    except ModelxformError as exc:
+        print(exc.render(), file=sys.stderr)
+        return int(exc.exit_code)
     print(f"wrote {argv[1]}")
     return 0
 

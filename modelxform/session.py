@@ -287,6 +287,8 @@ def _run_and_save(recipe, source, archive, model_path, output, seed, params, sav
     if archive is not None and ctx.on_archive and not savedmodel and model_format(output) == "keras":
         archive.save(output, record)  # the arrays changed in place, the rest copied: no Keras
         return result
+    if archive is not None:  # (the kept arrays go to the output as they lie in the input: damaged, no)
+        archive.check_intact()
     input_sha256 = archive.input_sha256() if archive is not None else \
         known_sha256(model_path, input_digest) or sha256_remembered(model_path)
     result.built = True

@@ -1294,3 +1294,24 @@ def test_a_seed_argument_that_is_not_a_whole_number_of_at_least_0_is_refused(tmp
         assert capsys.readouterr().err.splitlines()[-1] == \
             f"modelxform {command[0]}: error: argument --seed: a seed is a whole number ≥ 0, not '{given}'"
     assert not (tmp_path / "out.keras").exists()
+
+
+def test_traceback_is_an_option_of_every_command_too(tmp_path):
+    for argv in (["--traceback", "provenance", tmp_path / "nope.keras"], ["provenance", tmp_path / "nope.keras",
+                                                                          "--traceback"]):
+        r = run_cli(*argv)  # (after the command it was "unrecognized arguments")
+        assert r.status == 3
+        assert r.err.startswith("Traceback (most recent call last):")
+        assert r.err.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.keras'}: no such file"
+    r = run_cli("provenance", tmp_path / "nope.keras")
+    assert (r.status, r.err) == (3, f"error: {tmp_path / 'nope.keras'}: no such file\n")
+
+
+def test_the_samples_module_has_help_and_one_line_errors(tmp_path, capsys):
+    from modelxform.samples import main as samples
+    assert samples(["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m modelxform.samples {cnn} OUT.keras\n")
+    assert samples(["cnn", str(tmp_path / "missing" / "x.keras")]) == 3  # (was a traceback)
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing' / 'x.keras'}: folder {tmp_path / 'missing'} " \
+                                      "does not exist\n"
+    assert samples(["vgg", "x.keras"]) == 2

@@ -133,3 +133,50 @@ def test_a_kernel_stored_as_keras_stores_it_still_takes_the_archive_path(tmp_pat
         f.create_dataset("layers/dense_1/vars/0", data=np.ones((32, 16), "int32"))
     with pytest.raises(NotApplicable, match="dense_2: kernel is stored as int32, the config makes it float32"):
         Archive(rewrite(model, tmp_path / "int32.keras", change_weights=ones))
+
+
+def damaged_in_a_kernel(src, dst):
+    """``src`` with one byte of dense_2's kernel flipped inside the stored weights member, the CRC-32
+    the zip's headers record left as it was: a damaged file, which Keras refuses to load."""
+    import io
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as zf:
+        info = zf.getinfo("model.weights.h5")
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_length + extra_length
+    with h5py.File(io.BytesIO(bytes(data[start:start + info.file_size])), "r") as f:
+        at = f["layers/dense_1/vars/0"].id.get_offset()
+    data[start + at + 3] ^= 0x40  # (the high byte of kernel[0, 0])
+    dst.write_bytes(bytes(data))
+    with zipfile.ZipFile(dst) as zf:
+        assert zf.testzip() == "model.weights.h5"
+    return dst
+
+
+@pytest.mark.parametrize("output", ["out.keras", "out.h5"])
+def test_a_structural_edit_of_a_damaged_archive_writes_nothing(tmp_path, model_file, output):
+    """The kept arrays are copied from where they lie in the input, not through zipfile: a flipped byte
+    reached the output under a fresh, valid CRC-32 (and a kernel value of 1e38)."""
+    damaged = damaged_in_a_kernel(model_file("cnn"), tmp_path / "damaged.keras")
+    before = damaged.read_bytes()
+    recipe = tmp_path / "s.recipe"
+    recipe.write_text(HEADER + "insert Dropout(rate=0.1) before dense_2\n")
+    r = run_cli("apply", recipe, damaged, "-o", tmp_path / output)
+    assert r.status == 3
+    with zipfile.ZipFile(damaged) as zf:
+        recorded = zf.getinfo("model.weights.h5").CRC
+    assert r.err.startswith(f"error: {damaged}: model.weights.h5 is damaged: its bytes' CRC-32 is ")
+    assert r.err.strip().endswith(f"the archive records {recorded:08x} (Keras refuses to load it)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.keras", "damaged.keras", "s.recipe"]
+    assert damaged.read_bytes() == before
+
+
+def test_a_weight_only_edit_of_a_damaged_archive_keeps_the_damage_detectable(tmp_path, model_file):
+    """On the archive, untouched bytes are copied and the output's CRC-32 is worked out from the
+    input's (streams.EditedCrc): the output is as damaged as the input, and says so to any reader."""
+    damaged = damaged_in_a_kernel(model_file("cnn"), tmp_path / "damaged.keras")
+    recipe = tmp_path / "w.recipe"
+    recipe.write_text(HEADER + "select dense_3; scale kernel 0.5\n")
+    assert run_cli("apply", recipe, damaged, "-o", tmp_path / "out.keras").status == 0
+    with zipfile.ZipFile(tmp_path / "out.keras") as zf:
+        assert zf.testzip() == "model.weights.h5"

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in SUBCOMMANDS:
         importlib.import_module(f".{name}", __name__).add_parser(subparsers)
+    for sub in subparsers.choices.values():  # (also after the command: `modelxform apply … --traceback`)
+        sub.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                         help="show the Python traceback of an error")
     return parser
 
 

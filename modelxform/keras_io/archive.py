@@ -33,6 +33,7 @@ import math
 import os
 import pathlib
 import tempfile
+import threading
 import zipfile
 
 import numpy as np
@@ -370,6 +371,7 @@ class Archive:
         self._in_memory = 0  # bytes of the arrays held in _patches
         self._largest = 0  # bytes of the largest array read
         self._digest = None  # the input's sha256, computed by a thread (see hash_input)
+        self._intact = None  # the weights member's CRC-32 being checked, by a thread (see check_intact)
         try:
             with zipfile.ZipFile(self._fh) as zf:
                 infos = zf.infolist()
@@ -433,6 +435,28 @@ class Archive:
             if sha is None:
                 self._digest.start()
 
+    def begin_integrity_check(self) -> None:
+        """Start working out model.weights.h5's CRC-32 in a thread (check_intact compares it with the
+        archive's). Keras reads a member whole through zipfile, which refuses a CRC that does not match;
+        modelxform reads arrays where they lie, so a damaged byte would reach a structural edit's output
+        under a fresh, valid CRC. (A weight-only edit on the archive keeps the damage detectable instead:
+        its output's CRC is worked out from the input's, streams.EditedCrc.)"""
+        if self._intact is None and self._fh is not None and not self._fh.closed:
+            self._intact = _MemberCrc(self._fh.fileno(), self.h5_start, self.h5_size)
+            self._intact.start()
+
+    def check_intact(self) -> None:
+        """ModelFileError unless model.weights.h5's bytes have the CRC-32 the archive records (see
+        begin_integrity_check, started here if it was not)."""
+        self.begin_integrity_check()
+        if self._intact is None:
+            return
+        crc = self._intact.result()
+        if crc != self.h5_crc:
+            from ..errors import ModelFileError
+            raise ModelFileError(f"{self.path}: {WEIGHTS_MEMBER} is damaged: its bytes' CRC-32 is {crc:08x}, the "
+                                 f"archive records {self.h5_crc:08x} (Keras refuses to load it)")
+
     def input_sha256(self) -> str:
         """The input file's sha256 (started by hash_input, or now)."""
         self.hash_input()
@@ -460,6 +484,8 @@ class Archive:
         self.lazy_variables.clear()
         if self._digest is not None:
             self._digest.stop()
+        if self._intact is not None:
+            self._intact.stop()
         self._fh.close()
         if self._spill is not None:
             self._spill.close()
@@ -472,7 +498,7 @@ class Archive:
     # as opened can be handed over (nothing assigned, deferred or read by rows yet).
     def __getstate__(self) -> dict:
         if self._patches or self._changes or self._cursors or self._spill is not None or self.lazy_variables \
-                or self._digest is not None:
+                or self._digest is not None or self._intact is not None:
             raise TypeError("only an archive as opened can be handed to another process")
         from .digests import file_identity
         state = {k: v for k, v in self.__dict__.items() if k not in ("_fh", "lazy_variables")}
@@ -897,6 +923,44 @@ class Archive:
                 read_exact(fd, view, self.h5_start + offset + done)
                 write_pieces(out, view)
                 done += n
+
+
+class _MemberCrc(threading.Thread):
+    """The CRC-32 of ``size`` bytes of a file from ``start``, read through a descriptor of its own (a
+    duplicate: the archive may be closed meanwhile), 1 MiB at a time; preadv and zlib release the GIL."""
+
+    def __init__(self, fd: int, start: int, size: int):
+        super().__init__(name="modelxform-crc32", daemon=True)
+        self._fd, self._start, self._size = os.dup(fd), start, size
+        self._stopped = False
+        self._crc, self._error = None, None
+
+    def run(self) -> None:
+        from .streams import crc32
+        try:
+            buffer = bytearray(min(BLOCK_BYTES, max(self._size, 1)))
+            view, crc, at = memoryview(buffer), 0, 0
+            while at < self._size and not self._stopped:
+                n = min(len(buffer), self._size - at)
+                read_exact(self._fd, view[:n], self._start + at)
+                crc = crc32(view[:n], crc)
+                at += n
+            self._crc = crc
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller of result()
+            self._error = exc
+        finally:
+            os.close(self._fd)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.join()
+
+    def result(self) -> int:
+        self.join()
+        if self._error is not None:
+            from ..errors import ModelFileError
+            raise ModelFileError(f"cannot read {WEIGHTS_MEMBER} to check it: {self._error}") from None
+        return self._crc
 
 
 def _write_spill(fd: int, value: np.ndarray, offset: int) -> None:

@@ -196,25 +196,28 @@ def apply_file(recipe, model, output=None, *, seed: int | None = None, params: d
     >>> apply_file("prep.recipe", "cnn.keras", "out.keras", seed=7).plan.after   # doctest: +SKIP
     (8, 63930)
     """
-    from .keras_io.files import model_format, same_file
+    from .keras_io.files import model_format
+    from .keras_io.outputs import check_output_folder, refuse_overwriting_inputs
     recipe = _as_recipe(recipe)
     output = os.fspath(output) if output is not None else (os.fspath(model) if in_place else None)
     if output is None and not dry_run:
         raise UsageError("apply needs an output file (or in_place, or dry_run)")
     savedmodel = format == "savedmodel"
-    if savedmodel and not dry_run:
-        from .keras_io.backend import require_tensorflow
-        require_tensorflow("--format savedmodel")
     if output is not None:
         if not savedmodel:
             fmt = model_format(output)
             if format is not None and format != fmt:
                 raise UsageError(f"--format {format} does not match -o {output} (a .{fmt} file name)")
-        folder = pathlib.Path(output).parent
-        if not folder.is_dir():
-            raise ModelFileError(f"{output}: folder {folder} does not exist")
-        if same_file(output, model) and not in_place:
-            raise UsageError(f"-o {output} is the input model; refusing to overwrite it (use --in-place)")
+        if not in_place:
+            refuse_overwriting_inputs("-o", output, [(model, "the input model")], remedy="use --in-place")
+        if savedmodel:  # (a folder: its missing parents are made, as export makes them)
+            from .export import check_export_destination
+            check_export_destination(output, inputs=[model])
+        else:
+            check_output_folder(output)
+    if savedmodel and not dry_run:  # (after the checks of OUT, which need no TensorFlow)
+        from .keras_io.backend import require_tensorflow
+        require_tensorflow("--format savedmodel")
     source = open_model(model, unsafe=unsafe, imports=imports, opened=opened)
     with _closing(source):
         return _apply(recipe, source, os.fspath(model), None if dry_run else output, seed, params, savedmodel,
@@ -294,7 +297,7 @@ def _run_and_save(recipe, source, archive, model_path, output, seed, params, sav
     result.built = True
     if savedmodel:
         from .export import export_savedmodel
-        export_savedmodel(ctx.current_model(), output, provenance=record(input_sha256))
+        export_savedmodel(ctx.current_model(), output, provenance=record(input_sha256), inputs=[model_path])
     else:
         save_model(ctx.current_model(), output, provenance=record(input_sha256))
     return result

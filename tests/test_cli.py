@@ -270,6 +270,124 @@ def test_output_into_missing_folder(tmp_path, cnn):
     assert listing(tmp_path) == files
 
 
+@pytest.mark.parametrize("under", ["cnn.keras/out.keras", "cnn.keras/sub/out.keras"])
+def test_output_under_a_file_says_it_is_not_a_folder(tmp_path, cnn, under):
+    """-o m.keras/x.keras, where m.keras is a file, said `folder m.keras does not exist`."""
+    recipe = write(tmp_path / "ok.recipe", "select all; freeze\n")
+    before, files = sha256(cnn), listing(tmp_path)
+    out = tmp_path / under
+    r = run_cli("apply", recipe, cnn, "-o", out)
+    assert r.status == 3, r.err
+    assert r.err == f"error: {out}: {cnn} is not a folder\n"
+    assert sha256(cnn) == before and listing(tmp_path) == files
+
+
+def test_output_that_is_the_recipe_is_refused(tmp_path, cnn):
+    """A recipe named like a model file (r.keras) was replaced by the output."""
+    recipe = write(tmp_path / "r.keras", "select all; freeze\n")
+    files = listing(tmp_path)
+    r = run_cli("apply", recipe, cnn, "-o", recipe)
+    assert r.status == 2
+    assert r.err == f"error: -o {recipe} is the recipe; refusing to overwrite it\n"
+    assert recipe.read_text() == "select all; freeze\n" and listing(tmp_path) == files
+
+
+def _alias(tmp_path, target, how):
+    """``target`` itself, or a symbolic or hard link to it named alias.html."""
+    if how == "itself":
+        return target
+    alias = tmp_path / "alias.html"
+    (os.symlink if how == "symlink" else os.link)(target, alias)
+    return alias
+
+
+@pytest.mark.parametrize("command,which,how", [
+    ("plan", "model", "itself"), ("plan", "model", "symlink"), ("plan", "recipe", "itself"),
+    ("plan", "recipe", "hardlink"), ("diff", "A", "itself"), ("diff", "B", "itself"), ("diff", "B", "symlink"),
+    ("diff", "A", "hardlink"),
+])
+def test_html_report_that_is_an_input_is_refused(tmp_path, cnn, command, which, how):
+    """plan --html m.keras replaced the model with the page (exit 0); likewise the recipe and diff's B.
+    Refused before any work (no Graphviz needed to say so), the input untouched, nothing left."""
+    recipe = write(tmp_path / "r.recipe", "select all; freeze\n")
+    other = tmp_path / "other.keras"
+    other.write_bytes(cnn.read_bytes())
+    target = {"model": cnn, "recipe": recipe, "A": cnn, "B": other}[which]
+    report = _alias(tmp_path, target, how)
+    before, files = sha256(target), listing(tmp_path)
+    argv = ["plan", recipe, cnn] if command == "plan" else ["diff", cnn, other]
+    r = run_cli(*argv, "--html", report)
+    assert r.status == 2, r.err
+    what = {"model": "the input model", "recipe": "the recipe", "A": "model A", "B": "model B"}[which]
+    assert r.err == f"error: --html {report} is {what}; refusing to overwrite it\n"
+    assert r.out == ""
+    assert sha256(target) == before and listing(tmp_path) == files
+
+
+@pytest.mark.parametrize("command", ["plan", "diff"])
+def test_html_report_folder_is_checked_before_any_work(tmp_path, cnn, monkeypatch, command):
+    """A folder the page cannot be written in was found only once the plan (or diff) was made and laid
+    out; now at once, exit 3, one line. As root chmod cannot say no: os.access is told to (as a folder
+    marked immutable, or on a read-only mount, makes it say)."""
+    from modelxform import session
+    recipe = write(tmp_path / "r.recipe", "select all; freeze\n")
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if pathlib.Path(p) == folder
+                        else real_access(p, mode, *a, **k))
+    work = []
+    monkeypatch.setattr(session, "plan_file", lambda *a, **k: work.append("plan") or 1 / 0)
+    monkeypatch.setattr(session, "model_to_look_at", lambda *a, **k: work.append("load") or 1 / 0)
+    files = listing(tmp_path)
+    argv = ["plan", recipe, cnn] if command == "plan" else ["diff", cnn, cnn]
+    r = run_cli(*argv, "--html", folder / "report.html")
+    assert r.status == 3, r.err
+    assert r.err == f"error: {folder / 'report.html'}: cannot write in {folder}: Permission denied\n"
+    assert work == [] and listing(tmp_path) == files
+
+
+def test_diff_checks_both_files_before_loading_either(tmp_path, cnn):
+    """`diff A B` with B missing loaded A first (TensorFlow's import, seconds) and only then said so."""
+    proc = subprocess.run([sys.executable, "-c", NO_TF_PROBE, "diff", cnn.name, "missing.keras"], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert "STATUS 3" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr == "error: missing.keras: no such file\n"
+    assert "LOADED False False" in proc.stdout
+
+
+@pytest.fixture
+def small_batch(tmp_path, cnn):
+    """z/Z.yaml: one model, one recipe, outputs in z/out (made, so that an output's name is a path)."""
+    zoo = tmp_path / "z"
+    zoo.mkdir()
+    model = zoo / "a.keras"
+    cnn.rename(model)
+    write(zoo / "w.recipe", "select where type=Dense\nscale kernel 0.5\n")
+    write(zoo / "Z.yaml", 'models: [a.keras]\nrecipes: [w.recipe]\noutput: "out/{model}.keras"\n')
+    (zoo / "out").mkdir()
+    (zoo / "out" / "a.keras").write_bytes(b"an earlier output")
+    return zoo
+
+
+@pytest.mark.parametrize("which,what", [
+    ("a.keras", "a model of the batch"), ("w.recipe", "a recipe of the batch"), ("Z.yaml", "the batch file"),
+    ("out/a.keras", "an output of the batch"), ("link", "a model of the batch"),
+])
+def test_batch_report_that_is_a_file_of_the_batch_is_refused(small_batch, which, what):
+    """batch Z.yaml --report a.keras replaced the model (or the recipe, or the zoo file) with JSON."""
+    report = small_batch / which
+    if which == "link":
+        report.symlink_to(small_batch / "a.keras")
+    files = listing(small_batch)
+    digests = {name: sha256(small_batch / name) for name in ("a.keras", "w.recipe", "Z.yaml", "out/a.keras")}
+    r = run_cli("batch", small_batch / "Z.yaml", "-j", 1, "--report", report)
+    assert r.status == 2, r.out + r.err
+    assert r.err == f"error: --report {report} is {what}; refusing to overwrite it\n"
+    assert listing(small_batch) == files
+    assert {name: sha256(small_batch / name) for name in digests} == digests
+
+
 # -- recipe errors -------------------------------------------------------------------------------------
 
 BAD_SYNTAX = "select all\nfreeze unfreeze\n"  # error at line 2, column 8 (`unfreeze`)

@@ -2,8 +2,10 @@
 tf.saved_model.load reads back and that computes what the Keras model computes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -200,8 +202,8 @@ def test_export_errors(tmp_path):
     a_file.write_text("x")
     with pytest.raises(ModelFileError, match="is a file"):
         export_savedmodel(model, a_file)
-    with pytest.raises(ModelFileError, match="does not exist"):
-        export_savedmodel(model, tmp_path / "no" / "such" / "dir")
+    with pytest.raises(ModelFileError, match=f"{a_file} is not a folder"):
+        export_savedmodel(model, a_file / "such" / "dir")
     r = run_cli("export", tmp_path / "missing.keras", tmp_path / "out")
     assert r.status == 3 and "missing.keras: no such file" in r.err
     assert not (tmp_path / "out").exists()
@@ -238,3 +240,151 @@ def test_apply_writes_a_savedmodel(tmp_path):
     (x,) = random_inputs(model, seed=3)
     served = tf.saved_model.load(str(dest))
     np.testing.assert_allclose(np.asarray(served.serve(x)), np.asarray(model(x, training=False)), atol=1e-5, rtol=0)
+
+
+def listing(folder) -> set[str]:
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def digest(path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def exported_folder(tmp_path):
+    """e/m.keras (the sample CNN) and e/notes.txt: a folder that holds the model to export."""
+    folder = tmp_path / "e"
+    folder.mkdir()
+    save_model(make_cnn(), folder / "m.keras")
+    (folder / "notes.txt").write_text("keep\n")
+    return folder
+
+
+@pytest.mark.parametrize("how", ["plain", "through-a-symlinked-folder", "hard-link", "dir-is-a-symlink"])
+def test_export_force_refuses_to_replace_a_folder_that_holds_the_input(tmp_path, exported_folder, how):
+    """`export e/m.keras e --force` deleted the folder e, the input model with it, then wrote the
+    SavedModel (exit 0). Now refused before any work, exit 2, one line; nothing changes."""
+    folder = exported_folder
+    model, dest = folder / "m.keras", folder
+    if how == "through-a-symlinked-folder":
+        (tmp_path / "alias").symlink_to(folder)
+        model = tmp_path / "alias" / "m.keras"
+    elif how == "hard-link":
+        model = tmp_path / "hard.keras"
+        os.link(folder / "m.keras", model)
+    elif how == "dir-is-a-symlink":
+        dest = tmp_path / "alias"
+        dest.symlink_to(folder)
+    before, files = digest(folder / "m.keras"), listing(tmp_path)
+    r = run_cli("export", model, dest, "--force")
+    assert r.status == 2, r.err
+    held = folder / "m.keras" if how == "hard-link" else model
+    assert r.err == (f"error: --force {dest}: the folder holds the input model {held}; refusing to replace it "
+                     "(export to another folder)\n")
+    assert r.out == "" and digest(folder / "m.keras") == before and listing(tmp_path) == files
+
+
+@pytest.mark.parametrize("how", ["itself", "symlink"])
+def test_export_to_the_input_model_itself_is_refused(tmp_path, exported_folder, how):
+    model = exported_folder / "m.keras"
+    dest = model
+    if how == "symlink":
+        dest = tmp_path / "link.keras"
+        dest.symlink_to(model)
+    before, files = digest(model), listing(tmp_path)
+    r = run_cli("export", model, dest, "--force")
+    assert r.status == 2, r.err
+    assert r.err == f"error: DIR {dest} is the input model; refusing to overwrite it\n"
+    assert digest(model) == before and listing(tmp_path) == files
+
+
+def test_export_makes_the_missing_parent_folders(tmp_path):
+    """README's `export out.keras serving/prep/1` failed where serving/prep did not exist (TensorFlow
+    Serving reads MODEL/VERSION folders): the parents are made, as mkdir -p does."""
+    base = tmp_path / "out.keras"
+    save_model(make_cnn(), base)
+    dest = tmp_path / "serving" / "prep" / "1"
+    r = run_cli("export", base, dest)
+    assert r.status == 0, r.err
+    assert (dest / "saved_model.pb").is_file()
+    assert sorted(listing(tmp_path / "serving"))[:2] == ["prep", "prep/1"]
+    assert [p for p in os.listdir(dest.parent) if p.startswith(".")] == []
+
+
+def test_a_failed_export_removes_the_parent_folders_it_made(tmp_path, monkeypatch):
+    from modelxform.keras_io import savedmodel
+    base = tmp_path / "out.keras"
+    save_model(make_cnn(), base)
+    (tmp_path / "serving").mkdir()
+    files = listing(tmp_path)
+
+    def broken(model, filepath):
+        raise ValueError("simulated failure while tracing")
+    monkeypatch.setattr(savedmodel, "write_saved_model", broken)
+    r = run_cli("export", base, tmp_path / "serving" / "prep" / "1")
+    assert r.status == 3, r.err
+    assert r.err == (f"error: {tmp_path / 'serving' / 'prep' / '1'}: cannot export the model as a SavedModel: "
+                     "simulated failure while tracing\n")
+    assert listing(tmp_path) == files  # serving/ was there before; serving/prep was made, and is gone
+
+
+EXPORT_PROBE = """\
+import sys
+from modelxform.cli import main
+status = main(sys.argv[1:])
+print("STATUS", status)
+print("LOADED", "tensorflow" in sys.modules, "keras" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("case", ["no-model", "not-a-model", "not-empty", "under-a-file", "holds-the-input"])
+def test_export_checks_its_arguments_before_importing_tensorflow(tmp_path, case):
+    """Every check of MODEL and DIR is made before TensorFlow's import (2-3 s), which only the export
+    itself needs; each is one line with its exit status."""
+    import subprocess
+    import sys
+    model = tmp_path / "m.keras"
+    save_model(make_cnn(), model)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / "junk.keras").write_bytes(b"not a zip at all")
+    argv, status, message = {
+        "no-model": (["missing.keras", "out"], 3, "error: missing.keras: no such file"),
+        "not-a-model": (["junk.keras", "out"], 3, "error: junk.keras: not a .keras archive (a .keras file is a zip)"),
+        "not-empty": (["m.keras", "full"], 3, "error: full: folder exists and is not empty; refusing to "
+                                              "overwrite it (remove it, or pass --force)"),
+        "under-a-file": (["m.keras", "m.keras/1"], 3, "error: m.keras/1: m.keras is not a folder"),
+        "holds-the-input": (["m.keras", ".", "--force"], 2, "error: --force .: the folder holds the input model "
+                                                            "m.keras; refusing to replace it (export to another "
+                                                            "folder)"),
+    }[case]
+    files = listing(tmp_path)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", EXPORT_PROBE, "export", *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert f"STATUS {status}" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.stderr == message + "\n"
+    assert "LOADED False False" in proc.stdout  # no TensorFlow, no Keras
+    assert listing(tmp_path) == files
+
+
+def test_apply_savedmodel_into_a_folder_that_is_not_empty_names_a_remedy_apply_has(tmp_path, monkeypatch):
+    """apply said `(remove it, or pass --force)`, but apply has no --force; and it said so only after
+    the recipe had run. Now at once, before the model is opened."""
+    from modelxform import session
+    base = tmp_path / "cnn.keras"
+    save_model(make_cnn(), base)
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text("select dense_3\nscale weights 0.5\n")
+    dest = tmp_path / "served"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("keep\n")
+    opened = []
+    monkeypatch.setattr(session, "open_model", lambda *a, **k: opened.append(a) or 1 / 0)
+    files = listing(tmp_path)
+    r = run_cli("apply", recipe, base, "-o", dest, "--format", "savedmodel")
+    assert r.status == 3, r.err
+    assert r.err == (f"error: {dest}: folder exists and is not empty; refusing to overwrite it "
+                     "(remove it, or choose another folder)\n")
+    assert opened == [] and listing(tmp_path) == files

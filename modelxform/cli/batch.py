@@ -51,6 +51,9 @@ def run(args, console) -> int:
         folder = os.path.dirname(os.path.abspath(args.report))
         if not os.path.isdir(folder):
             raise UsageError(f"--report {args.report}: folder {folder} does not exist")
+        from ..keras_io.outputs import check_output_folder, refuse_overwriting_inputs
+        refuse_overwriting_inputs("--report", args.report, [(args.zoo, "the batch file")])
+        check_output_folder(args.report)
     if args.executor == "ray":
         from ..batch.ray_executor import import_ray
         import_ray()  # fail now, with the install hint, not after reading the zoo
@@ -65,6 +68,11 @@ def _run(args, console, early) -> int:
     from ..batch import load_zoo, run_batch
 
     zoo = load_zoo(args.zoo, include_root=include_root(args), imports=args.imports, unsafe=args.unsafe)
+    if args.report:  # before any job runs: the report replaces none of the files the batch reads or writes
+        from ..keras_io.outputs import refuse_overwriting_inputs
+        refuse_overwriting_inputs("--report", args.report, [(path, "a model of the batch") for path in zoo.models]
+                                  + [(path, "a recipe of the batch") for path in zoo.recipes]
+                                  + [(job.output, "an output of the batch") for job in zoo.jobs])
     workers = args.workers or os.cpu_count() or 1
     models = len(dict.fromkeys(job.model for job in zoo.jobs))
     recipes = len(dict.fromkeys(job.recipe for job in zoo.jobs))

@@ -53,12 +53,16 @@ def run(args, console) -> int:
     import pathlib
 
     from ..diff import diff, snapshot
-    from ..keras_io.files import model_format
+    from ..keras_io.files import check_model_file
     from ..session import model_to_look_at
-    model_format(args.a)
-    model_format(args.b)
+    if args.html:  # before any work: the page replaces neither model, and its folder can take it
+        from ..keras_io.outputs import check_output_folder, refuse_overwriting_inputs
+        refuse_overwriting_inputs("--html", args.html, [(args.a, "model A"), (args.b, "model B")])
+    check_model_file(args.a, unsafe=args.unsafe)  # both, before either is loaded
+    check_model_file(args.b, unsafe=args.unsafe)
     if args.html:
         from ..report_html import require_dot
+        check_output_folder(args.html)
         require_dot()
     # each model built from its archive as apply builds it, where the engine reads the file: the values
     # of its large variables stay in the file and are compared a block of rows at a time

@@ -15,8 +15,11 @@ stored once (Keras stores every weight twice with the TensorFlow backend): its e
   served = tf.saved_model.load("DIR")
   y = served.serve(x)
 
-DIR is written atomically (a temporary folder beside it, then a rename). MODEL's provenance record,
-if it has one, is kept in DIR/assets.extra/modelxform.json.
+DIR is written atomically (a temporary folder beside it, then a rename); its missing parent folders
+are made, as mkdir -p does (TensorFlow Serving reads MODEL/VERSION folders: export m.keras serving/m/1).
+--force replaces a DIR that holds something, unless it holds MODEL. MODEL's provenance record, if it
+has one, is kept in DIR/assets.extra/modelxform.json. MODEL and DIR are checked before TensorFlow is
+imported.
 
 It needs TensorFlow, whatever Keras's backend (KERAS_BACKEND=jax converts the model with jax2tf);
 without TensorFlow it stops at once with one line and exit status 2.
@@ -39,11 +42,16 @@ def add_parser(subparsers):
 
 
 def run(args, console) -> int:
-    from ..export import export_savedmodel
+    from ..export import check_export_destination, export_savedmodel
     from ..errors import ModelxformError
     from ..keras_io.backend import require_tensorflow
+    from ..keras_io.files import check_model_file
     from ..provenance import read_record
     from ..session import model_to_look_at
+    # every check of the arguments before TensorFlow's import (seconds): MODEL is a model file, DIR can
+    # be written (its missing parents are made) and, replaced with --force, does not hold MODEL
+    check_model_file(args.model, unsafe=args.unsafe)
+    check_export_destination(args.directory, overwrite=args.force, inputs=[args.model], force_option="--force")
     require_tensorflow("export")  # before the model is loaded
     try:
         record = read_record(args.model)  # only a well-formed record travels along
@@ -52,7 +60,8 @@ def run(args, console) -> int:
     # built from the .keras archive as apply builds it (each array read from the file once, no random
     # initial values first), else loaded with Keras
     with model_to_look_at(args.model, unsafe=args.unsafe, imports=args.imports) as model:
-        export_savedmodel(model, args.directory, provenance=record, overwrite=args.force)
+        export_savedmodel(model, args.directory, provenance=record, overwrite=args.force, inputs=[args.model],
+                          force_option="--force")
         ins = ", ".join(f"{getattr(t, 'name', '?')} {tuple(t.shape)}" for t in model.inputs)
         outs = ", ".join(str(tuple(t.shape)) for t in model.outputs)
     console.print(f"wrote {args.directory} (TensorFlow SavedModel; endpoint `serve`, signature `serving_default`)")

@@ -24,6 +24,11 @@ def add_parser(subparsers):
 
 
 def run(args, console) -> int:
+    if args.html is not None:  # before any work: the page replaces no input, and its folder can take it
+        from ..keras_io.outputs import check_output_folder, refuse_overwriting_inputs
+        refuse_overwriting_inputs("--html", args.html, [(args.model, "the input model"),
+                                                        (args.recipe, "the recipe")])
+        check_output_folder(args.html)
     from ..session import load_recipe, plan_file
     recipe = load_recipe(args.recipe, include_root=include_root(args))
     plan = plan_file(recipe, args.model, seed=args.seed, params=parse_params(args.params), unsafe=args.unsafe,

@@ -17,6 +17,7 @@ import zipfile
 
 from ..errors import ModelFileError, UsageError
 from .finetune import LORA_MEMBER, lora_member, restore_lora, unshare_policies
+from .outputs import check_output_folder, same_file  # noqa: F401  (same_file: used by session)
 
 FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
 
@@ -202,14 +203,21 @@ def read_config(p: pathlib.Path, fmt: str, *, unsafe: bool = False):
     return config
 
 
-def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
-    """Load a .keras or .h5 model with Keras safe mode (unless ``unsafe``), without compiling it."""
+def check_model_file(path: str | os.PathLike, *, unsafe: bool = False) -> tuple[pathlib.Path, str]:
+    """The cheap checks load_model makes first, for commands to make on every model they will read before
+    they load any (``diff A B``, ``export``): a .keras or .h5 name, a readable regular file that is not
+    empty, a model's config (safety.py: what safe mode refuses is refused, unless ``unsafe``). A file that
+    is not a model is so refused without importing TensorFlow. Returns the path and its format."""
     p = pathlib.Path(path)
     fmt = model_format(p)
     check_readable(p)
-    # the cheap checks first: a file that is not a model is refused without importing TensorFlow, and
-    # its config is checked for what safe mode refuses before Keras reads it (safety.py)
     read_config(p, fmt, unsafe=unsafe)
+    return p, fmt
+
+
+def load_model(path: str | os.PathLike, *, unsafe: bool = False, imports=()):
+    """Load a .keras or .h5 model with Keras safe mode (unless ``unsafe``), without compiling it."""
+    p, fmt = check_model_file(path, unsafe=unsafe)
     keras = import_keras()  # before --import modules, which usually import keras themselves
     import_modules(imports)
     # Keras numbers the objects it names by how many of that name this process made before (a second
@@ -325,13 +333,6 @@ def _quiet():
             yield
     finally:
         absl_logging.set_verbosity(verbosity)
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
 
 
 from .safety import PROVENANCE_MEMBER  # noqa: E402  (the member holding the record)
@@ -758,9 +759,7 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
     temporary file. OSErrors become ModelFileError; other exceptions do too when ``failure`` names what
     was being done, else they propagate (the fast path falls back to Keras on them).
     """
-    folder = dest.parent if str(dest.parent) else pathlib.Path(".")
-    if not folder.is_dir():
-        raise ModelFileError(f"{dest}: folder {folder} does not exist")
+    folder = check_output_folder(dest)  # (a folder that is there and can be written)
     if dest.is_dir():
         raise ModelFileError(f"{dest}: is a directory")
     remove_stale_temp_files(dest)  # what saves of this output that were killed left behind

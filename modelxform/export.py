@@ -35,7 +35,7 @@ def check_export_destination(directory, *, overwrite: bool = False, inputs=(),
     replaced (``overwrite``), holds one (a symbolic or hard link to it included: replacing the folder
     deletes what it holds); a ModelFileError (exit 3) when it is a file, a folder that is not empty (unless
     ``overwrite``; ``force_option``: the option that allows it, named in the remedy), or cannot be made
-    (its nearest existing parent is not a folder or cannot be written; missing
+    (its nearest existing parent is not a folder or cannot be written, a name is too long; missing
     parents are made, as ``mkdir -p`` does, since TensorFlow Serving's layout is MODEL/VERSION).
     Imports no TensorFlow. Returns the folder the SavedModel's parent is, or will be."""
     from .keras_io.outputs import check_output_folder, refuse_overwriting_inputs
@@ -93,11 +93,13 @@ def export_savedmodel(model, directory, *, provenance: dict | None = None, overw
     dest = pathlib.Path(directory)
     check_export_destination(dest, overwrite=overwrite, inputs=inputs, force_option=force_option)
     require_tensorflow("export")
+    from .keras_io.outputs import temp_stem
     made = _make_parents(dest)
     parent = dest.parent
     try:
+        stem = temp_stem(dest.name, parent, len("..XXXXXXXX.tmp"))
         try:
-            work = pathlib.Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent))
+            work = pathlib.Path(tempfile.mkdtemp(prefix=f".{stem}.", suffix=".tmp", dir=parent))
         except OSError as exc:
             raise ModelFileError(f"{dest}: cannot write in {parent}: {exc.strerror or exc}") from None
         try:

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import pathlib
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 
-from .errors import ModelFileError, UsageError
+from .errors import UsageError
 
 # What can happen to a layer, in the order that decides a node's fill colour (the first tag wins; a
 # second tag colours the border). The colours are part of the page's contract: the browser test looks
@@ -449,28 +447,10 @@ def render_html(view: View, svg: str) -> str:
 
 
 def write_html(path, text: str) -> None:
-    """Write the page atomically (temporary file in the destination folder, then rename)."""
-    dest = pathlib.Path(path)
-    folder = dest.parent if str(dest.parent) else pathlib.Path(".")
-    if not folder.is_dir():
-        raise ModelFileError(f"{dest}: folder {folder} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise ModelFileError(f"{dest}: cannot write in {folder}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o644 & ~mask)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write the page atomically (temporary file in the destination folder, then rename;
+    keras_io.outputs.write_text_atomically)."""
+    from .keras_io.outputs import write_text_atomically
+    write_text_atomically(path, text)
 
 
 def write_report(path, d, *, title: str, subtitle: str = "", statements=None) -> View:

@@ -338,7 +338,8 @@ print("LOADED", "tensorflow" in sys.modules, "keras" in sys.modules)
 """
 
 
-@pytest.mark.parametrize("case", ["no-model", "not-a-model", "not-empty", "under-a-file", "holds-the-input"])
+@pytest.mark.parametrize("case", ["no-model", "not-a-model", "not-empty", "under-a-file", "holds-the-input",
+                                  "name-too-long"])
 def test_export_checks_its_arguments_before_importing_tensorflow(tmp_path, case):
     """Every check of MODEL and DIR is made before TensorFlow's import (2-3 s), which only the export
     itself needs; each is one line with its exit status."""
@@ -358,6 +359,8 @@ def test_export_checks_its_arguments_before_importing_tensorflow(tmp_path, case)
         "holds-the-input": (["m.keras", ".", "--force"], 2, "error: --force .: the folder holds the input model "
                                                             "m.keras; refusing to replace it (export to another "
                                                             "folder)"),
+        "name-too-long": (["m.keras", "x" * 256], 3, f"error: {'x' * 256}: the name is 256 bytes long; this file "
+                                                     "system allows at most 255"),
     }[case]
     files = listing(tmp_path)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")

@@ -973,6 +973,74 @@ def test_unwritable_output_folder_simulated(tmp_path, cnn, monkeypatch, recipe_k
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.keras"]
 
 
+# ---- output names: the longest a file system allows, and one byte more ---------------------------------
+
+NAME_MAX = 255
+
+
+def _name(letter: str, suffix: str, size: int = NAME_MAX) -> str:
+    return letter * (size - len(suffix)) + suffix
+
+
+def hidden(folder) -> list[str]:
+    return sorted(p.name for p in pathlib.Path(folder).iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("recipe_kind,suffix", [("weight-only", ".keras"), ("structural", ".keras"),
+                                                ("structural", ".h5")])
+def test_the_longest_output_name_is_written(tmp_path, cnn, recipe_kind, suffix):
+    """A valid 246-character name was refused (`cannot write in .: File name too long`): the temporary
+    file's name (`.NAME.modelxform-tmp-HOST-PID-…`) was longer than the file system allows. Its copy of
+    NAME is now shortened where it must be, so every name an output may have works."""
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text(RECIPES[recipe_kind])
+    out = tmp_path / _name("b", suffix)
+    r = run_cli("apply", recipe, cnn, "-o", out)
+    assert r.status == 0, r.err
+    assert out.is_file() and hidden(tmp_path) == []
+    assert run_cli("verify", out, "--input", cnn).status == 0  # (its record read back, an .h5's included)
+
+
+@pytest.mark.parametrize("command", ["apply", "apply-h5", "plan --html", "diff --html", "apply --format savedmodel"])
+def test_an_output_name_too_long_is_one_line(tmp_path, cnn, command):
+    """A name over 255 bytes was a traceback (OSError: [Errno 36] File name too long, from
+    write_atomically's dest.is_dir()), exit 1. Now one line, exit 3, before any work."""
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text(WEIGHT_ONLY)
+    suffix = {"apply": ".keras", "apply-h5": ".h5", "plan --html": ".html", "diff --html": ".html",
+              "apply --format savedmodel": ""}[command]
+    out = tmp_path / _name("a", suffix, NAME_MAX + 1)
+    argv = {"apply": ["apply", recipe, cnn, "-o", out], "apply-h5": ["apply", recipe, cnn, "-o", out],
+            "plan --html": ["plan", recipe, cnn, "--html", out], "diff --html": ["diff", cnn, cnn, "--html", out],
+            "apply --format savedmodel": ["apply", recipe, cnn, "-o", out, "--format", "savedmodel"]}[command]
+    files = listing(tmp_path)
+    r = run_cli(*argv)
+    assert r.status == 3, r.err
+    assert r.err == f"error: {out}: the name is 256 bytes long; this file system allows at most 255\n"
+    assert r.out == "" and listing(tmp_path) == files
+
+
+def test_temporary_names_of_long_outputs_fit_stay_apart_and_are_cleaned_up(tmp_path, cnn):
+    """Two 255-byte names that differ only at their end: their temporary names fit, differ, and a save
+    of one removes what a killed save of that one left, not the other's."""
+    from modelxform.keras_io.files import stale_temp_files, temp_prefix
+    first, second = tmp_path / _name("c", "1.keras"), tmp_path / _name("c", "2.keras")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = {out: tmp_path / (temp_prefix(out, 4194304) + "k2j4h5l6.keras.norm") for out in (first, second)}
+    for path in stale.values():  # (the longest a temporary name gets: a 7-digit PID, .keras.norm)
+        assert len(path.name.encode()) <= NAME_MAX, len(path.name.encode())
+    assert temp_prefix(first, pid) != temp_prefix(second, pid)
+    stale = {out: tmp_path / (temp_prefix(out, pid) + "k2j4h5l6.keras") for out in (first, second)}
+    for path in stale.values():
+        path.write_bytes(b"partial")
+    assert stale_temp_files(first) == [stale[first]]
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text(WEIGHT_ONLY)
+    assert run_cli("apply", recipe, cnn, "-o", first).status == 0
+    assert not stale[first].exists() and stale[second].exists()
+
+
 @pytest.mark.parametrize("writer", ["archive", "archive-through-a-file", "keras"])
 def test_disk_full_while_the_model_is_written(tmp_path, cnn, monkeypatch, capfd, writer):
     """ENOSPC half-way through writing the model — in model_io's archive writer, h5py writing the weights

@@ -261,15 +261,7 @@ def _write_report(args, zoo, outcomes, workers: int, elapsed: float) -> None:
     data = {"zoo": os.path.abspath(zoo.path), "root": zoo.root, "executor": args.executor,
             "workers": workers, "dry_run": bool(args.dry_run), "force": bool(args.force),
             "duration": round(elapsed, 3), "totals": dict(totals), "jobs": jobs}
-    tmp = f"{args.report}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, args.report)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise UsageError(f"--report {args.report}: cannot write: {exc.strerror or exc}") from None
+    from ..keras_io.outputs import write_text_atomically
+    mask = os.umask(0)
+    os.umask(mask)
+    write_text_atomically(args.report, json.dumps(data, indent=2) + "\n", mode=0o666 & ~mask)

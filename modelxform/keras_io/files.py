@@ -17,7 +17,7 @@ import zipfile
 
 from ..errors import ModelFileError, UsageError
 from .finetune import LORA_MEMBER, lora_member, restore_lora, unshare_policies
-from .outputs import check_output_folder, same_file  # noqa: F401  (same_file: used by session)
+from .outputs import check_output_folder, same_file, temp_stem  # noqa: F401  (same_file: used by session)
 
 FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
 
@@ -476,7 +476,7 @@ def _write_keras_archive(model, path: pathlib.Path, provenance: dict | None, lor
                     else:
                         saved = _save_through(out, save_weights, path)
             else:
-                with tempfile.TemporaryFile(prefix=f".{path.name}.", dir=path.parent) as weights_file:
+                with tempfile.TemporaryFile(prefix=f".{temp_stem(path.name, path.parent, 10)}.", dir=path.parent) as weights_file:
                     saved = save_weights(weights_file)
                     info.file_size = weights_file.seek(0, os.SEEK_END)  # what writestr sets before it writes
                     weights_file.seek(0)
@@ -537,7 +537,7 @@ def _save_through(out, save_weights, path) -> bool:
     import shutil
 
     from .streams import WRITE_PIECE
-    with tempfile.TemporaryFile(prefix=f".{path.name}.", dir=path.parent) as weights_file:
+    with tempfile.TemporaryFile(prefix=f".{temp_stem(path.name, path.parent, 10)}.", dir=path.parent) as weights_file:
         saved = save_weights(weights_file)
         weights_file.seek(0)
         shutil.copyfileobj(weights_file, out, WRITE_PIECE)
@@ -624,7 +624,7 @@ def read_provenance(path: str | os.PathLike) -> dict | None:
                 raise ModelFileError(f"{p}: not a readable HDF5 file ({_clip(str(exc))})") from None
         if data is None:
             side = sidecar_path(p)
-            if not side.exists():
+            if not os.path.exists(side):  # (False, not an error, for a name too long to be a file's)
                 return None
             from ..lang.files import ReadRefused, read_bounded
             try:
@@ -759,7 +759,7 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
     temporary file. OSErrors become ModelFileError; other exceptions do too when ``failure`` names what
     was being done, else they propagate (the fast path falls back to Keras on them).
     """
-    folder = check_output_folder(dest)  # (a folder that is there and can be written)
+    folder = check_output_folder(dest)  # (a folder that is there and can be written; a name that fits)
     if dest.is_dir():
         raise ModelFileError(f"{dest}: is a directory")
     remove_stale_temp_files(dest)  # what saves of this output that were killed left behind
@@ -796,19 +796,31 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
 
 # Temporary files are named so that they are recognisable (docs/robustness.md#after-a-kill):
 # .OUTPUT.modelxform-tmp-HOST-PID-XXXXXXXX.SUFFIX (and ….norm while an archive is normalised), beside
-# OUTPUT. A kill cannot remove its own; stale_temp_files finds those whose process is gone.
+# OUTPUT. A kill cannot remove its own; stale_temp_files finds those whose process is gone. OUTPUT is
+# the output's name where the whole temporary name fits the file system, else its first characters and
+# a digest of it (outputs.temp_stem): any name an output may have, its temporary file may have too.
 TEMP_TAG = "modelxform-tmp"
+_HOST_CHARS, _PID_DIGITS = 40, 7  # (Linux's pid_max is at most 4194304)
+# what a temporary name holds besides OUTPUT, at most: the dots, the tag, HOST, PID, mkstemp's 8
+# characters, the longest suffix (.keras) and .norm
+TEMP_OVERHEAD = len(f"..{TEMP_TAG}---") + _HOST_CHARS + _PID_DIGITS + 8 + len(".keras") + len(".norm")
 _TEMP_NAME = re.compile(r"^\.(?P<output>.+)\." + TEMP_TAG + r"-(?P<host>[A-Za-z0-9.-]*)-(?P<pid>\d+)-[A-Za-z0-9_]+"
                         r"\.(?:keras|h5|hdf5)(?:\.norm)?$")
 
 
 def _host() -> str:
     import socket
-    return re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:40]
+    return re.sub(r"[^A-Za-z0-9.-]", "", socket.gethostname())[:_HOST_CHARS]
+
+
+def _output_stem(dest: pathlib.Path) -> str:
+    """What the temporary names of ``dest`` keep of its name."""
+    return temp_stem(dest.name, dest.parent if str(dest.parent) else pathlib.Path("."), TEMP_OVERHEAD)
 
 
 def temp_prefix(dest: pathlib.Path, pid: int | None = None) -> str:
-    return f".{dest.name}.{TEMP_TAG}-{_host()}-{os.getpid() if pid is None else pid}-"
+    dest = pathlib.Path(dest)
+    return f".{_output_stem(dest)}.{TEMP_TAG}-{_host()}-{os.getpid() if pid is None else pid}-"
 
 
 def _alive(pid: int) -> bool:
@@ -827,7 +839,7 @@ def stale_temp_files(output: str | os.PathLike, pid: int | None = None) -> list[
     processes and of other machines (a shared file system) are left alone."""
     dest = pathlib.Path(output)
     folder = dest.parent if str(dest.parent) else pathlib.Path(".")
-    host = _host()
+    host, stem = _host(), _output_stem(dest)
     found = []
     try:
         names = os.listdir(folder)
@@ -835,7 +847,7 @@ def stale_temp_files(output: str | os.PathLike, pid: int | None = None) -> list[
         return []
     for name in names:
         m = _TEMP_NAME.match(name)
-        if not m or m.group("output") != dest.name or m.group("host") != host:
+        if not m or m.group("output") != stem or m.group("host") != host:
             continue
         owner = int(m.group("pid"))
         if (owner == pid) if pid is not None else (owner != os.getpid() and not _alive(owner)):

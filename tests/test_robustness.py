@@ -1041,6 +1041,85 @@ def test_temporary_names_of_long_outputs_fit_stay_apart_and_are_cleaned_up(tmp_p
     assert not stale[first].exists() and stale[second].exists()
 
 
+# ---- fmt: a folder it cannot write in, a recipe that is a symbolic link ---------------------------------
+
+UNFORMATTED = "select  all\nfreeze\n"
+FORMATTED = "select all\nfreeze\n"
+
+
+@contextlib.contextmanager
+def _unwritable(folder: pathlib.Path, monkeypatch, how: str):
+    """``folder`` made unwritable: for real (chattr +i, which stops root too, or chmod 500 for others),
+    or simulated (os.access says no, and creating a file in it fails, as a read-only mount does)."""
+    if how == "real":
+        if os.geteuid() == 0:
+            if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+                pytest.skip("chattr +i is not available here (the simulated case covers the same path)")
+            try:
+                yield
+            finally:
+                subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o500)
+            try:
+                yield
+            finally:
+                folder.chmod(0o700)
+        return
+    real_access, real_mkstemp = os.access, tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and pathlib.Path(dir).resolve() == folder.resolve():
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if pathlib.Path(p).resolve() == folder.resolve()
+                        else real_access(p, mode, *a, **k))
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    yield
+
+
+@pytest.mark.parametrize("how", ["real", "simulated"])
+def test_fmt_in_a_folder_it_cannot_write(tmp_path, monkeypatch, how):
+    """fmt ended in a PermissionError traceback; now one line, exit 3, the recipe untouched, nothing
+    left, and the other recipes still formatted."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    recipe = folder / "r.recipe"
+    recipe.write_text(UNFORMATTED)
+    other = tmp_path / "other.recipe"
+    other.write_text(UNFORMATTED)
+    with _unwritable(folder, monkeypatch, how):
+        r = run_cli("fmt", recipe, other)
+    assert r.status == 3, r.err
+    assert r.err == f"error: {recipe}: cannot write in {folder}: Permission denied\n"
+    assert r.out == f"{other}: formatted\n"
+    assert recipe.read_text() == UNFORMATTED and other.read_text() == FORMATTED
+    assert sorted(os.listdir(folder)) == ["r.recipe"]
+
+
+def test_fmt_formats_the_target_of_a_symbolic_link(tmp_path):
+    """fmt link.recipe replaced the link with a regular file and left its target unformatted."""
+    target = tmp_path / "real.recipe"
+    target.write_text(UNFORMATTED)
+    target.chmod(0o640)
+    link = tmp_path / "link.recipe"
+    link.symlink_to("real.recipe")
+    r = run_cli("fmt", link)
+    assert r.status == 0, r.err
+    assert r.out == f"{link}: formatted\n"
+    assert link.is_symlink() and os.readlink(link) == "real.recipe"
+    assert target.read_text() == FORMATTED and target.stat().st_mode & 0o777 == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["link.recipe", "real.recipe"]
+
+
+def test_fmt_of_the_longest_recipe_name(tmp_path):
+    recipe = tmp_path / _name("r", ".recipe")
+    recipe.write_text(UNFORMATTED)
+    r = run_cli("fmt", recipe)
+    assert r.status == 0, r.err
+    assert recipe.read_text() == FORMATTED and hidden(tmp_path) == []
+
+
 @pytest.mark.parametrize("writer", ["archive", "archive-through-a-file", "keras"])
 def test_disk_full_while_the_model_is_written(tmp_path, cnn, monkeypatch, capfd, writer):
     """ENOSPC half-way through writing the model — in model_io's archive writer, h5py writing the weights

@@ -1,12 +1,10 @@
 """modelxform fmt RECIPE… [--check] — canonical formatting, in place."""
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 from . import add_include_option, add_recipe_arguments, include_root, recipe_inputs
-from ..errors import ExitCode, RecipeError
+from ..errors import ExitCode, ModelxformError, RecipeError
 
 
 def add_parser(subparsers):
@@ -26,16 +24,14 @@ def add_parser(subparsers):
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Replace the recipe at ``path`` (a symbolic link's target: the link stays) with ``text``, keeping its
+    permissions; atomically, and a ModelFileError (exit 3) naming it where it cannot be written."""
+    from ..keras_io.outputs import write_text_atomically
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        mode = None
+    write_text_atomically(path, text, mode=mode)
 
 
 def run(args, console) -> int:
@@ -67,6 +63,11 @@ def run(args, console) -> int:
             console.print(f"{name}: not formatted")
             status = max(status, ExitCode.ASSERT_FAILED)
         else:
-            _write_atomic(pathlib.Path(path), formatted)
+            try:
+                _write_atomic(pathlib.Path(path), formatted)
+            except ModelxformError as exc:  # (the other files are still formatted)
+                console.error(exc.render())
+                status = max(status, ExitCode.MODEL_FILE)
+                continue
             console.print(f"{name}: formatted")
     return status

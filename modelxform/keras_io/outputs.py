@@ -1,6 +1,6 @@
 """Where a command writes: the checks every command makes on a file or folder named on its command line
 before it does any work, the names of the temporary files it writes beside it, and the atomic writing
-of a text file (the HTML report, batch --report). No Keras and no numpy.
+of a text file (fmt, the HTML report, batch --report). No Keras and no numpy: `fmt` uses it.
 
 - an output is never one of the command's inputs, under any name: the same path, another spelling of it
   (``dir/../m.keras``), a symbolic link or a hard link (``refuse_overwriting_inputs``, exit 2);

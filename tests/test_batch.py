@@ -907,3 +907,16 @@ def test_the_preparer_changes_no_job_after_it_is_stopped():
     assert len(made) == 2 and made[1].closed  # opened while being stopped: closed
     _release(payloads[0])
     assert made[0].closed and "opened" not in payloads[0]
+
+
+def test_the_first_line_counts_the_params_too(zoo, first_run):
+    result, _ = first_run  # (it said "14 jobs: 5 models × 2 recipes": 10)
+    assert result.out.splitlines()[0] == "14 jobs: 5 models × 2 recipes with their params -> out/"
+    even = zoo_file(zoo, "even.yaml", text="models: [zoo/cnn.keras, zoo/seq.keras]\nrecipes: [recipes/scale.recipe]\n"
+                                           "output: \"even/{model}-{params}.keras\"\nparams: {factor: [0.5, 0.8, 0.9]}\n")
+    r = run_cli("batch", even, "--dry-run")
+    assert r.out.splitlines()[0] == "6 jobs: 2 models × 1 recipe × 3 params (dry run: nothing is written)"
+    plain = zoo_file(zoo, "plain.yaml", text="models: [zoo/cnn.keras]\nrecipes: [recipes/conv.recipe]\n"
+                                             "output: \"plain/{model}.keras\"\n")
+    r = run_cli("batch", plain, "--dry-run")
+    assert r.out.splitlines()[0] == "1 job: 1 model × 1 recipe (dry run: nothing is written)"

@@ -1303,7 +1303,7 @@ def test_unknown_layer_type_in_replace():
 def test_bad_constructor_argument_is_an_apply_error():
     with pytest.raises(ApplyError) as info:
         apply("replace dense_2 with Dense(unitz=7)", make_cnn())
-    assert "Dense(" in info.value.message and info.value.line == 1
+    assert info.value.message == "Dense has no argument 'unitz' (did you mean 'units'?)" and info.value.line == 1
 
 
 def test_report_of_a_single_structural_statement():

@@ -76,8 +76,13 @@ def _run(args, console, early) -> int:
     workers = args.workers or os.cpu_count() or 1
     models = len(dict.fromkeys(job.model for job in zoo.jobs))
     recipes = len(dict.fromkeys(job.recipe for job in zoo.jobs))
-    console.print(f"{len(zoo.jobs)} job{'s' if len(zoo.jobs) != 1 else ''}: {models} model{'s' if models != 1 else ''} "
-                  f"× {recipes} recipe{'s' if recipes != 1 else ''}"
+    settings = len(zoo.jobs) // max(models * recipes, 1)  # (params combinations, where each pair has as many)
+    shown = f"{models} model{'s' if models != 1 else ''} × {recipes} recipe{'s' if recipes != 1 else ''}"
+    if settings > 1 and settings * models * recipes == len(zoo.jobs):
+        shown += f" × {settings} params"
+    elif len(zoo.jobs) != models * recipes:
+        shown += " with their params"
+    console.print(f"{len(zoo.jobs)} job{'s' if len(zoo.jobs) != 1 else ''}: {shown}"
                   + (" (dry run: nothing is written)" if args.dry_run else f" -> {_rel(zoo, zoo.output_folder)}/"))
     progress = _Progress(console, zoo, len(zoo.jobs))
     start = time.perf_counter()

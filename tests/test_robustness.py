@@ -1314,3 +1314,29 @@ def test_sigkill_during_saves_never_leaves_a_truncated_output(tmp_path):
         assert data in refs, f"{folder.name}: the output is not one of the complete saves ({len(data)} bytes)"
         assert load_model(folder / "out" / "model.keras").name == "victim"
     assert outputs == KILLS
+
+
+def test_an_output_that_is_a_fifo_or_a_link_to_one_is_not_replaced(tmp_path, model_file):
+    """Writing to a temporary file renamed over the output replaced whatever was there: `--html /dev/null`
+    run as root replaced the machine's /dev/null with a file. A FIFO stands in for a device here."""
+    import os
+    import stat
+    from conftest import run_cli
+    model = model_file("cnn")
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text('recipe "t" version "1"\nselect where type=Dense; scale kernel 0.5\n')
+    fifo = tmp_path / "pipe.keras"
+    os.mkfifo(fifo)
+    (tmp_path / "link.keras").symlink_to(fifo)
+    zoo = tmp_path / "zoo.yaml"
+    zoo.write_text(f"models: [{model.name}]\nrecipes: [r.recipe]\noutput: \"o/{{model}}.keras\"\n")
+    for out in (fifo, tmp_path / "link.keras"):
+        for argv in (["apply", recipe, model, "-o", out], ["plan", recipe, model, "--html", out],
+                     ["diff", model, model, "--html", out], ["batch", zoo, "--report", out, "--dry-run"],
+                     ["export", model, out]):
+            r = run_cli(*argv)
+            assert r.status == 3, argv
+            assert r.err == f"error: {out}: is a FIFO (named pipe), not a file; refusing to replace it\n", argv
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cnn.keras", "r.recipe", "pipe.keras", "link.keras",
+                                                                 "zoo.yaml"])

@@ -67,6 +67,13 @@ def check_output_folder(dest: str | os.PathLike, *, create: bool = False) -> pat
     names of the folders to be made) fit the file system. Otherwise a ModelFileError (exit 3),
     ``DEST: CAUSE``, before anything is written."""
     dest = pathlib.Path(dest)
+    try:
+        there = os.stat(dest)  # (through a symbolic link: what it names)
+    except OSError:
+        there = None
+    if there is not None and not (stat.S_ISREG(there.st_mode) or stat.S_ISDIR(there.st_mode)):
+        # (renaming a file over it would replace /dev/null, a FIFO or a socket with that file)
+        raise ModelFileError(f"{dest}: is {_special_kind(there.st_mode)}, not a file; refusing to replace it")
     folder = folder_of(dest)
     existing, missing = folder, []
     while True:
@@ -96,6 +103,12 @@ def check_output_folder(dest: str | os.PathLike, *, create: bool = False) -> pat
     if not os.access(existing, os.W_OK | os.X_OK):  # (also false for an immutable folder, a read-only mount)
         raise ModelFileError(f"{dest}: cannot write in {existing}: {os.strerror(errno.EACCES)}")
     return folder
+
+
+def _special_kind(mode: int) -> str:
+    return ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode) else
+            "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "not a regular file")
 
 
 def _refuse_long_names(dest: pathlib.Path, folder: pathlib.Path) -> None:

@@ -920,3 +920,23 @@ def test_the_first_line_counts_the_params_too(zoo, first_run):
                                              "output: \"plain/{model}.keras\"\n")
     r = run_cli("batch", plain, "--dry-run")
     assert r.out.splitlines()[0] == "1 job: 1 model × 1 recipe (dry run: nothing is written)"
+
+
+def test_a_glob_walks_each_folder_once_whatever_its_links(tmp_path, model_file):
+    """Two symbolic links back to their own folder made `**` walk without end (glob.glob follows every
+    link): 2 GB after ten minutes, with --include-root and --dry-run too."""
+    model = model_file("cnn")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.keras").write_bytes(model.read_bytes())
+    (tmp_path / "self").symlink_to(".")
+    (tmp_path / "sub" / "up").symlink_to("..")
+    write(tmp_path / "w.recipe", SCALE)
+    zoo = write(tmp_path / "zoo.yaml", 'models: ["**/*.keras"]\nrecipes: [w.recipe]\n'
+                                       'output: "out/{model}-{params}.keras"\nparams: {factor: [0.5]}\n')
+    proc = subprocess.run([sys.executable, "-m", "modelxform", "batch", str(zoo), "--dry-run", "--include-root",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[0] == "2 jobs: 2 models × 1 recipe (dry run: nothing is written)"
+    from modelxform.batch.zoo import walk_glob
+    assert sorted(walk_glob(str(tmp_path / "**" / "*.keras"))) == [str(tmp_path / "cnn.keras"),
+                                                                  str(tmp_path / "sub" / "b.keras")]

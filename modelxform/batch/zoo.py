@@ -390,7 +390,7 @@ def _read_models(reader: _Reader, node, zoo: Zoo, confine=None) -> list[_Model]:
         pattern = reader.absolute(text)
         if glob.has_magic(text):
             matches, in_output = [], 0
-            for found in sorted(glob.glob(pattern, recursive=True)):
+            for found in sorted(walk_glob(pattern)):
                 found = os.path.normpath(found)
                 if not os.path.isfile(found) or not found.lower().endswith(MODEL_SUFFIXES):
                     continue
@@ -474,7 +474,7 @@ def _read_recipes(reader: _Reader, node, include_root=None, confine=None) -> dic
             continue
         pattern = reader.absolute(text)
         magic = glob.has_magic(text)
-        paths = sorted(os.path.normpath(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)) \
+        paths = sorted(os.path.normpath(p) for p in walk_glob(pattern) if os.path.isfile(p)) \
             if magic else [pattern]
         if confine is not None:
             outside = [p for p in paths if not _is_confined(p, confine)]
@@ -491,6 +491,71 @@ def _read_recipes(reader: _Reader, node, include_root=None, confine=None) -> dic
                 continue
             out[p] = (_read_recipe(reader, p, reader.shown(p) if magic else text, item, include_root), item)
     return out
+
+
+def walk_glob(pattern: str) -> list[str]:
+    """``glob.glob(pattern, recursive=True)``, but each folder is walked once: a symbolic link to a folder
+    already walked (a loop such as ``ln -s . self``) is not followed again. glob.glob follows every link,
+    so two such loops in a zoo's folder made ``models: ["**/*.keras"]`` walk without end (2 GB after ten
+    minutes). As glob does, ``*`` and ``**`` match no name that starts with a dot, and the paths found are
+    built from the pattern's own folders (relative where it is)."""
+    import fnmatch
+    parts = pattern.split(os.sep)
+    first = next((i for i, part in enumerate(parts) if glob.has_magic(part)), None)
+    if first is None:
+        return [pattern] if os.path.lexists(pattern) else []
+    base = os.sep.join(parts[:first]) or (os.sep if pattern.startswith(os.sep) else os.curdir)
+    walked: set = set()
+    found: list = []
+
+    def names(folder):
+        try:
+            with os.scandir(folder) as entries:
+                return sorted(entry.name for entry in entries)
+        except OSError:
+            return []
+
+    def once(folder) -> bool:
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in walked:
+            return False
+        walked.add(key)
+        return True
+
+    def join(folder, name):
+        return name if folder == os.curdir and not pattern.startswith(os.curdir) else os.path.join(folder, name)
+
+    def match(folder, rest):
+        if not rest:
+            found.append(folder)
+            return
+        head, tail = rest[0], rest[1:]
+        if head == "**":
+            match(folder, tail)  # (no folder)
+            for name in names(folder):
+                path = join(folder, name)
+                if name.startswith("."):
+                    continue
+                if os.path.isdir(path):
+                    if once(path):
+                        match(path, rest)
+                elif not tail:  # (a trailing ** matches files too)
+                    found.append(path)
+        elif glob.has_magic(head):
+            for name in names(folder):
+                if (head.startswith(".") or not name.startswith(".")) and fnmatch.fnmatchcase(name, head):
+                    match(join(folder, name), tail)
+        else:
+            path = join(folder, head)
+            if (os.path.isdir(path) if tail else os.path.lexists(path)):
+                match(path, tail)
+    if once(base):
+        match(base, parts[first:])
+    return found
 
 
 def _read_recipe(reader: _Reader, path: str, name: str, item, include_root):

@@ -1433,3 +1433,32 @@ def test_the_samples_module_has_help_and_one_line_errors(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'missing' / 'x.keras'}: folder {tmp_path / 'missing'} " \
                                       "does not exist\n"
     assert samples(["vgg", "x.keras"]) == 2
+
+
+def test_no_output_is_a_file_the_recipe_includes_or_loads_weights_from(tmp_path, model_file):
+    model = model_file("cnn")
+    donor = tmp_path / "donor.keras"
+    donor.write_bytes(model.read_bytes())
+    write(tmp_path / "part.recipe", "select where type=Dense\n")
+    loads = write(tmp_path / "lw.recipe", HEADER + 'select where type=Dense\nload weights from "donor.keras"\n')
+    includes = write(tmp_path / "inc.recipe", HEADER + 'include "part.recipe"\nscale kernel 0.5\n')
+    (tmp_path / "alias.keras").symlink_to(donor)
+    before = {p: p.read_bytes() for p in (donor, tmp_path / "part.recipe")}
+    for argv, message in [
+            (["apply", loads, model, "-o", donor], f"-o {donor} is a file the recipe loads weights from"),
+            (["apply", loads, model, "-o", tmp_path / "alias.keras"],
+             f"-o {tmp_path / 'alias.keras'} is a file the recipe loads weights from"),
+            (["plan", loads, model, "--html", donor], f"--html {donor} is a file the recipe loads weights from"),
+            (["apply", includes, model, "-o", tmp_path / "part.recipe", "--format", "keras"],
+             f"-o {tmp_path / 'part.recipe'} is a file the recipe includes"),
+    ]:
+        r = run_cli(*argv)  # (each replaced the file: exit 0)
+        assert (r.status, r.out) == (2, ""), argv
+        only_error_line(r.err, f"error: {message}; refusing to overwrite it")
+    assert {p: p.read_bytes() for p in before} == before
+    zoo = write(tmp_path / "zoo.yaml", f"models: [{model.name}]\nrecipes: [lw.recipe]\noutput: \"donor.keras\"\n")
+    r = run_cli("batch", zoo, "--dry-run")
+    assert r.status == 2
+    assert r.err.splitlines()[0] == (f"{zoo}:3:9: error: output 'donor.keras' for {model.name} × lw.recipe is a "
+                                     "file its recipe reads (donor.keras)")
+    assert donor.read_bytes() == before[donor]

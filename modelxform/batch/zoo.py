@@ -633,6 +633,8 @@ def _check_params(reader: _Reader, matrix: dict, matrix_keys: dict, models: list
 def _expand(reader: _Reader, zoo: Zoo, models: list[_Model], recipes: dict, matrix: dict, seed,
             template: str, template_node, confine=None) -> None:
     from ..engine.plan import Params, effective_seed, resolve_params
+    from ..keras_io.outputs import same_file
+    from ..lang.compiler import files_read
     inputs = {m.path for m in models}
     seen: dict[str, Job] = {}
     duplicates = 0
@@ -669,6 +671,11 @@ def _expand(reader: _Reader, zoo: Zoo, models: list[_Model], recipes: dict, matr
                     continue
                 if output in inputs:
                     reader.error(template_node, f"output {rendered!r} for {what} is one of the input models")
+                    continue
+                read = [path for path, _ in files_read(recipe) if same_file(output, path)]
+                if read:  # (a file its recipe includes or loads weights from)
+                    reader.error(template_node, f"output {rendered!r} for {what} is a file its recipe reads "
+                                                f"({reader.shown(read[0])})")
                     continue
                 if confine is not None and not _is_confined(os.path.dirname(output), confine):
                     # (a folder on the way that is a symbolic link to elsewhere)

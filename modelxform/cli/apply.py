@@ -38,6 +38,10 @@ def run(args, console) -> int:
     from ..session import apply_file, load_recipe
 
     recipe = load_recipe(args.recipe, include_root=include_root(args))
+    if args.output is not None:  # (nor a file the recipe includes or loads weights from)
+        from ..keras_io.outputs import refuse_overwriting_inputs
+        from ..lang.compiler import files_read
+        refuse_overwriting_inputs("-o", args.output, files_read(recipe))
     output = args.output
     if output is None and not args.in_place and not args.dry_run:
         raise UsageError("apply needs -o OUT (or --in-place to overwrite MODEL, or --dry-run)")

@@ -502,6 +502,17 @@ def statement_file(stmt) -> pathlib.Path:
     return pathlib.Path(base, stmt.path).resolve()
 
 
+def files_read(recipe) -> list[tuple[str, str]]:
+    """(path, what it is) of every file a compiled recipe reads besides itself: the files it includes and
+    those it loads weights from. A command's output must be none of them (keras_io.outputs)."""
+    own = recipe.source.filename
+    out = [(name, "a file the recipe includes") for name in recipe.sources
+           if name and name != own and not str(name).startswith("<")]
+    out += [(str(statement_file(stmt)), "a file the recipe loads weights from") for stmt in recipe.program.flat()
+            if stmt.keyword == "load"]
+    return out
+
+
 def _outside_root(program: ir.Program, confine: pathlib.Path) -> list[Diagnostic]:
     """A ``load weights from`` of a file outside the include root, in the recipe or a file it includes:
     an error at the statement (the file is not read). A recipe someone else wrote must not copy the

@@ -1090,12 +1090,14 @@ def test_inspect_where_is_one_predicate(cnn):
     for given, error in [("type=Dense; freeze", "--where:1:13: error: --where takes one predicate; `freeze` after "
                                                 "it is a statement"),
                          ("type=Dense\nselect all", "--where:2:1: error: --where takes one predicate; `select all` "
-                                                    "after it is a statement")]:
+                                                    "after it is a statement"),
+                         ("type=Dense # and name=dense_1", "--where:1:12: error: `#` starts a comment here, and the "
+                                                           "rest would be dropped; a predicate has no comments")]:
         r = run_cli("inspect", cnn, "--where", given)  # (what followed `;` was dropped: all Dense layers listed)
         assert (r.status, r.out) == (2, "")
         assert r.err.splitlines()[0] == error
         statement = error.split("`")[1]
-        assert r.err.splitlines()[2].strip() == "^" * len(statement)  # (under the statement)
+        assert r.err.splitlines()[2].strip() == "^" * len(statement)  # (under the statement, or the `#`)
 
 
 def test_inspect_json(nested_file):

@@ -90,6 +90,16 @@ def test_a_statement_without_arguments_refuses_them_in_yaml(kind):
             jsonschema.validate(yaml.safe_load(f"- {key}: {given}\n"), SCHEMA)
 
 
+def test_a_yaml_predicate_is_one_predicate_without_comments():
+    """What followed a `#` or a `;` in a YAML string of text syntax was dropped: `type=Dense # and
+    name=dense_1` selected every Dense layer, and fmt then deleted the rest from the file."""
+    assert errors_of('- select: {where: "type=Dense # and name=dense_1"}\n') == [
+        (1, 31, "predicate: `#` starts a comment here, and the rest would be dropped; a predicate has no comments")]
+    assert errors_of('- select: {where: "name=dense_1; select all; freeze"}\n') == [
+        (1, 34, "predicate: one statement only: `select all` follows it")]
+    assert str(compile_recipe('- select: {where: "name=\\"a#b\\""}\n', "r.yaml")) == 'select where name="a#b"\n'
+
+
 def test_predicate_error_points_inside_the_yaml_string():
     text = '- select: {where: "type=Dense and tranable"}\n'
     (line, column, message), = errors_of(text)

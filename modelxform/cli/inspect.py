@@ -49,6 +49,14 @@ def compile_predicate(text: str):
         diagnostics = [Diagnostic(d.message, shifted(d.span), Source(text, "--where"), d.hint)
                        for d in exc.diagnostics]
         raise UsageError(diagnostics[0].message, diagnostics=diagnostics) from None
+    from ..lang.compiler import comments
+    found = comments(text)
+    if found:  # (`type=Dense # and name=dense_1`: what followed was dropped without a word)
+        line, comment, _ = found[0]
+        column = text.split("\n")[line - 1].index(comment) + 1
+        message = "`#` starts a comment here, and the rest would be dropped; a predicate has no comments"
+        raise UsageError(message, diagnostics=[Diagnostic(message, Span(line, column, line, column + 1, "--where"),
+                                                          Source(text, "--where"))])
     if len(program.statements) != 1:  # (`type=Dense; freeze`: what followed was dropped without a word)
         extra = program.statements[1]
         message = f"--where takes one predicate; `{extra}` after it is a statement"

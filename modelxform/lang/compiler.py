@@ -541,7 +541,44 @@ def compile_fragment(text: str):
         return None, exc.diagnostics
     if compiler.errors or not program.statements:
         return None, compiler.errors
-    return program.statements[0], []
+    return program.statements[0], _more_than_one_piece(text, program)
+
+
+def _more_than_one_piece(text: str, program: ir.Program) -> list[Diagnostic]:
+    """A piece of text syntax (a YAML predicate, ``inspect --where``) is one statement: a comment or a
+    second statement in it would be dropped without a word (``type=Dense # and name=dense_1`` selected
+    every Dense layer)."""
+    found = comments(text)
+    if found:
+        line, comment, _ = found[0]
+        column = text.splitlines()[line - 1].index(comment) + 1
+        return [Diagnostic("`#` starts a comment here, and the rest would be dropped; a predicate has no comments",
+                           Span(line, column, line, column + 1, None), None)]
+    if len(program.statements) > 1:
+        extra = program.statements[1]
+        return [Diagnostic(f"one statement only: `{extra}` follows it", extra.span, None)]
+    return []
+
+
+def comments(text: str) -> list[tuple[int, str, bool]]:
+    """(line, comment text, whole-line?) for every ``#`` comment of recipe text, outside strings."""
+    out = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        in_string, escaped = False, False
+        for i, ch in enumerate(line):
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    in_string = False
+            elif ch == '"':
+                in_string = True
+            elif ch == "#":
+                out.append((number, line[i:].rstrip(), not line[:i].strip()))
+                break
+    return out
 
 
 def read_recipe_text(path: str | os.PathLike) -> str:

@@ -1,28 +1,8 @@
 """Canonical formatting of recipes, in either form: one statement per item, comments kept where they were."""
 from __future__ import annotations
 
+from .compiler import comments as _comments
 from .compiler import compile_recipe, is_yaml_name
-
-
-def _comments(text: str) -> list[tuple[int, str, bool]]:
-    """(line, comment text, whole-line?) for every ``#`` comment outside a string."""
-    out = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        in_string, escaped = False, False
-        for i, ch in enumerate(line):
-            if in_string:
-                if escaped:
-                    escaped = False
-                elif ch == "\\":
-                    escaped = True
-                elif ch == '"':
-                    in_string = False
-            elif ch == '"':
-                in_string = True
-            elif ch == "#":
-                out.append((number, line[i:].rstrip(), not line[:i].strip()))
-                break
-    return out
 
 
 def format_text(text: str, filename: str | None = None, *, include_root=None) -> str:
@@ -45,7 +25,7 @@ def convert(text: str, filename: str | None, to: str, *, include_root=None) -> s
     program = compile_recipe(text, filename, include_root=include_root).program
     found = yaml_form.comments(text) if is_yaml_name(filename) else _comments(text)
     render = yaml_form.yaml_item if to == "yaml" else str
-    lines = text.splitlines()
+    lines = text.splitlines() if is_yaml_name(filename) else text.split("\n")  # (the breaks each form's parser counts)
     whole_lines = {number for number, _, whole in found if whole}
     out: list[str] = []
 

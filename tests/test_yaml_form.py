@@ -100,6 +100,22 @@ def test_a_yaml_predicate_is_one_predicate_without_comments():
     assert str(compile_recipe('- select: {where: "name=\\"a#b\\""}\n', "r.yaml")) == 'select where name="a#b"\n'
 
 
+def test_a_yaml_value_the_text_form_refuses_is_refused(tmp_path, model_file):
+    """An output's record holds the recipe as text, which verify compiles again: a version the YAML form
+    took and the text form refuses made an output that could be neither verified nor edited again."""
+    assert errors_of('- recipe: {name: x, version: "1 #2"}\n- select: all\n- freeze\n') == [
+        (1, 3, 'recipe version \'1 #2\' is not a version number such as "1.2.0"')]
+    assert errors_of('- select: all\n- rename: {prefix: "a b/#\\n"}\n') == [
+        (2, 3, "layer names use letters, digits, '_', '.' and '-', not 'a b/#\\n'")]
+    good = tmp_path / "good.yaml"
+    good.write_text('- recipe: {name: "x y", version: "1.2.0"}\n- select: {where: type=Dense}\n'
+                    '- scale: {target: kernel, factor: 0.5}\n')
+    model, out = model_file("cnn"), tmp_path / "out.keras"
+    assert run_cli("apply", good, model, "-o", out).status == 0
+    r = run_cli("verify", out, "--input", model)
+    assert r.status == 0, r.err
+
+
 def test_predicate_error_points_inside_the_yaml_string():
     text = '- select: {where: "type=Dense and tranable"}\n'
     (line, column, message), = errors_of(text)

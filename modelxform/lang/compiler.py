@@ -483,6 +483,8 @@ def compile_recipe(text: str, filename: str | os.PathLike | None = None, *, reci
         errors.extend(_outside_root(program, confine))
     if not errors:
         _check_program(program, source, errors, warnings)
+    if not errors and is_yaml_name(source.filename):
+        errors.extend(_unlike_their_text(program))
     if errors:
         for d in errors:  # attach the right file's text so each error can show its line
             if d.span is not None and d.span.filename in sources:
@@ -500,6 +502,23 @@ def statement_file(stmt) -> pathlib.Path:
     if span is not None and span.filename and not span.filename.startswith("<"):
         base = os.path.dirname(os.path.abspath(span.filename))
     return pathlib.Path(base, stmt.path).resolve()
+
+
+def _unlike_their_text(program: ir.Program) -> list[Diagnostic]:
+    """The statements of a YAML recipe whose text form does not compile back to them. The provenance
+    record holds a recipe's canonical text, which `verify` compiles again, and `fmt --to recipe` writes
+    it: a value the YAML form took and the text form refuses (`version: "1 #2"`) made an output that
+    could not be verified, nor edited again."""
+    out = []
+    for stmt in program.flat():
+        if stmt.keyword == "include":
+            continue
+        again, errors = compile_fragment(str(stmt))
+        if errors or again != stmt:
+            why = errors[0].message if errors else f"`{stmt}` reads back as `{again}` in the text form"
+            out.append(Diagnostic(why, stmt.span, None, "the YAML form takes what the text form takes: an output's "
+                                                        "provenance record holds the recipe as text"))
+    return out
 
 
 def files_read(recipe) -> list[tuple[str, str]]:

@@ -922,6 +922,13 @@ def test_fmt_keeps_the_comments_of_a_yaml_recipe(tmp_path):
     assert hidden(tmp_path) == []
 
 
+def test_fmt_keeps_a_comment_on_a_yaml_document_marker():
+    from modelxform.lang.fmt import format_text
+    assert format_text("--- # doc comment\n- select: all\n- freeze\n", "r.yaml") == \
+        "# doc comment\n- {select: all}\n- freeze\n"  # (it was lost: no line before it to join)
+    assert format_text("%YAML 1.1 # directive\n---\n- select: all\n", "r.yaml") == "# directive\n- {select: all}\n"
+
+
 def test_fmt_to_keeps_comments_both_ways(tmp_path):
     text = write(tmp_path / "f.recipe", UNFORMATTED)
     r = run_cli("fmt", "--to", "yaml", text)
@@ -1403,7 +1410,7 @@ def test_a_backend_keras_does_not_have_is_one_line_before_any_work(tmp_path, mod
                                  "not one Keras has (did you mean 'tensorflow'?)")
 
 
-@pytest.mark.parametrize("given", ["-3", "x", "1.5"])
+@pytest.mark.parametrize("given", ["-3", "x", "1.5", "9" * 101])
 def test_a_seed_argument_that_is_not_a_whole_number_of_at_least_0_is_refused(tmp_path, model_file, given, capsys):
     model = model_file("cnn")
     recipe = write(tmp_path / "r.recipe", HEADER + "select where type=Dense; scale kernel 0.5\n")
@@ -1411,8 +1418,9 @@ def test_a_seed_argument_that_is_not_a_whole_number_of_at_least_0_is_refused(tmp
         capsys.readouterr()
         r = run_cli(*command, f"--seed={given}")  # (-3 was written into a record `provenance` then refused)
         assert (r.status, r.out) == (2, "")
-        assert capsys.readouterr().err.splitlines()[-1] == \
-            f"modelxform {command[0]}: error: argument --seed: a seed is a whole number ≥ 0, not '{given}'"
+        shown = repr(given) if len(given) <= 60 else f"{given[:40]!r}… (101 characters)"
+        assert capsys.readouterr().err.splitlines()[-1] == f"modelxform {command[0]}: error: argument --seed: a " \
+            f"seed is a whole number ≥ 0 of at most 100 digits, not {shown}"
     assert not (tmp_path / "out.keras").exists()
 
 

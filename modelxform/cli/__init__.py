@@ -115,12 +115,15 @@ def include_root(args):
 
 
 def seed_argument(text: str) -> int:
+    from ..lang.parser import MAX_NUMBER_DIGITS
     try:
-        value = int(text)
+        value = int(text) if len(text) <= MAX_NUMBER_DIGITS else -1  # (a recipe's seed has at most as many)
     except ValueError:
         value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"a seed is a whole number ≥ 0, not {text!r}")
+        shown = repr(text) if len(text) <= 60 else f"{text[:40]!r}… ({len(text):,} characters)"
+        raise argparse.ArgumentTypeError(f"a seed is a whole number ≥ 0 of at most {MAX_NUMBER_DIGITS} digits, "
+                                         f"not {shown}")
     return value
 
 

@@ -42,9 +42,9 @@ def convert(text: str, filename: str | None, to: str, *, include_root=None) -> s
         next_line = statements[n + 1].span.line if n + 1 < len(statements) and statements[n + 1].span else None
         while found and found[0][0] < line:  # before it
             number, comment, whole = found.pop(0)
-            if whole:
+            if whole or not out:  # (a comment after a YAML document's `---` or directive: a line of its own)
                 emit(number, comment)
-            elif out:
+            else:
                 out[-1] += "  " + comment
         trailing = []
         while found and found[0][0] <= end and not (found[0][0] == end == next_line):  # within it

@@ -391,3 +391,18 @@ def test_apply_savedmodel_into_a_folder_that_is_not_empty_names_a_remedy_apply_h
     assert r.err == (f"error: {dest}: folder exists and is not empty; refusing to overwrite it "
                      "(remove it, or choose another folder)\n")
     assert opened == [] and listing(tmp_path) == files
+
+
+def test_apply_savedmodel_usage_errors_say_what_is_wrong(tmp_path, model_file):
+    from conftest import run_cli
+    model = model_file("cnn")
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text('recipe "t" version "1"\nselect where type=Dense; scale kernel 0.5\n')
+    before = model.read_bytes()
+    r = run_cli("apply", recipe, model, "-o", tmp_path / "sm", "--format", "savedmodel", "--in-place")
+    assert (r.status, r.err) == (2, "error: --format savedmodel cannot go with --in-place (a SavedModel is a "
+                                    "folder, not the input model file); write it with -o DIR\n")  # (-o DIR was given)
+    r = run_cli("apply", recipe, model, "--format", "savedmodel")
+    assert (r.status, r.err) == (2, "error: --format savedmodel needs -o DIR (a SavedModel is a folder, not the "
+                                    "input model file)\n")
+    assert model.read_bytes() == before and not (tmp_path / "sm").exists()

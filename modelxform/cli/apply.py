@@ -43,10 +43,13 @@ def run(args, console) -> int:
         from ..lang.compiler import files_read
         refuse_overwriting_inputs("-o", args.output, files_read(recipe))
     output = args.output
-    if output is None and not args.in_place and not args.dry_run:
-        raise UsageError("apply needs -o OUT (or --in-place to overwrite MODEL, or --dry-run)")
     savedmodel = args.format == "savedmodel"
-    if savedmodel and (args.in_place or output is None and not args.dry_run):
+    if output is None and not args.in_place and not args.dry_run and not savedmodel:
+        raise UsageError("apply needs -o OUT (or --in-place to overwrite MODEL, or --dry-run)")
+    if savedmodel and args.in_place:  # (-o DIR given or not: the message said "needs -o DIR" either way)
+        raise UsageError("--format savedmodel cannot go with --in-place (a SavedModel is a folder, not the input "
+                         "model file); write it with -o DIR")
+    if savedmodel and output is None and not args.dry_run:
         raise UsageError("--format savedmodel needs -o DIR (a SavedModel is a folder, not the input model file)")
     result = apply_file(recipe, args.model, output, seed=args.seed, params=parse_params(args.params),
                         unsafe=args.unsafe, imports=args.imports, format=args.format, in_place=args.in_place,

@@ -479,7 +479,11 @@ def _verify(model, original, source, *, unsafe: bool, imports, weights: dict,
         if model_format(model) == "keras":
             if not same_bytes(current, model):
                 if _same_but_backend(current, model):
-                    notes.append("the re-made file differs only in the Keras backend its provenance records")
+                    from .keras_io.files import read_provenance
+                    notes.append("the re-made file differs only in how its provenance record is written (the same "
+                                 "data: the record was written again by something else than modelxform)"
+                                 if read_provenance(current) == read_provenance(model) else
+                                 "the re-made file differs only in the Keras backend its provenance records")
                 else:
                     differences.extend(_content_differences(current, model, unsafe, imports)
                                        or ([] if differences else

@@ -202,3 +202,32 @@ def test_verify_says_when_only_the_records_writing_differs(tmp_path, model_file)
     assert ("the re-made file differs only in how its provenance record is written (the same data: the record "
             "was written again by something else than modelxform)") in r.out.splitlines()
     assert "Keras backend" not in r.out
+
+
+def test_a_config_that_makes_a_variable_larger_than_memory_is_refused_at_once(tmp_path, model_file):
+    """Keras would create the variable before finding that the file holds another shape, and fail after
+    17 s with TensorFlow's out-of-memory message."""
+    import time
+    model = model_file("cnn")
+    with zipfile.ZipFile(model) as zf:
+        members = [(info, zf.read(info.filename)) for info in zf.infolist()]
+    huge = tmp_path / "huge.keras"
+    with zipfile.ZipFile(huge, "w") as zf:
+        for info, data in members:
+            if info.filename == "config.json":
+                config = json.loads(data)
+                next(l for l in config["config"]["layers"] if l["config"]["name"] == "dense_2")["config"]["units"] = \
+                    100_000_000_000
+                data = json.dumps(config).encode()
+            zf.writestr(zipfile.ZipInfo(info.filename, info.date_time), data)
+    recipe = tmp_path / "r.recipe"
+    recipe.write_text(HEADER + "select where type=Dense; scale kernel 0.5\n")
+    for argv in (["apply", recipe, huge, "-o", tmp_path / "out.keras"], ["inspect", huge]):
+        start = time.monotonic()
+        r = run_cli(*argv)
+        assert r.status == 3, argv
+        assert r.err.startswith(f"error: {huge}: the config makes the kernel of layer 'dense_2' (32, 100000000000), "
+                                "12.8 TB, more than this machine's memory (")
+        assert r.err.strip().endswith("); the file holds (32, 16)")
+        assert time.monotonic() - start < 5
+    assert not (tmp_path / "out.keras").exists()

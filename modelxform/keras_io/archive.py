@@ -598,6 +598,7 @@ class Archive:
             for n, (var_name, want) in enumerate(zip(names, shapes)):
                 var = self._variable(objects[f"{sub}/vars/{n}"], var_name, f"{sub}/vars/{n}")
                 if var.shape != want:
+                    _refuse_beyond_memory(self.path, name, var_name, want, var)
                     raise NotApplicable(f"{name}: {var_name} has shape {var.shape} in the file, the config "
                                         f"makes it {want} (Keras refuses to load it)")
                 dtype = variable_dtype(cls, cfg, var_name)
@@ -923,6 +924,19 @@ class Archive:
                 read_exact(fd, view, self.h5_start + offset + done)
                 write_pieces(out, view)
                 done += n
+
+
+def _refuse_beyond_memory(path, layer: str, var_name: str, want: tuple, var) -> None:
+    """A ModelFileError where the config makes a variable larger than this machine's memory (the file
+    holding another shape): Keras would create it before finding the mismatch, and fail after a long
+    wait with TensorFlow's out-of-memory message (17 s for a Dense of 1e11 units)."""
+    from .memory import bytes_text, memory_limit
+    size = math.prod(int(d) for d in want) * var.np_dtype.itemsize
+    limit = memory_limit()
+    if limit is not None and size > limit:
+        from ..errors import ModelFileError
+        raise ModelFileError(f"{path}: the config makes the {var_name} of layer {layer!r} {want}, {bytes_text(size)}, "
+                             f"more than this machine's memory ({bytes_text(limit)}); the file holds {var.shape}")
 
 
 class _MemberCrc(threading.Thread):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 
@@ -27,6 +26,8 @@ from .config import (ConfigLayer, NotInGraph, container_of, copied, entry_at, fl
 from .backend import needs_tensorflow
 from .initializers import initial_values
 from .layers import LayerInfo, walk
+from .memory import bytes_text as _bytes
+from .memory import memory_limit
 from .variables import LazyVariables, copy_variables, set_variables
 
 
@@ -690,40 +691,6 @@ class GraphEditor:
                 # a layer that needs TensorFlow whatever the backend (StringLookup, …): let Keras import it
                 new_model = keras.saving.deserialize_keras_object(config, safe_mode=not self.unsafe)
         return new_model, lazy
-
-
-def memory_limit() -> int | None:
-    """The bytes of memory this process may use at most: physical memory, a cgroup (container) limit and
-    RLIMIT_AS, whichever is smallest; None when none can be read."""
-    import resource
-    limits = []
-    try:
-        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as fh:
-                text = fh.read().strip()
-            if text.isdigit():
-                limits.append(int(text))
-        except OSError:
-            pass
-    try:
-        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-        if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
-            limits.append(soft)
-    except (ValueError, OSError):
-        pass
-    limits = [n for n in limits if n > 0]
-    return min(limits) if limits else None
-
-
-def _bytes(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
 
 
 def check_memory(model) -> None:

@@ -241,6 +241,8 @@ def _apply(recipe, source, model_path: str, output, seed, params, savedmodel: bo
     archive = source if isinstance(source, Archive) else None
     if archive is not None and output is not None:
         archive.hash_input(input_digest)  # in a thread, alongside the work (unless known)
+        if recipe.program.needs_keras or savedmodel:  # (the kept arrays will be copied as they lie: checked
+            archive.begin_integrity_check()           # alongside the rebuild, before the save: check_intact)
     try:
         return _run_and_save(recipe, source, archive, model_path, output, seed, params, savedmodel,
                              previous=previous, read_previous=read_previous, unsafe=unsafe, imports=imports,

@@ -636,6 +636,7 @@ def _expand(reader: _Reader, zoo: Zoo, models: list[_Model], recipes: dict, matr
     from ..keras_io.outputs import same_file
     from ..lang.compiler import files_read
     inputs = {m.path for m in models}
+    reads: dict[str, list] = {}  # recipe path -> the files it is read from (files_read)
     seen: dict[str, Job] = {}
     duplicates = 0
     for model in models:
@@ -672,7 +673,9 @@ def _expand(reader: _Reader, zoo: Zoo, models: list[_Model], recipes: dict, matr
                 if output in inputs:
                     reader.error(template_node, f"output {rendered!r} for {what} is one of the input models")
                     continue
-                read = [path for path, _ in files_read(recipe) if same_file(output, path)]
+                if recipe_path not in reads:
+                    reads[recipe_path] = [path for path, _ in files_read(recipe)]
+                read = [path for path in reads[recipe_path] if same_file(output, path)]
                 if read:  # (a file its recipe includes or loads weights from)
                     reader.error(template_node, f"output {rendered!r} for {what} is a file its recipe reads "
                                                 f"({reader.shown(read[0])})")

@@ -232,12 +232,9 @@ def _main(argv, console) -> int:
         return ExitCode.USAGE
     module = importlib.import_module(f".{args.command}", __name__)
     try:
-        if args.command not in ("check", "fmt", "provenance"):  # (what reads or writes a model)
-            from ..keras_io.backend import unknown_backend_message
-            problem = unknown_backend_message()
-            if problem is not None:  # (before any work: each batch job would fail alike)
-                from ..errors import UsageError
-                raise UsageError(problem)
+        if args.command not in ("check", "fmt", "provenance"):  # (what reads or writes a model: before any
+            from ..keras_io.backend import refuse_unknown_backend  # work, where each batch job would fail alike)
+            refuse_unknown_backend()
         return int(module.run(args, console))
     except ModelxformError as exc:
         if args.traceback:

@@ -26,9 +26,6 @@ def add_parser(subparsers):
 
 
 def run(args, console) -> int:
-    if args.output is not None:  # (-o MODEL, without --in-place, is refused by apply_file)
-        from ..keras_io.outputs import refuse_overwriting_inputs
-        refuse_overwriting_inputs("-o", args.output, [(args.recipe, "the recipe")])
     input_digest = None
     if not args.dry_run and (args.output is not None or args.in_place):
         # (the output's record will hold the input's sha256: hashing a large model is the floor of a
@@ -38,7 +35,7 @@ def run(args, console) -> int:
     from ..session import apply_file, load_recipe
 
     recipe = load_recipe(args.recipe, include_root=include_root(args))
-    if args.output is not None:  # (nor a file the recipe includes or loads weights from)
+    if args.output is not None:  # (-o MODEL, without --in-place, is refused by apply_file)
         from ..keras_io.outputs import refuse_overwriting_inputs
         from ..lang.compiler import files_read
         refuse_overwriting_inputs("-o", args.output, files_read(recipe))

@@ -33,7 +33,7 @@ def add_parser(subparsers):
 
 def compile_predicate(text: str):
     """A predicate from the command line, with errors pointing into the option's text."""
-    from ..lang.compiler import compile_recipe
+    from ..lang.compiler import COMMENT_IN_PIECE, beyond_one_statement, compile_recipe
     from ..errors import Diagnostic
     from ..source import Source, Span
     prefix = "select where "
@@ -49,18 +49,12 @@ def compile_predicate(text: str):
         diagnostics = [Diagnostic(d.message, shifted(d.span), Source(text, "--where"), d.hint)
                        for d in exc.diagnostics]
         raise UsageError(diagnostics[0].message, diagnostics=diagnostics) from None
-    from ..lang.compiler import comments
-    found = comments(text)
-    if found:  # (`type=Dense # and name=dense_1`: what followed was dropped without a word)
-        line, comment, _ = found[0]
-        column = text.split("\n")[line - 1].index(comment) + 1
-        message = "`#` starts a comment here, and the rest would be dropped; a predicate has no comments"
-        raise UsageError(message, diagnostics=[Diagnostic(message, Span(line, column, line, column + 1, "--where"),
-                                                          Source(text, "--where"))])
-    if len(program.statements) != 1:  # (`type=Dense; freeze`: what followed was dropped without a word)
-        extra = program.statements[1]
-        message = f"--where takes one predicate; `{extra}` after it is a statement"
-        raise UsageError(message, diagnostics=[Diagnostic(message, shifted(extra.span), Source(text, "--where"))])
+    beyond = beyond_one_statement(prefix + text, program)
+    if beyond is not None:  # (`type=Dense; freeze`, `type=Dense # …`: what followed was dropped without a word)
+        kind, span, what = beyond
+        message = COMMENT_IN_PIECE if kind == "comment" else \
+            f"--where takes one predicate; `{what}` after it is a statement"
+        raise UsageError(message, diagnostics=[Diagnostic(message, shifted(span), Source(text, "--where"))])
     return program.statements[0].selector.pred
 
 

@@ -24,17 +24,13 @@ def add_parser(subparsers):
 
 
 def run(args, console) -> int:
-    if args.html is not None:  # before any work: the page replaces no input, and its folder can take it
-        from ..keras_io.outputs import check_output_folder, refuse_overwriting_inputs
-        refuse_overwriting_inputs("--html", args.html, [(args.model, "the input model"),
-                                                        (args.recipe, "the recipe")])
-        check_output_folder(args.html)
     from ..session import load_recipe, plan_file
     recipe = load_recipe(args.recipe, include_root=include_root(args))
-    if args.html is not None:  # (nor a file the recipe includes or loads weights from)
-        from ..keras_io.outputs import refuse_overwriting_inputs
+    if args.html is not None:  # before any work: the page replaces no file read, and its folder can take it
+        from ..keras_io.outputs import check_output_folder, refuse_overwriting_inputs
         from ..lang.compiler import files_read
-        refuse_overwriting_inputs("--html", args.html, files_read(recipe))
+        refuse_overwriting_inputs("--html", args.html, [(args.model, "the input model")] + files_read(recipe))
+        check_output_folder(args.html)
     plan = plan_file(recipe, args.model, seed=args.seed, params=parse_params(args.params), unsafe=args.unsafe,
                      imports=args.imports, html=getattr(args, "html", None))
     return print_plan(plan, args, console, html=getattr(args, "html", None))

@@ -43,7 +43,8 @@ from .config import MODEL_CLASS_NAMES as MODEL_CLASSES
 from .config import layers_of
 from .layers import LayerInfo, snake_case
 from .safety import CONFIG_MEMBER, METADATA_MEMBER, PROVENANCE_MEMBER
-from .streams import Ahead, EditedCrc, Writeback, copy_range, preallocate, read_exact, write_all, write_pieces
+from .streams import (Ahead, EditedCrc, Writeback, copy_range, crc_of_range, preallocate, read_exact, write_all,
+                      write_pieces)
 from .zipmember import Window as _Window
 from .zipmember import member_offset
 
@@ -392,8 +393,8 @@ class Archive:
                 raise NotApplicable("written by another Keras version")
             self.keras_version = metadata_json["keras_version"]
             weights = infos[2]
-            if weights.compress_type != zipfile.ZIP_STORED or weights.flag_bits & 0x1:
-                raise NotApplicable("compressed or encrypted weights")
+            if weights.compress_type != zipfile.ZIP_STORED:  # (an encrypted member: refused by check_archive)
+                raise NotApplicable("compressed weights")
             self.h5_start = _data_offset(self._fh, weights)
             self.h5_size = weights.file_size
             self.h5_crc = weights.CRC
@@ -940,8 +941,9 @@ def _refuse_beyond_memory(path, layer: str, var_name: str, want: tuple, var) -> 
 
 
 class _MemberCrc(threading.Thread):
-    """The CRC-32 of ``size`` bytes of a file from ``start``, read through a descriptor of its own (a
-    duplicate: the archive may be closed meanwhile), 1 MiB at a time; preadv and zlib release the GIL."""
+    """The CRC-32 of ``size`` bytes of a file from ``start`` (streams.crc_of_range), read through a
+    descriptor of its own (a duplicate: the archive may be closed meanwhile); preadv and zlib-ng's CRC
+    release the GIL."""
 
     def __init__(self, fd: int, start: int, size: int):
         super().__init__(name="modelxform-crc32", daemon=True)
@@ -950,16 +952,8 @@ class _MemberCrc(threading.Thread):
         self._crc, self._error = None, None
 
     def run(self) -> None:
-        from .streams import crc32
         try:
-            buffer = bytearray(min(BLOCK_BYTES, max(self._size, 1)))
-            view, crc, at = memoryview(buffer), 0, 0
-            while at < self._size and not self._stopped:
-                n = min(len(buffer), self._size - at)
-                read_exact(self._fd, view[:n], self._start + at)
-                crc = crc32(view[:n], crc)
-                at += n
-            self._crc = crc
+            self._crc = crc_of_range(self._fd, self._start, self._size, stopped=lambda: self._stopped)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller of result()
             self._error = exc
         finally:

@@ -88,10 +88,7 @@ def library_versions() -> dict | None:
     (importing Keras and its backend to ask them is what this module avoids). None when Keras is not
     installed. Read once per process and backend (importing importlib.metadata and looking the versions
     up cost 25-35 ms; a batch's fork server reads them before it forks its workers)."""
-    problem = unknown_backend_message()
-    if problem is not None:  # (a record would name a backend no Keras program here could run on)
-        from ..errors import UsageError
-        raise UsageError(problem)
+    refuse_unknown_backend()  # (a record would name a backend no Keras program here could run on)
     versions = _library_versions(keras_backend())
     return dict(versions) if versions is not None else None
 
@@ -346,12 +343,18 @@ def backend_import(backend: str, silent=lambda exc: False):
     files.import_keras, require_tensorflow and the batch fork server (batch/preload.py) import through it.
     A backend Keras does not have is a UsageError saying so, before anything is imported (Keras would
     raise a ValueError from inside its import)."""
-    problem = unknown_backend_message()
-    if problem is not None and "keras" not in sys.modules:
-        from ..errors import UsageError
-        raise UsageError(problem)
+    if "keras" not in sys.modules:
+        refuse_unknown_backend()
     with collector_paused_then_frozen(), start_up_messages_kept_off(silent), keras_import_without_extras(backend):
         yield
+
+
+def refuse_unknown_backend() -> None:
+    """A UsageError (exit 2) where the backend Keras would pick is none it has (unknown_backend_message)."""
+    problem = unknown_backend_message()
+    if problem is not None:
+        from ..errors import UsageError
+        raise UsageError(problem)
 
 
 def unknown_backend_message() -> str | None:

@@ -89,11 +89,11 @@ def read_exact(fd: int, buffer, offset: int) -> None:
         done += got
 
 
-def crc_of_range(fd: int, offset: int, size: int) -> int:
-    """The CRC-32 of ``size`` bytes of ``fd`` at ``offset``."""
+def crc_of_range(fd: int, offset: int, size: int, stopped=lambda: False) -> int:
+    """The CRC-32 of ``size`` bytes of ``fd`` at ``offset`` (of fewer, once ``stopped()`` says so)."""
     crc, buffer = 0, bytearray(min(_CHUNK, max(size, 1)))
     done = 0
-    while done < size:
+    while done < size and not stopped():
         view = memoryview(buffer)[:min(len(buffer), size - done)]
         read_exact(fd, view, offset + done)
         crc = crc32(view, crc)

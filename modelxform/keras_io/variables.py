@@ -65,7 +65,6 @@ class FromSource:
         self.source = source
         self._var = weakref.ref(var)
         source.archive.lazy_variables.append(self._var)
-        source.archive.begin_integrity_check()  # (the arrays may be copied to an output file to file)
 
     def __call__(self, shape=None, dtype=None):
         var = self._var()

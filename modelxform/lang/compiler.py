@@ -522,11 +522,12 @@ def _unlike_their_text(program: ir.Program) -> list[Diagnostic]:
 
 
 def files_read(recipe) -> list[tuple[str, str]]:
-    """(path, what it is) of every file a compiled recipe reads besides itself: the files it includes and
+    """(path, what it is) of every file a compiled recipe is read from: itself, the files it includes and
     those it loads weights from. A command's output must be none of them (keras_io.outputs)."""
     own = recipe.source.filename
-    out = [(name, "a file the recipe includes") for name in recipe.sources
-           if name and name != own and not str(name).startswith("<")]
+    out = [(own, "the recipe")] if own and not str(own).startswith("<") else []
+    out += [(name, "a file the recipe includes") for name in recipe.sources
+            if name and name != own and not str(name).startswith("<")]
     out += [(str(statement_file(stmt)), "a file the recipe loads weights from") for stmt in recipe.program.flat()
             if stmt.keyword == "load"]
     return out
@@ -563,20 +564,33 @@ def compile_fragment(text: str):
     return program.statements[0], _more_than_one_piece(text, program)
 
 
+COMMENT_IN_PIECE = "`#` starts a comment here, and the rest would be dropped; a predicate has no comments"
+
+
 def _more_than_one_piece(text: str, program: ir.Program) -> list[Diagnostic]:
-    """A piece of text syntax (a YAML predicate, ``inspect --where``) is one statement: a comment or a
-    second statement in it would be dropped without a word (``type=Dense # and name=dense_1`` selected
-    every Dense layer)."""
+    """A piece of text syntax (a YAML predicate) is one statement (see beyond_one_statement)."""
+    beyond = beyond_one_statement(text, program)
+    if beyond is None:
+        return []
+    kind, span, what = beyond
+    return [Diagnostic(COMMENT_IN_PIECE if kind == "comment" else f"one statement only: `{what}` follows it",
+                       span, None)]
+
+
+def beyond_one_statement(text: str, program: ir.Program) -> tuple[str, Span, str] | None:
+    """What a piece of text syntax holds beyond its first statement, which would be dropped without a
+    word (``type=Dense # and name=dense_1`` selected every Dense layer): ("comment", the ``#``'s span,
+    the comment) or ("statement", the second statement's span, its text); None when nothing. For the
+    pieces the YAML form writes in text syntax and ``inspect --where``."""
     found = comments(text)
     if found:
         line, comment, _ = found[0]
-        column = text.splitlines()[line - 1].index(comment) + 1
-        return [Diagnostic("`#` starts a comment here, and the rest would be dropped; a predicate has no comments",
-                           Span(line, column, line, column + 1, None), None)]
+        column = text.split("\n")[line - 1].index(comment) + 1
+        return "comment", Span(line, column, line, column + 1, None), comment
     if len(program.statements) > 1:
         extra = program.statements[1]
-        return [Diagnostic(f"one statement only: `{extra}` follows it", extra.span, None)]
-    return []
+        return "statement", extra.span, str(extra)
+    return None
 
 
 def comments(text: str) -> list[tuple[int, str, bool]]:

@@ -182,8 +182,8 @@ def parse_params(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None, console: Console | None = None) -> int:
-    console = console or Console()
     try:
+        console = console or Console()  # (inside: Ctrl-C can come while it is made)
         # TensorFlow's C++ start-up chatter is not for our users; set before any import of it.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         from ..keras_io.backend import own_process
@@ -193,14 +193,14 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
             console.flush()
             return status
     except KeyboardInterrupt as exc:  # Ctrl-C (or SIGTERM) at any moment, imports included
-        return _interrupted(exc, console)
+        return _interrupted(exc, console or Console())
     except Exception as exc:
         # Python wraps what interrupts some steps of an import (a dataclass's __set_name__, say) in a
         # RuntimeError: still Ctrl-C
         cause = _interruption_in(exc)
         if cause is None:
             raise
-        return _interrupted(cause, console)
+        return _interrupted(cause, console or Console())
 
 
 def _interrupted(exc: KeyboardInterrupt, console) -> int:

@@ -93,7 +93,7 @@ def export_savedmodel(model, directory, *, provenance: dict | None = None, overw
     dest = pathlib.Path(directory)
     check_export_destination(dest, overwrite=overwrite, inputs=inputs, force_option=force_option)
     require_tensorflow("export")
-    from .keras_io.outputs import temp_stem
+    from .keras_io.outputs import fsync_folder, temp_stem
     made = _make_parents(dest)
     parent = dest.parent
     try:
@@ -118,7 +118,7 @@ def export_savedmodel(model, directory, *, provenance: dict | None = None, overw
             if dest.exists():
                 os.rename(dest, work / "previous")
             os.rename(stage, dest)
-            _fsync_dir(parent)
+            fsync_folder(parent)
         except OSError as exc:
             raise ModelFileError(f"{dest}: cannot write: {exc.strerror or exc}") from None
         finally:
@@ -188,12 +188,3 @@ def _quiet():
             yield
     finally:
         tf_logger.setLevel(level)
-
-
-def _fsync_dir(folder: pathlib.Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -151,6 +151,16 @@ def entry_at(config: dict, path: str) -> dict:
 def histories(node):
     """The ``[layer, node, tensor]`` lists one inbound node reads, in either form; they are the lists in
     the config itself, so a caller may change them in place."""
+    yield from _histories(node, sort_keys=False)
+
+
+def flat_histories(node):
+    """histories(node) in the order Keras flattens a call's arguments (a dict by sorted key), which is
+    the order of the inputs of a nested model the node calls."""
+    yield from _histories(node, sort_keys=True)
+
+
+def _histories(node, sort_keys: bool):
     if isinstance(node, list):  # the list form: [[name, node, tensor, kwargs], …]
         for item in node:
             if isinstance(item, list) and item and isinstance(item[0], str):
@@ -164,32 +174,9 @@ def histories(node):
             if isinstance(hist, list):
                 yield hist
                 return
-            for value in obj.values():
-                yield from visit(value)
-        elif isinstance(obj, (list, tuple)):  # (a model's in-memory config has tuples where JSON has lists)
-            for value in obj:
-                yield from visit(value)
-    yield from visit(node.get("args", []))
-    yield from visit(node.get("kwargs", {}))
-
-
-def flat_histories(node):
-    """histories(node) in the order Keras flattens a call's arguments (a dict by sorted key), which is
-    the order of the inputs of a nested model the node calls."""
-    if isinstance(node, list):
-        yield from histories(node)
-        return
-
-    def visit(obj):
-        if isinstance(obj, dict):
-            hist = obj.get("config", {}).get("keras_history") if obj.get("class_name") == "__keras_tensor__" \
-                else None
-            if isinstance(hist, list):
-                yield hist
-                return
-            for key in sorted(obj):
+            for key in (sorted(obj) if sort_keys else obj):
                 yield from visit(obj[key])
-        elif isinstance(obj, (list, tuple)):
+        elif isinstance(obj, (list, tuple)):  # (a model's in-memory config has tuples where JSON has lists)
             for value in obj:
                 yield from visit(value)
     yield from visit(node.get("args", []))

@@ -17,7 +17,7 @@ import zipfile
 
 from ..errors import ModelFileError, UsageError
 from .finetune import LORA_MEMBER, lora_member, restore_lora, unshare_policies
-from .outputs import check_output_folder, same_file, temp_stem  # noqa: F401  (same_file: used by session)
+from .outputs import check_output_folder, fsync_folder, same_file, temp_stem  # noqa: F401  (same_file: used by session)
 
 FORMATS = {".keras": "keras", ".h5": "h5", ".hdf5": "h5"}
 
@@ -776,7 +776,7 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644 & ~_umask())
         os.replace(tmp, dest)
-        _fsync_dir(folder)
+        fsync_folder(folder)
     except ModelFileError:
         _unlink(tmp)
         raise
@@ -884,15 +884,6 @@ def _umask() -> int:
 def _unlink(path: pathlib.Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
-
-
-def _fsync_dir(folder: pathlib.Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def working_copy(model):

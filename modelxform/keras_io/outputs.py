@@ -185,12 +185,27 @@ def write_text_atomically(dest: str | os.PathLike, text: str, *, mode: int | Non
             mode = 0o644 & ~mask
         os.chmod(tmp, mode)
         os.replace(tmp, target)
+        fsync_folder(folder)
     except OSError as exc:
         _unlink(tmp)
         raise ModelFileError(f"{dest}: cannot write: {exc.strerror or exc}") from None
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename into ``folder`` durable (its entry on disk), where the file system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _unlink(path) -> None:

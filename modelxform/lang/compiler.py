@@ -265,6 +265,32 @@ class _Compiler:
     def is_token(node) -> bool:
         return isinstance(node, Token)
 
+    def leading_index(self, kids: list, node, what: str):
+        """The N of ``input N`` or ``output N`` when ``kids`` (the children of ``node``) begin with it, taken
+        off ``kids``; else None. ``what`` names it in the error."""
+        if not kids or not self.is_token(kids[0]):
+            return None
+        index = self.number(kids.pop(0))
+        if not isinstance(index, int) or index < 0:
+            self.error(f"{what} is a whole number ≥ 0", node)
+            index = 0
+        return index
+
+    def dims(self, node, least: int, what: str) -> list:
+        """The dimensions of a written shape ``(None, 96, 3)``: ints, or None where ``None`` is written;
+        a number below ``least`` or not whole is an error that ``what`` begins."""
+        dims = []
+        for dim in node.children:
+            tok = dim.children[0] if dim.children else None
+            if tok is None or tok.type != "NUMBER":
+                dims.append(None)
+                continue
+            value = self.number(tok)
+            if not isinstance(value, int) or value < least:
+                self.error(f"{what}, not {tok.value}", tok)
+            dims.append(value)
+        return dims
+
     def number_text(self, text: str, token):
         """A number written inside another token (the 50 of ``50%``), positioned at that token."""
         return self.number(Token("NUMBER", text, token.start_pos, token.line, token.column, token.end_line,

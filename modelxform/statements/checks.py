@@ -209,25 +209,11 @@ class AssertShape(Check):
     @classmethod
     def compile(cls, c, node, span):
         kids = list(node.children)
-        index = None
-        if c.is_token(kids[0]):
-            index = c.number(kids.pop(0))
-            if not isinstance(index, int) or index < 0:
-                c.error("an output index is a whole number ≥ 0", node)
-                index = 0
+        index = c.leading_index(kids, node, "an output index")
         op = c.cmp(kids[0])
         if op not in ("==", "!="):
             c.error("shapes compare with == or !=", kids[0])
-        dims = []
-        for dim in kids[1].children:
-            tok = dim.children[0] if dim.children else None
-            if tok is None or tok.type != "NUMBER":
-                dims.append(None)
-            else:
-                value = c.number(tok)
-                if not isinstance(value, int) or value < 0:
-                    c.error(f"a dimension is a whole number or None, not {tok.value}", tok)
-                dims.append(value)
+        dims = c.dims(kids[1], 0, "a dimension is a whole number or None")
         return cls(op, tuple(dims), index, span=span)
 
     def yaml(self, w):

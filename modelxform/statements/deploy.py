@@ -96,22 +96,8 @@ class SetInputShape(StructuralStatement):
     @classmethod
     def compile(cls, c, node, span):
         kids = list(node.children)
-        index = None
-        if c.is_token(kids[0]):
-            index = c.number(kids.pop(0))
-            if not isinstance(index, int) or index < 0:
-                c.error("an input index is a whole number ≥ 0", node)
-                index = 0
-        dims = []
-        for dim in kids[0].children:
-            tok = dim.children[0] if dim.children else None
-            if tok is None or tok.type != "NUMBER":
-                dims.append(None)
-                continue
-            value = c.number(tok)
-            if not isinstance(value, int) or value < 1:
-                c.error(f"an input dimension is a whole number ≥ 1 or None, not {tok.value}", tok)
-            dims.append(value)
+        index = c.leading_index(kids, node, "an input index")
+        dims = c.dims(kids[0], 1, "an input dimension is a whole number ≥ 1 or None")
         if len(dims) < 2:
             c.error("an input shape has the batch dimension and at least one more, e.g. (None, 128)", kids[0])
         return cls(tuple(dims), index, span=span)

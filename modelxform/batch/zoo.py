@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from ..errors import Diagnostic, ModelxformError, UsageError
-from ..source import Source, Span
+from ..lang.yaml_nodes import NodeReader
+from ..source import Source
 
 TOP_KEYS = {"models": True, "recipes": True, "output": True, "seed": False, "params": False, "imports": False,
             "unsafe": False}
@@ -92,42 +93,13 @@ class _Model:
     node: object
 
 
-class _Reader:
+class _Reader(NodeReader):
     def __init__(self, source: Source, root: str):
-        self.source = source
+        super().__init__(source)
         self.root = root
-        self.errors: list[Diagnostic] = []
         self._loader = yaml.SafeLoader("")
 
-    def span(self, node) -> Span:
-        start, end = node.start_mark, node.end_mark
-        return Span(start.line + 1, start.column + 1, end.line + 1, end.column + 1, self.source.filename)
-
-    def error(self, node, message: str, hint: str | None = None) -> None:
-        span = self.span(node) if node is not None else Span(1, 1, 1, 2, self.source.filename)
-        self.errors.append(Diagnostic(message, span, self.source, hint))
-
-    # -- shapes ------------------------------------------------------------------------------------
-    def mapping(self, node, what: str, allowed: dict[str, bool]) -> dict | None:
-        if not isinstance(node, yaml.MappingNode):
-            self.error(node, f"{what} must be a mapping with the keys {', '.join(allowed)}")
-            return None
-        out = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key not in allowed:
-                guess = difflib.get_close_matches(str(key), list(allowed), n=1)
-                self.error(key_node, f"unknown key {key!r} in {what}"
-                           + (f" (did you mean {guess[0]!r}?)" if guess else f"; it takes {', '.join(allowed)}"))
-                continue
-            if key in out:
-                self.error(key_node, f"key {key!r} is given twice in {what}")
-                continue
-            out[key] = (key_node, value_node)
-        for key, required in allowed.items():
-            if required and key not in out:
-                self.error(node, f"{what} needs the key {key!r}")
-        return out
+    mapping = NodeReader.keyed
 
     def string(self, node, what: str) -> str | None:
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str" and node.value != "":

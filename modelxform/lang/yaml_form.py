@@ -20,6 +20,7 @@ from ..errors import Diagnostic, RecipeError
 from ..source import Source, Span
 from .names import canonical_type
 from .parser import MAX_RECIPE_BYTES
+from .yaml_nodes import NodeReader
 
 MAX_NODES = 100_000
 # Deeper collections are refused while events stream in: PyYAML's composer recurses once per level
@@ -29,42 +30,11 @@ MAX_DEPTH = 64
 MAX_NUMBER_LENGTH = 100
 
 
-class _Reader:
-    def __init__(self, source: Source):
-        self.source = source
-        self.errors: list[Diagnostic] = []
-
-    # -- positions and errors ---------------------------------------------------------------------
-    def span(self, node) -> Span:
-        start, end = node.start_mark, node.end_mark
-        return Span(start.line + 1, start.column + 1, end.line + 1, end.column + 1, self.source.filename)
-
-    def error(self, node, message: str, hint: str | None = None) -> None:
-        span = self.span(node) if node is not None else Span(1, 1, 1, 2, self.source.filename)
-        self.errors.append(Diagnostic(message, span, self.source, hint))
-
-    # -- node helpers -------------------------------------------------------------------------------
+class _Reader(NodeReader):
     def mapping(self, node, what: str, allowed: dict[str, bool]) -> dict | None:
-        """Keys of a mapping node -> value nodes; unknown keys and missing required ones are errors.
-        ``allowed`` maps key -> required."""
-        if not isinstance(node, yaml.MappingNode):
-            self.error(node, f"{what} must be a mapping with keys: {', '.join(allowed)}")
-            return None
-        out = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key not in allowed:
-                guess = difflib.get_close_matches(str(key), list(allowed), n=1)
-                self.error(key_node, f"unknown key {key!r} in {what}"
-                           + (f" (did you mean {guess[0]!r}?)" if guess else f"; it takes {', '.join(allowed)}"))
-                continue
-            if key in out:
-                self.error(key_node, f"key {key!r} is given twice in {what}")
-            out[key] = value_node
-        for key, required in allowed.items():
-            if required and key not in out:
-                self.error(node, f"{what} needs the key {key!r}")
-        return out
+        """Keys of a mapping node -> value nodes (NodeReader.keyed)."""
+        keyed = self.keyed(node, what, allowed)
+        return None if keyed is None else {key: value for key, (_, value) in keyed.items()}
 
     def string(self, node, what: str) -> str | None:
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str":

@@ -345,6 +345,16 @@ def _children_with(pid: int, word: str) -> list[int]:
     return found
 
 
+def _ignores_sigint(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGINT (the SigIgn mask of /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            mask = next(line for line in fh if line.startswith("SigIgn:")).split()[1]
+    except (OSError, StopIteration):
+        return False
+    return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the fork server through /proc")
 def test_ctrl_c_while_the_fork_server_imports_tensorflow_prints_no_traceback(zoo):
     write(zoo / "early.yaml", """\
@@ -361,7 +371,11 @@ def test_ctrl_c_while_the_fork_server_imports_tensorflow_prints_no_traceback(zoo
         time.sleep(0.05)
     server = _children_with(proc.pid, "forkserver")
     assert server, "no fork server started"
-    time.sleep(1.0)  # inside its import of TensorFlow (about 3 s), past the interpreter's start
+    ignoring = time.monotonic() + 60  # (past the interpreter's start: it ignores Ctrl-C from preload's first line)
+    while not _ignores_sigint(server[0]) and time.monotonic() < ignoring and proc.poll() is None:
+        time.sleep(0.005)
+    assert _ignores_sigint(server[0]), "the fork server never came to ignore Ctrl-C"
+    time.sleep(0.2)  # inside its import of TensorFlow (about 3 s)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group, server included
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -581,7 +595,9 @@ def test_the_ray_executor_joins_a_running_cluster(zoo, first_run, monkeypatch, t
     head = subprocess.Popen([sys.executable, "-c", RAY_HEAD], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     try:
-        address = head.stdout.readline().strip()
+        import select
+        ready, _, _ = select.select([head.stdout], [], [], 300)  # (a head that never starts fails, not hangs)
+        address = head.stdout.readline().strip() if ready else ""
         assert address, "the Ray head did not start"
         monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the head's token is in Ray's default token file
         write(zoo / "join.yaml", """\

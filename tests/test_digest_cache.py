@@ -466,26 +466,33 @@ def leased_file(tmp_path, monkeypatch):
     return path
 
 
-def _slow_windows(monkeypatch, pause: float):
-    """Each window of a leased digest hashed after ``pause`` seconds; the windows looked at so far."""
+def _slow_windows(monkeypatch, pause: float, stall_at: int | None = None):
+    """Each window of a leased digest hashed after ``pause`` seconds; the windows looked at so far.
+    With ``stall_at``, the look at that window (counted from 1) waits, up to a minute, until somebody
+    else wants the file (the lease no longer held), so that another process, however slowly it
+    starts on a loaded machine, comes while the digest is at that window."""
     seen = []
     real_held = digests._Lease.held
 
     def held(self):
         seen.append(time.perf_counter())
         time.sleep(pause)
+        if len(seen) == stall_at:
+            deadline = time.monotonic() + 60
+            while real_held(self) and time.monotonic() < deadline:
+                time.sleep(0.005)
         return real_held(self)
     monkeypatch.setattr(digests._Lease, "held", held)
     return seen
 
 
 def _hashing_part_way(path, monkeypatch):
-    """A digest of ``path`` begun, its windows hashed 20 ms apart (64 windows: 1.3 s in all), once it
-    has looked at eight of them; and its looks (_slow_windows)."""
-    seen = _slow_windows(monkeypatch, 0.02)
+    """A digest of ``path`` begun, which has hashed eight of its 64 windows and then waits, at the
+    ninth, for another process to want the file; and its looks (_slow_windows)."""
+    seen = _slow_windows(monkeypatch, 0.0, stall_at=9)
     digest = digests.FileDigest(os.open(path, os.O_RDONLY), owned=True)
     digest.start()
-    while len(seen) < 8:
+    while len(seen) < 9:
         time.sleep(0.005)
     return digest, seen
 
@@ -526,9 +533,9 @@ def test_a_writer_waits_for_one_window_then_the_digest_reads_the_rest(leased_fil
                              str(leased_file)], capture_output=True, text=True, timeout=60)
     waited = float(writer.stdout)
     assert digest.result() == hashlib.sha256(leased_file.read_bytes()).hexdigest()
-    hashed_from_maps = (len(seen) - 1) * digests._WINDOW  # (the last look found the lease being broken)
-    assert 0 < sum(read_here) == leased_file.stat().st_size - hashed_from_maps
-    assert hashed_from_maps < leased_file.stat().st_size / 2 and waited < 1.0
+    assert len(seen) == 9  # (the ninth look found the lease being broken: eight windows from maps)
+    assert sum(read_here) == leased_file.stat().st_size - 8 * digests._WINDOW
+    assert waited < 1.0
 
 
 def test_a_truncation_under_the_lease_waits_and_the_digest_does_not_crash(leased_file, monkeypatch):

@@ -773,9 +773,9 @@ def test_archive_members_are_capped_before_they_are_read(tmp_path, applied, memb
     if member == "modelxform.json":
         commands.append(("provenance", model))
     for argv in commands:
-        start = time.process_time()
+        start = time.thread_time()
         r = run_cli(*argv)
-        assert time.process_time() - start < 0.5, argv
+        assert time.thread_time() - start < 0.5, argv
         assert r.status == 3, (argv, r.status, r.err)
         only_error_line(r.err, str(model), fragment)
     assert listing(tmp_path) == before
@@ -786,9 +786,9 @@ def test_an_h5_config_attribute_is_capped(tmp_path):
     path = tmp_path / "big.h5"
     with h5py.File(path, "w", libver="latest") as f:  # (dense attribute storage: no 64 KB limit)
         f.attrs["model_config"] = np.bytes_(b" " * (40 << 20) + b"{}")
-    start = time.process_time()
+    start = time.thread_time()
     r = run_cli("inspect", path)
-    assert time.process_time() - start < 0.5
+    assert time.thread_time() - start < 0.5
     assert r.status == 3
     only_error_line(r.err, str(path), "the model config is 41,943,042 bytes; modelxform reads at most")
 
@@ -983,21 +983,31 @@ def test_verify_checks_every_field_of_the_record(tmp_path, seq, suffix):
 
 # ---- 6. assert equivalent: NaN and Inf are differences -------------------------------------------------
 
-@pytest.mark.parametrize("recipe,fragment", [
-    ("select all\nscale kernel 1e38\nscale kernel 1e38\nassert equivalent\n",
-     "r.recipe:4:1: error: assert equivalent failed: output 0 has 16 NaN or infinite values where the input model's output is finite"),
-    ("select all\nscale weights 0\nassert equivalent tolerance 1000\n", "differ by up to"),
-])
-def test_assert_equivalent_counts_nan_and_inf_as_differences(tmp_path, seq, recipe, fragment):
-    path = write(tmp_path / "r.recipe", recipe)
+def test_assert_equivalent_counts_nan_and_inf_as_differences(tmp_path, seq):
+    path = write(tmp_path / "r.recipe", "select all\nscale kernel 1e38\nscale kernel 1e38\nassert equivalent\n")
     r = run_cli("apply", path, seq, "-o", tmp_path / "out.keras")
-    if "tolerance 1000" in recipe:  # finite outputs within the tolerance still hold
-        assert r.status == 0, r.err
-        return
     assert r.status == 1, r.out + r.err
-    assert fragment in r.err, r.err
-    assert "largest difference 0" not in r.out + r.err
+    assert r.err.startswith(f"{path}:4:1: error: assert equivalent failed: output 0 has 16 NaN or infinite values "
+                            "where the input model's output is finite"), r.err
+    assert "largest difference" not in r.out + r.err
     assert not (tmp_path / "out.keras").exists()
+
+
+def test_assert_equivalent_holds_within_its_tolerance_and_fails_beyond_it(tmp_path, seq):
+    """Finite outputs: the same largest difference is within a tolerance of 1000 (the run goes on and
+    the report says it) and beyond one of 1e-9 (the run stops, saying it)."""
+    import re
+    lenient = write(tmp_path / "lenient.recipe", "select all\nscale weights 0\nassert equivalent tolerance 1000\n")
+    r = run_cli("apply", lenient, seq, "-o", tmp_path / "out.keras")
+    assert r.status == 0, r.err
+    held = re.search(r"holds: largest difference (\S+) \(tolerance 1000, ", r.out)
+    assert held, r.out
+    strict = write(tmp_path / "strict.recipe", "select all\nscale weights 0\nassert equivalent tolerance 1e-9\n")
+    r = run_cli("apply", strict, seq, "-o", tmp_path / "strict.keras")
+    assert r.status == 1, r.out + r.err
+    assert r.err.startswith(f"{strict}:3:1: error: assert equivalent failed: outputs differ by up to {held[1]} "
+                            "(tolerance 1e-09, "), r.err
+    assert 0 < float(held[1]) <= 1000 and not (tmp_path / "strict.keras").exists()
 
 
 def test_assert_equivalent_unit():
@@ -1150,27 +1160,48 @@ def test_sigterm_during_apply_removes_the_temporary_file(tmp_path, seq):
 CTRL_C_ENTRY = "import sys; from modelxform.__main__ import run; sys.exit(run())"  # as the `modelxform` script
 
 
+def _reading_stdin(pid: int) -> bool:
+    """Whether process ``pid`` is blocked in read(0, …) (Linux: /proc/PID/syscall)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as fh:
+            return fh.read().startswith("0 0x0 ")
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("how", ["module", "script"])
 def test_ctrl_c_in_the_first_moments_prints_no_traceback(tmp_path, how):
     recipe = write(tmp_path / "r.recipe", "select all\nfreeze\n")
     argv = [sys.executable, "-m", "modelxform"] if how == "module" else [sys.executable, "-c", CTRL_C_ENTRY]
-    seen = set()
-    for delay in (0.03, 0.05, 0.07, 0.09, 0.11, 0.13, 0.16, 0.2):
-        proc = subprocess.Popen(argv + ["check", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env(),
+
+    def start(*args):
+        return subprocess.Popen(argv + ["check", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env(),
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        time.sleep(delay)
+    # The delays are spread over a whole check's time as it is on this machine now (slower under load)
+    began = time.perf_counter()
+    start(str(recipe)).communicate(timeout=60)
+    whole = time.perf_counter() - began
+    for share in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        proc = start(str(recipe))
+        time.sleep(share * whole)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
         # Once any code of modelxform runs, Ctrl-C is caught: a traceback can only come from the
         # interpreter's own start-up (site, runpy), before the first line of modelxform (~20 ms idle)
-        assert "modelxform" not in err.partition("Traceback")[2], (delay, err)
+        assert "modelxform" not in err.partition("Traceback")[2], (share, err)
         if "Traceback" not in err:
-            assert proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, err)
-        if proc.returncode == 130 and "Traceback" not in err:
+            assert proc.returncode in (0, 130, -signal.SIGINT), (share, proc.returncode, err)
+        if proc.returncode == 130:
             assert err.strip() == "interrupted; nothing was written", err
-            seen.add(delay)
-    assert seen  # the interruption was caught, not only missed or fatal
+    # And once modelxform is at work (here: waiting for its recipe on standard input), it is caught
+    proc = start("-")
+    deadline = time.monotonic() + 60
+    while not _reading_stdin(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err.strip()) == (130, "interrupted; nothing was written")
 
 
 def test_a_layer_too_large_for_memory_is_refused_before_it_is_made(tmp_path, seq):

@@ -58,9 +58,15 @@ def inputs(pinned_inputs):
 @pytest.fixture(scope="module")
 def pins():
     recorded = json.loads(PINS.read_text()) if PINS.exists() else {}
+    before = dict(recorded)
     yield recorded
-    if UPDATE:
-        PINS.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+    if UPDATE:  # (each xdist worker updates its own cases: merged into the file as it is now, under a lock)
+        import fcntl
+        with open(PINS.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            now = json.loads(PINS.read_text()) if PINS.exists() else {}
+            now.update({key: value for key, value in recorded.items() if before.get(key) != value})
+            PINS.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
 
 
 @pytest.mark.slow

@@ -203,7 +203,7 @@ def test_densenet121_layout_is_readable(tmp_path):
     view = write_report(report, diff(snapshot(model), snapshot(new)), title="DenseNet121")
     groups = svg_groups(report.read_text(encoding="utf-8"))
     layers = [g for g in groups.values() if g[0] not in ("input", "output")]
-    assert len(layers) == len(model.layers) - 1 == 428  # every layer drawn (the input separately)
+    assert len(layers) == len(model.layers) - 1  # every layer drawn (the input separately)
     assert groups["pool1"][:2] == ("replaced", STATUS_COLORS["replaced"])
     assert groups["conv4_block7_1_conv"][:2] == ("weights", STATUS_COLORS["weights"])
     assert groups["conv5_block16_concat"][:2] == ("frozen", STATUS_COLORS["frozen"])

@@ -438,12 +438,9 @@ def test_random_yaml_text(empty_dir, text):
 def _yaml_recipes() -> list[tuple[pathlib.Path, str]]:
     """recipes/*.yaml, and the YAML form of every text recipe (to have more YAML to mutate)."""
     out = [(p, p.read_text(encoding="utf-8")) for p in sorted((ROOT / "recipes").glob("*.yaml"))]
-    for path in REAL_RECIPES:
+    for path in REAL_RECIPES:  # (every one compiles: test_recipes.py checks them; an error here stops the run)
         with contextlib.chdir(path.parent):
-            try:
-                out.append((path.with_suffix(".yaml"), to_yaml(load_recipe(path.name).program)))
-            except ModelxformError:  # a recipe in the middle of an edit by someone else: not ours to judge
-                pass
+            out.append((path.with_suffix(".yaml"), to_yaml(load_recipe(path.name).program)))
     return out
 
 
@@ -686,10 +683,6 @@ def test_overlong_name_is_refused_at_match_time():
     assert f"at most {safe_regex.MAX_NAME_LENGTH} characters" in info.value.message
 
 
-COMPILER_REGEX_FIX = ("compiler.py's p_regex branch still calls re.compile(pattern); it must call "
-                      "safe_regex.check(pattern) so that unsafe patterns are refused when the recipe is compiled")
-
-
 @pytest.mark.parametrize("pattern,fragment,pos", PATHOLOGICAL[:6] + PATHOLOGICAL[13:16],
                          ids=[p[:20] for p, _, _ in PATHOLOGICAL[:6] + PATHOLOGICAL[13:16]])
 def test_pathological_pattern_is_a_compile_error_with_position(pattern, fragment, pos):
@@ -708,13 +701,10 @@ def test_pathological_pattern_in_yaml_is_a_compile_error():
 def test_unsafe_pattern_through_the_cli_fails_fast_with_its_position(tmp_path, cnn):
     recipe = tmp_path / "rx.recipe"
     recipe.write_text('select all\nselect where name ~ "(a+)+$"\nfreeze\n')
-    start = time.perf_counter()
     r = run_cli("plan", recipe, cnn)
-    assert time.perf_counter() - start < 30  # model loading included; the match itself is refused at once
-    # 4 while the pattern is refused when matched; 2 once compiler.py refuses it when compiling
-    assert r.status in (2, 4), r.err
+    assert r.status == 2, r.err  # refused when the recipe is compiled, before the model is read
     first = r.err.splitlines()[0]
-    assert first.startswith(f"{recipe}:2:") and "nested quantifier" in first and "(a+)+" in first, r.err
+    assert first.startswith(f"{recipe}:2:21: error:") and "nested quantifier" in first and "(a+)+" in first, r.err
     assert "Traceback" not in r.err
     assert 'select where name ~ "(a+)+$"' in r.err  # the excerpt
 
@@ -865,15 +855,30 @@ def test_damaged_weights_file_inspect(tmp_path, cnn, kind):
     only_error_line(r.err, str(model), *fragments)
 
 
+def run_cli_held_to_permissions(*argv):
+    """run_cli, where file permissions hold: in this process; as root, in a process without the
+    capabilities that let root past them (setpriv: CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped),
+    so that chmod 000 and 500 stop it as they stop any user."""
+    if os.geteuid() != 0:
+        return run_cli(*argv)
+    import shutil
+    from conftest import Captured
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux): permissions do not stop root "
+                    "(the _simulated test covers the same message)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([setpriv, "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m",
+                           "modelxform", *map(str, argv)], capture_output=True, text=True, env=env, timeout=300)
+    return Captured(proc.returncode, proc.stdout, proc.stderr)
+
+
 def test_unreadable_model_file(tmp_path, cnn):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod 000 does not stop root from reading "
-                    "(test_unreadable_model_file_simulated covers the same message)")
     recipe = tmp_path / "r.recipe"
     recipe.write_text(WEIGHT_ONLY)
     cnn.chmod(0)
     try:
-        r = run_cli("apply", recipe, cnn, "-o", tmp_path / "out.keras")
+        r = run_cli_held_to_permissions("apply", recipe, cnn, "-o", tmp_path / "out.keras")
     finally:
         cnn.chmod(0o644)
     assert r.status == 3
@@ -934,15 +939,12 @@ def _previous_output(tmp_path) -> pathlib.Path:
 
 
 def test_unwritable_output_folder(tmp_path, cnn):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod 500 does not stop root from writing "
-                    "(test_unwritable_output_folder_simulated covers the same path)")
     recipe = tmp_path / "r.recipe"
     recipe.write_text(WEIGHT_ONLY)
     out = _previous_output(tmp_path)
     out.parent.chmod(0o500)
     try:
-        r = run_cli("apply", recipe, cnn, "-o", out)
+        r = run_cli_held_to_permissions("apply", recipe, cnn, "-o", out)
     finally:
         out.parent.chmod(0o700)
     assert r.status == 3
@@ -1283,7 +1285,7 @@ def test_sigkill_during_saves_never_leaves_a_truncated_output(tmp_path):
                                 stderr=subprocess.DEVNULL, env=env, cwd=folder)
         procs.append((folder, proc))
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # (five TensorFlow imports at once: 20 s alone, minutes under load)
         for folder, proc in procs:
             ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
             assert ready and proc.stdout.readline().strip() == b"READY", f"saver in {folder} did not start"

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ROOT
 from modelxform import compile_recipe, ir
+from modelxform.errors import RecipeError
 from modelxform import statements as stmts
 from modelxform.lang.parser import get_parser
 from modelxform.lang.yaml_form import statement_to_yaml, to_yaml
@@ -127,12 +128,24 @@ def test_keyword_hints_and_yaml_keys_come_from_the_registry():
     assert set(STATEMENT_KEYWORDS) == {kind.keyword for kind in stmts.KINDS}
     for word in ("insert", "remove", "swap", "shuffle", "cut", "append", "rename", "load"):
         assert word in STATEMENT_KEYWORDS
-    with pytest.raises(Exception) as info:
+    with pytest.raises(RecipeError, match="did you mean `select`") as info:
         compile_recipe("selct all\n")
-    assert "did you mean `select`" in str(info.value)
-    with pytest.raises(Exception) as info:
-        compile_recipe("shufle\n")
-    assert "did you mean `shuffle`" in str(info.value)
+    assert (info.value.line, info.value.column) == (1, 1)
+    with pytest.raises(RecipeError, match="did you mean `shuffle`") as info:
+        compile_recipe("select all\nshufle\n")
+    assert (info.value.line, info.value.column) == (2, 1)
+    # The YAML form's statement keys are the kinds' own: each one is known, and a misspelt one is
+    # answered with the kind's key, at the key
+    keys = [kind.yaml_key for kind in stmts.KINDS if kind.yaml_key]
+    assert sorted(stmts.yaml_keys()) == sorted(dict.fromkeys(keys)) and set(stmts.BY_YAML_KEY) == set(keys)
+    for key in keys:
+        if len(key) < 5:
+            continue
+        typo = key[:-2] + key[-1] + key[-2]  # (the last two letters swapped)
+        with pytest.raises(RecipeError) as info:
+            compile_recipe(f"- select: all\n- {typo}: x\n", "r.yaml")
+        assert info.value.message.startswith(f"unknown statement {typo!r} (did you mean {key!r}?)"), key
+        assert (info.value.line, info.value.column) == (2, 3)
 
 
 def test_report_tags_come_from_the_kinds():

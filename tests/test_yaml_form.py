@@ -136,10 +136,15 @@ def test_aliases_are_refused_so_alias_bombs_cannot_expand():
     assert (line, column) == (1, 3) and "anchors and aliases" in message
 
 
-def test_python_tags_are_not_constructed():
+def test_python_tags_are_not_constructed(monkeypatch):
+    import os
+    calls = []
+    monkeypatch.setattr(os, "system", lambda *args: calls.append(args) or 0)
     text = "- param: {name: x, value: !!python/object/apply:os.system ['echo hi']}\n"
-    with pytest.raises(RecipeError):
+    with pytest.raises(RecipeError, match=r"YAML tag 'tag:yaml.org,2002:python/object/apply:os.system' is not "
+                                          r"allowed in recipes \(only plain data\)") as info:
         compile_recipe(text, "evil.yaml")
+    assert (info.value.line, info.value.column) == (1, text.index("!!") + 1) and calls == []
 
 
 def test_yaml_and_text_forms_give_byte_identical_outputs(tmp_path, model_file):

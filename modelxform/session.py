@@ -207,7 +207,8 @@ def apply_file(recipe, model, output=None, *, seed: int | None = None, params: d
         if not savedmodel:
             fmt = model_format(output)
             if format is not None and format != fmt:
-                raise UsageError(f"--format {format} does not match -o {output} (a .{fmt} file name)")
+                given = f"--in-place on {output}" if in_place else f"-o {output}"
+                raise UsageError(f"--format {format} does not match {given} (a .{fmt} file name)")
         if not in_place:
             refuse_overwriting_inputs("-o", output, [(model, "the input model")], remedy="use --in-place")
         if savedmodel:  # (a folder: its missing parents are made, as export makes them)

@@ -593,6 +593,49 @@ def test_custom_layer_with_import_loads(custom_layer_runs):
     assert "Traceback" not in err
 
 
+@pytest.fixture(scope="module")
+def custom_layer_commands(custom_layer_runs):
+    """plan, inspect, diff, verify and export of the custom-layer model and apply's output, with
+    --import, each in a fresh interpreter (started together)."""
+    folder, _ = custom_layer_runs
+    env = subprocess_env(PYTHONPATH=os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    commands = {"plan": ["plan", "ok.recipe", "custom.keras"], "inspect": ["inspect", "custom.keras"],
+                "diff": ["diff", "custom.keras", "out_import.keras"],
+                "verify": ["verify", "out_import.keras", "--input", "custom.keras"],
+                "export": ["export", "out_import.keras", "served"]}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "modelxform", *argv, "--import", "mxtest_layers"],
+                                    cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, argv in commands.items()}
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+        results[name] = (proc.returncode, out, err)
+    return folder, results
+
+
+@pytest.mark.parametrize("command, status, shown", [
+    ("plan", 0, ["    (2 layers: dense, dbl)", "dry run: nothing was written"]),
+    ("inspect", 0, ["custom.keras: 2 layer(s)", " dbl     Doubler   (None, 3)           0   yes"]),
+    ("diff", 1, ["changed   dbl (Doubler)", "differ: 2 trainable changed"]),  # (1: the models differ, as diff(1))
+    ("verify", 0, ["re-made out_import.keras from custom.keras in 1 step(s): identical",
+                   "out_import.keras: verified"]),
+    ("export", 0, ["wrote served (TensorFlow SavedModel; endpoint `serve`, signature `serving_default`)"]),
+])
+def test_every_command_that_loads_a_model_takes_import(custom_layer_commands, command, status, shown):
+    folder, results = custom_layer_commands
+    got, out, err = results[command]
+    assert got == status and "Traceback" not in err, err
+    lines = [line.rstrip() for line in out.splitlines()]  # (a table's rows are padded to its width)
+    assert all(line in lines for line in shown), out
+    if command == "export":  # the SavedModel computes what the model does, the custom layer included
+        import tensorflow as tf
+        model = keras().saving.load_model(folder / "out_import.keras")  # (Doubler: registered by the fixture)
+        x = np.random.default_rng(5).normal(size=(2, 4)).astype("float32")
+        served = tf.saved_model.load(str(folder / "served"))
+        np.testing.assert_allclose(served.serve(x).numpy(), np.asarray(model(x)), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(model(x)), 2 * np.asarray(model.get_layer("dense")(x)), rtol=1e-6)
+
+
 def test_custom_layer_with_import_keeps_stderr_clean(custom_layer_runs):
     _, results = custom_layer_runs
     status, _, err = results["import"]
@@ -751,6 +794,39 @@ def test_h5_in_and_out(tmp_path, cnn, cnn_weights):
     assert_bit_identical(w_back["conv2d_1"], cnn_weights["conv2d_1"])
     assert not any(layer.trainable for layer in back_model.layers if layer.weights)
     assert hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt, name, ok", [("h5", "out.h5", True), ("keras", "out.keras", True),
+                                           ("h5", "out.keras", False), ("keras", "out.h5", False),
+                                           ("h5", None, False)])
+def test_format_confirms_the_output_name(tmp_path, cnn, fmt, name, ok):
+    """--format keras|h5 says which file the output is; a name of the other kind is refused before any work
+    (with --in-place, the input's name is the output's)."""
+    recipe = write(tmp_path / "r.recipe", "select all; freeze\n")
+    model = tmp_path / "in.keras"
+    model.write_bytes(cnn.read_bytes())
+    out = tmp_path / name if name else model
+    where = ["-o", out] if name else ["--in-place"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run_cli("apply", recipe, model, *where, "--format", fmt)
+    if ok:
+        assert r.status == 0, r.err
+        assert zipfile.is_zipfile(out) == (fmt == "keras") and hidden(tmp_path) == []
+        if fmt == "h5":
+            assert out.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+        return
+    given = f"-o {out}" if name else f"--in-place on {model}"
+    kind = "keras" if (name or "in.keras").endswith(".keras") else "h5"
+    assert (r.status, r.err) == (2, f"error: --format {fmt} does not match {given} (a .{kind} file name)\n")
+    assert model.read_bytes() == cnn.read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_version_is_the_package_version():
+    from modelxform.version import __version__
+    r = subprocess.run([sys.executable, "-m", "modelxform", "--version"], capture_output=True, text=True,
+                       env=subprocess_env(), timeout=SUBPROCESS_TIMEOUT)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"modelxform {__version__}\n", "")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", __version__)
 
 
 # -- check ---------------------------------------------------------------------------------------------

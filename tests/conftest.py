@@ -179,6 +179,28 @@ def assert_bit_identical(a: list[np.ndarray], b: list[np.ndarray]) -> None:
         assert x.tobytes() == y.tobytes()
 
 
+def position_of(text: str, token: str, line: int | None = None) -> tuple[int, int]:
+    """The 1-based (line, column) at which ``token`` first stands as a whole word in recipe ``text``
+    (on ``line`` if given): where an error about that token or statement must point. Lines break at
+    "\n" as the recipe lexer counts them."""
+    import re
+    edge = r"(?<![\w$])" if token[:1].isalnum() or token[:1] == "_" else ""
+    tail = r"(?![\w])" if token[-1:].isalnum() or token[-1:] == "_" else ""
+    pattern = re.compile(edge + re.escape(token) + tail)
+    for number, content in enumerate(text.split("\n"), start=1):
+        if line is not None and number != line:
+            continue
+        found = pattern.search(content)
+        if found:
+            return number, found.start() + 1
+    raise AssertionError(f"{token!r} is not in the recipe text{'' if line is None else f' on line {line}'}")
+
+
+def position(error) -> tuple[int | None, int | None]:
+    """The (line, column) an error carries."""
+    return error.line, error.column
+
+
 class Captured:
     def __init__(self, status, out, err):
         self.status, self.out, self.err = status, out, err

@@ -577,7 +577,9 @@ def test_declines_arrays_that_do_not_fit_the_config(subjects, tmp_path):
                 layer["config"]["units"] += 1
                 data = json.dumps(config).encode()
             dst.writestr(info, data)
-    with _declines() as reasons, pytest.raises(ModelxformError):
+    with _declines() as reasons, pytest.raises(
+            ModelxformError, match=r"damaged\.keras: the weights do not fit the model: layer 'dense_3' \(Dense\): "
+                                   r"dense_3/kernel has shape \(16, 10\) in the file, but the model needs \(16, 11\)"):
         session.open_model(damaged)
     assert len(reasons) == 1 and "dense_3: kernel has shape (16, 10) in the file" in reasons[0], reasons
     recipe_file = tmp_path / "s.recipe"

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from conftest import (
-    ROOT, assert_bit_identical, make_cnn, make_multi_io, make_nested, make_shared, run_cli,
-    weights_by_path,
+    ROOT, assert_bit_identical, make_cnn, make_multi_io, make_nested, make_shared, position, position_of,
+    run_cli, weights_by_path,
 )
-from modelxform import ApplyError, AssertionFailed, compile_recipe, load_recipe
+from modelxform import ApplyError, AssertionFailed, RecipeError, compile_recipe, load_recipe
 
 keras = pytest.importorskip("keras")
 
@@ -164,6 +164,7 @@ def test_fold_batchnorm_on_a_model_without_any_is_an_error():
     with pytest.raises(ApplyError) as info:
         apply("fold batchnorm", make_cnn())
     assert info.value.message == "fold batchnorm: the model has no BatchNormalization layer"
+    assert position(info.value) == position_of("fold batchnorm", "fold")
 
 
 def test_fold_batchnorm_inside_nested_models_and_sequential_stacks():
@@ -264,6 +265,7 @@ def test_set_input_shape_names_a_fixed_reshape():
     msg = info.value.message
     assert "layer fixed (Reshape)" in msg  # the layer, read off Keras's functional.process_node
     assert "input_shape=(784,), target_shape=(6, 6, 4)" in msg
+    assert position(info.value) == position_of("set input shape (None, 16, 16, 3)", "set")
 
 
 def test_set_input_shape_on_models_with_several_inputs():
@@ -271,6 +273,7 @@ def test_set_input_shape_on_models_with_several_inputs():
     with pytest.raises(ApplyError) as info:
         apply("set input shape (None, 6)", model)
     assert info.value.message == "the model has 2 inputs (x1, x2); say which: set input N shape …"
+    assert position(info.value) == position_of("set input shape (None, 6)", "set")
     new, plan = apply("set input 1 shape (None, 3)\nset input 0 shape (2, 6)\nassert output 1 shape == (2, 1)",
                       model)
     assert [tuple(t.shape) for t in new.inputs] == [(2, 6), (None, 3)]
@@ -278,9 +281,11 @@ def test_set_input_shape_on_models_with_several_inputs():
     with pytest.raises(ApplyError) as info:
         apply("set input 2 shape (None, 3)", model)
     assert info.value.message == "the model has 2 inputs; there is no input 2"
+    assert position(info.value) == position_of("set input 2 shape (None, 3)", "set")
     with pytest.raises(ApplyError) as info:
         apply("set input 0 shape (None, 6, 1)", model)
     assert info.value.message == "input x1 has 2 dimensions (None, 6); (None, 6, 1) has 3"
+    assert position(info.value) == position_of("set input 0 shape (None, 6, 1)", "set")
 
 
 # ==== prune channels =======================================================================================
@@ -358,8 +363,10 @@ def test_pruning_only_all_zero_channels_is_lossless():
     x = np.random.default_rng(3).standard_normal((4, 8, 8, 3)).astype("float32")
     np.testing.assert_allclose(run(new, x)[0], run(model, x)[0], atol=1e-6, rtol=0)
     # and pruning a channel that carries something is not
-    with pytest.raises(AssertionFailed):
-        apply("select b\nprune channels 50%\nassert equivalent", model)
+    text = "select b\nprune channels 50%\nassert equivalent"
+    with pytest.raises(AssertionFailed, match="assert equivalent failed: outputs differ by up to") as info:
+        apply(text, model)
+    assert position(info.value) == position_of(text, "assert")
 
 
 def test_prune_channels_refuses_what_it_cannot_propagate_through():
@@ -415,9 +422,11 @@ def test_prune_channels_with_a_parameter_and_zero_percent():
     new, plan = apply("param p = 0\nselect conv2d_1\nprune channels $p%", model)
     for path, arrays in weights_by_path(model).items():
         assert_bit_identical(weights_by_path(new)[path], arrays)
-    with pytest.raises(Exception) as info:
-        compile_recipe("select all\nprune channels 100%")
-    assert "from 0% to under 100%" in str(info.value)
+    text = "select all\nprune channels 100%"
+    with pytest.raises(RecipeError) as info:
+        compile_recipe(text)
+    assert "from 0% to under 100%" in info.value.message
+    assert position(info.value) == position_of(text, "100%")
 
 
 # ==== Keras habits =========================================================================================
@@ -438,9 +447,11 @@ def test_positional_constructor_arguments_follow_the_class_signature():
     with pytest.raises(ApplyError) as info:
         apply("insert Dropout(0.5, rate=0.3) after dense_1", model)
     assert info.value.message == "Dropout(0.5, rate=0.3): Dropout's argument 'rate' is given by position and by name"
+    assert position(info.value) == position_of("insert Dropout(0.5, rate=0.3) after dense_1", "insert")
     with pytest.raises(ApplyError) as info:
         apply('insert Activation("relu", 1) after dense_1', model)
     assert info.value.message == 'Activation("relu", 1): Activation takes 1 positional argument (activation), not 2'
+    assert position(info.value) == position_of('insert Activation("relu", 1) after dense_1', "insert")
 
 
 def test_positional_noise_arguments_are_mean_and_stddev():

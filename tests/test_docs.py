@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import ROOT, make_bert, make_cnn, make_nested
+from conftest import ROOT, make_bert, make_cnn, make_nested, position
 from modelxform import ModelxformError, compile_recipe
 from modelxform import statements as stmts
 
@@ -58,7 +58,11 @@ def test_example_runs(text, tmp_path, monkeypatch):
             recipe = compile_recipe(text, str(recipe_path))
             recipe.apply(model(kind), seed=3)
         assert expected_error in info.value.render()
-        assert info.value.line is not None
+        # every such example ends with the statement that fails: the error is at it, or, for a `requires`
+        # that is not met, at its requirement
+        lines = text.rstrip("\n").split("\n")
+        column = lines[-1].index('"') + 1 if lines[-1].startswith("requires ") else 1
+        assert position(info.value) == (len(lines), column)
         return
     recipe = compile_recipe(text, str(recipe_path))
     new_model, report = recipe.apply(model(kind), seed=3)

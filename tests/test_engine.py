@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (
     assert_bit_identical, make_cnn, make_multi_io, make_nested, make_sequential, make_shared,
-    make_subclassed, weights_by_path,
+    make_subclassed, position, position_of, weights_by_path,
 )
 from modelxform import AssertionFailed, ApplyError, ModelxformError, UsageError, compile_recipe
 
@@ -652,9 +652,11 @@ def test_empty_selection_error_lists_layer_types():
 
 
 def test_empty_where_on_random_mode_is_an_error():
+    text = "select random 2 where type=LSTM"
     with pytest.raises(ApplyError) as info:
-        apply("select random 2 where type=LSTM", make_cnn())
+        apply(text, make_cnn())
     assert "matches no layer" in info.value.message
+    assert position(info.value) == position_of(text, "select")
 
 
 @pytest.mark.parametrize("text, guess", [
@@ -722,7 +724,7 @@ def test_unknown_param_override_is_a_usage_error():
 
 
 def test_param_override_of_the_wrong_type_is_a_usage_error():
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match=r"parameter 'f' is float in the recipe \(0\.5\), but --param gave 'abc'"):
         apply(PARAM_RECIPE, make_cnn(), params={"f": "abc"})
 
 
@@ -1109,6 +1111,7 @@ def test_tap_inside_nested_model_adds_an_output_and_keeps_nesting():
     with pytest.raises(ApplyError) as info:
         apply("tap backbone/conv9", model)
     assert "did you mean" in info.value.message
+    assert position(info.value) == position_of("tap backbone/conv9", "backbone/conv9")
 
 
 @pytest.mark.parametrize("replacement", ["Dropout", "GaussianDropout", "Dropout(rate=0.9)",
@@ -1225,8 +1228,11 @@ def test_assert_params_counts_the_edited_model():
     head = 16 * 10 + 10
     new_head = 16 * 4 + 4
     apply(f"replace dense_3 with Dense(units=4)\nassert params == {n - head + new_head}", model)
-    with pytest.raises(AssertionFailed):
-        apply(f"replace dense_3 with Dense(units=4)\nassert params == {n}", model)
+    text = f"replace dense_3 with Dense(units=4)\nassert params == {n}"
+    edited = n - head + new_head
+    with pytest.raises(AssertionFailed, match=rf"assert failed: the model has {edited:,} parameters") as info:
+        apply(text, model)
+    assert position(info.value) == position_of(text, "assert")
 
 
 def test_assert_output_index_out_of_range_is_apply_error():

@@ -11,7 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from conftest import make_attention, make_bert, make_bert_classifier
+from conftest import make_attention, make_bert, make_bert_classifier, position, position_of
 from modelxform import ModelxformError, apply_file, compile_recipe, load_model
 from modelxform.keras_io.files import save_model, sha256_file
 from modelxform.keras_io.initializers import initial_values
@@ -188,7 +188,8 @@ def test_lora_refuses_what_it_cannot_do_naming_the_layer(files):
         with pytest.raises(ModelxformError) as info:
             run(text, files["attention"], None, dry_run=True)
         assert message in info.value.message, text
-        assert info.value.line is not None
+        # the refused statement: the last one
+        assert position(info.value) == (len(text.splitlines()), 1), text
 
 
 def test_an_h5_output_cannot_keep_the_factors(files, tmp_path):
@@ -295,8 +296,10 @@ def test_quantize_a_keras_hub_backbone_reloads_and_saves_again(bert_file, tmp_pa
     more = tmp_path / "more.keras"
     run('select token_embedding, segment_embedding\nquantize int8\n', out, more)
     assert sum(1 for l in keras.saving.load_model(more)._flatten_layers() if l.quantization_mode) == 15
-    with pytest.raises(ModelxformError, match="position_embedding \\(PositionEmbedding\\) cannot be quantized"):
-        run('select "*_embedding"\nquantize int8\n', out, None, dry_run=True)
+    text = 'select "*_embedding"\nquantize int8\n'
+    with pytest.raises(ModelxformError, match="position_embedding \\(PositionEmbedding\\) cannot be quantized") as info:
+        run(text, out, None, dry_run=True)
+    assert position(info.value) == position_of(text, "quantize")
 
 
 def test_quantize_and_cast_refuse_a_keras_hub_task_head(tmp_path):
@@ -304,10 +307,12 @@ def test_quantize_and_cast_refuse_a_keras_hub_task_head(tmp_path):
     path = tmp_path / "clf.keras"
     save_model(make_bert_classifier(), path)
     for statement in ("quantize int8", "cast bfloat16"):
+        text = f"select logits\n{statement}\n"
         with pytest.raises(ModelxformError) as info:
-            run(f"select logits\n{statement}\n", path, None, dry_run=True)
+            run(text, path, None, dry_run=True)
         assert "logits is inside the model (BertTextClassifier), whose saved config does not record its layers' " \
                "dtype policies" in info.value.message
+        assert position(info.value) == position_of(text, statement.split()[0])
     out = tmp_path / "clf-int8.keras"
     run('select "bert_backbone/*/query"\nquantize int8\n', path, out)
     keras = _keras()
@@ -320,8 +325,10 @@ def test_float8_is_refused_for_embeddings():
     keras = _keras()
     ids = keras.Input((5,), dtype="int32", name="ids")
     model = keras.Model(ids, keras.layers.Embedding(20, 4, name="emb")(ids))
-    with pytest.raises(ModelxformError, match="emb \\(Embedding\\) cannot be quantized to float8"):
-        compile_recipe("select emb\nquantize float8\n").plan(model)
+    text = "select emb\nquantize float8\n"
+    with pytest.raises(ModelxformError, match="emb \\(Embedding\\) cannot be quantized to float8") as info:
+        compile_recipe(text).plan(model)
+    assert position(info.value) == position_of(text, "quantize")
 
 
 @pytest.fixture(scope="module")
@@ -352,15 +359,17 @@ def test_weight_statements_refuse_quantized_variables_on_every_path(int8_file, m
 
 def test_the_archive_declines_quantized_layers_and_a_bias_may_still_change(int8_file, tmp_path):
     from modelxform.keras_io.archive import Archive, NotApplicable
-    with pytest.raises(NotApplicable):
+    with pytest.raises(NotApplicable, match=r"^shared objects other than dtype policies$"):
         Archive(int8_file)
     result = run("select fc\nscale bias 2\n", int8_file, tmp_path / "out.keras")
     assert result.source == "keras"
 
 
 def test_a_weight_statement_after_quantize_is_refused_in_a_plan_too(files):
-    with pytest.raises(ModelxformError, match="head is quantized \\(int8\\)"):
-        run("select head\nquantize int8\nscale kernel 0.5\n", files["attention"], None, dry_run=True)
+    text = "select head\nquantize int8\nscale kernel 0.5\n"
+    with pytest.raises(ModelxformError, match="head is quantized \\(int8\\)") as info:
+        run(text, files["attention"], None, dry_run=True)
+    assert position(info.value) == position_of(text, "scale")
 
 
 # ---- cast --------------------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def test_other_initializers_are_called_through_keras_with_the_seed():
     assert initial_values(Halves(), (2, 2), "float32", 3).tolist() == [[3.5, 3.5], [3.5, 3.5]]
     # an unseeded random initializer with no seed given has no numpy stream: Keras draws it
     assert not isinstance(I.GlorotUniform(seed=keras.random.SeedGenerator(1)).seed, int)
-    with pytest.raises(inits.NotNumpy):
+    with pytest.raises(inits.NotNumpy, match="^GlorotUniform without an integer seed$"):
         numpy_values(I.GlorotUniform(seed=keras.random.SeedGenerator(1)), (2, 2), "float32", None)
 
 

@@ -677,10 +677,13 @@ def test_unsafe_pattern_is_refused_at_match_time_with_its_position():
 
 def test_overlong_name_is_refused_at_match_time():
     from modelxform.engine.selectors import matches
-    assert matches(ir.PRegex(r"^a+$"), _info("a" * safe_regex.MAX_NAME_LENGTH), None)
+    from modelxform.source import Span
+    span = Span(2, 14, 2, 22, "r.recipe")
+    assert matches(ir.PRegex(r"^a+$", span=span), _info("a" * safe_regex.MAX_NAME_LENGTH), None)
     with pytest.raises(ApplyError) as info:
-        matches(ir.PRegex(r"^a+$"), _info("a" * (safe_regex.MAX_NAME_LENGTH + 1)), None)
+        matches(ir.PRegex(r"^a+$", span=span), _info("a" * (safe_regex.MAX_NAME_LENGTH + 1)), None)
     assert f"at most {safe_regex.MAX_NAME_LENGTH} characters" in info.value.message
+    assert (info.value.line, info.value.column) == (2, 14)
 
 
 @pytest.mark.parametrize("pattern,fragment,pos", PATHOLOGICAL[:6] + PATHOLOGICAL[13:16],

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import (
-    assert_bit_identical, make_cnn, make_multi_io, make_nested, make_sequential, make_shared, run_cli,
-    weights_by_path,
+    assert_bit_identical, make_cnn, make_multi_io, make_nested, make_sequential, make_shared, position,
+    position_of, run_cli, weights_by_path,
 )
 from modelxform import ApplyError, AssertionFailed, compile_recipe, load_recipe
 
@@ -267,17 +267,21 @@ def test_insert_after_a_shared_layer_follows_every_call():
 
 def test_insert_before_a_shared_layer_is_an_error():
     model = make_shared()
+    text = "insert Dropout(rate=0.1) before shared"
     with pytest.raises(ApplyError) as info:
-        apply("insert Dropout(rate=0.1) before shared", model)
+        apply(text, model)
     assert "shared" in info.value.message
     assert f"{len(model.get_layer('shared')._inbound_nodes)} times" in info.value.message
+    assert position(info.value) == position_of(text, "insert")
 
 
 def test_insert_after_an_unknown_layer_suggests():
+    text = "insert Dropout(rate=0.1) after dens_1"
     with pytest.raises(ApplyError) as info:
-        apply("insert Dropout(rate=0.1) after dens_1", make_cnn())
+        apply(text, make_cnn())
     assert "no layer named 'dens_1'" in info.value.message
     assert "did you mean 'dense_1'" in info.value.message
+    assert position(info.value) == position_of(text, "dens_1")
 
 
 def test_insert_into_a_nested_sequential_keeps_it_nested_and_sequential():
@@ -364,6 +368,7 @@ def test_remove_a_merge_layer_is_an_error():
     with pytest.raises(ApplyError) as info:
         apply("remove add", make_shared())
     assert "merge" in info.value.message and "'add'" in info.value.message
+    assert position(info.value) == position_of("remove add", "remove")
 
 
 def test_remove_a_shared_layer_replaces_each_call_by_its_input():
@@ -445,6 +450,7 @@ def test_swap_incompatible_layers_is_an_error_with_exact_shapes():
         apply("swap dense_1 dense_2", model)
     m = re.fullmatch(r"(\w+) expects \(None, (\d+)\) but would receive \(None, (\d+)\)", info.value.message)
     assert m, info.value.message
+    assert position(info.value) == position_of("swap dense_1 dense_2", "swap")
     layer, expects, receives = m.group(1), int(m.group(2)), int(m.group(3))
     # dense_2 moved to dense_1's place: it takes dense_1's output width, it would get flatten's
     assert layer == "dense_2"
@@ -493,6 +499,7 @@ def test_swap_with_itself_is_an_error():
     with pytest.raises(ApplyError) as info:
         apply("swap dense_1 dense_1", make_cnn())
     assert info.value.message == "swap dense_1 with itself changes nothing"
+    assert position(info.value) == position_of("swap dense_1 dense_1", "swap")
 
 
 # ---- shuffle ---------------------------------------------------------------------------------------------
@@ -640,6 +647,7 @@ def test_cut_after_a_layer_inside_a_nested_model_is_an_error():
     with pytest.raises(ApplyError) as info:
         apply("cut after backbone/block/conv_a", make_nested())
     assert "backbone/block/conv_a" in info.value.message
+    assert position(info.value) == position_of("cut after backbone/block/conv_a", "cut")
 
 
 def test_cut_after_a_nested_model_keeps_it_nested():
@@ -670,6 +678,7 @@ def test_append_after_a_non_output_is_an_error():
         apply("append Dense(units=5) after dense_2", make_cnn())
     assert "dense_2 is not an output" in info.value.message
     assert "dense_3" in info.value.message
+    assert position(info.value) == position_of("append Dense(units=5) after dense_2", "append")
 
 
 def test_append_on_a_multi_output_model_needs_after():
@@ -678,6 +687,7 @@ def test_append_on_a_multi_output_model_needs_after():
         apply("append Dense(units=3)", model)
     assert f"{len(model.outputs)} outputs" in info.value.message
     assert ", ".join(output_names(model)) in info.value.message  # lists them: out1, out2
+    assert position(info.value) == position_of("append Dense(units=3)", "append")
 
     before = weights_by_path(model)
     new, _ = apply('append Dense(units=3, name="extra") after out2', model)
@@ -1046,16 +1056,21 @@ def test_assert_equivalent_with_a_tolerance():
     m = re.fullmatch(r"holds: largest difference (\S+) \(tolerance 0\.01, the recipe's\)", note)
     assert m, note
     assert 1e-5 < float(m.group(1)) < 1e-2
-    with pytest.raises(AssertionFailed):
-        apply(BN_INSERT + f"\nassert equivalent tolerance {float(m.group(1)) / 2:.3g}", model)
+    text = BN_INSERT + f"\nassert equivalent tolerance {float(m.group(1)) / 2:.3g}"
+    with pytest.raises(AssertionFailed, match=r"assert equivalent failed: outputs differ by up to \S+ "
+                                              r"\(tolerance \S+, the recipe's\)") as info:
+        apply(text, model)
+    assert position(info.value) == position_of(text, "assert")
 
 
 def test_assert_equivalent_after_a_cut_reports_the_shape_change():
     model = make_cnn()
+    text = "cut after flatten\nassert equivalent"
     with pytest.raises(AssertionFailed) as info:
-        apply("cut after flatten\nassert equivalent", model)
+        apply(text, model)
     assert "output 0 has shape" in info.value.message
     assert str(model.get_layer("flatten").output.shape[-1]) in info.value.message
+    assert position(info.value) == position_of(text, "assert")
 
 
 # ---- Sequential stays Sequential ---------------------------------------------------------------------------
@@ -1386,6 +1401,7 @@ def test_densenet121_has_no_dropout_to_remove(densenet121):
     with pytest.raises(ApplyError) as info:
         densenet121.apply("remove where type=Dropout")
     assert "matches no layer" in info.value.message
+    assert position(info.value) == position_of("remove where type=Dropout", "remove")
 
 
 @pytest.mark.slow
@@ -1411,8 +1427,10 @@ def test_mobilenetv2_set_relu_max_value(mobilenetv2):
     assert all(lower.get_layer(n).max_value == 3.0 for n in relus)
     assert_kept_weights(mobilenetv2.weights, lower)
     assert np.abs(mobilenetv2.predict(lower) - mobilenetv2.y).max() > 1e-3
-    with pytest.raises(AssertionFailed):
-        mobilenetv2.apply("select where type=ReLU\nset max_value = 3.0\nassert equivalent")
+    text = "select where type=ReLU\nset max_value = 3.0\nassert equivalent"
+    with pytest.raises(AssertionFailed, match="assert equivalent failed: outputs differ by up to") as info:
+        mobilenetv2.apply(text)
+    assert position(info.value) == position_of(text, "assert")
 
 
 @pytest.mark.slow
@@ -1432,6 +1450,7 @@ def test_vgg16_refusals(vgg16):
     with pytest.raises(ApplyError) as info:
         vgg16.apply("swap block1_conv2 block1_conv2")
     assert info.value.message == "swap block1_conv2 with itself changes nothing"
+    assert position(info.value) == position_of("swap block1_conv2 block1_conv2", "swap")
     pool = vgg16.model.get_layer("block5_pool")
     with pytest.raises(ApplyError) as info:
         vgg16.apply("remove block5_pool")
@@ -1439,6 +1458,7 @@ def test_vgg16_refusals(vgg16):
     assert "block5_pool" in msg
     assert shape_text(pool.output.shape) in msg and shape_text(pool.input.shape) in msg
     assert shape_text(pool.output.shape) != shape_text(pool.input.shape)
+    assert position(info.value) == position_of("remove block5_pool", "remove")
 
 
 @pytest.mark.parametrize("text,message", [
@@ -1454,6 +1474,8 @@ def test_a_constructor_argument_the_class_lacks_is_named(text, message):
         apply(text, model)
     assert info.value.message == message
     assert "units" in info.value.hint or "rate" in info.value.hint
+    # the statement that constructs the layer
+    assert position(info.value) == position_of(text, text.split("; ")[-1].split()[0])
 
 
 def test_a_constructor_that_fails_for_another_reason_keeps_keras_message():
@@ -1461,3 +1483,4 @@ def test_a_constructor_that_fails_for_another_reason_keeps_keras_message():
         apply("insert Dropout(rate=2.0) before dense_1", make_cnn())
     assert info.value.message == ("Dropout(rate=2.0, name='dropout'): Invalid value received for argument "
                                   "`rate`. Expected a float value between 0 and 1. Received: rate=2.0")
+    assert position(info.value) == position_of("insert Dropout(rate=2.0) before dense_1", "insert")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import jsonschema
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, position, position_of, run_cli
 from modelxform import RecipeError, compile_recipe, ir, load_recipe, statements
 from modelxform.lang.fmt import convert, format_text
 from modelxform.lang.yaml_form import to_yaml
@@ -39,12 +40,17 @@ def test_yaml_recipes_in_repo_validate_against_schema():
 
 
 def test_schema_rejects_what_the_reader_rejects():
-    bad = [[{"scale": {"target": "kernel"}}], [{"frobnicate": 1}], [{"select": {"where": "x", "bogus": 1}}]]
-    for doc in bad:
+    # (the document, the reader's first error, the YAML node it is at)
+    bad = [([{"scale": {"target": "kernel"}}], "scale needs the key 'factor'", "target"),
+           ([{"frobnicate": 1}], "unknown statement 'frobnicate'", "frobnicate"),
+           ([{"select": {"where": "x", "bogus": 1}}], "unknown key 'bogus' in select", "bogus")]
+    for doc, message, node in bad:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(doc, SCHEMA)
-        with pytest.raises(RecipeError):
-            compile_recipe(yaml.safe_dump(doc), "bad.yaml")
+        text = yaml.safe_dump(doc)
+        with pytest.raises(RecipeError, match=re.escape(message)) as info:
+            compile_recipe(text, "bad.yaml")
+        assert position(info.value) == position_of(text, node), text
 
 
 def errors_of(text: str):

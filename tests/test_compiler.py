@@ -123,14 +123,7 @@ def test_syntax_examples_get_their_label(label, example):
         assert info.value.message == label
 
 
-KEYWORD_PREFIX_BUG = ("bug: the lexer reads a keyword at the start of a longer word (`batchnorms` as `batchnorm` "
-                      "`s`), so the error points at the leftover `s`, not at the word; `select all; freezes` "
-                      "likewise says \"write `select s; freeze`\"")
-
-
-@pytest.mark.parametrize("example", [
-    pytest.param(ex, marks=pytest.mark.xfail(strict=True, reason=KEYWORD_PREFIX_BUG)) if ex == "fold batchnorms"
-    else ex for ex in SYNTAX_EXAMPLE_TOKENS])
+@pytest.mark.parametrize("example", SYNTAX_EXAMPLE_TOKENS)
 def test_syntax_examples_point_at_the_token_they_go_wrong_at(example):
     for text in (example, "select all\n" + example):
         with pytest.raises(RecipeError) as info:
@@ -138,6 +131,26 @@ def test_syntax_examples_point_at_the_token_they_go_wrong_at(example):
         line = text.count("\n") + 1
         token = SYNTAX_EXAMPLE_TOKENS[example]
         assert position(info.value) == (position_of(text, token, line) if token else (line, len(example) + 1))
+
+
+@pytest.mark.parametrize("text, position, message", [
+    ("selectall\n", (1, 1), "unknown statement `selectall` (did you mean `select`?)"),
+    ("select all; freezes\n", (1, 13), "unknown statement `freezes` (did you mean `freeze`?)"),
+    ("select all\nunfreeze2\n", (2, 1), "unknown statement `unfreeze2` (did you mean `unfreeze`?)"),
+    ("select all\nscales kernel 2\n", (2, 1), "unknown statement `scales` (did you mean `scale`?)"),
+    ("fold batchnorms\n", (1, 6), "`fold` is written `fold batchnorm`"),
+])
+def test_a_keyword_is_a_whole_word(text, position, message):
+    """The lexer took a keyword from the start of a longer word where no name could stand: `selectall`
+    compiled as `select all`, and `freezes` said to write `select s; freeze`."""
+    with pytest.raises(RecipeError) as info:
+        compile_recipe(text, "r.recipe")
+    assert ((info.value.line, info.value.column), info.value.message) == (position, message)
+
+
+def test_a_word_that_begins_with_a_keyword_is_a_name_where_a_name_stands():
+    program = compile_recipe("select alls, wherever, type_1\nfreeze\n", "r.recipe")
+    assert str(program).splitlines()[0] == "select alls, wherever, type_1"
 
 
 def test_grammar_is_strict_lalr_without_collisions():

@@ -26,7 +26,22 @@ MAX_NESTING = 64
 MAX_NUMBER_DIGITS = 100
 
 
-PARSER_OPTIONS = dict(parser="lalr", propagate_positions=True, maybe_placeholders=False)
+def _keyword_is_a_whole_word(terminal) -> None:
+    """lark's edit_terminals: a keyword of the grammar (`select`, `freeze`, `batchnorm`) matches a whole
+    word only. As plain strings, where a name could not stand the lexer took a keyword from the start
+    of a longer word: `selectall` read as `select all`, `freezes` as `freeze` then `s`. Made patterns
+    that no word character may follow, and put before NAME where both are allowed (as lark's own rule
+    for strings did), a longer word is a name where a name can stand and a syntax error elsewhere."""
+    pattern = terminal.pattern
+    if isinstance(pattern, lark.lexer.PatternStr) and _WORD.fullmatch(pattern.value):
+        terminal.pattern = lark.lexer.PatternRE(re.escape(pattern.value) + r"(?![A-Za-z0-9_])", pattern.flags)
+        terminal.priority = 2  # (NAME's is 0)
+
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+PARSER_OPTIONS = dict(parser="lalr", propagate_positions=True, maybe_placeholders=False,
+                      edit_terminals=_keyword_is_a_whole_word)
+KEYWORDS_AS_WORDS = "keywords-as-whole-words-1"  # (part of the tables' cache key: they hold the edited terminals)
 
 
 def _cache_file(grammar: str) -> str | None:
@@ -39,7 +54,7 @@ def _cache_file(grammar: str) -> str | None:
         os.makedirs(folder, exist_ok=True)
     except OSError:
         return None
-    key = hashlib.sha256((grammar + lark.__version__).encode()).hexdigest()[:16]
+    key = hashlib.sha256((grammar + lark.__version__ + KEYWORDS_AS_WORDS).encode()).hexdigest()[:16]
     return os.path.join(folder, f"grammar-{key}.lark-cache")
 
 

@@ -72,6 +72,11 @@ class ModelxformError(Exception):
     def column(self) -> int | None:
         return self.span.column if self.span else None
 
+    def place_at(self, span: Span | None) -> None:
+        """Put the error at ``span`` (the statement that ran into it) where nothing placed it."""
+        if span is not None and self.span is None:
+            self.diagnostics[0].span = self.span = span
+
     @property
     def filename(self) -> str | None:
         if self.span and self.span.filename:

@@ -829,6 +829,24 @@ def test_version_is_the_package_version():
     assert re.fullmatch(r"\d+\.\d+\.\d+", __version__)
 
 
+@pytest.mark.parametrize("first", ["tap", "insert"])
+def test_insert_after_a_tapped_layer_moves_the_tap_and_says_so(tmp_path, cnn, first):
+    """A model output reads the layer like any consumer: `insert … after` moves a tap made before it (the
+    plan notes it); a tap made after the insert reads the layer itself."""
+    lines = {"tap": "tap conv2d_1\n", "insert": "insert Dropout(rate=0.5) after conv2d_1\n"}
+    recipe = write(tmp_path / "r.recipe", lines[first] + lines["insert" if first == "tap" else "tap"])
+    r = run_cli("apply", recipe, cnn, "-o", tmp_path / "out.keras")
+    assert r.status == 0, r.err
+    moved = "    (the model's output 1, which read conv2d_1, now reads dropout_1)"
+    assert (moved in r.out.splitlines()) == (first == "tap"), r.out
+    with zipfile.ZipFile(tmp_path / "out.keras") as z:
+        outputs = json.loads(z.read("config.json"))["config"]["output_layers"]
+    assert [ref[0] for ref in outputs] == ["dense_3", "dropout_1" if first == "tap" else "conv2d_1"]
+    # and the record holds the changes only, as before this note
+    record = json.loads(zipfile.ZipFile(tmp_path / "out.keras").read("modelxform.json"))
+    assert not any("now reads" in line for line in record["chain"][-1]["statements"])
+
+
 # -- check ---------------------------------------------------------------------------------------------
 
 def test_check_good_and_bad_files(tmp_path):

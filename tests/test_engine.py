@@ -659,6 +659,23 @@ def test_empty_where_on_random_mode_is_an_error():
     assert position(info.value) == position_of(text, "select")
 
 
+@pytest.mark.parametrize("text, what, near", [
+    ("select where type=Conv1D", "where type=Conv1D", "type=Conv2D"),
+    ("select where trainable and type in (Conv3D, LSTM) and not name=x",
+     "where trainable and type in (Conv3D, LSTM) and not name=x", "type=Conv2D"),
+    ("select first 2 where name=dense_11", "where name=dense_11", "name=dense_1"),
+    ("remove where type=MaxPooling1D", "remove where type=MaxPooling1D", "type=MaxPooling2D"),
+    ("select where type=LSTM", "where type=LSTM", None),
+])
+def test_a_predicate_that_matches_nothing_names_a_close_type_or_name(text, what, near):
+    """keras_hub's GPT-2 has CachedMultiHeadAttention where BERT has MultiHeadAttention: a type or name
+    the model lacks is answered with the model's closest, as a bare `select type X` is."""
+    with pytest.raises(ApplyError) as info:
+        apply(text, make_cnn())
+    assert info.value.message == f"{what} matches no layer" + (f" (did you mean {near!r}?)" if near else "")
+    assert position(info.value) == (1, 1)
+
+
 @pytest.mark.parametrize("text, guess", [
     ("select dense_4", "dense_3"),
     ("select flaten", "flatten"),

@@ -252,14 +252,22 @@ def test_a_backbone_in_a_users_model_freezes_as_a_whole(files, tmp_path):
     assert "unwrap bert_backbone" in info.value.hint
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `set` on a layer inside a keras_hub Backbone is refused by "
-                   "graph.not_a_node (via GraphEditor.entry), which raises ApplyError without a span: the error "
-                   "carries no line or column, where it should point at the `set` statement")
 def test_set_on_a_layer_inside_a_backbone_is_refused_at_the_set_statement(files, tmp_path):
     text = "select bert_backbone/pooled_dense\nset trainable = False\n"
     with pytest.raises(ApplyError, match="a model class whose saved config holds its constructor arguments") as info:
         apply(text, files("wrapped_bert"), tmp_path / "s.keras")
     assert position(info.value) == position_of(text, "set")
+
+
+def test_gpt2s_attention_is_named_when_bert_s_is_asked_for(files, tmp_path):
+    """A recipe written for BERT (`type=MultiHeadAttention`) on GPT-2, whose attention layers are
+    keras_hub's CachedMultiHeadAttention: the error names that class."""
+    text = "select where type=MultiHeadAttention\nlora rank 4\n"
+    with pytest.raises(ApplyError) as info:
+        apply(text, files("gpt2_lm"), tmp_path / "g.keras")
+    assert info.value.message == ("where type=MultiHeadAttention matches no layer "
+                                  "(did you mean 'type=CachedMultiHeadAttention'?)")
+    assert position(info.value) == position_of(text, "select")
 
 
 def test_tied_embeddings_are_shown_and_unwrap_refuses_them(files, tmp_path):

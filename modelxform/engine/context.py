@@ -177,8 +177,13 @@ class Context:
         """The layers a reference names (among ``layers``, default the current ones); an error when none."""
         return selectors.resolve_ref(ref, self.layers() if layers is None else layers)
 
-    def matching(self, pred) -> list:
-        return [info for info in self.layers() if selectors.matches(pred, info, self.params)]
+    def matching(self, pred, what: str | None = None, span=None) -> list:
+        """The layers ``pred`` matches; with ``what``, an error (selectors.nothing_matches) where none."""
+        layers = self.layers()
+        found = [info for info in layers if selectors.matches(pred, info, self.params)]
+        if not found and what is not None:
+            raise selectors.nothing_matches(what, pred, layers, span)
+        return found
 
     closest = staticmethod(selectors.closest)
 

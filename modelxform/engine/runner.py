@@ -41,11 +41,15 @@ def _run_statements(recipe, ctx: Context, plan: Plan, apply: bool) -> None:
         ctx.take_reference(wanting[0])
     for stmt in statements:
         ctx.begin(stmt)
-        ctx.prepare(stmt)
-        report = stmt.run(ctx)
-        if apply:
-            for work in report.work:
-                work()
+        ctx.prepare(stmt)  # (may rebuild the edits of statements before it: their errors are theirs)
+        try:
+            report = stmt.run(ctx)
+            if apply:
+                for work in report.work:
+                    work()
+        except ApplyError as exc:  # (deep in keras_io, an error does not know the statement it is in)
+            exc.place_at(stmt.span)
+            raise
         report.work = []
         _attach(report.warnings, recipe)
         plan.statements.append(report)

@@ -59,6 +59,28 @@ def _empty(what: str, layers: list, span, near: str | None = None) -> ApplyError
     return ApplyError(msg, span=span, hint=hint)
 
 
+def nothing_matches(what: str, pred: ir.Pred, layers: list, span) -> ApplyError:
+    """The error of a predicate that matches no layer: ``what`` matches no layer, with did-you-mean for
+    a type or name the predicate gives that the model does not have but has one close to
+    (`type=MultiHeadAttention` where keras_hub's GPT-2 has CachedMultiHeadAttention)."""
+    return _empty(what, layers, span, near=_near_in(pred, layers))
+
+
+def _near_in(pred: ir.Pred, layers: list) -> str | None:
+    if isinstance(pred, (ir.PAnd, ir.POr)):
+        return _near_in(pred.left, layers) or _near_in(pred.right, layers)
+    if isinstance(pred, ir.PNot):
+        return _near_in(pred.operand, layers)
+    if isinstance(pred, ir.PType):
+        types = {i.type_name for i in layers} | {t for i in layers for t in i.ancestor_types}
+        return next((f"type={g}" for n in pred.names if n not in types and (g := closest(n, types))), None)
+    if isinstance(pred, ir.PName) and isinstance(pred.name, str):
+        names = {i.name for i in layers} | {i.path for i in layers}
+        if pred.name not in names and (g := closest(pred.name, names)):
+            return f"name={g}"
+    return None
+
+
 def resolve_ref(ref: ir.Ref, layers: list) -> list:
     """The leaf layers a reference names; an error when it names none."""
     if ref.kind == "type":
@@ -127,12 +149,12 @@ def resolve_selector(selector, layers: list, params, rng_factory, span) -> list:
     if isinstance(selector, st.SelWhere):
         found = [i for i in layers if matches(selector.pred, i, params)]
         if not found:
-            raise _empty(f"where {selector.pred}", layers, span)
+            raise nothing_matches(f"where {selector.pred}", selector.pred, layers, span)
         return found
     if isinstance(selector, st.SelSample):
         pool = layers if selector.pred is None else [i for i in layers if matches(selector.pred, i, params)]
         if not pool:
-            raise _empty(f"where {selector.pred}", layers, span)
+            raise nothing_matches(f"where {selector.pred}", selector.pred, layers, span)
         count = params.value(selector.count) if selector.count is not None else 1
         if isinstance(count, ir.Percent):
             pct = params.value(count.value)

@@ -301,7 +301,13 @@ class GraphEditor:
             raise ApplyError(f"name {wanted!r} is already used by another layer of that model", span=span)
         return self._fresh_name(container, wanted)
 
+    outputs_moved: tuple = ()  # (output index, layer it read, layer it reads) of the model, by the last insert after
+
+    def _output_refs(self) -> list:
+        return [list(ref[:3]) for ref in io_refs(self.config["config"].get("output_layers"))]
+
     def insert(self, serialized: dict, where: str, path: str, parts, span=None, explicit_name=False) -> str:
+        self.outputs_moved = ()
         container, layers, index = self._layer_list(path)
         anchor = layers[index]
         name = self._new_name(container, serialized, explicit_name, span)
@@ -321,8 +327,11 @@ class GraphEditor:
             anchor_name = anchor["config"]["name"]
             calls = max(1, len(nodes))
             entry = self._new_entry(serialized, [[[anchor_name, k, 0, {}]] for k in range(calls)])
+            outputs = self._output_refs()
             for k in range(calls):
                 self._retarget(container, [anchor_name, k, 0], [name, k, 0])
+            self.outputs_moved = tuple((k, old[0], new[0]) for k, (old, new)
+                                       in enumerate(zip(outputs, self._output_refs())) if old != new)
             layers.insert(index + 1, entry)
         else:
             if anchor.get("class_name") == "InputLayer":

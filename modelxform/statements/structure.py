@@ -253,9 +253,13 @@ class Insert(StructuralStatement):
 
         def apply(ed):
             result["path"] = ed.insert(serialized, self.where, anchor, parts, self.span, _named(self.layer))
+            result["moved"] = ed.outputs_moved
         editor.queue(self, apply)
         report = ctx.report(self, layers=[result["path"]])
         report.changes.append(f"added {result['path']} ({self.layer.name}) {self.where} {anchor}")
+        # (a model output is one of the readers, a `tap`'s too: said, as that depends on the statements' order;
+        # a note, not a change, so that the provenance record, which holds the changes, stays as it was)
+        report.notes += [f"the model's output {k}, which read {old}, now reads {new}" for k, old, new in result["moved"]]
         report.rebuilt = [result["path"]]
         return report
 
@@ -317,9 +321,7 @@ class Remove(StructuralStatement):
         if self.selected:
             targets = [i.path for i in ctx.selected(self)]
         elif self.pred is not None:
-            targets = [i.path for i in ctx.matching(self.pred)]
-            if not targets:
-                raise ApplyError(f"remove where {self.pred} matches no layer", span=self.span)
+            targets = [i.path for i in ctx.matching(self.pred, f"remove where {self.pred}", self.span)]
         else:
             targets = []
         # shapes come from the last built model: right for every layer that pending edits did not add

@@ -544,7 +544,7 @@ def _h5_file(path):
     (_custom_layer_file, "layer class Twice"),
     (_lambda_file, "a config that safe mode refuses"),
     (_compiled_file, "a compiled one"),
-    (_shared_policy_file, "shared objects other than dtype policies"),
+    (_shared_policy_file, "a shared L2 (of shared objects, only dtype policies are read)"),
     (lambda p: p.write_bytes(b"not a zip") and None, "BadZipFile"),
 ], ids=["subclassed", "h5-input", "custom-layer", "lambda", "compiled", "shared-regularizer", "not-a-zip"])
 def test_declines_files_it_cannot_promise(tmp_path, make, reason):

@@ -153,6 +153,25 @@ def test_a_word_that_begins_with_a_keyword_is_a_name_where_a_name_stands():
     assert str(program).splitlines()[0] == "select alls, wherever, type_1"
 
 
+@pytest.mark.parametrize("text, hint", [
+    ("select where", "unexpected end of statement; expected `(`, `has`, `name`, `not`, `params`, `trainable`, "
+                     "`type`"),
+    ("fold", "unexpected end of statement; expected `batchnorm`"),
+])
+def test_a_syntax_error_lists_the_keywords_it_expected_as_written(text, hint):
+    with pytest.raises(RecipeError) as info:
+        compile_recipe(text, "r.recipe")
+    assert info.value.hint == hint
+
+
+@pytest.mark.parametrize("label, examples", list(SYNTAX_EXAMPLES.items()))
+def test_no_syntax_error_shows_a_terminal_s_internal_name(label, examples):
+    for example in examples:
+        with pytest.raises(RecipeError) as info:
+            compile_recipe(example + "\n", "r.recipe")
+        assert "__anon" not in str(info.value) and "__anon" not in (info.value.hint or ""), example
+
+
 def test_grammar_is_strict_lalr_without_collisions():
     # strict=True makes any terminal collision or grammar conflict an error
     lark.Lark(grammar_path().read_text(), strict=True, **PARSER_OPTIONS)

@@ -359,7 +359,8 @@ def test_weight_statements_refuse_quantized_variables_on_every_path(int8_file, m
 
 def test_the_archive_declines_quantized_layers_and_a_bias_may_still_change(int8_file, tmp_path):
     from modelxform.keras_io.archive import Archive, NotApplicable
-    with pytest.raises(NotApplicable, match=r"^shared objects other than dtype policies$"):
+    with pytest.raises(NotApplicable, match=r"^a shared Int8QuantizationConfig \(of shared objects, only dtype "
+                                            r"policies are read\)$"):
         Archive(int8_file)
     result = run("select fc\nscale bias 2\n", int8_file, tmp_path / "out.keras")
     assert result.source == "keras"

@@ -1161,10 +1161,16 @@ CTRL_C_ENTRY = "import sys; from modelxform.__main__ import run; sys.exit(run())
 
 
 def _reading_stdin(pid: int) -> bool:
-    """Whether process ``pid`` is blocked in read(0, …) (Linux: /proc/PID/syscall)."""
+    """Whether process ``pid`` (whose stdin is a pipe) waits to read it (Linux: /proc/PID/syscall, read
+    being syscall 0 on x86-64 and 63 on arm64, or the pipe read its wchan names)."""
+    import platform
+    read = {"x86_64": 0, "aarch64": 63}.get(platform.machine())
     try:
         with open(f"/proc/{pid}/syscall") as fh:
-            return fh.read().startswith("0 0x0 ")
+            if read is not None and fh.read().startswith(f"{read} 0x0 "):
+                return True
+        with open(f"/proc/{pid}/wchan") as fh:
+            return "pipe" in fh.read()
     except OSError:
         return False
 

@@ -1484,3 +1484,36 @@ def test_a_constructor_that_fails_for_another_reason_keeps_keras_message():
     assert info.value.message == ("Dropout(rate=2.0, name='dropout'): Invalid value received for argument "
                                   "`rate`. Expected a float value between 0 and 1. Received: rate=2.0")
     assert position(info.value) == position_of("insert Dropout(rate=2.0) before dense_1", "insert")
+
+
+def _notes_of(report, statement: str) -> list:
+    return next(s.notes for s in report.statements if str(s.statement) == statement)
+
+
+def test_insert_after_notes_the_outputs_it_moves_numbered_as_assert_output_counts():
+    """A dict-output model's outputs are numbered as Keras flattens them (by sorted key), as `assert
+    output N` counts them; a nested model's output is named by its path; after a Sequential's last layer
+    the new layer is its output."""
+    x = keras.Input((4,), name="x")
+    h = keras.layers.Dense(3, name="h")(x)
+    by_key = keras.Model(x, {"z": keras.layers.Dense(2, name="zhead")(h), "a": keras.layers.Dense(5, name="ahead")(h)})
+    text = "insert Dense(units=7) after zhead\nassert output 1 shape == (None, 7)\nassert output 0 shape == (None, 5)\n"
+    _, report = apply(text, by_key)
+    assert _notes_of(report, "insert Dense(units=7) after zhead") == \
+        ["the model's output 1, which read zhead, now reads dense"]
+
+    inner_in = keras.Input((4,), name="inner_x")
+    i1 = keras.layers.Dense(3, name="i1")(inner_in)
+    inner = keras.Model(inner_in, keras.layers.Dense(2, name="i2")(i1), name="inner")
+    outer_in = keras.Input((4,), name="outer_x")
+    nested = keras.Model(outer_in, keras.layers.Dense(2, name="o")(inner(outer_in)))
+    text = "tap inner/i1\ninsert Softmax() after inner/i1\n"
+    new, report = apply(text, nested)
+    assert _notes_of(report, "insert Softmax() after inner/i1") == ["inner's output 1, which read i1, now reads softmax"]
+    got = new(np.random.default_rng(2).normal(size=(3, 4)).astype("float32"))
+    np.testing.assert_allclose(np.sum(np.asarray(got[1]), axis=-1), 1.0, rtol=1e-5)  # (the tap now reads the softmax)
+
+    stack = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d1"), keras.layers.Dense(2, name="d2")])
+    _, report = apply("insert Softmax() after d2\ninsert Dropout(rate=0.1) after d1\n", stack)
+    assert _notes_of(report, "insert Softmax() after d2") == ["the model's output 0, which read d2, now reads softmax"]
+    assert _notes_of(report, "insert Dropout(rate=0.1) after d1") == []

@@ -67,13 +67,15 @@ def nothing_matches(what: str, pred: ir.Pred, layers: list, span) -> ApplyError:
 
 
 def _near_in(pred: ir.Pred, layers: list) -> str | None:
+    """A close type or name for a part of ``pred`` that names only types or names the model lacks (a
+    part under `not` is no part to fix)."""
     if isinstance(pred, (ir.PAnd, ir.POr)):
         return _near_in(pred.left, layers) or _near_in(pred.right, layers)
-    if isinstance(pred, ir.PNot):
-        return _near_in(pred.operand, layers)
     if isinstance(pred, ir.PType):
         types = {i.type_name for i in layers} | {t for i in layers for t in i.ancestor_types}
-        return next((f"type={g}" for n in pred.names if n not in types and (g := closest(n, types))), None)
+        if any(n in types for n in pred.names):
+            return None
+        return next((f"type={g}" for n in pred.names if (g := closest(n, types))), None)
     if isinstance(pred, ir.PName) and isinstance(pred.name, str):
         names = {i.name for i in layers} | {i.path for i in layers}
         if pred.name not in names and (g := closest(pred.name, names)):

@@ -12,8 +12,9 @@ break, opening the archive raises :class:`NotApplicable` and the caller loads th
 - an archive not written by the installed Keras version (other members, compressed or sharded
   weights, optimizer state, assets);
 - a layer class missing from :data:`VARIABLE_TABLE`, a quantized, LoRA or renorm layer, a dtype policy
-  other than plain float ones, shared objects other than dtype policies, a frozen nested model, a
-  subclassed model, arrays whose shapes do not fit the config (Keras would refuse to load them);
+  other than plain float ones, shared objects other than dtype policies (a regularizer, a quantization
+  config), a frozen nested model, a subclassed model, arrays whose shapes do not fit the config (Keras
+  would refuse to load them);
 - anything in a layer's config that only Keras can resolve (:func:`_check_settings`): an object other
   than a Keras initializer, regularizer, constraint or dtype policy, an activation name Keras does not
   know, an initializer named by a string.
@@ -291,8 +292,9 @@ def _normalised_config(config):
     their ``shared_object_id`` disappears. Any other shared object is a case for the Keras path."""
     if isinstance(config, dict):
         if "shared_object_id" in config:
-            if config.get("class_name") != "DTypePolicy":
-                raise NotApplicable("shared objects other than dtype policies")
+            cls = config.get("class_name")
+            if cls != "DTypePolicy":
+                raise NotApplicable(f"a shared {str(cls)[:40]} (of shared objects, only dtype policies are read)")
             config = {k: v for k, v in config.items() if k != "shared_object_id"}
         return {k: _normalised_config(v) for k, v in config.items()}
     if isinstance(config, list):

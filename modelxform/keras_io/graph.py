@@ -301,10 +301,9 @@ class GraphEditor:
             raise ApplyError(f"name {wanted!r} is already used by another layer of that model", span=span)
         return self._fresh_name(container, wanted)
 
-    outputs_moved: tuple = ()  # (output index, layer it read, layer it reads) of the model, by the last insert after
-
-    def _output_refs(self) -> list:
-        return [list(ref[:3]) for ref in io_refs(self.config["config"].get("output_layers"))]
+    # The outputs the last `insert … after` moved: (the model they are outputs of, "" for the top one; the
+    # output's index, as `assert output N` counts; the layer it read; the layer it reads now)
+    outputs_moved: tuple = ()
 
     def insert(self, serialized: dict, where: str, path: str, parts, span=None, explicit_name=False) -> str:
         self.outputs_moved = ()
@@ -313,11 +312,14 @@ class GraphEditor:
         name = self._new_name(container, serialized, explicit_name, span)
         serialized = copy.deepcopy(serialized)
         serialized["config"]["name"] = name
+        owner = "/".join(path.split("/")[:-1])
         new_path = "/".join(path.split("/")[:-1] + [name])
         self.fresh[new_path] = parts
         if self._is_sequential(container):
             entry = self._new_entry(serialized, None)
             layers.insert(index + 1 if where == "after" else index, entry)
+            if where == "after" and index == len(layers) - 2:  # (after the last layer: the new one is the output)
+                self.outputs_moved = ((owner, 0, anchor["config"]["name"], name),)
             return new_path
         nodes = anchor.get("inbound_nodes") or []
         if where == "after":
@@ -327,11 +329,12 @@ class GraphEditor:
             anchor_name = anchor["config"]["name"]
             calls = max(1, len(nodes))
             entry = self._new_entry(serialized, [[[anchor_name, k, 0, {}]] for k in range(calls)])
-            outputs = self._output_refs()
+            outputs = [list(ref[:3]) for ref in flat_order(container["config"].get("output_layers"))]
             for k in range(calls):
                 self._retarget(container, [anchor_name, k, 0], [name, k, 0])
-            self.outputs_moved = tuple((k, old[0], new[0]) for k, (old, new)
-                                       in enumerate(zip(outputs, self._output_refs())) if old != new)
+            now = [list(ref[:3]) for ref in flat_order(container["config"].get("output_layers"))]
+            self.outputs_moved = tuple((owner, k, old[0], new[0]) for k, (old, new) in enumerate(zip(outputs, now))
+                                       if old != new)
             layers.insert(index + 1, entry)
         else:
             if anchor.get("class_name") == "InputLayer":

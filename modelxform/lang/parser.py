@@ -34,11 +34,22 @@ def _keyword_is_a_whole_word(terminal) -> None:
     for strings did), a longer word is a name where a name can stand and a syntax error elsewhere."""
     pattern = terminal.pattern
     if isinstance(pattern, lark.lexer.PatternStr) and _WORD.fullmatch(pattern.value):
-        terminal.pattern = lark.lexer.PatternRE(re.escape(pattern.value) + r"(?![A-Za-z0-9_])", pattern.flags)
+        terminal.pattern = lark.lexer.PatternRE(pattern.value + _WHOLE_WORD, pattern.flags)
         terminal.priority = 2  # (NAME's is 0)
 
 
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+def keyword_text(pattern) -> str | None:
+    """The text of a grammar keyword (`with`) or symbol (`(`), from its terminal's pattern; None for a
+    terminal such as NAME or NUMBER."""
+    if pattern.type == "str":
+        return pattern.value
+    if pattern.value.endswith(_WHOLE_WORD) and _WORD.fullmatch(pattern.value[:-len(_WHOLE_WORD)]):
+        return pattern.value[:-len(_WHOLE_WORD)]
+    return None
+
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # (re.escape leaves such a word as it is)
+_WHOLE_WORD = r"(?![A-Za-z0-9_])"
 PARSER_OPTIONS = dict(parser="lalr", propagate_positions=True, maybe_placeholders=False,
                       edit_terminals=_keyword_is_a_whole_word)
 KEYWORDS_AS_WORDS = "keywords-as-whole-words-1"  # (part of the tables' cache key: they hold the edited terminals)
@@ -152,8 +163,8 @@ def _describe_expected(expected) -> str:
             words.append(_TERMINAL_NAMES[term])
         else:
             try:
-                pattern = get_parser().get_terminal(term).pattern
-                words.append(f"`{pattern.value}`" if pattern.type == "str" else term.lower())
+                text = keyword_text(get_parser().get_terminal(term).pattern)
+                words.append(f"`{text}`" if text is not None else term.lower())
             except KeyError:
                 words.append(term.lower())
     words = sorted(set(words))

@@ -259,7 +259,9 @@ class Insert(StructuralStatement):
         report.changes.append(f"added {result['path']} ({self.layer.name}) {self.where} {anchor}")
         # (a model output is one of the readers, a `tap`'s too: said, as that depends on the statements' order;
         # a note, not a change, so that the provenance record, which holds the changes, stays as it was)
-        report.notes += [f"the model's output {k}, which read {old}, now reads {new}" for k, old, new in result["moved"]]
+        for owner, k, old, new in result["moved"]:
+            whose = f"{owner}'s" if owner else "the model's"
+            report.notes.append(f"{whose} output {k}, which read {old}, now reads {new}")
         report.rebuilt = [result["path"]]
         return report
 

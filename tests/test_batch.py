@@ -194,6 +194,19 @@ def test_a_second_run_skips_what_is_done_and_retries_what_failed(zoo, first_run)
     assert "skipped 10 jobs whose output is up to date" in result.err
 
 
+def test_report_dash_writes_the_json_alone_to_standard_output(zoo, first_run):
+    """`--report -` (for jq): the report is standard output, all of it; what batch says goes to standard
+    error; and the report is the one a file would hold."""
+    _, first = first_run
+    result = run_cli("batch", zoo / "zoo.yaml", "-j", 2, "--report", "-")
+    assert result.status == 1  # (the first run's failures fail again)
+    report = json.loads(result.out)
+    assert {key: job["status"] for key, job in jobs_by_key(report).items()} == \
+        {key: "skipped" if job["status"] == "done" else "failed" for key, job in jobs_by_key(first).items()}
+    assert "14 jobs: 0 done, 10 skipped, 4 failed" in result.err and "failed jobs" in result.err
+    assert "report:" not in result.err and not os.path.exists("-")
+
+
 def test_a_zoo_whose_jobs_are_all_done_skips_everything(zoo, first_run):
     write(zoo / "good.yaml", GOOD)
     result = run_cli("batch", zoo / "good.yaml", "-j", 2, "--report", zoo / "good.json")

@@ -10,6 +10,7 @@ from . import add_include_option, add_model_options, include_root
 from ..errors import ExitCode, UsageError
 
 STATUS_ORDER = ("done", "skipped", "failed", "interrupted", "not run")
+STDOUT = "-"
 MAX_FAILED_ROWS = 50
 
 
@@ -33,7 +34,8 @@ def add_parser(subparsers):
     p.add_argument("--force", action="store_true", help="redo jobs whose output is already up to date")
     p.add_argument("--report", metavar="REPORT.json",
                    help="write a JSON report: per job status, duration, output, sha256 and error (each output "
-                        "is read once more for its sha256 only when a report is written)")
+                        "is read once more for its sha256 only when a report is written); `-`: to standard "
+                        "output, the progress and tables then going to standard error (for jq)")
     add_include_option(p, "confine the zoo's recipes (and what they include and load weights from), models "
                           "and outputs to DIR (symbolic links resolved), and refuse the zoo's imports: and "
                           "unsafe: true unless --import/--unsafe give them; default: $MODELXFORM_INCLUDE_ROOT, "
@@ -47,7 +49,12 @@ def run(args, console) -> int:
         raise UsageError(f"-j {args.workers}: the number of workers must be at least 1")
     if args.ray_address and args.executor != "ray":
         raise UsageError("--ray-address goes with --executor ray")
-    if args.report:
+    if args.report == STDOUT:  # (the JSON alone on standard output; what batch says goes to standard error)
+        from ..console import Console
+        report_to, console = console, Console(console.err, console.err, console.inp)
+    else:
+        report_to = None
+    if args.report and args.report != STDOUT:
         folder = os.path.dirname(os.path.abspath(args.report))
         if not os.path.isdir(folder):
             raise UsageError(f"--report {args.report}: folder {folder} does not exist")
@@ -61,14 +68,14 @@ def run(args, console) -> int:
     with WorkerStarts() as early:
         if args.executor == "local":
             early.begin()  # (the workers' TensorFlow import, under way while the zoo is read; see WorkerStarts)
-        return _run(args, console, early)
+        return _run(args, console, early, report_to)
 
 
-def _run(args, console, early) -> int:
+def _run(args, console, early, report_to) -> int:
     from ..batch import load_zoo, run_batch
 
     zoo = load_zoo(args.zoo, include_root=include_root(args), imports=args.imports, unsafe=args.unsafe)
-    if args.report:  # before any job runs: the report replaces none of the files the batch reads or writes
+    if args.report and report_to is None:  # before any job runs: the report replaces no file the batch reads or writes
         from ..keras_io.outputs import refuse_overwriting_inputs
         refuse_overwriting_inputs("--report", args.report, [(path, "a model of the batch") for path in zoo.models]
                                   + [(path, "a recipe of the batch") for path in zoo.recipes]
@@ -100,13 +107,13 @@ def _run(args, console, early) -> int:
     finally:
         progress.close()
     elapsed = time.perf_counter() - start
-    if args.report:
-        _write_report(args, zoo, outcomes, workers, elapsed)
     if args.dry_run:
         status = _print_matrix(console, zoo, outcomes)
     else:
         status = _print_summary(console, zoo, outcomes, elapsed)
     if args.report:
+        _write_report(args, zoo, outcomes, workers, elapsed, report_to)
+    if args.report and report_to is None:
         console.print(f"report: {args.report}")
     if interrupted:
         left = sum(o.status in ("interrupted", "not run") for o in outcomes)
@@ -255,7 +262,8 @@ def _print_matrix(console, zoo, outcomes) -> int:
     return ExitCode.OK if not bad else ExitCode.ASSERT_FAILED
 
 
-def _write_report(args, zoo, outcomes, workers: int, elapsed: float) -> None:
+def _write_report(args, zoo, outcomes, workers: int, elapsed: float, report_to=None) -> None:
+    """The JSON report, to the file --report names, or to ``report_to`` (the console) for `-`."""
     totals = collections.Counter(o.status for o in outcomes)
     jobs = []
     for o in outcomes:
@@ -266,6 +274,10 @@ def _write_report(args, zoo, outcomes, workers: int, elapsed: float) -> None:
     data = {"zoo": os.path.abspath(zoo.path), "root": zoo.root, "executor": args.executor,
             "workers": workers, "dry_run": bool(args.dry_run), "force": bool(args.force),
             "duration": round(elapsed, 3), "totals": dict(totals), "jobs": jobs}
+    if report_to is not None:
+        report_to.out.write(json.dumps(data, indent=2) + "\n")
+        report_to.out.flush()
+        return
     from ..keras_io.outputs import write_text_atomically
     mask = os.umask(0)
     os.umask(mask)

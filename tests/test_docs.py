@@ -6,7 +6,7 @@ import re
 import pytest
 
 from conftest import ROOT, make_bert, make_cnn, make_nested, position
-from modelxform import ModelxformError, compile_recipe
+from modelxform import ModelxformError, RecipeError, compile_recipe
 from modelxform import statements as stmts
 
 DOC = ROOT / "docs" / "language.md"
@@ -111,3 +111,15 @@ def test_yaml_form_covers_every_statement_kind():
     kinds = {type(s) for text in YAML_BLOCKS for s in compile_recipe(text, "x.yaml").program.statements}
     missing = [c.__name__ for c in stmts.KINDS if c not in kinds and c is not stmts.Include]
     assert not missing, f"the YAML example in docs/language.md lacks: {missing}"
+
+
+def test_the_error_table_says_what_each_written_line_is_told():
+    """docs/language.md's table of syntax errors: each `written` line, compiled, fails with its `message`."""
+    text = (ROOT / "docs" / "language.md").read_text(encoding="utf-8")
+    table = text[text.index("| written | message |"):].split("\n\n")[0].splitlines()[2:]
+    rows = [[cell.strip() for cell in row.strip("|").split(" | ")] for row in table]
+    assert len(rows) >= 6
+    for written, message in rows:
+        with pytest.raises(RecipeError) as info:
+            compile_recipe(written.strip("`") + "\n", "r.recipe")
+        assert message in str(info.value), (written, str(info.value))

@@ -1348,3 +1348,29 @@ def test_an_output_that_is_a_fifo_or_a_link_to_one_is_not_replaced(tmp_path, mod
         assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cnn.keras", "r.recipe", "pipe.keras", "link.keras",
                                                                  "zoo.yaml"])
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+def test_an_interruption_inside_mkstemp_leaves_no_temporary_file(tmp_path, monkeypatch, interruption):
+    """Ctrl-C or SIGTERM can land inside tempfile.mkstemp after it made the file and before it returned its
+    name (a clean-clone CI run met it: SIGTERM's test found the file left). The file is found by this
+    process's prefix and removed; the previous output is untouched."""
+    from modelxform.keras_io import files
+    real = tempfile.mkstemp
+    made = []
+
+    def interrupted_mkstemp(*args, **kwargs):
+        fd, name = real(*args, **kwargs)
+        os.close(fd)
+        made.append(name)
+        raise interruption()
+    monkeypatch.setattr(tempfile, "mkstemp", interrupted_mkstemp)
+    dest = tmp_path / "out.keras"
+    dest.write_bytes(b"previous output")
+    other = tmp_path / ".out.keras.modelxform-tmp-elsewhere-1-abcdefgh.keras"  # (another host's: not ours)
+    other.write_bytes(b"")
+    with pytest.raises(interruption):
+        files.write_atomically(dest, lambda tmp: tmp.write_bytes(b"new"))
+    assert made and not os.path.exists(made[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([dest.name, other.name])
+    assert dest.read_bytes() == b"previous output"

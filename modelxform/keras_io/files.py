@@ -763,14 +763,28 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
     if dest.is_dir():
         raise ModelFileError(f"{dest}: is a directory")
     remove_stale_temp_files(dest)  # what saves of this output that were killed left behind
+    # Keras chooses the format by a lower-case suffix: out.H5 is written through .….h5
+    prefix, suffix = temp_prefix(dest), dest.suffix.lower()
+    made: list = []  # the temporary file's name, once mkstemp has given it
+
+    def remove_it() -> None:
+        if made:
+            _unlink(pathlib.Path(made[0]))
+            return
+        # Ctrl-C or SIGTERM inside mkstemp, after it made the file (its Python code runs on after the
+        # open, and the interruption can land there): the file is this process's by its name's prefix
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                if name.startswith(prefix) and name.endswith(suffix):
+                    _unlink(folder / name)
     try:
-        # Keras chooses the format by a lower-case suffix: out.H5 is written through .….h5
-        fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(dest), suffix=dest.suffix.lower(), dir=folder)
-    except OSError as exc:
-        raise ModelFileError(f"{dest}: cannot write in {folder}: {exc.strerror or exc}") from None
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
-    try:
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+        except OSError as exc:
+            raise ModelFileError(f"{dest}: cannot write in {folder}: {exc.strerror or exc}") from None
+        made.append(tmp_name)
+        os.close(fd)
+        tmp = pathlib.Path(tmp_name)
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -778,19 +792,20 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
         os.replace(tmp, dest)
         fsync_folder(folder)
     except ModelFileError:
-        _unlink(tmp)
+        remove_it()
         raise
     except OSError as exc:
-        _unlink(tmp)
+        remove_it()
         raise ModelFileError(f"{dest}: cannot write: {exc.strerror or exc}") from None
     except Exception as exc:
-        _unlink(tmp)
+        remove_it()
         if failure is None:
             raise
-        detail = _clip(" ".join(str(exc).replace(str(tmp), str(dest)).split()))  # no temporary name in it
+        detail = " ".join((str(exc).replace(made[0], str(dest)) if made else str(exc)).split())  # (no temp name)
+        detail = _clip(detail)
         raise ModelFileError(f"{dest}: {failure}: {detail}") from exc
     except BaseException:
-        _unlink(tmp)
+        remove_it()
         raise
 
 

@@ -49,12 +49,11 @@ def run(args, console) -> int:
         raise UsageError(f"-j {args.workers}: the number of workers must be at least 1")
     if args.ray_address and args.executor != "ray":
         raise UsageError("--ray-address goes with --executor ray")
+    report_to = None  # (the console the report is written to, for `--report -`)
     if args.report == STDOUT:  # (the JSON alone on standard output; what batch says goes to standard error)
         from ..console import Console
         report_to, console = console, Console(console.err, console.err, console.inp)
-    else:
-        report_to = None
-    if args.report and args.report != STDOUT:
+    elif args.report:
         folder = os.path.dirname(os.path.abspath(args.report))
         if not os.path.isdir(folder):
             raise UsageError(f"--report {args.report}: folder {folder} does not exist")

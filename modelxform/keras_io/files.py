@@ -763,26 +763,12 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
     if dest.is_dir():
         raise ModelFileError(f"{dest}: is a directory")
     remove_stale_temp_files(dest)  # what saves of this output that were killed left behind
-    # Keras chooses the format by a lower-case suffix: out.H5 is written through .….h5
-    prefix, suffix = temp_prefix(dest), dest.suffix.lower()
-    made: list = []  # the temporary file's name, once mkstemp has given it
-
-    def remove_it() -> None:
-        if made:
-            _unlink(pathlib.Path(made[0]))
-            return
-        # Ctrl-C or SIGTERM inside mkstemp, after it made the file (its Python code runs on after the
-        # open, and the interruption can land there): the file is this process's by its name's prefix
-        with contextlib.suppress(OSError):
-            for name in os.listdir(folder):
-                if name.startswith(prefix) and name.endswith(suffix):
-                    _unlink(folder / name)
+    tmp_name = None
     try:
-        try:
-            fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+        try:  # (Keras chooses the format by a lower-case suffix: out.H5 is written through .….h5)
+            fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(dest), suffix=dest.suffix.lower(), dir=folder)
         except OSError as exc:
             raise ModelFileError(f"{dest}: cannot write in {folder}: {exc.strerror or exc}") from None
-        made.append(tmp_name)
         os.close(fd)
         tmp = pathlib.Path(tmp_name)
         write(tmp)
@@ -791,21 +777,22 @@ def write_atomically(dest: pathlib.Path, write, failure: str | None = None) -> N
         os.chmod(tmp, 0o644 & ~_umask())
         os.replace(tmp, dest)
         fsync_folder(folder)
+    # Each failure removes this process's temporary files of ``dest`` by their names: also one that
+    # mkstemp made before Ctrl-C or SIGTERM landed in its Python code, whose name it never returned
     except ModelFileError:
-        remove_it()
+        remove_stale_temp_files(dest, os.getpid())
         raise
     except OSError as exc:
-        remove_it()
+        remove_stale_temp_files(dest, os.getpid())
         raise ModelFileError(f"{dest}: cannot write: {exc.strerror or exc}") from None
     except Exception as exc:
-        remove_it()
+        remove_stale_temp_files(dest, os.getpid())
         if failure is None:
             raise
-        detail = " ".join((str(exc).replace(made[0], str(dest)) if made else str(exc)).split())  # (no temp name)
-        detail = _clip(detail)
-        raise ModelFileError(f"{dest}: {failure}: {detail}") from exc
+        detail = str(exc).replace(tmp_name, str(dest)) if tmp_name else str(exc)  # (no temporary name in it)
+        raise ModelFileError(f"{dest}: {failure}: {_clip(' '.join(detail.split()))}") from exc
     except BaseException:
-        remove_it()
+        remove_stale_temp_files(dest, os.getpid())
         raise
 
 

@@ -312,8 +312,8 @@ class GraphEditor:
         name = self._new_name(container, serialized, explicit_name, span)
         serialized = copy.deepcopy(serialized)
         serialized["config"]["name"] = name
-        owner = "/".join(path.split("/")[:-1])
-        new_path = "/".join(path.split("/")[:-1] + [name])
+        owner = path.rpartition("/")[0]  # (the model the layer is in: "" for the top one)
+        new_path = f"{owner}/{name}" if owner else name
         self.fresh[new_path] = parts
         if self._is_sequential(container):
             entry = self._new_entry(serialized, None)
